@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, str] = {
     "lab": "nixcache.lab.cli:lab",
     "secrets": "nixcache.secrets.cli:secrets",
     "backup": "nixcache.backup.cli:backup",
+    "disk-alert": "nixcache.alerts:disk_alert",
     "drill": "nixcache.drill:drill",
 }
 
