@@ -1,0 +1,79 @@
+"""Secrets that nixcache creates itself: the cache signing key and the push/read tokens.
+
+A new value is stored first and read back before it is returned, so nothing is ever installed
+on a host that the secret store does not already hold. Existing values are never overwritten.
+"""
+
+from __future__ import annotations
+
+import secrets as _random
+
+from nixcache.keys import KeyFormatError, SecretKey
+from nixcache.secrets.api import resolve, store
+from nixcache.secrets.errors import SecretError, SecretNotFound
+from nixcache.secrets.refs import parse
+
+TOKEN_BYTES = 32
+
+
+def _fetch_or_create(ref: str, generate: bool, what: str, make) -> str:
+    parsed = parse(ref)
+    try:
+        return resolve(ref)
+    except SecretNotFound as missing:
+        # Only a definite "absent" answer from the store leads here; unreachable stores and bad
+        # credentials raise SecretError out of resolve() before anything is generated.
+        if not generate:
+            raise SecretNotFound(
+                ref,
+                parsed.backend,
+                f"{what} does not exist ({missing.cause})",
+                "store one there, or set the deploy's generate option to create it",
+            ) from None
+    value = make()
+    # overwrite=False: if another deploy stored one since we looked, fail rather than replace it.
+    store(ref, value, overwrite=False)
+    try:
+        stored = resolve(ref)
+    except SecretError as error:
+        raise SecretError(
+            ref,
+            parsed.backend,
+            f"new {what} was stored but cannot be read back ({error.cause})",
+            "check the store, then rerun; nothing was installed",
+        ) from None
+    if stored != value:
+        # Someone else stored a different value concurrently, or the store mangles it; either way
+        # the store's copy is the truth and ours was never used.
+        raise SecretError(
+            ref,
+            parsed.backend,
+            f"new {what} read back differs from what was stored",
+            "check for a concurrent deploy or a store that alters values, then rerun",
+        )
+    return stored
+
+
+def ensure_signing_key(ref: str, name: str, generate: bool) -> str:
+    """The Nix secret key (`name:base64`) at `ref`, generated and stored first when absent and allowed.
+
+    Raises SecretError when the store cannot be reached, when the key is absent and `generate` is
+    false, or when the stored value is not a Nix secret key (the message never shows the value).
+    """
+    value = _fetch_or_create(ref, generate, "signing key", lambda: SecretKey.generate(name).serialize())
+    try:
+        SecretKey.parse(value)
+    except KeyFormatError as error:
+        # KeyFormatError messages carry the key name and sizes, never key material.
+        raise SecretError(
+            ref,
+            parse(ref).backend,
+            f"the stored value is not a Nix secret key ({error})",
+            "store a key made by 'nixcache keys generate' or nix-store --generate-binary-cache-key",
+        ) from None
+    return value
+
+
+def ensure_token(ref: str, generate: bool) -> str:
+    """The push or read token at `ref`; when absent and allowed, a new URL-safe 256-bit one, stored first."""
+    return _fetch_or_create(ref, generate, "token", lambda: _random.token_urlsafe(TOKEN_BYTES))
