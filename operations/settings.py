@@ -108,7 +108,96 @@ class Settings:
     cache_nginx_front: bool = False
     # Internal nginx location that X-Accel-Redirect points at when the front is on.
     cache_accel_redirect_prefix: str = "/_nixcache_store/"
+    # Refresh apt's package lists before installing. Off by default: lab hosts have no route to
+    # a registry (their image has every package baked in); production group data turns it on.
+    apt_update: bool = False
+    # Admins: [{"name": "alice", "ssh_keys": ["ssh-ed25519 AAAA… alice"], "sudo": True}]. Empty:
+    # the deploy logs in as root with a key, as in the lab.
+    admin_users: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # Keys only for root, so the lab (which deploys as root) keeps working; production sets "no"
+    # once admin_users exist (the deploy refuses "no" without an admin who has sudo and a key).
+    ssh_permit_root_login: str = "prohibit-password"
+    # Extra or overriding kernel parameters {key: value} on top of operations/hardening.py's table.
+    sysctl_overrides: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Login-session open-file limits (services set LimitNOFILE in their units instead).
+    nofile_soft_limit: int = 65536
+    nofile_hard_limit: int = 1048576
+    # All addresses on 9100, Prometheus' registered port: the firewall (metrics_allowed_sources)
+    # decides who may scrape, so one value fits every host.
+    node_exporter_listen: str = ":9100"
+    # Debian's prometheus-node-exporter default; the disk alert writes its metrics here.
+    node_exporter_textfile_dir: str = "/var/lib/prometheus/node-exporter"
+    # Two weeks of logs covers "what happened last week" without the journal eating the store.
+    journald_max_retention: str = "2week"
+    # Hard cap on the persistent journal: logs never compete with the cache for disk.
+    journald_system_max_use: str = "1G"
+    # Warn at 85% (the reference's threshold): GC's min-free should act first, this catches GC
+    # not keeping up.
+    disk_alert_threshold_percent: int = 85
+    # Every 15 minutes (systemd calendar syntax): a filling disk is noticed within the quarter hour.
+    disk_alert_schedule: str = "*:0/15"
+    # Secret reference of a webhook URL that receives a JSON message while over the threshold.
+    # None = journal and node exporter metric only.
+    alert_webhook_ref: str | None = None
+    # Certificate chain and key of the nginx front (secret refs). None = a self-signed pair
+    # generated on the host once (the lab).
+    tls_cert_ref: str | None = None
+    tls_key_ref: str | None = None
+    # HTTPS port of the nginx front.
+    nginx_https_port: int = 443
+    # Idle keep-alive connections stay open 5 minutes: CI jobs fetch in bursts minutes apart.
+    nginx_keepalive_timeout: str = "300s"
+    # Client deploy: cache URLs in the order clients should try them. Empty = every host of the
+    # inventory group client_cache_group, in inventory order.
+    client_caches: tuple[str, ...] = ()
+    client_cache_group: str | None = None
+    # Caches tried after ours (URLs). Empty on purpose: the repository names no third-party
+    # hosts; add e.g. the official Nix cache here in your own group data, with its public key
+    # in trusted_public_keys.
+    client_upstream_substituters: tuple[str, ...] = ()
+    # Public keys clients trust besides those derived from the caches' signing_key_ref.
+    trusted_public_keys: tuple[str, ...] = ()
     # --- end of D2 section -----------------------------------------------------------------
+
+    # --- backups, recovery, key rotation (issue 6) ------------------------------------------
+    # restic repository (path, sftp:, s3:, rest:). None = no scheduled backups. A path on the
+    # host itself dies with the host: use another machine (the lab: sftp to a second lab host).
+    backup_repository: str | None = None
+    # restic's repository password (secret ref); required with backup_repository.
+    backup_password_ref: str | None = None
+    # Create the password in its store when absent (lab); production creates it on purpose.
+    backup_password_generate: bool = False
+    # SSH key (OpenSSH format, secret ref) the host uses for an sftp: repository. None = the
+    # host's own ssh setup is used as is.
+    backup_ssh_key_ref: str | None = None
+    backup_ssh_key_generate: bool = False
+    # Pushed paths exist nowhere else (CI built them once): back the store up unless it is only
+    # a pull-through copy of upstream caches.
+    backup_include_store: bool = True
+    # Retention (restic forget --prune): a week of dailies, a month of weeklies, half a year.
+    backup_keep_daily: int = 7
+    backup_keep_weekly: int = 4
+    backup_keep_monthly: int = 6
+    # restic check reads the whole index: weekly is the issue's cadence.
+    backup_check_every_days: int = 7
+    # Daily (systemd OnCalendar), spread over an hour so a fleet does not hit one repository at once.
+    backup_on_calendar: str = "daily"
+    backup_randomized_delay_sec: int = 3600
+    # This host serves an sftp: repository for the others (user backup_store_user, home
+    # backup_store_dir, only sftp allowed with backup_ssh_key_ref's public key).
+    backup_store: bool = False
+    backup_store_user: str = "nixcache-backup"
+    backup_store_dir: str = "/srv/nixcache-backup"
+    # deploys/recover.py proves the restored host with this store path (its 32-char hash part
+    # or full path). None = the newest narinfo found in the restored store.
+    recover_probe_path: str | None = None
+    # Key rotation: the next key's secret ref and name. Set = servers sign with both keys and
+    # clients trust both (deploys/rotate_key.py, phase introduce).
+    signing_key_next_ref: str | None = None
+    signing_key_next_name: str | None = None
+    # deploys/rotate_key.py phase: "introduce" (next key alongside) or "retire" (next key only).
+    rotate_phase: str = "introduce"
+    # --- end of issue 6 section ------------------------------------------------------------
 
     def key_name(self, host_name: str) -> str:
         """The signing key name for `host_name`."""
@@ -126,7 +215,29 @@ class Settings:
 
 
 # Keys under these prefixes are this file's business: a misspelt one is an error, not a no-op.
-CHECKED_PREFIXES: tuple[str, ...] = ("cache_", "gc_", "signing_key_", "push_token_", "read_token_", "health_")
+CHECKED_PREFIXES: tuple[str, ...] = (
+    "cache_",
+    "gc_",
+    "signing_key_",
+    "push_token_",
+    "read_token_",
+    "health_",
+    # D2's families
+    "ssh_",
+    "sysctl_",
+    "nofile_",
+    "node_exporter_",
+    "journald_",
+    "disk_alert_",
+    "alert_",
+    "tls_",
+    "nginx_",
+    "client_",
+    # issue 6 (backups, recovery, rotation)
+    "backup_",
+    "recover_",
+    "rotate_",
+)
 _CIDR_FIELDS = ("cache_allowed_sources", "ssh_allowed_sources", "metrics_allowed_sources")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}

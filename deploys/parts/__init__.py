@@ -1,0 +1,1 @@
+"""Reusable pieces of the deploys: pyinfra ``@deploy`` functions composed by deploys/*.py."""
