@@ -1,0 +1,224 @@
+"""Operations for scheduled backups: restic's password, backup.toml, the systemd timer, restore.
+
+The unit files are rendered here (one place) by `render_service` and `render_timer`; backup.toml
+is rendered by `nixcache.backup.config.dump` in the deploy part and uploaded by `config_file`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import shlex
+from collections.abc import Iterable, Iterator
+
+from pyinfra import host
+from pyinfra.api import FileUploadCommand, HiddenValue, operation
+from pyinfra.facts.files import File, Sha1File
+from pyinfra.operations import files, systemd
+
+from facts.backup import DirectoryHasEntries, ResticSnapshots
+
+SERVICE = "nixcache-backup.service"
+TIMER = "nixcache-backup.timer"
+UNIT_DIR = "/etc/systemd/system"
+# /var/cache/<this> and /var/lib/<this>: systemd creates them writable inside the sandbox.
+CACHE_DIR_NAME = "nixcache-backup"
+
+
+def render_service(
+    nixcache_bin: str, config_path: str, writable_paths: Iterable[str], timeout_start_sec: int
+) -> str:
+    """The oneshot unit that runs one backup; sandboxed to write only the paths that backups write."""
+    # "-": a path that does not exist (yet) must not stop the run.
+    writable = " ".join(f"-{path}" for path in sorted(set(writable_paths)))
+    return f"""\
+# Rendered by nixcache (operations/backup.py); local edits are overwritten by the next deploy.
+[Unit]
+Description=nixcache backup to the restic repository
+Documentation=man:restic(1)
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+Type=oneshot
+ExecStart={nixcache_bin} backup run --config {config_path}
+# restic's index cache and the run history (backup.toml's cache_dir and state_file).
+CacheDirectory={CACHE_DIR_NAME}
+CacheDirectoryMode=0700
+StateDirectory={CACHE_DIR_NAME}
+StateDirectoryMode=0700
+# A backup must never starve the cache it protects of CPU or disk time.
+Nice=10
+IOSchedulingClass=idle
+TimeoutStartSec={timeout_start_sec}
+# Root only to read the 0600 signing key and the store; the rest of the system is read-only.
+ProtectSystem=strict
+ReadWritePaths={writable}
+ProtectHome=read-only
+PrivateTmp=yes
+PrivateDevices=yes
+NoNewPrivileges=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectControlGroups=yes
+RestrictSUIDSGID=yes
+RestrictRealtime=yes
+LockPersonality=yes
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+"""
+
+
+def render_timer(on_calendar: str, randomized_delay_sec: int) -> str:
+    """The timer: daily by default, spread over the fleet, and caught up after downtime."""
+    return f"""\
+# Rendered by nixcache (operations/backup.py); local edits are overwritten by the next deploy.
+[Unit]
+Description=Scheduled nixcache backup
+
+[Timer]
+OnCalendar={on_calendar}
+# Hosts of a fleet must not all hit the repository at the same second.
+RandomizedDelaySec={randomized_delay_sec}
+# A run missed while the host was down happens at the next boot.
+Persistent=true
+Unit={SERVICE}
+
+[Install]
+WantedBy=timers.target
+"""
+
+
+def _unmask(value: str | HiddenValue) -> str:
+    return value.unmask() if isinstance(value, HiddenValue) else value
+
+
+@operation()
+def private_file(content: str | HiddenValue, path: str, user: str = "root", group: str = "root") -> Iterator:
+    """Install a file only `user` can read (mode 0600), without ever exposing its content.
+
+    Unlike `files.put`, the file is created empty with its final owner and mode before the
+    content is uploaded into it (no moment where it is world-readable), and `pyinfra --diff`
+    never prints the content.
+
+    + content: the file's content (pass a HiddenValue for secrets)
+    + path: where it goes; the directory must exist
+    + user: owner
+    + group: group
+    """
+    value = _unmask(content)
+    remote = host.get_fact(File, path=path)
+    commands: list = []
+    if not remote:
+        commands.append(
+            f"install -m 600 -o {shlex.quote(user)} -g {shlex.quote(group)} /dev/null {shlex.quote(path)}"
+        )
+    else:
+        if remote.get("user") != user or remote.get("group") != group:
+            commands.append(f"chown {shlex.quote(user)}:{shlex.quote(group)} {shlex.quote(path)}")
+        if remote.get("mode") != 600:
+            commands.append(f"chmod 600 {shlex.quote(path)}")
+    wanted = hashlib.sha1(value.encode(), usedforsecurity=False).hexdigest()
+    if not remote or host.get_fact(Sha1File, path=path) != wanted:
+        commands.append(FileUploadCommand(io.StringIO(value), path))
+    if not commands:
+        host.noop(f"{path} is up to date")
+    yield from commands
+
+
+@operation()
+def password_file(password: str | HiddenValue, path: str) -> Iterator:
+    """Install restic's repository password as a root-only 0600 file.
+
+    + password: the password (pass a HiddenValue so pyinfra never prints it)
+    + path: where restic reads it (`password_file` in backup.toml)
+    """
+    if not _unmask(password).strip():
+        raise ValueError(
+            f"{host.name}: the backup password for {path} is empty; store one at backup_password_ref"
+        )
+    yield from private_file._inner(password, path)
+
+
+@operation()
+def config_file(content: str, path: str) -> Iterator:
+    """Install backup.toml (rendered by `nixcache.backup.config.dump`), readable by root only.
+
+    + content: the rendered file
+    + path: usually /etc/nixcache/backup.toml
+    """
+    yield from private_file._inner(content, path)
+
+
+@operation()
+def timer(
+    nixcache_bin: str,
+    config_path: str,
+    on_calendar: str = "daily",
+    randomized_delay_sec: int = 3600,
+    writable_paths: list[str] | None = None,
+    timeout_start_sec: int = 6 * 3600,
+) -> Iterator:
+    """Install and enable the backup service and its timer; reload systemd only when a unit changed.
+
+    + nixcache_bin: the `nixcache` command on the host
+    + config_path: backup.toml
+    + on_calendar: systemd OnCalendar expression
+    + randomized_delay_sec: RandomizedDelaySec
+    + writable_paths: what the run writes besides restic's cache (metrics dir, a local repository)
+    + timeout_start_sec: the longest a run may take before systemd stops it
+    """
+    units = {
+        f"{UNIT_DIR}/{SERVICE}": render_service(
+            nixcache_bin, config_path, writable_paths or [], timeout_start_sec
+        ),
+        f"{UNIT_DIR}/{TIMER}": render_timer(on_calendar, randomized_delay_sec),
+    }
+    changed = []
+    for path, text in units.items():
+        changed.extend(
+            files.put._inner(src=io.StringIO(text), dest=path, user="root", group="root", mode="0644")
+        )
+    if changed:
+        yield from changed
+        yield from systemd.daemon_reload._inner()
+    yield from systemd.service._inner(TIMER, running=True, enabled=True)
+
+
+@operation()
+def restore(
+    nixcache_bin: str,
+    config_path: str,
+    store_dir: str,
+    repository: str,
+    password_path: str,
+    owner: str,
+) -> Iterator:
+    """Restore /etc/nixcache and the store from the latest snapshot, only onto an empty store.
+
+    A host that already holds store content is never overwritten (a restore onto a live cache
+    would mix two histories); an unreachable or empty repository leaves the host to start empty.
+
+    + nixcache_bin: the `nixcache` command on the host
+    + config_path: backup.toml
+    + store_dir: the cache's store directory
+    + repository: restic repository (for the reachability fact)
+    + password_path: restic's password file on the host
+    + owner: the service user that must own the restored store
+    """
+    if host.get_fact(DirectoryHasEntries, path=store_dir):
+        host.noop(f"{store_dir} already holds content: not restoring over it")
+        return
+    snapshots = host.get_fact(ResticSnapshots, repository=repository, password_file=password_path)
+    if not snapshots.get("reachable"):
+        host.noop(f"backup repository {repository} not readable ({snapshots.get('error')}): starting empty")
+        return
+    latest = snapshots.get("latest")
+    if not latest:
+        host.noop(f"backup repository {repository} holds no snapshot yet: starting empty")
+        return
+    yield (
+        f"{nixcache_bin} backup restore --config {shlex.quote(config_path)} "
+        f"--snapshot {shlex.quote(latest['id'])} --target /"
+    )
+    # uids are numeric in snapshots; the replacement host's service user may have another one.
+    yield f"chown -R {shlex.quote(owner)}: {shlex.quote(store_dir)}"
