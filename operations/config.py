@@ -1,0 +1,115 @@
+"""Files with content from the controller, /etc/nixcache/config.toml, the signing key and the tokens.
+
+Every file is compared by sha256 with what the host holds (a fact), so an unchanged file is
+neither uploaded nor touched. A changed file is written as `<path>.nixcache-new`, created
+empty with its final owner and mode *before* any byte is uploaded (a secret is never readable
+by anyone else, not even for a moment), then renamed over the old one (readers never see half a
+file). Secret values travel as `HiddenValue`s, so pyinfra prints them masked, and go up through
+SFTP from memory, never on a command line.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from pyinfra import host
+from pyinfra.api import FileUploadCommand, HiddenValue, QuoteString, StringCommand, operation
+from pyinfra.facts.files import Directory, File, Sha256File
+
+from nixcache.server.config import ServerConfig, dump
+from operations.render import sha256
+from operations.settings import (
+    CONFIG_DIR,
+    PUSH_TOKEN_FILE,
+    READ_TOKEN_FILE,
+    SIGNING_KEY_FILE,
+    Settings,
+)
+
+
+def _mode(mode: str) -> int:
+    """pyinfra's File fact reports modes as the octal digits read as decimal (0640 -> 640)."""
+    return int(mode.lstrip("0") or "0")
+
+
+def _write(path: str, content: str, user: str, group: str, mode: str):
+    """Commands that put `content` at `path` (owner and mode set before the first byte)."""
+    current = host.get_fact(File, path=path)
+    if host.get_fact(Sha256File, path=path) != sha256(content):
+        new = f"{path}.nixcache-new"
+        yield StringCommand(
+            "install -m",
+            mode,
+            "-o",
+            QuoteString(user),
+            "-g",
+            QuoteString(group),
+            "/dev/null",
+            QuoteString(new),
+        )
+        yield FileUploadCommand(io.StringIO(content), new, remote_temp_filename=new)
+        yield StringCommand("mv -f", QuoteString(new), QuoteString(path))
+        return
+    if current and (current["user"], current["group"], current["mode"]) != (user, group, _mode(mode)):
+        yield StringCommand("chown", QuoteString(f"{user}:{group}"), QuoteString(path))
+        yield StringCommand("chmod", mode, QuoteString(path))
+        return
+    host.noop(f"{path} is up to date")
+
+
+@operation()
+def text_file(path: str, content: str, user: str = "root", group: str = "root", mode: str = "0644"):
+    """`path` holds exactly `content`, owned `user:group` with `mode`."""
+    yield from _write(path, content, user, group, mode)
+
+
+@operation()
+def secret_file(path: str, value: HiddenValue, user: str, group: str | None = None, mode: str = "0600"):
+    """`path` holds the secret `value` (a HiddenValue), mode 0600 owned by `user` by default."""
+    secret = value.unmask() if isinstance(value, HiddenValue) else value
+    yield from _write(path, secret, user, group or user, mode)
+
+
+@operation()
+def config_dir(user: str, path: str = CONFIG_DIR):
+    """/etc/nixcache: root-owned, readable by the service's group only (it holds key and tokens)."""
+    current = host.get_fact(Directory, path=path)
+    if current and (current["user"], current["group"], current["mode"]) == ("root", user, 750):
+        host.noop(f"{path} exists")
+        return
+    yield StringCommand("install -d -m 0750 -o root -g", QuoteString(user), QuoteString(path))
+
+
+def server_config(settings: Settings, *, push_token: bool, read_token: bool) -> ServerConfig:
+    """The ServerConfig the deploy installs for `settings`."""
+    return ServerConfig(
+        listen=f"0.0.0.0:{settings.cache_port}",
+        store=Path(settings.store_dir),
+        signing_key_files=[Path(SIGNING_KEY_FILE)],
+        push_token_file=Path(PUSH_TOKEN_FILE) if push_token else None,
+        read_token_file=Path(READ_TOKEN_FILE) if read_token else None,
+        priority=settings.cache_priority,
+        accel_redirect_prefix=settings.cache_accel_redirect_prefix if settings.cache_nginx_front else None,
+        gc_max_size=_size(settings.gc_max_size),
+        gc_older_than=_duration(settings.gc_older_than),
+        gc_min_free=_size(settings.gc_min_free),
+        gc_max_free=_size(settings.gc_max_free),
+    )
+
+
+def _size(value: str | None) -> int | None:
+    from nixcache.server.units import parse_size
+
+    return None if value is None else parse_size(value)
+
+
+def _duration(value: str | None) -> float | None:
+    from nixcache.server.units import parse_duration
+
+    return None if value is None else parse_duration(value)
+
+
+def render_config(settings: Settings, *, push_token: bool = True, read_token: bool = False) -> str:
+    """The text of /etc/nixcache/config.toml (rendered by the server's own `dump`)."""
+    return dump(server_config(settings, push_token=push_token, read_token=read_token))

@@ -1,0 +1,90 @@
+"""nftables: default-deny inbound, SSH / cache / metrics ports open only to the networks in data.
+
+A new ruleset is checked with `nft -c -f` before it replaces /etc/nftables.conf, then loaded in
+one atomic `nft -f`; the "established" rule comes first, so the deploy's own SSH session
+survives the reload.
+"""
+
+from __future__ import annotations
+
+import io
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from pyinfra import host
+from pyinfra.api import FileUploadCommand, OperationError, QuoteString, StringCommand, operation
+from pyinfra.facts.files import Sha256File
+
+from facts.nixcache import NftTable, UnitState
+from operations.render import render, sha256
+from operations.settings import NFTABLES_FILE, Settings
+
+TABLE = ("inet", "nixcache")
+NODE_EXPORTER_PORT = 9100
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Accept TCP `ports` from `sources` (one address family)."""
+
+    family: str  # "ip" or "ip6"
+    sources: tuple[str, ...]
+    ports: tuple[int, ...]
+    why: str
+
+
+def _split(sources: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    networks = [ipaddress.ip_network(s, strict=False) for s in sources]
+    return {
+        "ip": tuple(str(n) for n in networks if n.version == 4),
+        "ip6": tuple(str(n) for n in networks if n.version == 6),
+    }
+
+
+def rules(settings: Settings, ssh_port: int = 22) -> list[Rule]:
+    """The accept rules for `settings`, in order."""
+    cache_ports = [settings.cache_port]
+    if settings.cache_nginx_front:
+        cache_ports += [80, 443]
+    metrics_ports = [NODE_EXPORTER_PORT]
+    wanted = [
+        (settings.ssh_sources, (ssh_port,), "SSH for admins and deploys (ssh_allowed_sources)"),
+        (settings.cache_allowed_sources, tuple(sorted(cache_ports)), "the cache (cache_allowed_sources)"),
+        (settings.metrics_allowed_sources, tuple(metrics_ports), "node exporter (metrics_allowed_sources)"),
+    ]
+    out = []
+    for sources, ports, why in wanted:
+        for family, networks in _split(sources).items():
+            if networks:
+                out.append(Rule(family, networks, ports, why))
+    return out
+
+
+def render_ruleset(settings: Settings, ssh_port: int = 22) -> str:
+    """The text of /etc/nftables.conf for `settings`."""
+    if not settings.ssh_sources:
+        raise OperationError(
+            f"{host.name}: cache_allowed_sources and ssh_allowed_sources are both empty, so the firewall "
+            "would lock everyone out; set cache_allowed_sources to the client networks"
+        )
+    return render("nftables.conf.j2", rules=rules(settings, ssh_port))
+
+
+@operation()
+def ruleset(content: str, path: str = NFTABLES_FILE):
+    """`path` holds `content`, it is the loaded ruleset, and nftables.service loads it at boot."""
+    loaded = host.get_fact(NftTable, family=TABLE[0], table=TABLE[1])
+    if host.get_fact(Sha256File, path=path) != sha256(content) or not loaded:
+        new = f"{path}.nixcache-new"
+        yield FileUploadCommand(io.StringIO(content), new, remote_temp_filename=new)
+        # Check first: a ruleset that does not parse never replaces the working one.
+        yield StringCommand(
+            "nft -c -f", QuoteString(new), "&& chmod 0644", QuoteString(new), "&& mv -f", QuoteString(new),
+            QuoteString(path), "&& nft -f", QuoteString(path),
+        )  # fmt: skip
+    state = host.get_fact(UnitState, unit="nftables.service")
+    if state["enabled"] != "enabled":
+        yield StringCommand("systemctl enable nftables.service")
+    if loaded and host.get_fact(Sha256File, path=path) == sha256(content) and state["enabled"] == "enabled":
+        host.noop(f"firewall {path} loaded")

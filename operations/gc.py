@@ -1,0 +1,55 @@
+"""Automatic garbage collection from day one: nixcache-gc.timer runs `nixcache gc` with limits from data."""
+
+from __future__ import annotations
+
+import shlex
+
+from pyinfra.api import operation
+
+from operations.render import render
+from operations.service import units
+from operations.settings import NIXCACHE_BIN, Settings
+
+GC_NAME = "nixcache-gc"
+
+
+def gc_command(settings: Settings) -> str:
+    """The ExecStart line of nixcache-gc.service."""
+    argv = [NIXCACHE_BIN, "gc", "--store", settings.store_dir]
+    for flag, value in (
+        ("--max-size", settings.gc_max_size),
+        ("--older-than", settings.gc_older_than),
+        ("--min-free", settings.gc_min_free),
+        ("--max-free", settings.gc_max_free),
+    ):
+        if value is not None:
+            argv += [flag, value]
+    return shlex.join(argv)
+
+
+def render_units(settings: Settings) -> dict[str, str]:
+    """nixcache-gc.service and nixcache-gc.timer for `settings` (file name -> text)."""
+    common = {
+        "user": settings.service_user,
+        "data_dir": settings.cache_data_dir,
+        "mount_unit": settings.cache_volume_device is not None,
+    }
+    return {
+        f"{GC_NAME}.service": render(
+            "nixcache-gc.service.j2",
+            command=gc_command(settings),
+            memory_max=settings.cache_memory_max,
+            **common,
+        ),
+        f"{GC_NAME}.timer": render(
+            "nixcache-gc.timer.j2",
+            schedule=settings.gc_schedule,
+            randomized_delay=settings.gc_randomized_delay,
+        ),
+    }
+
+
+@operation()
+def timer(settings: Settings, depends_on: str = ""):
+    """nixcache-gc.timer installed, enabled and waiting; the service runs only when the timer fires."""
+    yield from units._inner(GC_NAME, render_units(settings), [f"{GC_NAME}.timer"], depends_on)

@@ -1,0 +1,61 @@
+"""The last deploy step: the cache answers /nix-cache-info, asked from the controller's side.
+
+Asking from the controller proves what a client needs: the service runs, listens on the right
+address and the firewall lets the controller's network in. The probe runs only while pyinfra
+executes (never while it plans, so `--dry` asks nothing); a healthy cache yields no command, so
+a converged host reports no change. An unhealthy one fails the step with one line naming the
+host, the URL, what went wrong and where to look.
+"""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+from pyinfra import host, logger
+from pyinfra.api import FunctionCommand, operation
+
+# Pause between attempts: short, a gevent server is up within about a second of its start.
+RETRY_PAUSE = 1.0
+
+
+def probe(url: str, timeout: float) -> str | None:
+    """None when `url` answers 200 with a StoreDir line within `timeout` seconds, else why not."""
+    deadline = time.monotonic() + timeout
+    problem = "no attempt made"
+    attempts = max(1, int(timeout / RETRY_PAUSE) + 1)
+    for _ in range(attempts):
+        remaining = deadline - time.monotonic()
+        try:
+            response = httpx.get(url, timeout=max(0.5, min(5.0, remaining)))
+            if response.status_code == 200 and "StoreDir:" in response.text:
+                return None
+            problem = f"answers HTTP {response.status_code}"
+        except httpx.HTTPError as error:
+            problem = f"does not answer ({type(error).__name__}: {error or 'no detail'})"
+        if time.monotonic() + RETRY_PAUSE > deadline:
+            break
+        time.sleep(RETRY_PAUSE)
+    return problem
+
+
+def _fail(state, host, message: str) -> bool:  # pyinfra passes state and host to callbacks
+    logger.error(f"{host.print_prefix}{message}")
+    return False
+
+
+@operation()
+def cache_info(url: str, timeout: int = 20, unit: str = "nixcache"):
+    """`url` (…/nix-cache-info) answers within `timeout` seconds; checked at execution only."""
+    if not host.state.is_executing:
+        host.noop(f"{url} is checked when the deploy runs")
+        return
+    problem = probe(url, timeout)
+    if problem is None:
+        host.noop(f"{url} answers")
+        return
+    message = (
+        f"{host.name}: nixcache {problem} at {url} after {timeout} s; "
+        f"look at `journalctl -u {unit}` and `nft list ruleset` on the host"
+    )
+    yield FunctionCommand(_fail, (message,), {})

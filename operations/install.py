@@ -1,0 +1,195 @@
+"""Install the controller's checkout of nixcache into /opt/nixcache/venv, with no package index on the host.
+
+The controller builds a wheelhouse per checkout and per host Python: the nixcache wheel built
+from a copy of the package sources, plus binary wheels of its pinned runtime requirements for
+the host's Python version, machine and glibc. It is cached under
+~/.cache/nixcache/wheelhouse/<key> and built at most once per deploy run. The key is a content
+hash of the sources, setup.cfg and pyproject.toml, so a changed checkout redeploys and an
+unchanged one is neither uploaded nor reinstalled: the host records the key it was built from
+in /opt/nixcache/venv/nixcache-build, and a fact reads it back.
+"""
+
+from __future__ import annotations
+
+import configparser
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from pyinfra import host
+from pyinfra.api import FileUploadCommand, OperationError, QuoteString, StringCommand, operation
+
+from facts.nixcache import FileLine
+from operations.settings import BUILD_STAMP, INSTALL_DIR, VENV_DIR, WHEELHOUSE_DIR
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# What goes into the wheel, hence into the key.
+_PACKAGING_FILES = ("setup.cfg", "pyproject.toml", "README.md")
+# Oldest glibc that manylinux wheels target; every newer manylinux tag up to the host's is accepted.
+_OLDEST_MANYLINUX = 17
+
+
+class WheelhouseError(OperationError):
+    """The controller could not build the wheelhouse; the message names the step and the fix."""
+
+
+def _package_files(root: Path) -> list[Path]:
+    files = [root / name for name in _PACKAGING_FILES if (root / name).is_file()]
+    for path in sorted((root / "nixcache").rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts and not path.name.endswith((".pyc", ".pyo")):
+            files.append(path)
+    return files
+
+
+def source_digest(root: Path = REPO_ROOT) -> str:
+    """A content hash of everything that goes into the nixcache wheel (16 hex digits)."""
+    digest = hashlib.sha256()
+    for path in _package_files(root):
+        digest.update(str(path.relative_to(root)).encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def build_key(python: dict[str, str], root: Path = REPO_ROOT) -> str:
+    """The wheelhouse key for a host Python (from facts.nixcache.HostPython)."""
+    return f"{source_digest(root)}-py{python['version']}-{python['machine']}"
+
+
+def requirements(root: Path = REPO_ROOT) -> list[str]:
+    """The pinned runtime requirements (setup.cfg install_requires)."""
+    parser = configparser.ConfigParser()
+    parser.read(root / "setup.cfg")
+    raw = parser.get("options", "install_requires", fallback="")
+    return [line.strip() for line in raw.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def platform_tags(machine: str, glibc: str) -> list[str]:
+    """manylinux tags a host with this machine and glibc accepts, newest first."""
+    try:
+        major, minor = (int(part) for part in glibc.split(".")[:2])
+    except ValueError:
+        major, minor = 2, _OLDEST_MANYLINUX  # unknown glibc: the oldest, most portable wheels
+    if major != 2:
+        minor = _OLDEST_MANYLINUX
+    tags = [f"manylinux_2_{m}_{machine}" for m in range(minor, _OLDEST_MANYLINUX - 1, -1)]
+    return [*tags, f"manylinux2014_{machine}", f"manylinux2010_{machine}", f"manylinux1_{machine}"]
+
+
+def cache_root() -> Path:
+    """Where built wheelhouses are kept on the controller."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "nixcache" / "wheelhouse"
+
+
+def _run(step: str, argv: list[str], cwd: Path | None = None) -> None:
+    result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines()
+        errors = [line.strip() for line in lines if "error" in line.lower() and "note:" not in line]
+        last = (errors or lines or ["no output"])[-1 if not errors else 0]
+        raise WheelhouseError(f"wheelhouse: {step} failed ({last}); run `{' '.join(argv)}` to see why")
+
+
+def build_wheelhouse(python: dict[str, str], root: Path = REPO_ROOT, cache: Path | None = None) -> Path:
+    """The wheelhouse directory for `python`, built once per key (a lock serialises parallel builds)."""
+    cache = cache or cache_root()
+    key = build_key(python, root)
+    target = cache / key
+    if (target / ".complete").exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f".{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / ".complete").exists():
+            return target
+        shutil.rmtree(target, ignore_errors=True)
+        with tempfile.TemporaryDirectory(prefix="nixcache-wheel-") as tmp:
+            # Build from a copy: the shared checkout gets no build/ or egg-info litter, and the
+            # wheel holds exactly the files the key was computed from.
+            source = Path(tmp) / "src"
+            for path in _package_files(root):
+                dest = source / path.relative_to(root)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, dest)
+            staging = Path(tmp) / "wheels"
+            pip = [sys.executable, "-m", "pip"]
+            _run(
+                "building the nixcache wheel",
+                [*pip, "wheel", "--no-deps", "-q", "-w", str(staging), str(source)],
+            )
+            platforms = [
+                arg
+                for tag in platform_tags(python["machine"], python["glibc"])
+                for arg in ("--platform", tag)
+            ]
+            _run(
+                f"downloading wheels for Python {python['version']} {python['machine']}",
+                [
+                    *pip, "download", "-q", "--only-binary=:all:", "--implementation", "cp",
+                    "--python-version", python["version"], *platforms, "-d", str(staging),
+                    *requirements(root),
+                ],
+            )  # fmt: skip
+            (staging / ".complete").write_text(key + "\n")
+            shutil.copytree(staging, target)
+    return target
+
+
+def wheel_files(wheelhouse: Path) -> list[Path]:
+    """The wheels in a wheelhouse, in a stable order."""
+    return sorted(wheelhouse.glob("*.whl"))
+
+
+@operation()
+def venv(build: str, wheels: list[str], venv_dir: str = VENV_DIR, wheelhouse_dir: str = WHEELHOUSE_DIR):
+    """The venv at `venv_dir` holds `build`, installed from `wheels` (paths on the controller).
+
+    Yields nothing when the host's build stamp already says `build`.
+    """
+    stamp = f"{venv_dir}/nixcache-build"
+    if host.get_fact(FileLine, path=stamp) == build:
+        host.noop(f"nixcache {build} is installed")
+        return
+    nixcache_wheels = [w for w in wheels if Path(w).name.startswith("nixcache-")]
+    if len(nixcache_wheels) != 1:
+        raise OperationError(
+            f"wheelhouse for {build} holds {len(nixcache_wheels)} nixcache wheels, expected 1"
+        )
+    remote = f"{wheelhouse_dir}/{build}"
+    yield StringCommand("rm -rf", QuoteString(wheelhouse_dir), "&& install -d -m 0755", QuoteString(remote))
+    for wheel in wheels:
+        yield FileUploadCommand(wheel, f"{remote}/{Path(wheel).name}")
+    pip = f"{venv_dir}/bin/pip"
+    yield StringCommand(f"test -x {venv_dir}/bin/python || python3 -m venv {venv_dir}")
+    # Dependencies first (pip keeps those already at the pinned version), then the nixcache
+    # wheel itself, forced: its version number does not change with every checkout.
+    yield StringCommand(
+        pip,
+        "install -q --no-index --no-cache-dir --find-links",
+        QuoteString(remote),
+        QuoteString(f"{remote}/{Path(nixcache_wheels[0]).name}"),
+    )
+    yield StringCommand(
+        pip, "install -q --no-index --no-cache-dir --no-deps --force-reinstall",
+        QuoteString(f"{remote}/{Path(nixcache_wheels[0]).name}"),
+    )  # fmt: skip
+    yield StringCommand(
+        "echo", QuoteString(build), ">", QuoteString(stamp), "&& rm -rf", QuoteString(wheelhouse_dir)
+    )
+
+
+@operation()
+def nixcache(python: dict[str, str], root: str = str(REPO_ROOT)):
+    """The host's /opt/nixcache/venv holds the controller's checkout at `root`, for the host's `python`."""
+    build = build_key(python, Path(root))
+    if host.get_fact(FileLine, path=BUILD_STAMP) == build:
+        host.noop(f"nixcache {build} is installed")
+        return
+    wheelhouse = build_wheelhouse(python, Path(root))
+    yield StringCommand("install -d -m 0755", QuoteString(INSTALL_DIR))
+    yield from venv._inner(build, [str(w) for w in wheel_files(wheelhouse)])

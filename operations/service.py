@@ -1,0 +1,79 @@
+"""systemd units: nixcache.service and the generic "install units, restart on change" operation.
+
+A restart is decided on the controller: the operation is given a digest of everything the
+running units depend on (unit files, config, key, installed build) and compares it with the
+digest the host recorded after the last (re)start. Same digest: nothing happens, so a rerun
+reports no changes. Different: reload, enable, restart, record. A unit that should run but
+does not is started.
+"""
+
+from __future__ import annotations
+
+from pyinfra import host
+from pyinfra.api import QuoteString, StringCommand, operation
+
+from facts.nixcache import FileLine, UnitState
+from operations.config import _write
+from operations.render import render, sha256
+from operations.settings import CONFIG_FILE, NIXCACHE_BIN, SERVICE_NAME, Settings
+
+UNIT_DIR = "/etc/systemd/system"
+STAMP_DIR = "/var/lib/nixcache-deploy"
+
+
+def render_unit(settings: Settings) -> str:
+    """The text of nixcache.service for `settings`."""
+    return render(
+        "nixcache.service.j2",
+        nixcache_bin=NIXCACHE_BIN,
+        config_file=CONFIG_FILE,
+        user=settings.service_user,
+        data_dir=settings.cache_data_dir,
+        mount_unit=settings.cache_volume_device is not None,
+        memory_max=settings.cache_memory_max,
+        tasks_max=settings.cache_tasks_max,
+        limit_nofile=settings.cache_limit_nofile,
+    )
+
+
+@operation()
+def units(name: str, files: dict[str, str], active: list[str], depends_on: str = ""):
+    """Unit `files` (file name -> text) are installed in /etc/systemd/system; `active` units run.
+
+    `active` units are enabled and (re)started whenever the files or `depends_on` (a digest of
+    what they read: config, keys, installed build) changed since their last start.
+    """
+    changed = False
+    for filename, text in sorted(files.items()):
+        commands = list(_write(f"{UNIT_DIR}/{filename}", text, "root", "root", "0644"))
+        if commands and not str(commands[0]).startswith("chown"):
+            changed = True
+        yield from commands
+    if changed:
+        yield StringCommand("systemctl daemon-reload")
+    digest = sha256("\0".join([*(f"{k}\0{v}" for k, v in sorted(files.items())), depends_on]))
+    stamp = f"{STAMP_DIR}/{name}"
+    states = {unit: host.get_fact(UnitState, unit=unit) for unit in active}
+    quoted = [QuoteString(unit) for unit in active]
+    if host.get_fact(FileLine, path=stamp) != digest:
+        yield StringCommand("systemctl enable", *quoted)
+        yield StringCommand("systemctl restart", *quoted)
+        yield StringCommand(
+            "install -d -m 0700", STAMP_DIR, "&& echo", QuoteString(digest), ">", QuoteString(stamp)
+        )
+        return
+    stopped = [QuoteString(u) for u, s in states.items() if s["active"] not in ("active", "activating")]
+    disabled = [QuoteString(u) for u, s in states.items() if s["enabled"] != "enabled"]
+    if disabled:
+        yield StringCommand("systemctl enable", *disabled)
+    if stopped:
+        yield StringCommand("systemctl start", *stopped)
+    if not (changed or disabled or stopped):
+        host.noop(f"{', '.join(active) or name} up to date and running")
+
+
+@operation()
+def nixcache(settings: Settings, depends_on: str):
+    """nixcache.service installed, enabled and running; restarted when it or `depends_on` changed."""
+    unit = f"{SERVICE_NAME}.service"
+    yield from units._inner(SERVICE_NAME, {unit: render_unit(settings)}, [unit], depends_on)
