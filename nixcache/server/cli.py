@@ -1,0 +1,90 @@
+"""`nixcache serve` and `nixcache gc`.
+
+This module imports click only: `serve` must call `gevent.monkey.patch_all()` before the
+server modules (sockets, threads, ssl) are imported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+_PATH = click.Path(dir_okay=False, path_type=Path)
+
+
+@click.command()
+@click.option("--config", "config_file", type=_PATH, help="TOML config (e.g. /etc/nixcache/config.toml).")
+@click.option("--store", type=click.Path(file_okay=False, path_type=Path), help="Store directory.")
+@click.option("--listen", help="HOST:PORT to bind [default: 127.0.0.1:5000].")
+@click.option("--signing-key", "signing_keys", type=_PATH, multiple=True, help="Secret key file; repeatable.")
+@click.option("--push-token-file", type=_PATH, help="File holding the push token.")
+@click.option("--read-token-file", type=_PATH, help="File holding the read token.")
+@click.option("--priority", type=int, help="Priority advertised in nix-cache-info.")
+@click.option("--max-upload-size", help="Largest upload accepted, e.g. 8G.")
+@click.option("--accel-redirect-prefix", help="Answer GET /nar/* with X-Accel-Redirect for an nginx front.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+def serve(
+    config_file: Path | None,
+    store: Path | None,
+    listen: str | None,
+    signing_keys: tuple[Path, ...],
+    push_token_file: Path | None,
+    read_token_file: Path | None,
+    priority: int | None,
+    max_upload_size: str | None,
+    accel_redirect_prefix: str | None,
+    log_level: str | None,
+) -> None:
+    """Serve the binary cache (flags override the config file)."""
+    from gevent import monkey
+
+    monkey.patch_all()
+
+    from nixcache.server import config as configmod
+    from nixcache.server import runner
+
+    try:
+        config = configmod.load(config_file) if config_file else configmod.ServerConfig()
+        config = runner.with_overrides(
+            config,
+            store=str(store) if store else None,
+            listen=listen,
+            signing_key_files=[str(p) for p in signing_keys] or None,
+            push_token_file=str(push_token_file) if push_token_file else None,
+            read_token_file=str(read_token_file) if read_token_file else None,
+            priority=priority,
+            max_upload_size=max_upload_size,
+            accel_redirect_prefix=accel_redirect_prefix,
+            log_level=log_level,
+        )
+        runner.run(config)
+    except (configmod.ConfigError, runner.StartupError) as error:
+        raise click.ClickException(str(error)) from None
+
+
+@click.command()
+@click.option("--config", "config_file", type=_PATH, help="Read store and gc_* limits from this config.")
+@click.option("--store", type=click.Path(file_okay=False, path_type=Path), help="Store directory.")
+@click.option("--max-size", help="Collect until the store is at most this big, e.g. 50G.")
+@click.option("--older-than", help="Collect entries not served for this long, e.g. 30d.")
+@click.option("--min-free", help="Collect when free space is below this …")
+@click.option("--max-free", help="… until this much is free.")
+@click.option("--dry-run", is_flag=True, help="Print what would be deleted, delete nothing.")
+def gc(
+    config_file: Path | None,
+    store: Path | None,
+    max_size: str | None,
+    older_than: str | None,
+    min_free: str | None,
+    max_free: str | None,
+    dry_run: bool,
+) -> None:
+    """Delete least recently served entries until the limits hold (safe while serving)."""
+    from nixcache.server import gc as gcmod
+
+    try:
+        limits = gcmod.limits_from(config_file, store, max_size, older_than, min_free, max_free)
+        gcmod.run(limits, dry_run=dry_run, echo=click.echo)
+    except gcmod.GcError as error:
+        raise click.ClickException(str(error)) from None

@@ -1,0 +1,284 @@
+"""The on-disk store of a cache server, and the only code that writes it during serving.
+
+Layout under the store directory (`store` in the config, e.g. /var/lib/nixcache/store)::
+
+    narinfo/<hash>.narinfo   one per store path, as uploaded (normalised, uploaded Sig lines kept);
+                             mtime = upload time, atime = last served (set explicitly, batched:
+                             the volume may be mounted noatime, and explicit utime still works)
+    nar/<filehash>.nar[.xz|.zst|.bz2]
+                             the NAR files, named by the base32 sha256 of their bytes
+    nar-meta/<nar file name> "<NarHash> <NarSize>" of each NAR, computed when it was uploaded
+    tmp/                     uploads in flight; same filesystem so they can be renamed into place.
+                             Emptied when the server starts; never served, never backed up.
+    gc-stats.json            totals written by `nixcache gc`, exposed in /metrics
+
+The service user owns all of it. Back up narinfo/, nar/ and nar-meta/ (not tmp/).
+
+Visibility rules: a file becomes visible only by rename(2) from tmp/ after it verified; a NAR's
+meta is renamed into place before the NAR; a narinfo only after its NAR and meta exist and match.
+`nixcache gc` (another process) deletes a narinfo before the NAR it names, and spares NARs
+younger than a grace period, so an upload racing a collection is never left dangling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+
+from nixcache.server import base32, nar, narinfo
+from nixcache.server.narinfo import NarInfo, NarInfoError
+
+T = TypeVar("T")
+UPLOAD_CHUNK = 256 * 1024
+
+
+class UploadError(Exception):
+    """An upload was refused; `status` is the HTTP status to answer with, `reason` says why."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class NarFile:
+    """An open NAR ready to be sent: the caller closes `handle`."""
+
+    handle: BinaryIO
+    size: int
+    name: str
+
+
+def _is_disk_full(error: OSError) -> bool:
+    return error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+class Store:
+    """A store directory. `offload` runs CPU-heavy work (decompressing, hashing) off the event loop."""
+
+    def __init__(
+        self,
+        root: Path,
+        store_dir: str = "/nix/store",
+        offload: Callable[..., Any] | None = None,
+    ):
+        self.root = Path(root)
+        self.store_dir = store_dir
+        self.narinfo_dir = self.root / "narinfo"
+        self.nar_dir = self.root / "nar"
+        self.meta_dir = self.root / "nar-meta"
+        self.tmp_dir = self.root / "tmp"
+        self.gc_stats_file = self.root / "gc-stats.json"
+        self._offload = offload or (lambda fn, args: fn(*args))
+        self._served: dict[str, int] = {}
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def create(self) -> None:
+        """Create the directories (if missing) and drop uploads that a dead process left in tmp/."""
+        for directory in (self.narinfo_dir, self.nar_dir, self.meta_dir, self.tmp_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        for leftover in self.tmp_dir.iterdir():
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+    def writable(self) -> bool:
+        """True when a file can be created and removed in tmp/ (the /healthz check)."""
+        try:
+            fd = os.open(
+                self.tmp_dir / f".healthz.{os.getpid()}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600
+            )
+            os.close(fd)
+            os.unlink(self.tmp_dir / f".healthz.{os.getpid()}")
+        except OSError:
+            return False
+        return True
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def narinfo_path(self, hash_part: str) -> Path:
+        return self.narinfo_dir / f"{hash_part}.narinfo"
+
+    def nar_path(self, name: str) -> Path:
+        return self.nar_dir / name
+
+    def open_nar(self, name: str) -> NarFile | None:
+        """Open `nar/<name>` (a name already matched against narinfo.NAR_FILE), or None."""
+        try:
+            handle = open(self.nar_dir / name, "rb")  # noqa: SIM115 - the response closes it
+        except FileNotFoundError:
+            return None
+        return NarFile(handle, os.fstat(handle.fileno()).st_size, name)
+
+    def has_nar(self, name: str) -> bool:
+        return (self.nar_dir / name).is_file() and (self.meta_dir / name).is_file()
+
+    def mark_served(self, hash_part: str, mtime_ns: int) -> None:
+        """Remember that a narinfo was served; `flush_served` records it on disk in a batch."""
+        self._served[hash_part] = mtime_ns
+
+    def flush_served(self) -> int:
+        """Set atime = now on narinfos served since the last flush (mtime kept); count them."""
+        served, self._served = self._served, {}
+        now = time.time_ns()
+        for hash_part, mtime_ns in served.items():
+            with contextlib.suppress(FileNotFoundError):  # collected meanwhile
+                os.utime(self.narinfo_path(hash_part), ns=(now, mtime_ns))
+        return len(served)
+
+    # -- uploads ---------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _tmp_file(self, what: str) -> Iterator[tuple[BinaryIO, Path]]:
+        """A temp file in tmp/ that is removed unless the caller renamed it away."""
+        fd = -1
+        path = self.tmp_dir / f"{what}.{os.getpid()}.{time.monotonic_ns()}"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            with os.fdopen(fd, "wb") as handle:
+                fd = -1
+                yield handle, path
+        except OSError as error:
+            if _is_disk_full(error):
+                raise UploadError(
+                    507, f"no space left in store {self.root}: free space or run nixcache gc"
+                ) from None
+            raise
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def _write_small(self, target: Path, data: bytes) -> None:
+        with self._tmp_file(target.name) as (handle, tmp):
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+            os.replace(tmp, target)
+
+    def put_nar(self, name: str, body: BinaryIO, length: int | None, limit: int) -> nar.NarDigest:
+        """Receive `nar/<name>`: stream to tmp/, check the name is the sha256 of the bytes and the
+        content decompresses to a NAR, then publish meta and NAR. UploadError on any failure."""
+        compression = narinfo.compression_of(name)
+        if compression is None:
+            raise UploadError(400, f"nar/{name}: expected nar/<52-char base32 sha256>.nar[.xz|.zst|.bz2]")
+        expected = base32.decode(name[:52], 32)
+        with self._tmp_file(name) as (handle, tmp):
+            sha = hashlib.sha256()
+            _copy(body, length, limit, handle, sha.update)
+            handle.flush()
+            if sha.digest() != expected:
+                raise UploadError(
+                    400,
+                    f"nar/{name}: the body hashes to {base32.encode(sha.digest())}, not to its name",
+                )
+            try:
+                digest = self._offload(nar.digest, (tmp, compression))
+            except nar.NarError as error:
+                raise UploadError(400, f"nar/{name}: {error}") from None
+            os.fsync(handle.fileno())
+            self._write_small(self.meta_dir / name, digest.serialize().encode())
+            os.replace(tmp, self.nar_dir / name)
+        return digest
+
+    def nar_digest(self, name: str) -> nar.NarDigest | None:
+        try:
+            return nar.NarDigest.parse((self.meta_dir / name).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def put_narinfo(self, hash_part: str, body: BinaryIO, length: int | None, limit: int) -> NarInfo:
+        """Receive `<hash>.narinfo`: validate every field, check its NAR is here with the same
+        FileSize/NarHash/NarSize, then publish it. UploadError on any failure."""
+        data = bytearray()
+        _copy(body, length, limit, None, data.extend)
+        try:
+            info = narinfo.parse(data.decode("utf-8"), self.store_dir)
+        except UnicodeDecodeError:
+            raise UploadError(400, f"{hash_part}.narinfo is not UTF-8 text") from None
+        except NarInfoError as error:
+            raise UploadError(400, f"{hash_part}.narinfo: {error}") from None
+        if info.hash_part != hash_part:
+            raise UploadError(400, f"{hash_part}.narinfo: StorePath {info.store_path} has another hash")
+        nar_path = self.nar_path(info.nar_file)
+        try:
+            # Refresh the NAR's mtime first: gc spares recently touched NARs, so it cannot
+            # collect this one between our check and the rename below.
+            os.utime(nar_path)
+            file_size = nar_path.stat().st_size
+        except FileNotFoundError:
+            raise UploadError(
+                400, f"{hash_part}.narinfo: URL {info.url} was not uploaded; PUT the NAR first"
+            ) from None
+        digest = self.nar_digest(info.nar_file)
+        if digest is None:
+            raise UploadError(
+                400, f"{hash_part}.narinfo: URL {info.url} has no recorded NarHash; upload it again"
+            )
+        if info.file_size is not None and info.file_size != file_size:
+            raise UploadError(
+                400, f"{hash_part}.narinfo: FileSize {info.file_size} but {info.url} is {file_size} bytes"
+            )
+        if info.nar_hash != digest.nar_hash:
+            raise UploadError(
+                400, f"{hash_part}.narinfo: NarHash {info.nar_hash} but {info.url} has {digest.nar_hash}"
+            )
+        if info.nar_size != digest.nar_size:
+            raise UploadError(
+                400, f"{hash_part}.narinfo: NarSize {info.nar_size} but {info.url} has {digest.nar_size}"
+            )
+        self._write_small(self.narinfo_path(hash_part), info.render().encode())
+        return info
+
+    def drain(self, body: BinaryIO, length: int | None, limit: int) -> int:
+        """Read and discard an upload this server accepts but does not keep (.ls, log/, …)."""
+        return _copy(body, length, limit, None, None)
+
+
+def _copy(
+    body: BinaryIO,
+    length: int | None,
+    limit: int,
+    out: BinaryIO | None,
+    update: Callable[[bytes], object] | None,
+) -> int:
+    """Copy an upload body in chunks, enforcing `limit` (413) and the announced length (400)."""
+    if length is not None and length > limit:
+        raise UploadError(413, f"upload of {length} bytes exceeds max_upload_size ({limit} bytes)")
+    total = 0
+    while True:
+        want = UPLOAD_CHUNK if length is None else min(UPLOAD_CHUNK, length - total)
+        if want <= 0:
+            break
+        try:
+            chunk = body.read(want)
+        except OSError as error:
+            raise UploadError(400, f"upload interrupted after {total} bytes: {error}") from None
+        if not chunk:
+            break
+        total += len(chunk)
+        if total > limit:
+            raise UploadError(413, f"upload exceeds max_upload_size ({limit} bytes)")
+        if update is not None:
+            update(chunk)
+        if out is not None:
+            try:
+                out.write(chunk)
+            except OSError as error:
+                if _is_disk_full(error):
+                    raise UploadError(
+                        507, "no space left in the store: free space or run nixcache gc"
+                    ) from None
+                raise
+    if length is not None and total != length:
+        raise UploadError(400, f"upload ended after {total} of {length} bytes")
+    return total
