@@ -19,7 +19,9 @@ TEMPLATES = Path(__file__).parent / "templates"
 @cache
 def _environment() -> jinja2.Environment:
     return jinja2.Environment(  # noqa: S701 - renders config files, not HTML
-        loader=jinja2.FileSystemLoader(TEMPLATES),
+        # Read with pathlib, not FileSystemLoader: pyinfra-testing patches os.path.isfile (which
+        # FileSystemLoader checks) while an operation under test runs.
+        loader=jinja2.FunctionLoader(lambda name: (TEMPLATES / name).read_text()),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         trim_blocks=True,

@@ -1,0 +1,152 @@
+"""Observability of a cache host: node exporter, persistent journald, the disk-usage alert."""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+from pyinfra import host
+from pyinfra.api import FileUploadCommand, HiddenValue, OperationValueError, StringCommand, operation
+from pyinfra.facts.files import Directory, File
+from pyinfra.operations import systemd
+
+from operations import config as config_files
+from operations import service as units_op
+from operations.hardening import validated_files_changes
+from operations.render import render
+
+NODE_EXPORTER_DEFAULTS = "/etc/default/prometheus-node-exporter"
+NODE_EXPORTER_UNIT = "prometheus-node-exporter.service"
+JOURNALD_DROPIN = "/etc/systemd/journald.conf.d/60-nixcache.conf"
+DISK_ALERT_NAME = "nixcache-disk-alert"
+DISK_ALERT_TEXTFILE = "nixcache_disk.prom"
+# Root-only: the URL usually embeds the receiver's token.
+DISK_ALERT_WEBHOOK_FILE = "/etc/nixcache/alert-webhook"
+
+# systemd time spans ("2week", "30d", "1month 2d") and sizes ("1G", "500M", "10%" is not allowed).
+_TIMESPAN = re.compile(
+    r"^(\d+\s*(us|ms|s|sec|m|min|h|hr|d|day|days|w|week|weeks|M|month|months|y|year|years)\s*)+$"
+)
+_SIZE = re.compile(r"^\d+[KMGT]?$")
+
+
+def render_node_exporter_defaults(listen: str, textfile_dir: str) -> str:
+    """/etc/default/prometheus-node-exporter: listen address and textfile directory."""
+    return render("monitoring-node-exporter.default.j2", listen=listen, textfile_dir=textfile_dir)
+
+
+@operation()
+def node_exporter(listen: str = ":9100", textfile_dir: str = "/var/lib/prometheus/node-exporter"):
+    """prometheus-node-exporter listening on ``listen`` with the textfile collector on ``textfile_dir``.
+
+    + listen: ``[address]:port``
+    + textfile_dir: directory of *.prom files (Debian's default: /var/lib/prometheus/node-exporter)
+
+    Restarts the exporter when its arguments changed; starts and enables it when it is not.
+    """
+    if not re.match(r"^[\w.\-\[\]:]*:\d+$", listen):
+        raise OperationValueError(
+            f"{host.name}: node_exporter_listen={listen!r} is not [address]:port; "
+            "give e.g. ':9100' or '127.0.0.1:9100'"
+        )
+    if not host.get_fact(Directory, path=textfile_dir):
+        yield StringCommand(f"install -d -m 0755 {shlex.quote(textfile_dir)}")
+    commands = list(
+        validated_files_changes(NODE_EXPORTER_DEFAULTS, render_node_exporter_defaults(listen, textfile_dir))
+    )
+    yield from commands
+    changed = any(isinstance(c, FileUploadCommand) for c in commands)
+    yield from systemd.service._inner(NODE_EXPORTER_UNIT, running=True, enabled=True, restarted=changed)
+
+
+def render_journald(max_retention: str, system_max_use: str) -> str:
+    """journald drop-in: persistent storage with retention and a size cap."""
+    return render("monitoring-journald.conf.j2", max_retention=max_retention, system_max_use=system_max_use)
+
+
+@operation()
+def journald(max_retention: str = "2week", system_max_use: str = "1G"):
+    """Persistent journal kept ``max_retention`` and capped at ``system_max_use``; restart journald on change.
+
+    + max_retention: systemd time span (``2week``, ``30d``)
+    + system_max_use: size (``1G``, ``500M``)
+    """
+    if not _TIMESPAN.match(max_retention):
+        raise OperationValueError(
+            f"{host.name}: journald_max_retention={max_retention!r} is not a systemd "
+            "time span; give e.g. '2week' or '30d'"
+        )
+    if not _SIZE.match(system_max_use):
+        raise OperationValueError(
+            f"{host.name}: journald_system_max_use={system_max_use!r} is not a size; give e.g. '1G' or '500M'"
+        )
+    commands = list(validated_files_changes(JOURNALD_DROPIN, render_journald(max_retention, system_max_use)))
+    if not commands:
+        host.noop(f"{JOURNALD_DROPIN} is up to date")
+        return
+    yield from commands
+    if any(isinstance(c, FileUploadCommand) for c in commands):
+        # journald reads its configuration only at start; restarting it keeps the logs.
+        yield StringCommand("systemctl restart systemd-journald.service")
+
+
+def render_disk_alert_units(
+    nixcache_bin: str,
+    store_dir: str,
+    threshold_percent: int,
+    textfile_dir: str,
+    schedule: str,
+    webhook_file: str | None,
+) -> dict[str, str]:
+    """The oneshot service and its timer, by unit file name."""
+    service = render(
+        "monitoring-disk-alert.service.j2",
+        nixcache_bin=nixcache_bin,
+        store_dir=store_dir,
+        threshold_percent=threshold_percent,
+        textfile=f"{textfile_dir}/{DISK_ALERT_TEXTFILE}",
+        textfile_dir=textfile_dir,
+        webhook_file=webhook_file,
+    )
+    timer = render("monitoring-disk-alert.timer.j2", schedule=schedule)
+    return {f"{DISK_ALERT_NAME}.service": service, f"{DISK_ALERT_NAME}.timer": timer}
+
+
+@operation()
+def disk_alert(
+    nixcache_bin: str,
+    store_dir: str,
+    threshold_percent: int = 85,
+    textfile_dir: str = "/var/lib/prometheus/node-exporter",
+    schedule: str = "*:0/15",
+    webhook_url: HiddenValue | None = None,
+):
+    """The disk-usage alert timer; the webhook URL (a secret) in a root-only file when given.
+
+    + nixcache_bin: the installed ``nixcache`` command
+    + store_dir: directory whose filesystem is checked
+    + threshold_percent: alert at or above this usage
+    + textfile_dir: node exporter's textfile directory
+    + schedule: systemd OnCalendar expression
+    + webhook_url: HiddenValue of the URL, or None to remove a previously installed one
+    """
+    if not 1 <= int(threshold_percent) <= 100:
+        raise OperationValueError(
+            f"{host.name}: disk_alert_threshold_percent={threshold_percent} is not "
+            "between 1 and 100; fix it in host data"
+        )
+    if webhook_url is not None:
+        yield from config_files.secret_file._inner(
+            DISK_ALERT_WEBHOOK_FILE, webhook_url, user="root", group="root"
+        )
+    elif host.get_fact(File, path=DISK_ALERT_WEBHOOK_FILE):
+        yield StringCommand(f"rm -f {DISK_ALERT_WEBHOOK_FILE}")
+    files = render_disk_alert_units(
+        nixcache_bin,
+        store_dir,
+        int(threshold_percent),
+        textfile_dir,
+        schedule,
+        DISK_ALERT_WEBHOOK_FILE if webhook_url is not None else None,
+    )
+    yield from units_op.units._inner(DISK_ALERT_NAME, files, active=[f"{DISK_ALERT_NAME}.timer"])
