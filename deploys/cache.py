@@ -1,0 +1,151 @@
+"""The main job: a bare Debian host becomes a hardened, monitored, signed nixcache server.
+
+    pyinfra -y inventories/lab.py deploys/cache.py
+
+Order: base (packages, admins, sshd, kernel, limits) -> storage -> install -> config and keys
+-> service -> firewall -> gc -> backups -> monitoring -> nginx front -> health check.
+Every step is an operation from operations/ that changes nothing on a converged host, so a
+second run reports no changes. Values come from host data (operations/settings.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from pyinfra import host, logger
+from pyinfra.api import HiddenValue
+
+from facts.nixcache import HostPython
+from nixcache.secrets import SecretError, ensure_signing_key, ensure_token
+from operations import config, firewall, gc, health, install, service, storage
+from operations.render import sha256
+from operations.settings import (
+    CONFIG_FILE,
+    PUSH_TOKEN_FILE,
+    READ_TOKEN_FILE,
+    SIGNING_KEY_FILE,
+    SettingsError,
+    settings,
+)
+
+
+def _part(module: str, name: str):
+    """A deploy part from deploys/parts/, or None while its engineer has not delivered it yet."""
+    try:
+        return getattr(importlib.import_module(f"deploys.parts.{module}"), name)
+    except ModuleNotFoundError as error:
+        if error.name == f"deploys.parts.{module}":
+            logger.warning(f"{host.name}: deploys/parts/{module}.py is missing; step {name} skipped")
+            return None
+        raise
+
+
+def _secret(what: str, key: str, ref: str | None, fetch) -> HiddenValue:
+    if not ref:
+        raise SettingsError(f"{host.name}: host data '{key}' is not set; give the {what}'s secret reference")
+    try:
+        return HiddenValue(fetch(ref), masked_value=f"<{what} {ref}>")
+    except SecretError as error:
+        raise SettingsError(f"{host.name}: {what} ({key}): {error}") from None
+
+
+s = settings()
+
+# --- base: packages, admin users, sshd, sysctls, limits (D2) ---------------------------------
+base = _part("base", "base")
+if base:
+    base(config=s)
+
+# --- storage ---------------------------------------------------------------------------------
+storage.service_user(name="nixcache service user", user=s.service_user, home=s.cache_data_dir)
+if s.cache_volume_device:
+    storage.volume(
+        name=f"Store volume {s.cache_volume_device}",
+        device=s.cache_volume_device,
+        mountpoint=s.cache_data_dir,
+        options=s.cache_volume_options,
+        format_empty=s.cache_volume_format,
+    )
+storage.directory(
+    name="Cache data directory", path=s.cache_data_dir, user=s.service_user, group=s.service_user, mode="0750"
+)
+storage.directory(
+    name="Cache store directory", path=s.store_dir, user=s.service_user, group=s.service_user, mode="0750"
+)
+
+# --- install: the controller's checkout, for the host's Python --------------------------------
+python = host.get_fact(HostPython)
+if python is None:
+    raise SettingsError(
+        f"{host.name}: cannot tell the host's Python version (no python3, unknown release); "
+        "install python3 on the host and rerun"
+    )
+build = install.build_key(python)
+install.nixcache(name=f"nixcache {build} in /opt/nixcache/venv", python=python)
+
+# --- config and keys ------------------------------------------------------------------------
+signing_key = _secret(
+    "signing key",
+    "signing_key_ref",
+    s.signing_key_ref,
+    lambda ref: ensure_signing_key(ref, s.key_name(host.name), s.signing_key_generate),
+)
+push_token = _secret(
+    "push token", "push_token_ref", s.push_token_ref, lambda ref: ensure_token(ref, s.push_token_generate)
+)
+read_token = (
+    _secret(
+        "read token", "read_token_ref", s.read_token_ref, lambda ref: ensure_token(ref, s.read_token_generate)
+    )
+    if s.read_token_ref
+    else None
+)
+config_text = config.render_config(s, push_token=True, read_token=read_token is not None)
+
+config.config_dir(name="/etc/nixcache", user=s.service_user)
+config.text_file(
+    name="/etc/nixcache/config.toml", path=CONFIG_FILE, content=config_text, group=s.service_user, mode="0640"
+)
+config.secret_file(name="Signing key", path=SIGNING_KEY_FILE, value=signing_key, user=s.service_user)
+config.secret_file(name="Push token", path=PUSH_TOKEN_FILE, value=push_token, user=s.service_user)
+if read_token is not None:
+    config.secret_file(name="Read token", path=READ_TOKEN_FILE, value=read_token, user=s.service_user)
+
+# --- service: restarted only when something it reads changed ----------------------------------
+depends_on = "\0".join(
+    [
+        build,
+        sha256(config_text),
+        sha256(signing_key.unmask()),
+        sha256(push_token.unmask()),
+        sha256(read_token.unmask()) if read_token is not None else "",
+    ]
+)
+service.nixcache(name="nixcache.service", settings=s, depends_on=sha256(depends_on))
+
+# --- firewall --------------------------------------------------------------------------------
+firewall.ruleset(
+    name="nftables firewall",
+    content=firewall.render_ruleset(s, ssh_port=int(host.data.get("ssh_port") or 22)),
+)
+
+# --- garbage collection ------------------------------------------------------------------------
+gc.timer(name="nixcache-gc.timer", settings=s, depends_on=build)
+
+# --- backups (issue 6), monitoring and nginx front (D2) -----------------------------------------
+for module, part in (
+    ("backup", "backup_timer"),
+    ("monitoring", "monitoring"),
+    ("nginx_front", "nginx_front"),
+):
+    step = _part(module, part)
+    if step:
+        step()
+
+# --- last: the cache answers from the controller's side ----------------------------------------
+address = host.data.get("ssh_hostname") or host.name
+health.cache_info(
+    name="Health check: /nix-cache-info from the controller",
+    url=f"http://{address}:{s.cache_port}/nix-cache-info",
+    timeout=s.health_check_timeout,
+)

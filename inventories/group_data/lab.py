@@ -1,0 +1,44 @@
+"""Lab hosts (`nixcache lab up`): overrides of operations/settings.py for local test hosts.
+
+The lab's secrets live in the lab's own state directory (NIXCACHE_LAB_DIR, default .lab) and
+are created on the first deploy; the lab network is read from the lab's state file.
+"""
+
+import os
+from pathlib import Path
+
+from nixcache.lab.state import load
+
+__all__ = [
+    "apt_update",
+    "cache_allowed_sources",
+    "cache_memory_max",
+    "gc_max_free",
+    "gc_min_free",
+    "metrics_allowed_sources",
+    "push_token_generate",
+    "push_token_ref",
+    "signing_key_generate",
+    "signing_key_ref",
+]
+
+_lab_dir = Path(os.environ.get("NIXCACHE_LAB_DIR") or ".lab")
+_state = load(_lab_dir) if _lab_dir.is_dir() else None
+
+# Only the lab network reaches SSH and the cache (the controller sits on it as the gateway).
+cache_allowed_sources = [_state.subnet] if _state and _state.subnet else []
+metrics_allowed_sources = list(cache_allowed_sources)
+
+signing_key_ref = f"file://{_lab_dir / 'secrets' / 'signing-key'}"
+push_token_ref = f"file://{_lab_dir / 'secrets' / 'push-token'}"
+# Lab secrets are throwaway: create them on the first deploy.
+signing_key_generate = True
+push_token_generate = True
+
+# Lab hosts have no route to a package registry; their image carries every package.
+apt_update = False
+# Lab containers are small: keep the service's ceiling modest.
+cache_memory_max = "512M"
+# The lab's disk is the controller's: collect early.
+gc_min_free = "1G"
+gc_max_free = "2G"
