@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 from nixcache.secrets.backend import TIMEOUT_SECONDS
+from nixcache.secrets.compat import make_httpx_importable
 from nixcache.secrets.errors import SecretError, SecretNotFound
 from nixcache.secrets.refs import OnePasswordRef
 
@@ -51,6 +52,7 @@ class _Session:
                 "OP_CONNECT_TOKEN is not set",
                 "export OP_CONNECT_TOKEN with a Connect access token for this vault",
             )
+        make_httpx_importable()
         from onepasswordconnectsdk.client import new_client
         from onepasswordconnectsdk.config import ClientConfig
 

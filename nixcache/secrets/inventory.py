@@ -1,0 +1,119 @@
+"""Find and check every secret reference that a pyinfra inventory's data uses.
+
+The inventory is loaded with pyinfra's own loader, so `group_data/` next to the inventory file
+(and in the current directory) is merged exactly as `pyinfra INVENTORY DEPLOY` would merge it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nixcache.secrets.api import resolve
+from nixcache.secrets.errors import SecretError, SecretNotFound
+from nixcache.secrets.refs import looks_like_ref, parse
+
+REF_SUFFIX = "_ref"
+GENERATE_SUFFIX = "_generate"
+
+
+@dataclass
+class RefUse:
+    """One distinct reference and where the inventory uses it."""
+
+    ref: str
+    hosts: set[str] = field(default_factory=set)
+    keys: set[str] = field(default_factory=set)
+    # Hosts whose data says this value may be generated at deploy time (`<name>_generate = True`
+    # beside `<name>_ref`): for those an absent value is expected, not a failure.
+    generate_hosts: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class Result:
+    ref: str
+    status: str  # "ok", "new" (absent, will be generated), "FAIL"
+    detail: str
+    hosts: tuple[str, ...]
+
+
+def load_inventory(path: Path):
+    """A pyinfra Inventory from an inventory file, with its group_data merged (pyinfra's loader)."""
+    from pyinfra.api import State
+    from pyinfra.context import ctx_state
+    from pyinfra_cli.inventory import make_inventory
+
+    cwd = os.getcwd()
+    if cwd not in sys.path:  # inventories may import project modules, as under the pyinfra CLI
+        sys.path.append(cwd)
+    # pyinfra executes inventory and group_data files with a current State, as its CLI does.
+    with ctx_state.use(State()):
+        return make_inventory(str(path), cwd=cwd)
+
+
+def _walk(value: Any, key_path: str) -> Iterator[tuple[str, Any]]:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            yield from _walk(inner, f"{key_path}.{key}" if key_path else str(key))
+    elif isinstance(value, list | tuple | set):
+        for index, inner in enumerate(value):
+            yield from _walk(inner, f"{key_path}[{index}]")
+    else:
+        yield key_path, value
+
+
+def collect(inventory) -> tuple[dict[str, RefUse], list[Result]]:
+    """Every distinct reference in the hosts' data, plus `*_ref` keys whose value is not a reference."""
+    uses: dict[str, RefUse] = {}
+    malformed: dict[tuple[str, str], set[str]] = {}
+    for host in inventory:
+        data = host.data.dict()
+        for key_path, value in _walk(data, ""):
+            leaf = key_path.rsplit(".", 1)[-1]
+            if looks_like_ref(value):
+                use = uses.setdefault(value, RefUse(value))
+                use.hosts.add(host.name)
+                use.keys.add(key_path)
+                stem = key_path.removesuffix(REF_SUFFIX)
+                if key_path.endswith(REF_SUFFIX) and data.get(stem + GENERATE_SUFFIX) is True:
+                    use.generate_hosts.add(host.name)
+            elif leaf.endswith(REF_SUFFIX) and value is not None:
+                # A typo such as "vault:/secret/x#k" would otherwise be silently skipped.
+                malformed.setdefault(
+                    (key_path, str(value) if isinstance(value, str) else repr(type(value))), set()
+                ).add(host.name)
+    problems = [
+        Result(
+            text,
+            "FAIL",
+            f"{key} is not a secret reference; write op://vault/item/field, vault://mount/path#key or file://path",
+            tuple(sorted(hosts)),
+        )
+        for (key, text), hosts in sorted(malformed.items())
+    ]
+    return uses, problems
+
+
+def check(uses: dict[str, RefUse]) -> list[Result]:
+    """Resolve each reference once; never keep or return the values."""
+    results = []
+    for ref in sorted(uses):
+        use = uses[ref]
+        hosts = tuple(sorted(use.hosts))
+        try:
+            parse(ref)
+            resolve(ref)
+        except SecretNotFound as error:
+            if use.generate_hosts == use.hosts:
+                results.append(Result(ref, "new", "absent; the deploy will generate and store it", hosts))
+            else:
+                results.append(Result(ref, "FAIL", f"{error.cause} [{error.backend}]; {error.fix}", hosts))
+        except SecretError as error:
+            results.append(Result(ref, "FAIL", f"{error.cause} [{error.backend}]; {error.fix}", hosts))
+        else:
+            results.append(Result(ref, "ok", "", hosts))
+    return results

@@ -1,0 +1,143 @@
+"""`nixcache secrets check|get|put|signing-key` as an operator runs them (the real entry point)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import textwrap
+from pathlib import Path
+
+from support.bao import bao, free_port, vault_env  # noqa: F401
+from support.opfixtures import op_connect  # noqa: F401
+
+from nixcache.keys import SecretKey
+
+# Fixtures come from tests/support (imported, so test arguments "redefine" them).
+# ruff: noqa: F811
+
+
+def nixcache(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["nixcache", *args],
+        cwd=cwd, input=stdin, capture_output=True, text=True, timeout=60, env=os.environ.copy(),
+    )  # fmt: skip
+
+
+def write_inventory(root: Path, refs: dict[str, str]) -> Path:
+    """inventories/test.py with two groups, and group_data/caches.py next to it holding the refs."""
+    (root / "inventories" / "group_data").mkdir(parents=True)
+    inventory = root / "inventories" / "test.py"
+    inventory.write_text(
+        textwrap.dedent("""
+        caches = [("cache-a", {"ssh_hostname": "10.0.0.1"}), ("cache-b", {"ssh_hostname": "10.0.0.2"})]
+        edge = [("edge-1", {"ssh_hostname": "10.0.0.3", "push_token_ref": "file://secrets/edge-push"})]
+        """)
+    )
+    body = "".join(f"{key} = {value!r}\n" for key, value in refs.items())
+    (root / "inventories" / "group_data" / "caches.py").write_text(body)
+    return inventory
+
+
+def test_check_reports_each_reference_once_without_values(tmp_path, vault_env, op_connect):
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "edge-push").write_text("edge-push-value-xyz")
+    vault_env.client().secrets.kv.v2.create_or_update_secret(
+        path="cli/check", secret={"push": "vault-push-value-xyz"}, mount_point="secret"
+    )
+    op_connect.emulator.add_item(op_connect.vault_id, "cache", {"read": "op-read-value-xyz"})
+    inventory = write_inventory(
+        tmp_path,
+        {
+            "push_token_ref": "vault://secret/cli/check#push",
+            "read_token_ref": "op://Infra/cache/read",
+            "backup_password_ref": "vault://secret/cli/check#absent",
+            "tls_key_ref": "vault:/secret/typo#k",
+            "signing_key_ref": "file://secrets/signing-key",
+            "signing_key_generate": True,
+            "cache_port": 5000,
+        },
+    )
+    result = nixcache("secrets", "check", str(inventory), cwd=tmp_path)
+    out = result.stdout
+    assert result.returncode == 1, result.stderr
+    lines = sorted(out.splitlines())
+    assert "ok  vault://secret/cli/check#push  (hosts: cache-a, cache-b)" in lines
+    assert "ok  op://Infra/cache/read  (hosts: cache-a, cache-b)" in lines
+    assert "ok  file://secrets/edge-push  (hosts: edge-1)" in lines
+    assert any(
+        line.startswith("FAIL vault://secret/cli/check#absent: secret secret/cli/check has no key 'absent'")
+        for line in lines
+    ), out
+    assert any(
+        line.startswith("FAIL vault:/secret/typo#k: tls_key_ref is not a secret reference") for line in lines
+    )
+    assert any(line.startswith("new file://secrets/signing-key: absent;") for line in lines), out
+    assert len(lines) == 6
+    for value in ("edge-push-value-xyz", "vault-push-value-xyz", "op-read-value-xyz", vault_env.root_token):
+        assert value not in out and value not in result.stderr
+    assert not (tmp_path / "secrets" / "signing-key").exists()  # check never generates
+
+
+def test_check_passes_when_everything_resolves(tmp_path):
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "edge-push").write_text("x")
+    inventory = write_inventory(tmp_path, {})
+    result = nixcache("secrets", "check", str(inventory), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout == "ok  file://secrets/edge-push  (hosts: edge-1)\n"
+
+
+def test_check_unreachable_vault_fails(tmp_path, monkeypatch):
+    monkeypatch.setenv("VAULT_ADDR", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("VAULT_TOKEN", "t")
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "edge-push").write_text("x")
+    inventory = write_inventory(
+        tmp_path, {"signing_key_ref": "vault://secret/k#key", "signing_key_generate": True}
+    )
+    result = nixcache("secrets", "check", str(inventory), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "FAIL vault://secret/k#key: server unreachable" in result.stdout  # generate does not excuse this
+
+
+def test_put_reads_stdin_and_get_reveals_only_when_asked(tmp_path):
+    result = nixcache("secrets", "put", "file://s/token", cwd=tmp_path, stdin="tok-value-123\n")
+    assert result.returncode == 0, result.stderr
+    assert "tok-value-123" not in result.stdout
+    assert (tmp_path / "s" / "token").read_text() == "tok-value-123"
+    assert oct((tmp_path / "s" / "token").stat().st_mode & 0o777) == "0o600"
+
+    hidden = nixcache("secrets", "get", "file://s/token", cwd=tmp_path)
+    assert hidden.returncode == 0
+    assert hidden.stdout == "file://s/token exists (13 characters); pass --reveal to print it\n"
+    shown = nixcache("secrets", "get", "--reveal", "file://s/token", cwd=tmp_path)
+    assert shown.stdout == "tok-value-123\n"
+
+    again = nixcache("secrets", "put", "file://s/token", cwd=tmp_path, stdin="other")
+    assert again.returncode == 1 and "must not be overwritten" in again.stderr
+    forced = nixcache("secrets", "put", "--force", "file://s/token", cwd=tmp_path, stdin="other")
+    assert forced.returncode == 0 and (tmp_path / "s" / "token").read_text() == "other"
+
+
+def test_get_exit_codes(tmp_path, monkeypatch):
+    absent = nixcache("secrets", "get", "file://nope", cwd=tmp_path)
+    assert absent.returncode == 3 and absent.stderr.startswith("error: file://nope: ")
+    bad = nixcache("secrets", "get", "s3://x", cwd=tmp_path)
+    assert bad.returncode == 1 and "unknown scheme s3://" in bad.stderr
+    empty = nixcache("secrets", "put", "file://x", cwd=tmp_path, stdin="")
+    assert empty.returncode == 2 and "no value on stdin" in empty.stderr
+
+
+def test_signing_key_command_generates_once(tmp_path, vault_env):
+    ref = "vault://secret/cli/signing#key"
+    absent = nixcache("secrets", "signing-key", ref, "--name", "cache-x", cwd=tmp_path)
+    assert absent.returncode == 3
+    first = nixcache("secrets", "signing-key", ref, "--name", "cache-x", "--generate", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    stored = vault_env.client().secrets.kv.v2.read_secret_version(
+        path="cli/signing", mount_point="secret", raise_on_deleted_version=True
+    )["data"]["data"]["key"]
+    assert first.stdout.strip() == str(SecretKey.parse(stored).public())
+    assert stored.split(":")[1] not in first.stdout + first.stderr
+    second = nixcache("secrets", "signing-key", ref, "--name", "cache-x", "--generate", cwd=tmp_path)
+    assert second.stdout == first.stdout
