@@ -1,0 +1,51 @@
+"""pyinfra inventory of the local lab (`nixcache lab up`): every running lab host, group `lab`.
+
+Reads the lab state from $NIXCACHE_LAB_DIR (default ./.lab), so this works with no flag:
+
+    pyinfra -y inventories/lab.py exec -- systemctl is-system-running
+
+Host names are the lab's (lab1, lab2, …); each host carries its SSH data and:
+  lab_network             the lab's CIDR (e.g. 10.231.3.0/24): hosts and controller live in it
+  lab_controller_address  the controller's address on that network (where pyinfra connects from)
+  lab_address             the host's own address
+Group data for the deploys lives in inventories/group_data/lab.py.
+"""
+
+from __future__ import annotations
+
+from nixcache.lab import Lab, LabError
+
+
+def _hosts() -> list[tuple[str, dict]]:
+    lab = Lab()
+    try:
+        state = lab.state()
+    except LabError as error:
+        raise SystemExit(f"inventories/lab.py: {error}") from None
+    running = [host for host in state.hosts if host.state == "running"]
+    if not running:
+        raise SystemExit(
+            f"inventories/lab.py: no lab host runs in {lab.state_dir}; start them with `nixcache lab up`"
+        )
+    return [
+        (
+            host.name,
+            {
+                "ssh_hostname": host.address,
+                "ssh_port": host.ssh_port,
+                "ssh_user": host.ssh_user,
+                "ssh_key": host.ssh_key,
+                # Lab host keys are regenerated on every `reset`: the lab pins the current ones in
+                # its own known_hosts and pyinfra does not prompt or fail for lab hosts. Lab only.
+                "ssh_known_hosts_file": str(lab.known_hosts),
+                "ssh_strict_host_key_checking": "no",
+                "lab_address": host.address,
+                "lab_network": state.subnet,
+                "lab_controller_address": state.gateway,
+            },
+        )
+        for host in running
+    ]
+
+
+lab = _hosts()

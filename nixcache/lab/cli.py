@@ -1,0 +1,95 @@
+"""`nixcache lab`: boot, inspect, reset and remove local test hosts."""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from nixcache.lab.errors import LabError
+from nixcache.lab.lab import Lab
+
+
+def _one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a LabError into `Error: <message>` on stderr and the error's exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except LabError as error:
+            click.echo(f"Error: {error}", err=True)
+            raise SystemExit(error.exit_code) from None
+
+    return wrapper
+
+
+def _progress(line: str) -> None:
+    click.echo(line, err=True)
+
+
+@click.group()
+def lab() -> None:
+    """Local test hosts: Debian bookworm under systemd-nspawn, reachable over SSH.
+
+    State (hosts, SSH key, logs) lives in $NIXCACHE_LAB_DIR, default ./.lab; the base image is
+    cached in /var/cache/nixcache/lab ($NIXCACHE_LAB_IMAGE_CACHE). Needs root.
+    """
+
+
+@lab.command()
+@click.option(
+    "--hosts", "count", type=click.IntRange(1, 240), default=3, show_default=True, help="Number of hosts."
+)
+@click.option("--rebuild", is_flag=True, help="Build the base image again even if it is cached.")
+@click.option("--timeout", type=float, default=120, show_default=True, help="Seconds to wait for the hosts.")
+@_one_line_errors
+def up(count: int, rebuild: bool, timeout: float) -> None:
+    """Boot hosts lab1..labN (again, if they died) and wait until they answer SSH."""
+    started = time.monotonic()
+    hosts = Lab(progress=_progress).up(count, rebuild=rebuild, timeout=timeout)
+    for host in hosts:
+        click.echo(f"{host.name}\t{host.address}\t{host.state}")
+    click.echo(
+        f"lab up in {time.monotonic() - started:.1f} s: pyinfra -y inventories/lab.py exec -- hostname",
+        err=True,
+    )
+
+
+@lab.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of host objects.")
+@_one_line_errors
+def status(as_json: bool) -> None:
+    """Name, address, SSH port, key and state of each host."""
+    hosts = Lab(progress=_progress).status()
+    if as_json:
+        click.echo(json.dumps([host.public() for host in hosts], indent=2))
+        return
+    click.echo("NAME\tADDRESS\tSSH PORT\tSTATE\tSSH KEY")
+    for host in hosts:
+        click.echo(f"{host.name}\t{host.address}\t{host.ssh_port}\t{host.state}\t{host.ssh_key}")
+
+
+@lab.command()
+@click.argument("name")
+@click.option("--timeout", type=float, default=120, show_default=True, help="Seconds to wait for the host.")
+@_one_line_errors
+def reset(name: str, timeout: float) -> None:
+    """Replace host NAME with a fresh copy of the base image (same name, address and SSH key)."""
+    started = time.monotonic()
+    host = Lab(progress=_progress).reset(name, timeout=timeout)
+    click.echo(f"{host.name}\t{host.address}\t{host.state}")
+    click.echo(f"reset in {time.monotonic() - started:.1f} s", err=True)
+
+
+@lab.command()
+@_one_line_errors
+def down() -> None:
+    """Stop every host and remove its namespace, links, processes and root."""
+    started = time.monotonic()
+    Lab(progress=_progress).down()
+    click.echo(f"lab down in {time.monotonic() - started:.1f} s", err=True)

@@ -1,0 +1,179 @@
+"""The lab's base image: a Debian bookworm root built once with debootstrap and cached.
+
+The cache lives outside the repository (`/var/cache/nixcache/lab/<key>/root`, or
+`$NIXCACHE_LAB_IMAGE_CACHE`), keyed by a hash of the recipe and package list, so a change to
+`nixcache.packages.ALL_PACKAGES` builds a new image and an unchanged list reuses the old one.
+A file lock serialises concurrent builds (several labs and test runs share the cache).
+
+Two steps, because debootstrap's `--include` does not resolve virtual dependencies
+(nix-bin -> libdbd-sqlite3-perl -> perl-dbdabi-94 is left unconfigured): debootstrap the
+boot and SSH set, then `apt-get install` the deploys' packages inside the new root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from nixcache.lab.errors import LabError
+from nixcache.packages import ALL_PACKAGES
+
+SUITE = "bookworm"
+RECIPE_VERSION = "2"  # bump when the build steps below change what lands in the image
+
+# What a lab host needs to boot with systemd as PID 1 and be reached by pyinfra over SSH.
+BOOT_PACKAGES: tuple[str, ...] = (
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "openssh-server",
+    "iproute2",
+    "python3",
+    "ca-certificates",
+    "procps",  # ps, used by pyinfra facts and by people debugging a host
+)
+
+DEFAULT_CACHE = Path("/var/cache/nixcache/lab")
+COMPLETE_MARKER = "complete"
+
+Progress = Callable[[str], None]
+
+
+def cache_dir() -> Path:
+    """Where base images are cached: $NIXCACHE_LAB_IMAGE_CACHE or /var/cache/nixcache/lab."""
+    return Path(os.environ.get("NIXCACHE_LAB_IMAGE_CACHE") or DEFAULT_CACHE)
+
+
+def packages() -> tuple[str, ...]:
+    """Every package of the image: the boot set, then the deploys' list, without duplicates."""
+    return tuple(dict.fromkeys(BOOT_PACKAGES + tuple(ALL_PACKAGES)))
+
+
+def image_key(package_list: tuple[str, ...] | None = None) -> str:
+    """A short hash of the recipe: suite, recipe version and sorted package list."""
+    names = sorted(package_list if package_list is not None else packages())
+    text = "\n".join([SUITE, RECIPE_VERSION, *names])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def image_root(key: str | None = None) -> Path:
+    """The root directory of the cached image with `key` (built or not)."""
+    return cache_dir() / (key or image_key()) / "root"
+
+
+def _stderr_progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _run_logged(argv: list[str], log: Path, progress: Progress, label: str) -> None:
+    """Run `argv`, append its output to `log`, report each debootstrap/apt step as progress."""
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", LC_ALL="C")
+    with log.open("a") as log_handle:
+        log_handle.write(f"$ {' '.join(argv)}\n")
+        log_handle.flush()
+        process = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        assert process.stdout is not None
+        for line in process.stdout:
+            log_handle.write(line)
+            line = line.rstrip()
+            # debootstrap says "I: Retrieving ...", apt says "Setting up ..."; one line each is
+            # enough to show it is moving without flooding the terminal.
+            if line.startswith(("I: ", "W: ", "E: ")) or line.startswith(("Unpacking ", "Setting up ")):
+                progress(f"  [{label}] {line}")
+        code = process.wait()
+    if code != 0:
+        raise LabError(f"building the lab image failed at `{argv[0]}` (exit {code}); see {log} for why")
+
+
+def build(root: Path, progress: Progress, mirror: str | None = None) -> None:
+    """Build a fresh image at `root` (which must not exist)."""
+    log = root.parent / "build.log"
+    log.write_text("")
+    argv = ["debootstrap", "--variant=minbase", f"--include={','.join(BOOT_PACKAGES)}", SUITE, str(root)]
+    if mirror:
+        argv.append(mirror)
+    progress(f"lab: debootstrap {SUITE} into {root} (about a minute; log: {log})")
+    _run_logged(argv, log, progress, "debootstrap")
+    extra = [name for name in packages() if name not in BOOT_PACKAGES]
+    progress(f"lab: installing {len(extra)} deploy packages into the image")
+    # nspawn (without -b) gives apt /proc, /dev and the controller's network, and no init to start services.
+    nspawn = ["systemd-nspawn", "-q", "-D", str(root), "--register=no", "--keep-unit"]
+    nspawn += ["--setenv=DEBIAN_FRONTEND=noninteractive"]
+    _run_logged(
+        [*nspawn, "apt-get", "install", "-y", "--no-install-recommends", *extra], log, progress, "apt"
+    )
+    _run_logged([*nspawn, "apt-get", "clean"], log, progress, "apt")
+    _generalise(root)
+
+
+def _generalise(root: Path) -> None:
+    """Remove what must differ per host, so each copy gets its own."""
+    for key in (root / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()
+    (root / "etc/machine-id").write_text("")  # empty, not absent: systemd then treats it as first boot
+    (root / "var/lib/dbus/machine-id").unlink(missing_ok=True)
+    (root / "etc/hostname").write_text("lab\n")
+    # Units that only make noise or fail in a container without disks or consoles.
+    wants = root / "etc/systemd/system"
+    for unit in (
+        "getty.target.wants/getty@tty1.service",
+        "timers.target.wants/e2scrub_all.timer",
+        "timers.target.wants/fstrim.timer",
+        "timers.target.wants/apt-daily.timer",
+        "timers.target.wants/apt-daily-upgrade.timer",
+    ):
+        (wants / unit).unlink(missing_ok=True)
+    for unit in ("e2scrub_reap.service", "systemd-pstore.service"):
+        (wants / "multi-user.target.wants" / unit).unlink(missing_ok=True)
+        (wants / "sysinit.target.wants" / unit).unlink(missing_ok=True)
+    (root / "root/.ssh").mkdir(mode=0o700, exist_ok=True)
+
+
+def ensure(progress: Progress = _stderr_progress, *, rebuild: bool = False) -> Path:
+    """Return the cached image root, building it first when absent (or when `rebuild`)."""
+    key = image_key()
+    root = image_root(key)
+    marker = root.parent / COMPLETE_MARKER
+    with _locked(cache_dir() / f"{key}.lock"):
+        if marker.exists() and root.is_dir() and not rebuild:
+            return root
+        started = time.monotonic()
+        if root.parent.exists():
+            # A half-built image (crash) or a forced rebuild. Hosts hold their own copies,
+            # so removing the image under a running lab is safe.
+            shutil.rmtree(root.parent)
+        root.parent.mkdir(parents=True)
+        try:
+            build(root, progress, os.environ.get("NIXCACHE_LAB_MIRROR") or None)
+        except BaseException:
+            marker.unlink(missing_ok=True)
+            raise
+        marker.write_text(f"{time.time()}\n")
+        progress(f"lab: image {key} built in {time.monotonic() - started:.0f} s")
+    return root
