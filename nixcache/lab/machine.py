@@ -106,6 +106,9 @@ def start(root: Path, name: str, netns: str, log: Path, cgroup: str) -> int:
         "--register=no",
         "--keep-unit",
         f"--network-namespace-path=/run/netns/{netns}",
+        # The deploy loads an nftables firewall; the container has its own network namespace,
+        # so CAP_NET_ADMIN reaches only that namespace's rules and links.
+        "--capability=CAP_NET_ADMIN",
         "--console=read-only",
         "--resolv-conf=off",
         "--timezone=off",
