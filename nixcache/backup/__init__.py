@@ -1,0 +1,1 @@
+"""Host-side backups with restic: `nixcache backup run | list | restore | check`."""

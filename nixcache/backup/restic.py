@@ -1,0 +1,373 @@
+"""Drive the `restic` binary: repository access, JSON output, and errors a person can act on.
+
+The password reaches restic only as RESTIC_PASSWORD_FILE (a path), and s3/rest credentials
+only through the environment: argv is world-readable through /proc, so nothing secret is
+ever put there, and nothing read from those files is ever printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nixcache.backup.config import BackupConfig
+
+TAG = "nixcache"
+
+# Inherited variables that would override or redirect what the configuration says.
+_SCRUBBED = (
+    "RESTIC_PASSWORD",
+    "RESTIC_PASSWORD_COMMAND",
+    "RESTIC_PASSWORD_FILE",
+    "RESTIC_REPOSITORY",
+    "RESTIC_REPOSITORY_FILE",
+    "RESTIC_KEY_HINT",
+)
+
+
+class ResticError(RuntimeError):
+    """A restic step failed; `str()` is one line naming the repository, the cause and the fix."""
+
+    def __init__(self, repository: str, cause: str, fix: str):
+        super().__init__(f"backup repository {repository}: {cause}; {fix}")
+        self.repository = repository
+        self.cause = cause
+        self.fix = fix
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One snapshot as `restic snapshots --json` lists it."""
+
+    id: str
+    short_id: str
+    time: str
+    host: str
+    paths: list[str]
+    tags: list[str]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Snapshot:
+        return cls(
+            id=data["id"],
+            short_id=data.get("short_id", data["id"][:8]),
+            time=data["time"],
+            host=data.get("hostname", ""),
+            paths=list(data.get("paths") or []),
+            tags=list(data.get("tags") or []),
+        )
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines (blank lines and # comments ignored); values are never echoed in errors."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ValueError(
+            f"cannot read env file {path}: {error.strerror}; check env_file and its mode"
+        ) from None
+    env = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.removeprefix("export ").partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ValueError(f"env file {path} line {number} is not KEY=VALUE; fix that line")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        env[key] = value
+    return env
+
+
+class Restic:
+    """One repository, as configured; every call runs the real `restic` binary."""
+
+    def __init__(self, config: BackupConfig, binary: str = "restic"):
+        self.config = config
+        self.repository = config.repository
+        self.host = config.host or socket.gethostname()
+        self.binary = binary
+
+    def display_repository(self) -> str:
+        """The repository as it may be printed (a URL's password hidden)."""
+        return redact(self.repository)
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    def _fail(self, cause: str, fix: str) -> ResticError:
+        return ResticError(redact(self.repository), redact(cause, self.repository), fix)
+
+    def environment(self) -> dict[str, str]:
+        """The environment restic runs with: repository, password file, credentials, cache."""
+        if shutil.which(self.binary) is None:
+            raise self._fail(f"the '{self.binary}' program is not installed", "apt-get install restic")
+        password_file = Path(self.config.password_file)
+        try:
+            with password_file.open("rb") as handle:
+                empty = not handle.read(1)
+        except FileNotFoundError:
+            raise self._fail(
+                f"password file {password_file} does not exist",
+                "deploy the backup password (mode 0600) or fix password_file in the config",
+            ) from None
+        except OSError as error:
+            raise self._fail(
+                f"cannot read password file {password_file}: {error.strerror}",
+                "run as root or fix the file's owner and mode (0600)",
+            ) from None
+        if empty:
+            raise self._fail(f"password file {password_file} is empty", "put the repository password in it")
+        env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED}
+        if self.config.env_file:
+            try:
+                env.update(read_env_file(Path(self.config.env_file)))
+            except ValueError as error:
+                raise self._fail(str(error).split(";")[0], "fix env_file or the file it names") from None
+        env["RESTIC_REPOSITORY"] = self.repository
+        env["RESTIC_PASSWORD_FILE"] = str(password_file)
+        if self.config.cache_dir:
+            env["RESTIC_CACHE_DIR"] = self.config.cache_dir
+        # restic emits JSON status 60 times a second by default; one a second is plenty.
+        env["RESTIC_PROGRESS_FPS"] = "1"
+        return env
+
+    def explain(self, stderr: str, returncode: int, action: str) -> ResticError:
+        """Turn restic's stderr into one line: what broke and how to fix it."""
+        text = stderr.strip()
+        lowered = text.lower()
+        if "wrong password" in lowered:
+            return self._fail(
+                f"the password in {self.config.password_file} does not open it",
+                "put the repository's password in that file (or point password_file at the right one)",
+            )
+        if "already locked" in lowered or "unable to create lock" in lowered:
+            return self._fail(
+                "it is locked by another restic process",
+                "wait for it to finish; if none is running, run `restic unlock` against the repository",
+            )
+        if "permission denied" in lowered or "read-only file system" in lowered:
+            return self._fail(
+                f"permission denied while trying to {action}",
+                "make the repository writable for the backup user (root) and mounted read-write",
+            )
+        if "no space left" in lowered:
+            return self._fail(
+                f"no space left on the repository's device while trying to {action}",
+                "free space there or lower the retention counts",
+            )
+        if (
+            "is there a repository at the following location" in lowered
+            or "unable to open repository" in lowered
+        ):
+            return self._fail(
+                f"cannot reach it ({_last_fatal(text)})",
+                "check the URL/path, the network and the credentials in env_file",
+            )
+        detail = _last_fatal(text) or f"restic exited with status {returncode}"
+        return self._fail(f"{action} failed: {detail}", "read the restic message above and fix its cause")
+
+    def _argv(self, args: list[str]) -> list[str]:
+        return [self.binary, *args]
+
+    def run(self, args: list[str], action: str, *, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run restic to completion; raise ResticError (unless `check` is false) when it fails.
+
+        A lock left by a killed run blocks every later run; when restic reports one, stale locks
+        are removed (`restic unlock` leaves live ones alone) and the command is tried once more.
+        """
+        for attempt in (1, 2):
+            result = subprocess.run(
+                self._argv(args), env=self.environment(), capture_output=True, text=True, check=False
+            )
+            if attempt == 1 and result.returncode != 0 and self._locked(result.stderr):
+                continue
+            break
+        if check and result.returncode != 0:
+            raise self.explain(result.stderr, result.returncode, action)
+        return result
+
+    def _locked(self, stderr: str) -> bool:
+        """True when restic refused because of a lock, after clearing the stale ones."""
+        if "already locked" not in stderr.lower():
+            return False
+        subprocess.run(self._argv(["unlock"]), env=self.environment(), capture_output=True, check=False)
+        return True
+
+    def stream(
+        self, args: list[str], action: str, on_message: Callable[[dict[str, Any]], None]
+    ) -> list[dict[str, Any]]:
+        """Run restic with --json, hand each JSON line to `on_message`; return all non-status messages.
+
+        stderr is drained on a thread so a chatty restic can never block on a full pipe.
+        """
+        for attempt in (1, 2):
+            returncode, stderr, messages = self._stream_once(args, on_message)
+            if attempt == 1 and returncode != 0 and self._locked(stderr):
+                continue
+            break
+        if returncode != 0:
+            if returncode == 3 and action == "back up":
+                raise self._fail(
+                    f"some files could not be read, the snapshot is incomplete ({_last_line(stderr)})",
+                    "fix the permissions of those files or exclude them",
+                )
+            raise self.explain(stderr, returncode, action)
+        return messages
+
+    def _stream_once(
+        self, args: list[str], on_message: Callable[[dict[str, Any]], None]
+    ) -> tuple[int, str, list[dict[str, Any]]]:
+        process = subprocess.Popen(
+            self._argv(args),
+            env=self.environment(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        errors: list[str] = []
+        drain = threading.Thread(target=lambda: errors.extend(process.stderr), daemon=True)  # type: ignore[arg-type]
+        drain.start()
+        messages = []
+        assert process.stdout is not None
+        for message in _json_lines(process.stdout):
+            on_message(message)
+            if message.get("message_type") != "status":
+                messages.append(message)
+        returncode = process.wait()
+        drain.join()
+        return returncode, "".join(errors), messages
+
+    # -- repository -------------------------------------------------------------------------
+
+    def exists(self) -> bool:
+        """True when the repository is initialised; False when there is none at that location.
+
+        restic 0.14 exits 1 for both "no repository" and "unreachable", so stderr decides.
+        """
+        result = self.run(["cat", "config", "--no-lock"], "open the repository", check=False)
+        if result.returncode == 0:
+            return True
+        lowered = result.stderr.lower()
+        missing = ("no such file or directory", "does not exist", "404", "not found", "nosuchkey")
+        if "unable to open config file" in lowered and any(m in lowered for m in missing):
+            return False
+        raise self.explain(result.stderr, result.returncode, "open the repository")
+
+    def init(self) -> None:
+        self.run(["init"], "initialise the repository")
+
+    def snapshots(self, *, this_host: bool = True) -> list[Snapshot]:
+        args = ["snapshots", "--json", "--no-lock"]
+        if this_host:
+            args += ["--host", self.host]
+        result = self.run(args, "list snapshots")
+        return [Snapshot.from_json(item) for item in json.loads(result.stdout or "[]")]
+
+    def backup(
+        self, paths: list[str], on_status: Callable[[dict[str, Any]], None], *, time: str | None = None
+    ) -> dict[str, Any]:
+        """Back up `paths`; return restic's summary message (snapshot_id, data_added, ...)."""
+        args = ["backup", "--json", "--host", self.host, "--tag", TAG]
+        for pattern in self.config.exclude:
+            args += ["--exclude", pattern]
+        if time:
+            args += ["--time", time]
+        args += ["--", *paths]
+        messages = self.stream(args, "back up", on_status)
+        summaries = [m for m in messages if m.get("message_type") == "summary"]
+        if not summaries:
+            raise self._fail("restic reported no summary for the backup", "run it again with restic -v")
+        return summaries[-1]
+
+    def forget(self) -> list[str]:
+        """Apply the retention to this host's snapshots and prune; return the removed snapshot ids."""
+        c = self.config
+        args = ["forget", "--json", "--prune", "--host", self.host, "--tag", TAG, "--group-by", "host"]
+        for flag, count in (
+            ("--keep-daily", c.keep_daily),
+            ("--keep-weekly", c.keep_weekly),
+            ("--keep-monthly", c.keep_monthly),
+        ):
+            if count:
+                args += [flag, str(count)]
+        result = self.run(args, "forget old snapshots")
+        removed = []
+        # With --prune, restic prints prune's plain-text report after the JSON document.
+        for group in _first_json_document(result.stdout) or []:
+            removed += [s["id"] for s in group.get("remove") or []]
+        return removed
+
+    def check(self) -> None:
+        args = ["check"]
+        if self.config.check_read_data_subset:
+            args += ["--read-data-subset", self.config.check_read_data_subset]
+        self.run(args, "check the repository")
+
+    def restore_size(self, snapshot_id: str) -> int:
+        """Total bytes of the files in a snapshot (what a restore writes)."""
+        result = self.run(["stats", "--json", "--no-lock", "--mode", "restore-size", snapshot_id], "measure")
+        return int(json.loads(result.stdout).get("total_size", 0))
+
+    def restore(self, snapshot_id: str, target: str, includes: list[str], *, verify: bool) -> None:
+        args = ["restore", snapshot_id, "--target", target]
+        for pattern in includes:
+            args += ["--include", pattern]
+        if verify:
+            args.append("--verify")
+        self.run(args, "restore")
+
+
+def redact(text: str, repository: str | None = None) -> str:
+    """Hide the password of a URL with credentials (rest:https://user:secret@host/) in `text`."""
+    repository = repository or text
+    match = re.search(r"://([^/@:]+):([^/@]+)@", repository)
+    if not match:
+        return text
+    return text.replace(f":{match.group(2)}@", ":***@")
+
+
+def _json_lines(stream) -> Iterator[dict[str, Any]]:
+    for line in stream:
+        line = line.strip()
+        if not line.startswith("{"):
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            continue
+
+
+def _first_json_document(text: str) -> Any:
+    text = text.lstrip()
+    if not text:
+        return None
+    try:
+        value, _ = json.JSONDecoder().raw_decode(text)
+    except json.JSONDecodeError:
+        return None
+    return value
+
+
+def _last_fatal(stderr: str) -> str:
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("Fatal:"):
+            return line.removeprefix("Fatal:").strip()
+    return lines[-1] if lines else ""
+
+
+def _last_line(stderr: str) -> str:
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else "no detail"
