@@ -113,3 +113,20 @@ class ResticSnapshots(FactBase[dict[str, Any]]):
                 "paths": latest.get("paths", []),
             },
         }
+
+
+class NewestNarinfo(FactBase[str | None]):
+    """The hash part of the most recently written narinfo under a cache store, or None."""
+
+    def command(self, store: str) -> str:
+        return (
+            f"find {shlex.quote(store)} -name '*.narinfo' -type f -printf '%T@ %f\\n' 2>/dev/null"
+            " | sort -n | tail -n 1"
+        )
+
+    def process(self, output: list[str]) -> str | None:
+        for line in output:
+            name = line.strip().rpartition(" ")[2]
+            if name.endswith(".narinfo"):
+                return name[: -len(".narinfo")]
+        return None

@@ -133,7 +133,8 @@ def backup_timer() -> None:
             "backup ssh key",
             s.backup_ssh_key_ref,
             "backup_ssh_key_ref",
-            lambda: ensure_ssh_key(s.backup_ssh_key_ref, s.backup_ssh_key_generate),
+            # OpenSSH refuses a key file without its final newline; secret stores may strip it.
+            lambda: ensure_ssh_key(s.backup_ssh_key_ref, s.backup_ssh_key_generate).rstrip("\n") + "\n",
         )
         backup.private_file(name="Install the backup ssh key", content=ssh_key, path=BACKUP_SSH_KEY_FILE)
         files.put(

@@ -1,0 +1,309 @@
+"""`nixcache drill`: a disaster-recovery drill on the lab that proves backups and recovery work.
+
+Phases, each timed:
+  up        two lab hosts: the cache, and the host holding the sftp backup repository
+  deploy    deploys/backup.py on the repository host, deploys/cache.py on the cache
+  push      build a small closure with the real `nix` and `nix copy --to` it (push token in a netrc)
+  backup    `systemctl start nixcache-backup.service` on the cache, then its metric file
+  reset     `nixcache lab reset` of the cache host: a blank Debian in its place
+  recover   deploys/recover.py on the replacement
+  verify    `nix copy --from` into a fresh store with require-sigs and the original public key
+The last line is `recovery time: <seconds> s`, from the reset to verified service.
+Exit status: 0 when every phase passed, 1 naming the failed phase otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NIX_FEATURES = ["--extra-experimental-features", "nix-command"]
+METRICS_FILE = "/var/lib/prometheus/node-exporter/nixcache_backup.prom"
+SUCCESS_METRIC = "nixcache_backup_last_success_timestamp_seconds"
+
+
+class PhaseError(Exception):
+    """A phase failed; the message says what was expected and what was seen."""
+
+
+@dataclass
+class Phase:
+    name: str
+    run: Callable[[], None]
+    seconds: float | None = None
+
+
+@dataclass
+class PhaseRunner:
+    """Runs phases in order, timing each; stops at the first failure."""
+
+    echo: Callable[[str], None] = print
+    phases: list[Phase] = field(default_factory=list)
+    failed: str | None = None
+
+    def add(self, name: str, run: Callable[[], None]) -> None:
+        self.phases.append(Phase(name, run))
+
+    def run(self) -> bool:
+        """True when every phase passed; each phase's duration is printed as it ends."""
+        for phase in self.phases:
+            start = time.monotonic()
+            try:
+                phase.run()
+            except (PhaseError, subprocess.SubprocessError, OSError) as error:
+                phase.seconds = time.monotonic() - start
+                self.failed = phase.name
+                self.echo(f"phase {phase.name}: FAILED after {phase.seconds:.1f} s: {error}")
+                return False
+            phase.seconds = time.monotonic() - start
+            self.echo(f"phase {phase.name}: {phase.seconds:.1f} s")
+        return True
+
+    def seconds(self, *names: str) -> float:
+        """The summed duration of the named phases."""
+        return sum(p.seconds or 0.0 for p in self.phases if p.name in names)
+
+
+def run(argv: list[str], *, env: dict[str, str] | None = None, timeout: float = 600, what: str) -> str:
+    """Run a command; PhaseError with its last output lines when it fails."""
+    try:
+        done = subprocess.run(
+            argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise PhaseError(f"{what} did not finish within {timeout:.0f} s: {shlex.join(argv[:4])} …") from None
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+        raise PhaseError(f"{what} failed (exit {done.returncode}):\n{tail}")
+    return done.stdout
+
+
+CLOSURE_EXPR = """\
+let
+  dep = derivation {{
+    name = "nixcache-drill-dep";
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" "echo {marker} > $out" ];
+  }};
+in derivation {{
+  name = "nixcache-drill";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" "echo ${{dep}} {marker} > $out" ];
+}}
+"""
+
+
+class Drill:
+    """The drill's state between phases."""
+
+    def __init__(self, lab_dir: Path, echo: Callable[[str], None]) -> None:
+        self.lab_dir = lab_dir
+        self.work = lab_dir / "drill"
+        self.echo = echo
+        self.env = dict(os.environ, NIXCACHE_LAB_DIR=str(lab_dir))
+        self.secrets = lab_dir / "drill-secrets"
+        self.hosts: list[dict] = []
+        self.store_path = ""
+        self.public_key = ""
+
+    # --- helpers --------------------------------------------------------------------------
+    @property
+    def cache(self) -> dict:
+        return self.hosts[0]
+
+    @property
+    def repo_host(self) -> dict:
+        return self.hosts[1]
+
+    def url(self) -> str:
+        return f"http://{self.cache['address']}:5000"
+
+    def ref(self, name: str) -> str:
+        return f"file://{self.secrets / name}"
+
+    def data(self) -> list[str]:
+        """Host data of the drill's deploys: its own secrets, the sftp repository on host 2."""
+        repo = f"sftp:nixcache-backup@{self.repo_host['address']}:/srv/nixcache-backup/{self.cache['name']}"
+        values = {
+            "signing_key_ref": self.ref("signing-key"),
+            "signing_key_generate": "true",
+            "push_token_ref": self.ref("push-token"),
+            "push_token_generate": "true",
+            "backup_repository": repo,
+            "backup_password_ref": self.ref("backup-password"),
+            "backup_password_generate": "true",
+            "backup_ssh_key_ref": self.ref("backup-ssh-key"),
+            "backup_ssh_key_generate": "true",
+            "backup_include_store": "true",
+        }
+        argv: list[str] = []
+        for key, value in values.items():
+            argv += ["--data", f"{key}={value}"]
+        return argv
+
+    def pyinfra(self, deploy: str, limit: str, *extra: str, timeout: float = 900) -> None:
+        argv = ["pyinfra", "-y", "inventories/lab.py", deploy, "--limit", limit, *self.data(), *extra]
+        run(argv, env=self.env, timeout=timeout, what=f"pyinfra {deploy} on {limit}")
+
+    def ssh(self, host: dict, command: str, timeout: float = 600) -> str:
+        argv = [
+            "ssh",
+            "-i",
+            host["ssh_key"],
+            "-p",
+            str(host.get("ssh_port", 22)),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+            f"{host.get('ssh_user', 'root')}@{host['address']}",
+            command,
+        ]
+        return run(argv, timeout=timeout, what=f"ssh {host['name']}: {command}")
+
+    def lab_status(self) -> None:
+        out = run(["nixcache", "lab", "status", "--json"], env=self.env, timeout=60, what="nixcache lab status")
+        status = json.loads(out)
+        self.hosts = status["hosts"] if isinstance(status, dict) else status
+
+    # --- phases ---------------------------------------------------------------------------
+    def up(self) -> None:
+        self.secrets.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.work.mkdir(parents=True, exist_ok=True)
+        run(["nixcache", "lab", "up", "--hosts", "2"], env=self.env, timeout=900, what="nixcache lab up")
+        self.lab_status()
+        if len(self.hosts) < 2:
+            raise PhaseError(f"the lab has {len(self.hosts)} host(s), the drill needs 2")
+
+    def deploy(self) -> None:
+        self.pyinfra("deploys/backup.py", self.repo_host["name"], "--data", "backup_store=true")
+        self.pyinfra("deploys/cache.py", self.cache["name"])
+        from nixcache.keys import SecretKey
+        from nixcache.secrets import resolve
+
+        self.public_key = str(SecretKey.parse(resolve(self.ref("signing-key"))).public())
+        self.echo(f"  cache {self.cache['name']} at {self.url()} signs as {self.public_key.split(':')[0]}")
+
+    def push(self) -> None:
+        expr = self.work / "closure.nix"
+        expr.write_text(CLOSURE_EXPR.format(marker=uuid.uuid4().hex))
+        out = run(
+            ["nix-build", "--option", "sandbox", "false", "--no-out-link", str(expr)],
+            timeout=300,
+            what="nix-build of the drill closure",
+        )
+        self.store_path = out.strip().splitlines()[-1]
+        from nixcache.secrets import resolve
+
+        netrc = self.work / "netrc"
+        fd = os.open(netrc, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            token = resolve(self.ref("push-token"))
+            handle.write(f"machine {self.cache['address']} login nixcache password {token}\n")
+        run(
+            ["nix", *NIX_FEATURES, "copy", "--option", "netrc-file", str(netrc), "--to", self.url(), self.store_path],
+            timeout=300,
+            what=f"nix copy --to {self.url()}",
+        )
+        self.echo(f"  pushed {self.store_path} and its dependency")
+
+    def backup(self) -> None:
+        self.ssh(self.cache, "systemctl start nixcache-backup.service", timeout=600)
+        metrics = self.ssh(self.cache, f"cat {METRICS_FILE}")
+        from prometheus_client.parser import text_string_to_metric_families
+
+        values = {s.name: s.value for f in text_string_to_metric_families(metrics) for s in f.samples}
+        success = values.get(SUCCESS_METRIC, 0)
+        if time.time() - success > 600:
+            raise PhaseError(f"{METRICS_FILE} on {self.cache['name']} shows no success in the last 10 min")
+        self.echo(f"  backup done, {SUCCESS_METRIC} = {success:.0f}")
+
+    def reset(self) -> None:
+        run(["nixcache", "lab", "reset", self.cache["name"]], env=self.env, timeout=600, what="nixcache lab reset")
+        self.lab_status()
+
+    def recover(self) -> None:
+        self.pyinfra("deploys/recover.py", self.cache["name"])
+
+    def verify(self) -> None:
+        fresh = Path(tempfile.mkdtemp(prefix="nixcache-drill-store-", dir=self.work))
+        run(
+            [
+                "nix",
+                *NIX_FEATURES,
+                "copy",
+                "--option",
+                "require-sigs",
+                "true",
+                "--option",
+                "trusted-public-keys",
+                self.public_key,
+                "--option",
+                "substituters",
+                "",
+                "--from",
+                self.url(),
+                "--to",
+                str(fresh),
+                self.store_path,
+            ],
+            timeout=300,
+            what=f"nix copy --from {self.url()} with require-sigs and the original key",
+        )
+        copied = fresh / self.store_path.lstrip("/")
+        if not copied.exists():
+            raise PhaseError(f"nix copy reported success but {copied} is missing")
+        self.echo(f"  {self.store_path} served by the replacement, signed by {self.public_key.split(':')[0]}")
+
+    def down(self) -> None:
+        run(["nixcache", "lab", "down"], env=self.env, timeout=300, what="nixcache lab down")
+
+
+@click.command()
+@click.option(
+    "--lab-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Lab state directory for the drill's own lab (default: $NIXCACHE_LAB_DIR, else a new temp dir).",
+)
+@click.option("--keep", is_flag=True, help="Leave the lab running afterwards (inspect, then `nixcache lab down`).")
+def drill(lab_dir: Path | None, keep: bool) -> None:
+    """Deploy, push, back up, destroy and recover a lab cache; print the recovery time."""
+    if lab_dir is None:
+        env_dir = os.environ.get("NIXCACHE_LAB_DIR")
+        lab_dir = Path(env_dir) if env_dir else Path(tempfile.mkdtemp(prefix="nixcache-drill-"))
+    lab_dir = lab_dir.resolve()
+    echo = lambda line: click.echo(line)  # noqa: E731 - flushes through click
+    state = Drill(lab_dir, echo)
+    runner = PhaseRunner(echo=echo)
+    for name in ("up", "deploy", "push", "backup", "reset", "recover", "verify"):
+        runner.add(name, getattr(state, name))
+    echo(f"drill lab: {lab_dir}")
+    ok = runner.run()
+    if not keep:
+        try:
+            state.down()
+        except PhaseError as error:
+            echo(f"lab down failed: {error}; run NIXCACHE_LAB_DIR={lab_dir} nixcache lab down")
+    if not ok:
+        echo(f"drill failed in phase {runner.failed}")
+        sys.exit(1)
+    echo(f"recovery time: {runner.seconds('reset', 'recover', 'verify'):.1f} s")
