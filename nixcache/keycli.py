@@ -57,3 +57,14 @@ def public(secret_key_file: Path) -> None:
     except KeyFormatError as error:
         raise click.ClickException(f"{secret_key_file}: {error}") from None
     click.echo(str(key.public()))
+
+
+def _register_offline_copies() -> None:
+    """`keys export` / `keys import` live in nixcache.keyexport (passphrase-encrypted offline copies)."""
+    from nixcache.keyexport import export_key, import_key
+
+    keys.add_command(export_key)
+    keys.add_command(import_key)
+
+
+_register_offline_copies()
