@@ -9,9 +9,16 @@ host, the URL, what went wrong and where to look.
 
 from __future__ import annotations
 
+import sys
 import time
 
-import httpx
+# pyinfra runs under gevent's monkey patching, which removes select.epoll; httpcore imports trio
+# when it is installed, and importing trio then fails. trio cannot run under gevent anyway:
+# tell httpcore it is absent (an ImportError it handles) before httpx loads.
+if "trio" not in sys.modules:
+    sys.modules["trio"] = None  # type: ignore[assignment]
+
+import httpx  # after the trio guard above
 from pyinfra import host, logger
 from pyinfra.api import FunctionCommand, operation
 
