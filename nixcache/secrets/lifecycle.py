@@ -60,6 +60,15 @@ def ensure_signing_key(ref: str, name: str, generate: bool) -> str:
     Raises SecretError when the store cannot be reached, when the key is absent and `generate` is
     false, or when the stored value is not a Nix secret key (the message never shows the value).
     """
+    try:
+        SecretKey.generate(name)  # the name is checked before the store is touched
+    except KeyFormatError as error:
+        raise SecretError(
+            ref,
+            parse(ref).backend,
+            f"cannot name a signing key: {error}",
+            "set a key name without ':' or spaces, e.g. cache.example.org-1",
+        ) from None
     value = _fetch_or_create(ref, generate, "signing key", lambda: SecretKey.generate(name).serialize())
     try:
         SecretKey.parse(value)

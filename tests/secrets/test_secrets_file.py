@@ -139,3 +139,10 @@ def test_tokens_are_generated_once(tmp_path):
     token = secrets.ensure_token(ref, generate=True)
     assert len(token) >= 43
     assert secrets.ensure_token(ref, generate=False) == token
+
+
+def test_bad_key_name_is_a_secret_error_and_nothing_is_stored(tmp_path):
+    with pytest.raises(SecretError, match="cannot name a signing key") as caught:
+        secrets.ensure_signing_key(f"file://{tmp_path}/k", "bad name:x", generate=True)
+    assert str(caught.value).startswith(f"file://{tmp_path}/k: ")
+    assert not (tmp_path / "k").exists()
