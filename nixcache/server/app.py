@@ -6,7 +6,6 @@ responses, logs one line per request and counts it in the metrics.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -29,6 +28,7 @@ _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 # Unread request bodies up to this size are drained to keep the connection; larger ones close it.
 _DRAIN_LIMIT = 64 * 1024
 _NARINFO_CACHE_ENTRIES = 4096
+NARINFO_LIMIT = 4 * 1024 * 1024  # the largest narinfo accepted (thousands of references fit)
 _AUTH_HEADERS = [("WWW-Authenticate", 'Basic realm="nixcache"')]
 
 
@@ -91,7 +91,11 @@ class App:
     ) -> list[bytes]:
         out = [("Content-Type", content_type), ("Content-Length", str(len(body))), *headers]
         start_response(status, out)
-        return [] if environ["REQUEST_METHOD"] == "HEAD" else [body]
+        if environ["REQUEST_METHOD"] == "HEAD":
+            return []
+        if status[0] == "2" and environ["REQUEST_METHOD"] == "GET":
+            environ["nixcache.body_bytes"] = len(body)
+        return [body]
 
     def _error(
         self,
@@ -257,6 +261,9 @@ class App:
                 ],
             )
             return []
+        if environ["REQUEST_METHOD"] == "HEAD":
+            # Pushers HEAD a NAR before uploading it: keep it safe from gc until its narinfo lands.
+            self.store.touch_nar(name)
         nar = self.store.open_nar(name)
         if nar is None:
             return self._error(environ, start_response, 404, f"nar/{name} is not in this cache")
@@ -283,10 +290,8 @@ class App:
         start_response(status, headers)
         if environ["REQUEST_METHOD"] == "HEAD" or count == 0:
             nar.handle.close()
-            if environ["REQUEST_METHOD"] == "HEAD":
-                # Pushers HEAD a NAR before uploading it: keep it safe from gc until its narinfo lands.
-                _touch(self.store.nar_path(name))
             return []
+        environ["nixcache.body_bytes"] = count
         return FileBody(nar.handle, offset, count)
 
     def get_healthz(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
@@ -320,12 +325,12 @@ class App:
             if kind == "nar":
                 if self.store.has_nar(name):
                     self.store.drain(body, length, limit)  # same name, same bytes: already here
-                    _touch(self.store.nar_path(name))
+                    self.store.touch_nar(name)
                 else:
                     self.store.put_nar(name, body, length, limit)
                     self.metrics.upload_bytes.inc(os.stat(self.store.nar_path(name)).st_size)
             elif kind == "narinfo":
-                self.store.put_narinfo(name, body, length, limit)
+                self.store.put_narinfo(name, body, length, min(limit, NARINFO_LIMIT))
                 self._narinfo_cache.pop(name, None)
             else:
                 self.store.drain(body, length, limit)
@@ -341,11 +346,6 @@ class App:
 
 class _DamagedEntry(Exception):
     """A stored narinfo failed to parse (disk damage or manual edits)."""
-
-
-def _touch(path: os.PathLike[str] | str) -> None:
-    with contextlib.suppress(OSError):
-        os.utime(path)
 
 
 def _content_length(environ: dict[str, Any]) -> int | None:

@@ -108,8 +108,9 @@ class Server(pywsgi.WSGIServer):
         metrics = self.app.metrics
         metrics.requests.labels(route, env.get("REQUEST_METHOD", "-"), str(abs(code))).inc()
         metrics.duration.labels(route).observe(elapsed)
-        if handler.response_length:
-            metrics.sent_bytes.labels(route).inc(handler.response_length)
+        served = env.get("nixcache.body_bytes")
+        if served and code > 0:
+            metrics.served_bytes.labels(route).inc(served)
         if abs(code) < self.min_status:
             return
         line = {

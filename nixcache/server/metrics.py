@@ -122,8 +122,8 @@ class Metrics:
         self.narinfo = Counter(
             "nixcache_narinfo_lookups", "Narinfo lookups by result (hit, miss)", ["result"], registry=r
         )
-        self.sent_bytes = Counter(
-            "nixcache_sent_bytes", "Response bytes sent, by route", ["route"], registry=r
+        self.served_bytes = Counter(
+            "nixcache_served_bytes", "Body bytes of successful GETs, by route", ["route"], registry=r
         )
         self.uploads = Counter(
             "nixcache_uploads",

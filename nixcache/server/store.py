@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 import time
@@ -100,6 +101,28 @@ class Store:
             os.unlink(self.tmp_dir / f".healthz.{os.getpid()}")
         except OSError:
             return False
+        return True
+
+    @contextlib.contextmanager
+    def gc_lock(self, *, exclusive: bool) -> Iterator[None]:
+        """Orders gc's NAR deletions (exclusive) with uploads that rely on a NAR staying (shared).
+
+        Held for a few syscalls only, so blocking on it briefly is fine even in the event loop.
+        """
+        fd = os.open(self.root / "gc.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
+    def touch_nar(self, name: str) -> bool:
+        """Refresh a NAR's mtime so gc spares it for a while; False when it is not here."""
+        with self.gc_lock(exclusive=False):
+            try:
+                os.utime(self.nar_dir / name)
+            except FileNotFoundError:
+                return False
         return True
 
     # -- reads ---------------------------------------------------------------------------------
@@ -209,35 +232,32 @@ class Store:
             raise UploadError(400, f"{hash_part}.narinfo: {error}") from None
         if info.hash_part != hash_part:
             raise UploadError(400, f"{hash_part}.narinfo: StorePath {info.store_path} has another hash")
+        # Under the shared gc lock, refresh the NAR's mtime, check it and publish: gc re-checks
+        # that mtime under the exclusive lock before deleting a NAR, so it cannot collect this
+        # one between our check and the rename.
+        with self.gc_lock(exclusive=False):
+            self._check_nar(hash_part, info)
+            self._write_small(self.narinfo_path(hash_part), info.render().encode())
+        return info
+
+    def _check_nar(self, hash_part: str, info: NarInfo) -> None:
+        """UploadError unless the narinfo's NAR is here with the same FileSize/NarHash/NarSize."""
+        name = f"{hash_part}.narinfo"
         nar_path = self.nar_path(info.nar_file)
         try:
-            # Refresh the NAR's mtime first: gc spares recently touched NARs, so it cannot
-            # collect this one between our check and the rename below.
             os.utime(nar_path)
             file_size = nar_path.stat().st_size
         except FileNotFoundError:
-            raise UploadError(
-                400, f"{hash_part}.narinfo: URL {info.url} was not uploaded; PUT the NAR first"
-            ) from None
+            raise UploadError(400, f"{name}: URL {info.url} was not uploaded; PUT the NAR first") from None
         digest = self.nar_digest(info.nar_file)
         if digest is None:
-            raise UploadError(
-                400, f"{hash_part}.narinfo: URL {info.url} has no recorded NarHash; upload it again"
-            )
+            raise UploadError(400, f"{name}: URL {info.url} has no recorded NarHash; upload the NAR again")
         if info.file_size is not None and info.file_size != file_size:
-            raise UploadError(
-                400, f"{hash_part}.narinfo: FileSize {info.file_size} but {info.url} is {file_size} bytes"
-            )
+            raise UploadError(400, f"{name}: FileSize {info.file_size} but {info.url} is {file_size} bytes")
         if info.nar_hash != digest.nar_hash:
-            raise UploadError(
-                400, f"{hash_part}.narinfo: NarHash {info.nar_hash} but {info.url} has {digest.nar_hash}"
-            )
+            raise UploadError(400, f"{name}: NarHash {info.nar_hash} but {info.url} holds {digest.nar_hash}")
         if info.nar_size != digest.nar_size:
-            raise UploadError(
-                400, f"{hash_part}.narinfo: NarSize {info.nar_size} but {info.url} has {digest.nar_size}"
-            )
-        self._write_small(self.narinfo_path(hash_part), info.render().encode())
-        return info
+            raise UploadError(400, f"{name}: NarSize {info.nar_size} but {info.url} holds {digest.nar_size}")
 
     def drain(self, body: BinaryIO, length: int | None, limit: int) -> int:
         """Read and discard an upload this server accepts but does not keep (.ls, log/, …)."""
