@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from nixcache.lab import rootfs
 from nixcache.lab.errors import LabError
 from nixcache.packages import ALL_PACKAGES
 
@@ -164,10 +165,15 @@ def ensure(progress: Progress = _stderr_progress, *, rebuild: bool = False) -> P
         if marker.exists() and root.is_dir() and not rebuild:
             return root
         started = time.monotonic()
+        users = rootfs.image_users(root)
+        if users:
+            # Overlay roots read from the image: changing it under them would corrupt them.
+            raise LabError(
+                f"the lab image {root} is in use by {len(users)} lab host(s) ({users[0]} …); "
+                "run `nixcache lab down` in those labs before --rebuild"
+            )
         if root.parent.exists():
-            # A half-built image (crash) or a forced rebuild. Hosts hold their own copies,
-            # so removing the image under a running lab is safe.
-            shutil.rmtree(root.parent)
+            shutil.rmtree(root.parent)  # a half-built image (crash) or a forced rebuild
         root.parent.mkdir(parents=True)
         try:
             build(root, progress, os.environ.get("NIXCACHE_LAB_MIRROR") or None)

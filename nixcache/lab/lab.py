@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from nixcache.lab import image, machine, network, prereqs, ssh
+from nixcache.lab import image, machine, network, prereqs, rootfs, ssh
 from nixcache.lab import state as statefile
 from nixcache.lab.errors import LabError, LabNotUpError, UnknownHostError
 from nixcache.lab.state import Host, LabState
@@ -146,6 +146,9 @@ class Lab:
             for host in to_boot:
                 if host not in fresh:
                     self._stop_host(host)
+                    rootfs.ensure_mounted(Path(current.image), self._host_dir(host.name), host.storage)
+            if fresh:
+                self.progress(f"lab: {len(fresh)} root(s) copied in {time.monotonic() - started:.1f} s")
             for host in to_boot:
                 self._boot(host)
                 statefile.save(self.state_dir, current)
@@ -163,8 +166,10 @@ class Lab:
         with self._locked():
             self.host(name)  # unknown name -> UnknownHostError before anything changes
             current = self.state()
-            host = current.host(name)
-            assert host is not None
+            index = next(i for i, h in enumerate(current.hosts, 1) if h.name == name)
+            if name.removeprefix(HOST_PREFIX).isdigit():
+                index = int(name.removeprefix(HOST_PREFIX))
+            host = self._host_record(current, index, ssh.ensure_keypair(self.state_dir))
             base = (
                 Path(current.image)
                 if current.image and Path(current.image).is_dir()
@@ -203,9 +208,7 @@ class Lab:
                     network.delete_link(link)
                 network.delete_link(current.bridge or network.bridge_name(current.instance))
                 machine.remove_cgroups(current.instance)
-            for host_dir in sorted(hosts_dir.glob("*")) if hosts_dir.is_dir() else []:
-                machine.remove_root(host_dir)
-            machine.remove_tree(hosts_dir)
+            rootfs.remove(hosts_dir)
             self.known_hosts.unlink(missing_ok=True)
             statefile.remove(self.state_dir)
         # The key pair and logs stay: the next `up` reuses the key, and logs explain what happened.
@@ -252,16 +255,14 @@ class Lab:
         host.state = "stopped"
 
     def _prepared(self, host: Host) -> bool:
-        return (self._host_dir(host.name) / "prepared").exists() and Path(host.root, "etc").is_dir()
+        return rootfs.is_complete(self._host_dir(host.name)) and host.storage in ("overlay", "copy")
 
     def _prepare_root(self, host: Host, base: Path, addresses: dict[str, str]) -> None:
         self._stop_host(host)
-        marker = self._host_dir(host.name) / "prepared"
-        marker.unlink(missing_ok=True)
-        root = Path(host.root)
-        machine.copy_root(base, root)
+        host_dir = self._host_dir(host.name)
+        root, host.storage = rootfs.create(base, host_dir)
         machine.personalise(root, host.name, ssh.public_key(Path(host.ssh_key)), addresses)
-        marker.write_text(f"{base}\n")
+        rootfs.mark_complete(host_dir, base)
 
     def _boot(self, host: Host) -> None:
         host.pid = machine.start(Path(host.root), host.name, host.netns, Path(host.log), host.cgroup)

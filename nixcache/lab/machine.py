@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -19,19 +18,6 @@ from pathlib import Path
 
 from nixcache.lab.command import run
 from nixcache.lab.errors import LabError
-
-
-def copy_root(image: Path, root: Path) -> None:
-    """Replace `root` with a fresh copy of `image` (reflinks where the filesystem has them)."""
-    remove_root(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    run(["cp", "--reflink=auto", "-a", str(image), str(root)], timeout=600)
-
-
-def remove_root(root: Path) -> None:
-    if root.exists():
-        # Not shutil.rmtree: a root can hold read-only dirs and odd files; rm copes with all of them.
-        run(["rm", "-rf", "--one-file-system", str(root)], timeout=600)
 
 
 def personalise(root: Path, name: str, authorized_key: str, hosts: dict[str, str]) -> None:
@@ -87,6 +73,8 @@ def start(root: Path, name: str, netns: str, log: Path, cgroup: str) -> int:
     and `supervisor/` under the cgroup it starts in: two machines started in the same cgroup
     would share one system.slice and break each other's units.
     """
+    if not cgroup.strip("/"):
+        raise LabError(f"lab host {name} has no cgroup of its own; run `nixcache lab down` and `up` again")
     log.parent.mkdir(parents=True, exist_ok=True)
     remove_cgroups(cgroup)
     procs = []
@@ -216,8 +204,3 @@ def stop(pids: list[int], timeout: float = 15) -> None:
         raise LabError(
             f"lab machine processes {left} did not exit after SIGKILL; check `ps -o pid,stat,cmd -p ...`"
         )
-
-
-def remove_tree(path: Path) -> None:
-    """Remove a directory that holds no host roots (logs, keys)."""
-    shutil.rmtree(path, ignore_errors=True)

@@ -40,6 +40,7 @@ class Host:
     root: str = ""
     pid: int | None = None
     log: str = ""
+    storage: str = ""  # "overlay" of the base image, or "copy" of it
     cgroup: str = ""  # relative to the nixcache-lab cgroup of each hierarchy
 
     def public(self) -> dict[str, Any]:
