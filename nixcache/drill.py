@@ -29,7 +29,7 @@ from pathlib import Path
 import click
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-NIX_FEATURES = ["--extra-experimental-features", "nix-command"]
+NIX = ["nix", "--extra-experimental-features", "nix-command"]
 METRICS_FILE = "/var/lib/prometheus/node-exporter/nixcache_backup.prom"
 SUCCESS_METRIC = "nixcache_backup_last_success_timestamp_seconds"
 
@@ -180,7 +180,8 @@ class Drill:
         return run(argv, timeout=timeout, what=f"ssh {host['name']}: {command}")
 
     def lab_status(self) -> None:
-        out = run(["nixcache", "lab", "status", "--json"], env=self.env, timeout=60, what="nixcache lab status")
+        argv = ["nixcache", "lab", "status", "--json"]
+        out = run(argv, env=self.env, timeout=60, what="nixcache lab status")
         status = json.loads(out)
         self.hosts = status["hosts"] if isinstance(status, dict) else status
 
@@ -192,6 +193,19 @@ class Drill:
         self.lab_status()
         if len(self.hosts) < 2:
             raise PhaseError(f"the lab has {len(self.hosts)} host(s), the drill needs 2")
+        for host in self.hosts:
+            self.wait_for_ssh(host)
+
+    def wait_for_ssh(self, host: dict, attempts: int = 30) -> None:
+        """sshd of a just-booted host may accept connections before it answers them: retry briefly."""
+        for attempt in range(attempts):
+            try:
+                self.ssh(host, "true", timeout=15)
+                return
+            except PhaseError:
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(1)
 
     def deploy(self) -> None:
         self.pyinfra("deploys/backup.py", self.repo_host["name"], "--data", "backup_store=true")
@@ -218,9 +232,9 @@ class Drill:
         with os.fdopen(fd, "w") as handle:
             token = resolve(self.ref("push-token"))
             handle.write(f"machine {self.cache['address']} login nixcache password {token}\n")
-        run(
-            ["nix", *NIX_FEATURES, "copy", "--option", "netrc-file", str(netrc), "--to", self.url(), self.store_path],
-            timeout=300,
+        self.nix(
+            ["copy", "--to", self.url(), self.store_path, "--option", "netrc-file", str(netrc)],
+            home="home-push",
             what=f"nix copy --to {self.url()}",
         )
         self.echo(f"  pushed {self.store_path} and its dependency")
@@ -237,37 +251,32 @@ class Drill:
         self.echo(f"  backup done, {SUCCESS_METRIC} = {success:.0f}")
 
     def reset(self) -> None:
-        run(["nixcache", "lab", "reset", self.cache["name"]], env=self.env, timeout=600, what="nixcache lab reset")
+        argv = ["nixcache", "lab", "reset", self.cache["name"]]
+        run(argv, env=self.env, timeout=600, what="nixcache lab reset")
         self.lab_status()
+        self.wait_for_ssh(self.cache)
 
     def recover(self) -> None:
         self.pyinfra("deploys/recover.py", self.cache["name"])
 
+    def nix(self, args: list[str], home: str, what: str) -> None:
+        """Run `nix` with its own HOME: Nix caches narinfos per user, and the narinfo cached while
+        pushing (unsigned) would otherwise stand in for the one the server now serves."""
+        home_dir = self.work / home
+        home_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, HOME=str(home_dir), XDG_CACHE_HOME=str(home_dir / ".cache"))
+        run([*NIX, *args], env=env, timeout=300, what=what)
+
     def verify(self) -> None:
-        fresh = Path(tempfile.mkdtemp(prefix="nixcache-drill-store-", dir=self.work))
-        run(
-            [
-                "nix",
-                *NIX_FEATURES,
-                "copy",
-                "--option",
-                "require-sigs",
-                "true",
-                "--option",
-                "trusted-public-keys",
-                self.public_key,
-                "--option",
-                "substituters",
-                "",
-                "--from",
-                self.url(),
-                "--to",
-                str(fresh),
-                self.store_path,
-            ],
-            timeout=300,
+        fresh = Path(tempfile.mkdtemp(prefix="store-", dir=self.work))
+        self.nix(
+            ["copy", "--from", self.url(), "--to", str(fresh), self.store_path,
+             "--option", "require-sigs", "true",
+             "--option", "trusted-public-keys", self.public_key,
+             "--option", "substituters", ""],
+            home=f"home-{fresh.name}",
             what=f"nix copy --from {self.url()} with require-sigs and the original key",
-        )
+        )  # fmt: skip
         copied = fresh / self.store_path.lstrip("/")
         if not copied.exists():
             raise PhaseError(f"nix copy reported success but {copied} is missing")
@@ -284,7 +293,7 @@ class Drill:
     default=None,
     help="Lab state directory for the drill's own lab (default: $NIXCACHE_LAB_DIR, else a new temp dir).",
 )
-@click.option("--keep", is_flag=True, help="Leave the lab running afterwards (inspect, then `nixcache lab down`).")
+@click.option("--keep", is_flag=True, help="Leave the lab running (inspect it, then `nixcache lab down`).")
 def drill(lab_dir: Path | None, keep: bool) -> None:
     """Deploy, push, back up, destroy and recover a lab cache; print the recovery time."""
     if lab_dir is None:

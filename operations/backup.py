@@ -192,6 +192,7 @@ def restore(
     repository: str,
     password_path: str,
     owner: str,
+    content_dir: str | None = None,
 ) -> Iterator:
     """Restore /etc/nixcache and the store from the latest snapshot, only onto an empty store.
 
@@ -204,9 +205,12 @@ def restore(
     + repository: restic repository (for the reachability fact)
     + password_path: restic's password file on the host
     + owner: the service user that must own the restored store
+    + content_dir: where content shows (default store_dir); a server started on an empty store
+      creates its empty subdirectories, so recover.py points this at <store>/narinfo
     """
-    if host.get_fact(DirectoryHasEntries, path=store_dir):
-        host.noop(f"{store_dir} already holds content: not restoring over it")
+    content_dir = content_dir or store_dir
+    if host.get_fact(DirectoryHasEntries, path=content_dir):
+        host.noop(f"{content_dir} already holds content: not restoring over it")
         return
     snapshots = host.get_fact(ResticSnapshots, repository=repository, password_file=password_path)
     if not snapshots.get("reachable"):
