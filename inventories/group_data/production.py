@@ -1,0 +1,44 @@
+"""Production caches (group `production` of inventories/prod.py): overrides of operations/settings.py.
+
+Secrets are 1Password references (vault `nixcache-production`), resolved on the controller at
+deploy time. Network ranges below are documentation placeholders (RFC 5737): replace them with
+your client and operations networks; until then the firewall lets nobody in but loopback.
+"""
+
+# Production hosts reach the distribution's mirrors: refresh package lists before installing.
+apt_update = True
+
+# Clients connect over TLS and HTTP/2 on 443; nginx sends NAR bytes from disk.
+cache_nginx_front = True
+tls_cert_ref = "op://nixcache-production/tls/certificate"
+tls_key_ref = "op://nixcache-production/tls/private-key"
+
+# One signing key per environment: clients trust a single key for the whole fleet, and any
+# region can be rebuilt or stand in for another with the same key.
+signing_key_name = "nixcache-production-1"
+signing_key_ref = "op://nixcache-production/signing-key/secret-key"
+push_token_ref = "op://nixcache-production/push-token/credential"  # noqa: S105 - a reference, not the secret
+# Private cache: clients present this token (deploys/client.py writes their netrc).
+read_token_ref = "op://nixcache-production/read-token/credential"  # noqa: S105 - a reference, not the secret
+# Warnings about a filling disk go to the on-call webhook as well as the journal.
+alert_webhook_ref = "op://nixcache-production/alert-webhook/url"
+
+# The store on its own disk (the reference layout: system on sda, cache volume on sdb).
+cache_volume_device = "/dev/sdb"
+cache_memory_max = "4G"
+
+# A quarter of CI history stays warm; GC starts below 50G free and frees up to 100G.
+gc_older_than = "90d"
+gc_min_free = "50G"
+gc_max_free = "100G"
+
+# Four weeks of logs for post-incident reviews.
+journald_max_retention = "4week"
+
+cache_allowed_sources = ["198.51.100.0/24"]  # placeholder: your CI and developer networks
+ssh_allowed_sources = ["192.0.2.0/24"]  # placeholder: your operations network
+metrics_allowed_sources = ["192.0.2.0/24"]  # placeholder: your Prometheus
+
+# Admins log in with their own keys; list them here, then set ssh_permit_root_login = "no"
+# (the deploy refuses "no" while no admin with sudo and a key is listed).
+admin_users = []

@@ -1,0 +1,78 @@
+"""inventories/prod.py as pyinfra's own loader sees it: hosts, groups, addresses, group data."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from pyinfra.api import State
+from pyinfra.context import ctx_state
+from pyinfra_cli.inventory import make_inventory
+
+from operations.settings import from_data
+
+ROOT = Path(__file__).resolve().parents[2]
+REGIONS = ("eu-central", "us-east", "us-west", "ap-southeast")
+
+
+def load(inventory_dir: Path):
+    with ctx_state.use(State()):
+        return make_inventory(str(inventory_dir / "prod.py"), cwd=str(inventory_dir.parent))
+
+
+@pytest.fixture
+def fleet_dir(tmp_path):
+    """A copy of inventories/ whose all.py names a fleet domain."""
+    target = tmp_path / "inventories"
+    shutil.copytree(ROOT / "inventories", target, ignore=shutil.ignore_patterns("__pycache__", "lab.py"))
+    all_py = target / "group_data" / "all.py"
+    all_py.write_text(all_py.read_text() + '\nfleet_domain = "caches.example.org"\n')
+    return target
+
+
+def test_hosts_groups_and_addresses(fleet_dir):
+    inventory = load(fleet_dir)
+    names = {
+        env: sorted(h.name for h in inventory.get_group(env)) for env in ("production", "staging", "canary")
+    }
+    assert names == {
+        "production": sorted(f"cache-{r}.caches.example.org" for r in REGIONS),
+        "staging": [
+            "cache-eu-central-staging.caches.example.org",
+            "cache-us-east-staging.caches.example.org",
+        ],
+        "canary": ["cache-eu-central-canary.caches.example.org"],
+    }
+    assert sorted(h.name for h in inventory.get_group("eu_central")) == [
+        "cache-eu-central-canary.caches.example.org",
+        "cache-eu-central-staging.caches.example.org",
+        "cache-eu-central.caches.example.org",
+    ]
+    assert [h.name for h in inventory.get_group("ap_southeast")] == ["cache-ap-southeast.caches.example.org"]
+    assert len(list(inventory)) == 7
+
+
+def test_environment_data_and_settings_are_valid(fleet_dir):
+    inventory = load(fleet_dir)
+    for host in inventory:
+        environment = next(g for g in ("production", "staging", "canary") if g in host.groups)
+        s = from_data(host.name, host.data)  # raises on a misspelt or ill-typed key
+        assert s.signing_key_ref == f"op://nixcache-{environment}/signing-key/secret-key"
+        assert s.push_token_ref.startswith(f"op://nixcache-{environment}/")
+        assert s.key_name(host.name) == f"nixcache-{environment}-1"
+        assert s.apt_update is True and s.cache_nginx_front is True
+        assert not s.signing_key_generate  # production keys are never created by a deploy
+        assert host.data.get("ssh_user") == "root"  # from all.py
+    eu = inventory.get_host("cache-eu-central.caches.example.org")
+    assert from_data(eu.name, eu.data).cache_volume_device == "/dev/sdb"
+    staging = inventory.get_host("cache-us-east-staging.caches.example.org")
+    assert from_data(staging.name, staging.data).cache_volume_device is None
+
+
+def test_without_a_fleet_domain_names_never_resolve(fleet_dir):
+    all_py = fleet_dir / "group_data" / "all.py"
+    all_py.write_text('ssh_user = "root"\n')
+    names = sorted(h.name for h in load(fleet_dir))
+    assert names[0] == "cache-ap-southeast.fleet.example"  # RFC 2606 reserved name
+    assert all(name.endswith(".fleet.example") for name in names) and len(names) == 7
