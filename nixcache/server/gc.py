@@ -99,8 +99,13 @@ def limits_from(
 
 
 def _nar_file_of(path: Path) -> str | None:
+    """The NAR file a narinfo names, read without touching its atime (our last-served mark)."""
     try:
-        with open(path, "rb") as handle:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOATIME)
+        except PermissionError:  # O_NOATIME needs the file's owner (or root)
+            fd = os.open(path, os.O_RDONLY)
+        with os.fdopen(fd, "rb") as handle:
             for line in handle.read(65536).split(b"\n"):
                 if line.startswith(b"URL: nar/"):
                     return line[len(b"URL: nar/") :].decode().strip()

@@ -1,0 +1,75 @@
+"""Crashes and full disks leave no half-written entry visible."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from conftest import require
+
+from nixcache.server import narinfo
+from server.conftest import StartCache
+from server.helpers import make_entry, push
+
+
+def test_kill_9_during_upload_leaves_nothing_visible(start_cache: StartCache, tmp_path: Path) -> None:
+    cache = start_cache()
+    done = make_entry()
+    push(cache.client, done, cache.token)
+    entry = make_entry(os.urandom(2_000_000), compression="none")
+    host, port = cache.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    basic = base64.b64encode(f"nix:{cache.token}".encode()).decode()
+    sock.sendall(
+        (
+            f"PUT /nar/{entry.nar_file} HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {basic}\r\n"
+            f"Content-Length: {len(entry.file_bytes)}\r\n\r\n"
+        ).encode()
+        + entry.file_bytes[:1_000_000]
+    )
+    # Wait (bounded) until the server has started writing the upload, then kill it hard.
+    deadline = time.monotonic() + 10
+    while not any((cache.store / "tmp").iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert any((cache.store / "tmp").iterdir()), "the upload never reached tmp/"
+    cache.server.proc.send_signal(signal.SIGKILL)
+    cache.server.proc.wait(10)
+    sock.close()
+    assert not (cache.store / "nar" / entry.nar_file).exists()
+    assert not (cache.store / "nar-meta" / entry.nar_file).exists()
+
+    again = start_cache(store=cache.store, name="restarted")
+    assert list((cache.store / "tmp").iterdir()) == []  # leftovers dropped at start
+    assert again.client.head(f"/nar/{entry.nar_file}").status_code == 404
+    served = again.client.get(f"/{done.hash_part}.narinfo")  # what was complete survived
+    assert served.status_code == 200
+    sig = served.text.split("Sig: ")[1].strip()
+    assert again.key.public().verify(sig, narinfo.parse(served.text).fingerprint("/nix/store"))
+    push(again.client, entry, again.token)  # and the interrupted push can be redone
+    assert again.client.get(f"/nar/{entry.nar_file}").content == entry.file_bytes
+
+
+def test_disk_full_is_507_and_leaves_nothing(start_cache: StartCache, tmp_path: Path) -> None:
+    require(os.geteuid() == 0, "mounting a small tmpfs needs root")
+    mount = tmp_path / "full"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], check=True)
+    try:
+        cache = start_cache(store=mount / "store")
+        big = make_entry(os.urandom(2_000_000), compression="none")
+        response = cache.client.put(f"/nar/{big.nar_file}", content=big.file_bytes, auth=cache.auth)
+        assert response.status_code == 507
+        assert "no space left" in response.text
+        assert list((cache.store / "nar").iterdir()) == []
+        assert list((cache.store / "tmp").iterdir()) == []
+        small = make_entry(b"fits")
+        push(cache.client, small, cache.token)  # the failed upload freed its space
+        assert cache.client.get(f"/{small.hash_part}.narinfo").status_code == 200
+        cache.server.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
