@@ -33,6 +33,7 @@ def render_unit(settings: Settings) -> str:
         memory_max=settings.cache_memory_max,
         tasks_max=settings.cache_tasks_max,
         limit_nofile=settings.cache_limit_nofile,
+        nginx_front=settings.cache_nginx_front,
     )
 
 
