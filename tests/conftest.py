@@ -47,3 +47,29 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("lab"):
         missing = missing_lab_prerequisites()
         require(not missing, "lab prerequisites missing: " + ", ".join(missing))
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory: pytest.TempPathFactory):
+    """ONE lab instance for the whole test session, shared by every end-to-end test that asks for it.
+
+    Boots N hosts (lab1..labN; N from $NIXCACHE_TEST_LAB_HOSTS, default 2) in a temporary state
+    directory of its own, so it never touches a developer's `./.lab`, and yields the
+    `nixcache.lab.Lab` object: `lab.state_dir` (pass it as NIXCACHE_LAB_DIR to `pyinfra
+    inventories/lab.py ...`, or use `lab.environ()`), `lab.status()` for the host records (name,
+    address, ssh_port, ssh_user, ssh_key, state), `lab.run(name, argv)` to check a host over SSH,
+    `lab.reset(name)` for recovery tests. Hosts are shared: do not `down()` it, and reset a host
+    only in a test that owns what is on it. Torn down (nothing left behind) at session end.
+    Skips, or fails under LAB_REQUIRED=1, when root/debootstrap/systemd-nspawn are missing.
+    """
+    missing = missing_lab_prerequisites()
+    require(not missing, "lab prerequisites missing: " + ", ".join(missing))
+    from nixcache.lab import Lab
+
+    count = int(os.environ.get("NIXCACHE_TEST_LAB_HOSTS") or 2)
+    shared = Lab(tmp_path_factory.mktemp("lab"))
+    try:
+        shared.up(count)
+        yield shared
+    finally:
+        shared.down()

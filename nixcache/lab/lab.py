@@ -90,6 +90,10 @@ class Lab:
             raise UnknownHostError(f"no lab host named {name!r} in {self.state_dir}; its hosts are: {known}")
         return found
 
+    def environ(self) -> dict[str, str]:
+        """os.environ with NIXCACHE_LAB_DIR pointing at this lab, for `pyinfra inventories/lab.py`."""
+        return {**os.environ, "NIXCACHE_LAB_DIR": str(self.state_dir)}
+
     def ssh_command(self, host: Host) -> list[str]:
         """argv prefix of `ssh` to `host` with the lab key (append `--` and a command)."""
         return ssh.ssh_argv(Path(host.ssh_key), host.address, host.ssh_port, self.known_hosts, host.ssh_user)
@@ -148,7 +152,7 @@ class Lab:
                     self._stop_host(host)
                     rootfs.ensure_mounted(Path(current.image), self._host_dir(host.name), host.storage)
             if fresh:
-                self.progress(f"lab: {len(fresh)} root(s) copied in {time.monotonic() - started:.1f} s")
+                self.progress(f"lab: {len(fresh)} root(s) created in {time.monotonic() - started:.1f} s")
             for host in to_boot:
                 self._boot(host)
                 statefile.save(self.state_dir, current)
@@ -197,7 +201,7 @@ class Lab:
                 pids += [h.pid for h in current.hosts if h.pid and machine.is_machine(h.pid, Path(h.root))]
             if pids:
                 self.progress(f"lab: stopping {len(set(pids))} host(s)")
-            machine.stop(sorted(set(pids)))
+            machine.stop(sorted(set(pids)), current.instance if current else "")
             if current:
                 prefix = network.netns_name(current.instance, "")
                 for netns in set(network.netns_with_prefix(prefix)) | {
@@ -249,7 +253,7 @@ class Lab:
         pids = machine.machines_under(self._host_dir(host.name))
         if host.pid and machine.is_machine(host.pid, Path(host.root)):
             pids.append(host.pid)
-        machine.stop(sorted(set(pids)))
+        machine.stop(sorted(set(pids)), host.cgroup)
         machine.remove_cgroups(host.cgroup)
         host.pid = None
         host.state = "stopped"

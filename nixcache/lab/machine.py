@@ -1,9 +1,10 @@
-"""Lab machines: a host root copied from the base image, booted by systemd-nspawn.
+"""Lab machines: a host root booted by systemd-nspawn in its own network namespace and cgroup.
 
 The controller runs no systemd, so nspawn runs with `--register=no --keep-unit`, detached
-in its own session, its console going to a log file, and is tracked by pid. Stopping a
-machine kills the container's PID 1, which takes the whole PID namespace down at once, and
-nspawn exits behind it.
+in its own session, its console going to a log file, and is tracked by pid. Each machine
+runs in its own cgroup (`nixcache-lab/<instance>/<host>`), and stopping it kills every
+process of that cgroup: there is nothing to shut down cleanly, the host root is thrown away
+or kept as a powered-off disk.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ def cgroup_hierarchies() -> list[Path]:
 
 
 def cgroup_paths(relative: str) -> list[Path]:
+    """The cgroup `relative` below nixcache-lab in each hierarchy; never the shared parent itself."""
+    if not relative.strip("/") or ".." in relative.split("/"):
+        return []  # "" would mean every lab on the machine, not one
     return [tree / CGROUP_PARENT / relative for tree in cgroup_hierarchies()]
 
 
@@ -160,16 +164,6 @@ def machines_under(directory: Path) -> list[int]:
     return found
 
 
-def _children(pid: int) -> list[int]:
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            stat = _stat(int(entry.name))
-            if stat and stat[1] == pid:
-                children.append(int(entry.name))
-    return children
-
-
 def _reap(pid: int) -> None:
     """Collect `pid` if it is our child (tests run the lab in-process), so no zombie stays."""
     with contextlib.suppress(ChildProcessError, OSError):
@@ -182,25 +176,36 @@ def _gone(pid: int) -> bool:
     return stat is None or stat[0] in ("Z", "X")
 
 
-def stop(pids: list[int], timeout: float = 15) -> None:
-    """Stop the machines run by nspawn `pids`: kill their containers' PID 1, then nspawn itself."""
-    for pid in pids:
-        # The container's init is nspawn's child; SIGKILL on it ends every process of the container.
-        for child in _children(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGKILL)
+def cgroup_pids(relative: str) -> list[int]:
+    """Every process in the cgroup subtree `relative` (in any hierarchy)."""
+    pids: set[int] = set()
+    for top in cgroup_paths(relative):
+        if top.is_dir():
+            for procs in top.rglob("cgroup.procs"):
+                with contextlib.suppress(OSError, ValueError):
+                    pids.update(int(line) for line in procs.read_text().split())
+    return sorted(pids)
+
+
+def stop(pids: list[int], cgroup: str, timeout: float = 15) -> None:
+    """Stop machines: SIGKILL every process in their cgroup subtree `cgroup`, and the nspawn `pids`.
+
+    The cgroup is what makes this complete: it holds nspawn, the container's PID 1 and every
+    process below it, including a container orphaned when nspawn itself was killed.
+    """
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and not all(_gone(pid) for pid in pids):
+    while True:
+        alive = [pid for pid in pids if not _gone(pid)] + [
+            pid for pid in cgroup_pids(cgroup) if not _gone(pid)
+        ]
+        if not alive:
+            return
+        if time.monotonic() > deadline:
+            raise LabError(
+                f"lab machine processes {sorted(set(alive))} did not exit after SIGKILL; "
+                f"check them with `ps -o pid,stat,cmd -p {','.join(map(str, sorted(set(alive))))}`"
+            )
+        for pid in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         time.sleep(0.1)
-    stubborn = [pid for pid in pids if not _gone(pid)]
-    for pid in stubborn:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and not all(_gone(pid) for pid in pids):
-        time.sleep(0.1)
-    left = [pid for pid in pids if not _gone(pid)]
-    if left:
-        raise LabError(
-            f"lab machine processes {left} did not exit after SIGKILL; check `ps -o pid,stat,cmd -p ...`"
-        )

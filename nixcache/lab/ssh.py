@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -59,10 +60,19 @@ def ssh_argv(key: Path, address: str, port: int, known_hosts: Path, user: str = 
 
 
 def probe(argv: list[str], command: list[str], timeout: float) -> tuple[int, str]:
-    """Run `command` over SSH; (exit code, stripped stdout), or (255, reason) on timeout."""
+    """Run `command` (an argv, quoted for the remote shell) over SSH: (exit code, stripped output).
+
+    (255, reason) on timeout. The output is stdout, or stderr when stdout is empty.
+    """
     try:
         result = subprocess.run(
-            [*argv, "--", *command], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+            # ssh joins its arguments with spaces for the remote shell: quote them, or
+            # ["sh", "-c", "cat f"] would run `sh -c cat f`.
+            [*argv, "--", shlex.join(command)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
         )
     except subprocess.TimeoutExpired:
         return 255, "timed out"
