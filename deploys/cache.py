@@ -17,7 +17,7 @@ from pyinfra.api import HiddenValue
 
 from facts.nixcache import HostPython
 from nixcache.secrets import SecretError, ensure_signing_key, ensure_token
-from operations import config, firewall, gc, health, install, service, storage
+from operations import config, firewall, gc, health, install, rotation, service, storage
 from operations.render import sha256
 from operations.settings import (
     CONFIG_FILE,
@@ -107,6 +107,15 @@ config.text_file(
     name="/etc/nixcache/config.toml", path=CONFIG_FILE, content=config_text, group=s.service_user, mode="0640"
 )
 config.secret_file(name="Signing key", path=SIGNING_KEY_FILE, value=signing_key, user=s.service_user)
+# During a key rotation: the next key beside the current one (operations/rotation.py).
+next_signing_key = rotation.next_key(s, host.name, ensure_signing_key)
+if next_signing_key is not None:
+    config.secret_file(
+        name="Next signing key",
+        path=rotation.NEXT_SIGNING_KEY_FILE,
+        value=next_signing_key,
+        user=s.service_user,
+    )
 config.secret_file(name="Push token", path=PUSH_TOKEN_FILE, value=push_token, user=s.service_user)
 if read_token is not None:
     config.secret_file(name="Read token", path=READ_TOKEN_FILE, value=read_token, user=s.service_user)
@@ -116,7 +125,8 @@ depends_on = "\0".join(
     [
         build,
         sha256(config_text),
-        sha256(signing_key.unmask()),
+        # The next key only joins during a rotation (unchanged digest, no restart, otherwise).
+        sha256(signing_key.unmask()) + (sha256(next_signing_key.unmask()) if next_signing_key else ""),
         sha256(push_token.unmask()),
         sha256(read_token.unmask()) if read_token is not None else "",
     ]

@@ -76,14 +76,24 @@ class PhaseRunner:
         return sum(p.seconds or 0.0 for p in self.phases if p.name in names)
 
 
-def run(argv: list[str], *, env: dict[str, str] | None = None, timeout: float = 600, what: str) -> str:
-    """Run a command; PhaseError with its last output lines when it fails."""
+def run(
+    argv: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+    what: str,
+    log: Path | None = None,
+) -> str:
+    """Run a command; PhaseError with its last output lines when it fails. `log` keeps its output."""
     try:
         done = subprocess.run(
             argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
         )
     except subprocess.TimeoutExpired:
         raise PhaseError(f"{what} did not finish within {timeout:.0f} s: {shlex.join(argv[:4])} …") from None
+    if log is not None:
+        with log.open("a") as handle:
+            handle.write(f"$ {shlex.join(argv)}\n{done.stdout}{done.stderr}\n")
     if done.returncode != 0:
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
         raise PhaseError(f"{what} failed (exit {done.returncode}):\n{tail}")
@@ -157,7 +167,8 @@ class Drill:
 
     def pyinfra(self, deploy: str, limit: str, *extra: str, timeout: float = 900) -> None:
         argv = ["pyinfra", "-y", "inventories/lab.py", deploy, "--limit", limit, *self.data(), *extra]
-        run(argv, env=self.env, timeout=timeout, what=f"pyinfra {deploy} on {limit}")
+        log = self.work / f"pyinfra-{Path(deploy).stem}-{limit}.log"
+        run(argv, env=self.env, timeout=timeout, what=f"pyinfra {deploy} on {limit} (log: {log})", log=log)
 
     def ssh(self, host: dict, command: str, timeout: float = 600) -> str:
         argv = [

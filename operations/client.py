@@ -18,7 +18,7 @@ from pyinfra.facts.files import File
 from pyinfra.operations import files
 
 from facts.nixcache import UnitState
-from nixcache.keys import KeyFormatError, SecretKey
+from nixcache.keys import KeyFormatError
 from operations import config as config_files
 from operations.hardening import validated_files_changes
 
@@ -64,7 +64,10 @@ def public_key_of(host_name: str, data: Any, resolve) -> str:
             "its public key; set it or list the key in trusted_public_keys"
         )
     try:
-        return str(SecretKey.parse(resolve(ref).strip()).public())
+        # Two keys, space-separated, while a rotation introduces the next one (operations/rotation.py).
+        from operations import rotation
+
+        return " ".join(rotation.trusted_public_keys(data, resolve))
     except KeyFormatError as error:
         raise SettingsError(
             f"{host_name}: the signing key at {ref} is not a Nix secret key ({error}); "

@@ -18,12 +18,12 @@ from pyinfra.api import FileUploadCommand, HiddenValue, QuoteString, StringComma
 from pyinfra.facts.files import Directory, File, Sha256File
 
 from nixcache.server.config import ServerConfig, dump
+from operations import rotation
 from operations.render import sha256
 from operations.settings import (
     CONFIG_DIR,
     PUSH_TOKEN_FILE,
     READ_TOKEN_FILE,
-    SIGNING_KEY_FILE,
     Settings,
 )
 
@@ -86,7 +86,8 @@ def server_config(settings: Settings, *, push_token: bool, read_token: bool) -> 
     return ServerConfig(
         listen=f"0.0.0.0:{settings.cache_port}",
         store=Path(settings.store_dir),
-        signing_key_files=[Path(SIGNING_KEY_FILE)],
+        # One key, or two during a rotation (operations/rotation.py).
+        signing_key_files=[Path(path) for path in rotation.key_files(settings)],
         push_token_file=Path(PUSH_TOKEN_FILE) if push_token else None,
         read_token_file=Path(READ_TOKEN_FILE) if read_token else None,
         priority=settings.cache_priority,

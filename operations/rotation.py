@@ -1,0 +1,87 @@
+"""Signing key rotation: which keys a cache signs with and which keys its clients trust.
+
+One rule, read from host data by the cache deploy, the client deploy and deploys/rotate_key.py:
+
+  no signing_key_next_ref            sign with signing_key_ref            clients trust it
+  next ref, rotate_phase=introduce   sign with both (current first)       clients trust both
+  next ref, rotate_phase=retire      sign with the next key only          clients trust only it
+
+After a retire run the inventory is updated (signing_key_ref := the next ref, next keys removed),
+which names the same single key again: the rule has no state of its own to get out of step.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pyinfra import host
+from pyinfra.api import HiddenValue
+
+from nixcache.keys import SecretKey
+from operations.settings import CONFIG_DIR, SIGNING_KEY_FILE, SettingsError
+
+NEXT_SIGNING_KEY_FILE = f"{CONFIG_DIR}/signing-key.next"
+PHASES = ("introduce", "retire")
+
+
+def _get(data: Any, key: str) -> Any:
+    return data.get(key) if hasattr(data, "get") else getattr(data, key, None)
+
+
+def phase(data: Any) -> str | None:
+    """None when no rotation is under way, else "introduce" or "retire"."""
+    if not _get(data, "signing_key_next_ref"):
+        return None
+    value = str(_get(data, "rotate_phase") or "introduce")
+    if value not in PHASES:
+        raise SettingsError(f"host data 'rotate_phase' is {value!r}; give introduce or retire")
+    return value
+
+
+def signing_refs(data: Any) -> list[str]:
+    """Secret refs of the keys a cache signs with, in the order they sign."""
+    current, upcoming = _get(data, "signing_key_ref"), _get(data, "signing_key_next_ref")
+    step = phase(data)
+    if step is None:
+        return [current] if current else []
+    if step == "retire":
+        return [upcoming]
+    return [ref for ref in (current, upcoming) if ref]
+
+
+def key_files(data: Any) -> list[str]:
+    """The key files on the cache host, in signing order (the server config's signing_key_files)."""
+    step = phase(data)
+    if step is None:
+        return [SIGNING_KEY_FILE]
+    if step == "retire":
+        return [NEXT_SIGNING_KEY_FILE]
+    return [SIGNING_KEY_FILE, NEXT_SIGNING_KEY_FILE]
+
+
+def next_name(current: str) -> str:
+    """The next generation's key name: `cache-eu-1` -> `cache-eu-2`, `mykey` -> `mykey-2`."""
+    match = re.fullmatch(r"(.*-)(\d+)", current)
+    return f"{match.group(1)}{int(match.group(2)) + 1}" if match else f"{current}-2"
+
+
+def trusted_public_keys(data: Any, resolve) -> list[str]:
+    """The public keys clients must trust for a cache with host `data` (resolve: a secret ref's value)."""
+    return [str(SecretKey.parse(resolve(ref).strip()).public()) for ref in signing_refs(data)]
+
+
+def next_key(s: Any, host_name: str, ensure_signing_key) -> HiddenValue | None:
+    """The next key's secret file content when a rotation is under way, generated and stored first.
+
+    The next key is created by the rotation itself (it is the one moment a new key is wanted),
+    so it is always allowed to be generated; it is stored in the secret store before any host sees it.
+    """
+    if not s.signing_key_next_ref:
+        return None
+    name = s.signing_key_next_name or next_name(s.key_name(host_name))
+    try:
+        value = ensure_signing_key(s.signing_key_next_ref, name, True)
+    except Exception as error:  # SecretError; imported lazily by the caller's module
+        raise SettingsError(f"{host.name}: next signing key (signing_key_next_ref): {error}") from None
+    return HiddenValue(value, masked_value=f"<next signing key {s.signing_key_next_ref}>")

@@ -1,0 +1,125 @@
+"""Quick checks of the recovery pieces that need no lab: key rotation rules, the proof, the drill runner."""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from nixcache.drill import PhaseError, PhaseRunner
+from nixcache.keys import SecretKey, fingerprint
+from operations import rotation
+from operations.recovery import check_served
+from operations.settings import SettingsError, from_data
+
+CUR, NXT = "file:///k/current", "file:///k/next"
+
+
+@pytest.mark.parametrize(
+    ("data", "refs", "files"),
+    [
+        ({"signing_key_ref": CUR}, [CUR], ["/etc/nixcache/signing-key"]),
+        (
+            {"signing_key_ref": CUR, "signing_key_next_ref": NXT},
+            [CUR, NXT],
+            ["/etc/nixcache/signing-key", "/etc/nixcache/signing-key.next"],
+        ),
+        (
+            {"signing_key_ref": CUR, "signing_key_next_ref": NXT, "rotate_phase": "retire"},
+            [NXT],
+            ["/etc/nixcache/signing-key.next"],
+        ),
+    ],
+)
+def test_rotation_phases_name_keys_and_files(data, refs, files) -> None:
+    settings = from_data("cache-1", data)
+    assert rotation.signing_refs(data) == refs
+    assert rotation.key_files(settings) == files
+
+
+def test_rotation_rejects_unknown_phase() -> None:
+    with pytest.raises(SettingsError, match="rotate_phase"):
+        rotation.phase({"signing_key_next_ref": NXT, "rotate_phase": "swap"})
+
+
+def test_next_name_bumps_generation() -> None:
+    assert rotation.next_name("cache-eu-1") == "cache-eu-2"
+    assert rotation.next_name("lab1-9") == "lab1-10"
+    assert rotation.next_name("mykey") == "mykey-2"
+
+
+def test_trusted_keys_follow_phase() -> None:
+    old, new = SecretKey.generate("c-1"), SecretKey.generate("c-2")
+    values = {CUR: old.serialize(), NXT: new.serialize() + "\n"}
+    both = {"signing_key_ref": CUR, "signing_key_next_ref": NXT}
+    assert rotation.trusted_public_keys(both, values.__getitem__) == [str(old.public()), str(new.public())]
+    retired = dict(both, rotate_phase="retire")
+    assert rotation.trusted_public_keys(retired, values.__getitem__) == [str(new.public())]
+
+
+def _serve(routes: dict[str, str]):
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = routes.get(self.path)
+            self.send_response(200 if body is not None else 404)
+            self.end_headers()
+            self.wfile.write((body or "not found").encode())
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def _narinfo(key: SecretKey, hash_part: str) -> str:
+    path = f"/nix/store/{hash_part}-hello"
+    nar_hash = "sha256:" + "1" * 52
+    sig = key.sign(fingerprint(path, nar_hash, 120, []))
+    return (
+        f"StorePath: {path}\nURL: nar/x.nar\nCompression: none\nNarHash: {nar_hash}\n"
+        f"NarSize: 120\nReferences: \nSig: {sig}\n"
+    )
+
+
+def test_proof_accepts_the_stored_key_and_rejects_another() -> None:
+    key, other = SecretKey.generate("cache-1"), SecretKey.generate("cache-1")
+    hash_part = "0" * 32
+    server, url = _serve({"/pubkey": f"{key.public()}\n", f"/{hash_part}.narinfo": _narinfo(key, hash_part)})
+    try:
+        assert check_served(url, str(key.public()), hash_part) is None
+        assert "does not list the stored key" in check_served(url, str(other.public()), hash_part)
+        assert "answers HTTP 404" in check_served(url, str(key.public()), "1" * 32)
+    finally:
+        server.shutdown()
+
+
+def test_proof_rejects_a_signature_by_another_key_of_the_same_name() -> None:
+    key, impostor = SecretKey.generate("cache-1"), SecretKey.generate("cache-1")
+    hash_part = "2" * 32
+    routes = {"/pubkey": f"{key.public()}\n", f"/{hash_part}.narinfo": _narinfo(impostor, hash_part)}
+    server, url = _serve(routes)
+    try:
+        assert "without a valid Sig by cache-1" in check_served(url, str(key.public()), hash_part)
+    finally:
+        server.shutdown()
+
+
+def test_phase_runner_times_phases_and_stops_at_the_failed_one() -> None:
+    lines: list[str] = []
+    ran: list[str] = []
+
+    def fail() -> None:
+        raise PhaseError("restic said no")
+
+    runner = PhaseRunner(echo=lines.append)
+    runner.add("up", lambda: ran.append("up"))
+    runner.add("backup", fail)
+    runner.add("verify", lambda: ran.append("verify"))
+    assert runner.run() is False
+    assert ran == ["up"]
+    assert runner.failed == "backup"
+    assert lines[0].startswith("phase up: ") and lines[0].endswith(" s")
+    assert lines[1].startswith("phase backup: FAILED after ") and "restic said no" in lines[1]
