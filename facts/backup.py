@@ -98,8 +98,10 @@ class ResticSnapshots(FactBase[dict[str, Any]]):
         text = "\n".join(output).strip()
         if text.startswith("ERROR"):
             return {"reachable": False, "error": text[len("ERROR") :].strip()}
+        # ssh and restic may print notices (a host key learnt on first contact) before the JSON line.
+        json_lines = [line for line in text.splitlines() if line.startswith("[")]
         try:
-            snapshots = json.loads(text or "[]")
+            snapshots = json.loads(json_lines[-1] if json_lines else text or "[]")
         except json.JSONDecodeError:
             return {"reachable": False, "error": text.splitlines()[-1] if text else "no output"}
         if not snapshots:

@@ -101,6 +101,8 @@ Host {repository_host}
     StrictHostKeyChecking accept-new
     UserKnownHostsFile {STATE_DIR}/known_hosts
     ConnectTimeout 10
+    # Keep notices ("Permanently added …") out of restic's output.
+    LogLevel ERROR
     ServerAliveInterval 30
 """
 
