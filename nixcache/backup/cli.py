@@ -31,6 +31,13 @@ class ConfigProblem(click.ClickException):
     exit_code = EX_CONFIG
 
 
+def _failed(error: ResticError) -> click.ClickException:
+    """restic's own last lines for context, then the one-line error (as click prints it)."""
+    for line in error.detail:
+        click.echo(f"restic: {line}", err=True)
+    return click.ClickException(str(error))
+
+
 def _config(path: Path) -> BackupConfig:
     try:
         return load(path)
@@ -98,7 +105,7 @@ def list_snapshots(config_path: Path, all_hosts: bool, sizes: bool, as_json: boo
             for s in snapshots
         }
     except ResticError as error:
-        raise click.ClickException(str(error)) from None
+        raise _failed(error) from None
     if as_json:
         rows = [
             {
@@ -244,7 +251,7 @@ def restore(
         finally:
             finish()
     except ResticError as error:
-        raise click.ClickException(str(error)) from None
+        raise _failed(error) from None
     checked = ", verified" if verify else ""
     click.echo(
         f"restored snapshot {snapshot.short_id} into {target}: {human_bytes(total)}{checked}"
@@ -263,7 +270,7 @@ def check(config_path: Path) -> None:
     try:
         restic.check()
     except ResticError as error:
-        raise click.ClickException(str(error)) from None
+        raise _failed(error) from None
     state = load_state(state_file, metrics_file)
     state.last_check = time.time()
     try:

@@ -37,11 +37,13 @@ _SCRUBBED = (
 class ResticError(RuntimeError):
     """A restic step failed; `str()` is one line naming the repository, the cause and the fix."""
 
-    def __init__(self, repository: str, cause: str, fix: str):
+    def __init__(self, repository: str, cause: str, fix: str, detail: list[str] | None = None):
         super().__init__(f"backup repository {repository}: {cause}; {fix}")
         self.repository = repository
         self.cause = cause
         self.fix = fix
+        # restic's own last lines (credentials redacted), printed above the one-line error
+        self.detail = detail or []
 
 
 @dataclass(frozen=True)
@@ -106,8 +108,9 @@ class Restic:
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    def _fail(self, cause: str, fix: str) -> ResticError:
-        return ResticError(redact(self.repository), redact(cause, self.repository), fix)
+    def _fail(self, cause: str, fix: str, stderr: str = "") -> ResticError:
+        detail = [redact(line, self.repository) for line in _meaningful_lines(stderr)[-10:]]
+        return ResticError(redact(self.repository), redact(cause, self.repository), fix, detail)
 
     def environment(self) -> dict[str, str]:
         """The environment restic runs with: repository, password file, credentials, cache."""
@@ -147,36 +150,53 @@ class Restic:
         """Turn restic's stderr into one line: what broke and how to fix it."""
         text = stderr.strip()
         lowered = text.lower()
+
+        def fail(cause: str, fix: str) -> ResticError:
+            return self._fail(cause, fix, text)
+
         if "wrong password" in lowered:
-            return self._fail(
+            return fail(
                 f"the password in {self.config.password_file} does not open it",
                 "put the repository's password in that file (or point password_file at the right one)",
             )
         if "already locked" in lowered or "unable to create lock" in lowered:
-            return self._fail(
+            return fail(
                 "it is locked by another restic process",
                 "wait for it to finish; if none is running, run `restic unlock` against the repository",
             )
         if "permission denied" in lowered or "read-only file system" in lowered:
-            return self._fail(
+            return fail(
                 f"permission denied while trying to {action}",
                 "make the repository writable for the backup user (root) and mounted read-write",
             )
         if "no space left" in lowered:
-            return self._fail(
+            return fail(
                 f"no space left on the repository's device while trying to {action}",
                 "free space there or lower the retention counts",
+            )
+        if "unable to open config file" in lowered and _says_missing(lowered):
+            return fail(
+                "there is no repository there yet",
+                "run `nixcache backup run` (it initialises the repository) or fix 'repository' in the config",
             )
         if (
             "is there a repository at the following location" in lowered
             or "unable to open repository" in lowered
         ):
-            return self._fail(
+            return fail(
                 f"cannot reach it ({_last_fatal(text)})",
                 "check the URL/path, the network and the credentials in env_file",
             )
+        if "repository contains errors" in lowered:
+            problems = [line for line in _meaningful_lines(text) if not line.startswith("Fatal:")]
+            first = f": {problems[0]}" if problems else ""
+            return fail(
+                f"restic check found damage{first}",
+                "see the restic lines above; run `restic rebuild-index` and `nixcache backup check` again,"
+                " and if it stays damaged start a new repository (the next run fills it)",
+            )
         detail = _last_fatal(text) or f"restic exited with status {returncode}"
-        return self._fail(f"{action} failed: {detail}", "read the restic message above and fix its cause")
+        return fail(f"{action} failed: {detail}", "see the restic lines above and fix their cause")
 
     def _argv(self, args: list[str]) -> list[str]:
         return [self.binary, *args]
@@ -222,6 +242,7 @@ class Restic:
                 raise self._fail(
                     f"some files could not be read, the snapshot is incomplete ({_last_line(stderr)})",
                     "fix the permissions of those files or exclude them",
+                    stderr,
                 )
             raise self.explain(stderr, returncode, action)
         return messages
@@ -260,8 +281,7 @@ class Restic:
         if result.returncode == 0:
             return True
         lowered = result.stderr.lower()
-        missing = ("no such file or directory", "does not exist", "404", "not found", "nosuchkey")
-        if "unable to open config file" in lowered and any(m in lowered for m in missing):
+        if "unable to open config file" in lowered and _says_missing(lowered):
             return False
         raise self.explain(result.stderr, result.returncode, "open the repository")
 
@@ -358,6 +378,28 @@ def _first_json_document(text: str) -> Any:
     except json.JSONDecodeError:
         return None
     return value
+
+
+def _says_missing(lowered_stderr: str) -> bool:
+    """restic's backends word "there is no such file" differently; these are the ones seen."""
+    markers = ("no such file or directory", "does not exist", "404", "not found", "nosuchkey")
+    return any(marker in lowered_stderr for marker in markers)
+
+
+_CHATTER = (
+    "using temporary cache",
+    "create exclusive lock",
+    "load indexes",
+    "check all packs",
+    "check snapshots, trees and blobs",
+    "[",
+)
+
+
+def _meaningful_lines(stderr: str) -> list[str]:
+    """restic's stderr without its progress chatter."""
+    lines = [line.strip() for line in stderr.splitlines()]
+    return [line for line in lines if line and not line.startswith(_CHATTER)]
 
 
 def _last_fatal(stderr: str) -> str:

@@ -120,6 +120,8 @@ def run_backup(
         _steps(restic, config, state, result, echo, now)
         result.ok = True
     except ResticError as error:
+        for line in error.detail:
+            echo(f"restic: {line}")
         result.error = str(error)
     result.duration = time.monotonic() - started
 
