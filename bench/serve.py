@@ -1,0 +1,260 @@
+#!/usr/bin/env python3
+"""Benchmark `nixcache serve` against nginx serving the same store from disk.
+
+    python bench/serve.py [--paths 300] [--nar-mib 64] [--seconds 5]
+
+Builds a synthetic store (narinfos + NARs) in a temp dir, starts this server and nginx
+(Debian's nginx-light, temp config, loopback only) on it, then measures:
+- narinfo: time to fetch every narinfo over ONE keep-alive connection with curl (libcurl, as
+  Nix uses), median of several rounds after a warm-up, plus the first (cold) round;
+- NAR throughput with wrk on 1 and 16 connections;
+- peak RSS (VmHWM) of the server process.
+nginx serves the stored narinfo files as they are; this server signs each one on the fly (and
+caches the signed text). Prints a table; writes nothing outside the temp dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from nixcache.keys import SecretKey
+from nixcache.server import base32
+from nixcache.server.nar import NAR_MAGIC
+
+NGINX_CONF = """
+daemon off;
+worker_processes 1;
+{user}
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    access_log {prefix}/access.log;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    sendfile on;
+    tcp_nopush on;
+    tcp_nodelay on;
+    keepalive_requests 1000000;
+    types {{ text/x-nix-narinfo narinfo; application/x-nix-nar nar xz zst bz2; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location ~ "^/([0-9a-z]{{32}})\\.narinfo$" {{ alias {store}/narinfo/$1.narinfo; }}
+        location /nar/ {{ alias {store}/nar/; }}
+    }}
+}}
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def nar_of(size: int) -> bytes:
+    """A plausible uncompressed NAR of one file, `size` bytes long in total."""
+    body = os.urandom(max(0, size - 120))
+
+    def s(b: bytes) -> bytes:
+        return len(b).to_bytes(8, "little") + b + b"\0" * (-len(b) % 8)
+
+    return NAR_MAGIC + b"".join(s(p) for p in (b"(", b"type", b"regular", b"contents", body, b")"))
+
+
+def build_store(root: Path, paths: int, nar_mib: int) -> tuple[list[str], str]:
+    """narinfos for `paths` store paths (small NARs) and one big NAR; returns hashes and its name."""
+    for d in ("narinfo", "nar", "nar-meta", "tmp"):
+        (root / d).mkdir(parents=True)
+    hashes = []
+    refs: list[str] = []
+    for i in range(paths):
+        nar = nar_of(2048 + i)
+        file_hash = base32.encode(hashlib.sha256(nar).digest())
+        name = f"{file_hash}.nar"
+        (root / "nar" / name).write_bytes(nar)
+        nar_hash = "sha256:" + file_hash
+        (root / "nar-meta" / name).write_text(f"{nar_hash} {len(nar)}\n")
+        h = base32.encode(os.urandom(20))
+        base = f"{h}-bench-path-{i}"
+        (root / "narinfo" / f"{h}.narinfo").write_text(
+            f"StorePath: /nix/store/{base}\nURL: nar/{name}\nCompression: none\n"
+            f"FileHash: {nar_hash}\nFileSize: {len(nar)}\nNarHash: {nar_hash}\nNarSize: {len(nar)}\n"
+            f"References: {' '.join(refs[-5:])}\n"
+            f"Deriver: {base32.encode(os.urandom(20))}-bench-path-{i}.drv\n"
+        )
+        refs.append(base)
+        hashes.append(h)
+    big = nar_of(nar_mib * 1024 * 1024)
+    big_name = base32.encode(hashlib.sha256(big).digest()) + ".nar"
+    (root / "nar" / big_name).write_bytes(big)
+    return hashes, big_name
+
+
+def wait_port(port: int, timeout: float = 15) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def curl_round(base: str, hashes: list[str], work: Path) -> float:
+    """Seconds curl takes to GET every narinfo, all on one keep-alive connection."""
+    config = work / "curl.cfg"
+    config.write_text("".join(f'url = "{base}/{h}.narinfo"\noutput = "/dev/null"\n' for h in hashes))
+    start = time.perf_counter()
+    out = subprocess.run(
+        ["curl", "-sS", "--fail", "--config", str(config), "-w", "%{num_connects}\n"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    elapsed = time.perf_counter() - start
+    connects = sum(int(x) for x in out.stdout.split())
+    if connects != 1:
+        raise SystemExit(f"curl opened {connects} connections to {base}; expected one keep-alive connection")
+    return elapsed
+
+
+def wrk(url: str, connections: int, seconds: int) -> float:
+    """MiB/s that wrk reports."""
+    threads = min(connections, 2)
+    out = subprocess.run(
+        ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    match = re.search(r"Transfer/sec:\s+([\d.]+)([KMG]?B)", out)
+    if not match:
+        raise SystemExit(f"cannot read wrk output:\n{out}")
+    factor = {"B": 1 / 1024**2, "KB": 1 / 1024, "MB": 1, "GB": 1024}[match.group(2)]
+    return float(match.group(1)) * factor
+
+
+def peak_rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
+
+
+def measure(
+    bases: dict[str, str], hashes: list[str], big: str, work: Path, rounds: int, seconds: int
+) -> dict:
+    """Every measurement alternates between the servers, so load from elsewhere on the machine
+    hits both alike; narinfo times are medians of `rounds`."""
+    results: dict[str, dict] = {name: {"warm": []} for name in bases}
+    for name, base in bases.items():
+        results[name]["cold"] = curl_round(base, hashes, work)
+    for _ in range(rounds):
+        for name, base in bases.items():
+            results[name]["warm"].append(curl_round(base, hashes, work))
+    for name in bases:
+        results[name]["warm"] = statistics.median(results[name]["warm"])
+    for connections, key in ((1, "one"), (16, "sixteen")) if seconds else ():
+        for name, base in bases.items():
+            results[name][key] = wrk(f"{base}/nar/{big}", connections, seconds)
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--paths", type=int, default=300)
+    parser.add_argument("--nar-mib", type=int, default=64)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument(
+        "--server-args", default="", help="extra flags for nixcache serve, e.g. '--log-level warning'"
+    )
+    parser.add_argument("--narinfo-only", action="store_true", help="skip the NAR throughput runs")
+    args = parser.parse_args()
+    for tool in ("nginx", "wrk", "curl"):
+        if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
+            raise SystemExit(f"{tool} not found: apt-get install nginx-light wrk curl")
+
+    work = Path(tempfile.mkdtemp(prefix="nixcache-bench-"))
+    procs: list[subprocess.Popen] = []
+    try:
+        store = work / "store"
+        hashes, big = build_store(store, args.paths, args.nar_mib)
+        key = SecretKey.generate("bench-1")
+        (work / "key").write_text(key.serialize())
+
+        ours_port, nginx_port = free_port(), free_port()
+        ours = subprocess.Popen(
+            [sys.executable, "-c", "from nixcache.cli import main; main()", "serve",
+             "--listen", f"127.0.0.1:{ours_port}", "--store", str(store), "--signing-key", str(work / "key"),
+             *args.server_args.split()],
+            stdout=subprocess.DEVNULL,
+            stderr=open(work / "server.log", "wb"),  # noqa: SIM115
+        )  # fmt: skip
+        procs.append(ours)
+        prefix = work / "nginx"
+        prefix.mkdir()
+        user = "user root;" if os.geteuid() == 0 else ""
+        conf = NGINX_CONF.format(prefix=prefix, port=nginx_port, store=store, user=user)
+        (prefix / "nginx.conf").write_text(conf)
+        nginx_bin = shutil.which("nginx") or "/usr/sbin/nginx"
+        nginx = subprocess.Popen(
+            [nginx_bin, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", "stderr"]
+        )
+        procs.append(nginx)
+        wait_port(ours_port)
+        wait_port(nginx_port)
+
+        bases = {"nginx": f"http://127.0.0.1:{nginx_port}", "nixcache": f"http://127.0.0.1:{ours_port}"}
+        results = measure(bases, hashes, big, work, args.rounds, 0 if args.narinfo_only else args.seconds)
+        rss = peak_rss_mib(ours.pid)
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+    ng, us = results["nginx"], results["nixcache"]
+    if args.narinfo_only:
+        ng["one"] = ng["sixteen"] = us["one"] = us["sixteen"] = 1.0
+    n = len(hashes)
+    print(f"{n} narinfos over one keep-alive connection (curl)")
+    print(f"NAR of {args.nar_mib} MiB, wrk for {args.seconds}s per run")
+    print(f"{'':34}{'nginx':>12}{'nixcache':>12}{'ratio':>10}   target")
+    rows = [
+        ("narinfo, warm (median of rounds)", ng["warm"] * 1000, us["warm"] * 1000, "ms", "<= 1.5x time"),
+        ("narinfo, first round", ng["cold"] * 1000, us["cold"] * 1000, "ms", ""),
+        ("NAR throughput, 1 connection", ng["one"], us["one"], "MiB/s", ">= 0.7x"),
+        ("NAR throughput, 16 connections", ng["sixteen"], us["sixteen"], "MiB/s", ">= 0.7x"),
+    ]
+    for label, a, b, unit, target in rows[: 2 if args.narinfo_only else 4]:
+        print(f"{label:34}{a:>9.1f} {unit:<3}{b:>9.1f} {unit:<3}{b / a:>8.2f}x   {target}")
+    print(f"per narinfo: nginx {ng['warm'] / n * 1e6:.0f} us, nixcache {us['warm'] / n * 1e6:.0f} us")
+    print(f"nixcache peak RSS: {rss:.1f} MiB (target < 100 MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
