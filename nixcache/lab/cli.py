@@ -69,9 +69,11 @@ def status(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([host.public() for host in hosts], indent=2))
         return
-    click.echo("NAME\tADDRESS\tSSH PORT\tSTATE\tSSH KEY")
-    for host in hosts:
-        click.echo(f"{host.name}\t{host.address}\t{host.ssh_port}\t{host.state}\t{host.ssh_key}")
+    rows = [("NAME", "ADDRESS", "SSH PORT", "STATE", "SSH KEY")]
+    rows += [(h.name, h.address, str(h.ssh_port), h.state, h.ssh_key) for h in hosts]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
 @lab.command()

@@ -1,7 +1,7 @@
 """The lab's base image: a Debian bookworm root built once with debootstrap and cached.
 
-The cache lives outside the repository (`/var/cache/nixcache/lab/<key>/root`, or
-`$NIXCACHE_LAB_IMAGE_CACHE`), keyed by a hash of the recipe and package list, so a change to
+The cache lives outside the repository (`/var/cache/nixcache/lab/<key>/builds/<id>/root`,
+or below `$NIXCACHE_LAB_IMAGE_CACHE`), keyed by a hash of the recipe and package list, so a change to
 `nixcache.packages.ALL_PACKAGES` builds a new image and an unchanged list reuses the old one.
 A file lock serialises concurrent builds (several labs and test runs share the cache).
 
@@ -43,7 +43,7 @@ BOOT_PACKAGES: tuple[str, ...] = (
 )
 
 DEFAULT_CACHE = Path("/var/cache/nixcache/lab")
-COMPLETE_MARKER = "complete"
+CURRENT_FILE = "current"  # names the complete build in <key>/builds/ that new hosts use
 
 Progress = Callable[[str], None]
 
@@ -65,20 +65,19 @@ def image_key(package_list: tuple[str, ...] | None = None) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def image_root(key: str | None = None) -> Path:
-    """The root directory of the cached image with `key` (built or not)."""
-    return cache_dir() / (key or image_key()) / "root"
-
-
 def _stderr_progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def _locked(path: Path, progress: Progress) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress(f"lab: waiting for another process building the lab image (lock {path})")
+            fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -156,30 +155,55 @@ def _generalise(root: Path) -> None:
     (root / "root/.ssh").mkdir(mode=0o700, exist_ok=True)
 
 
+def current(key: str | None = None) -> Path | None:
+    """The root of the complete image for `key` (default: today's package list), or None."""
+    key_dir = cache_dir() / (key or image_key())
+    try:
+        build_id = (key_dir / CURRENT_FILE).read_text().strip()
+    except FileNotFoundError:
+        legacy = key_dir / "root"  # layout before builds/ existed: <key>/root + <key>/complete
+        return legacy if (key_dir / "complete").exists() and legacy.is_dir() else None
+    root = key_dir / "builds" / build_id / "root"
+    return root if build_id and root.is_dir() else None
+
+
 def ensure(progress: Progress = _stderr_progress, *, rebuild: bool = False) -> Path:
-    """Return the cached image root, building it first when absent (or when `rebuild`)."""
+    """Return the cached image root, building it first when absent (or a new one when `rebuild`).
+
+    Every build goes to a new directory and becomes current only once complete, so hosts
+    whose overlay roots sit on an older build keep running; builds no mount uses any more
+    are removed after a successful build.
+    """
     key = image_key()
-    root = image_root(key)
-    marker = root.parent / COMPLETE_MARKER
-    with _locked(cache_dir() / f"{key}.lock"):
-        if marker.exists() and root.is_dir() and not rebuild:
-            return root
+    key_dir = cache_dir() / key
+    with _locked(cache_dir() / f"{key}.lock", progress):
+        existing = current(key)
+        if existing is not None and not rebuild:
+            return existing
         started = time.monotonic()
-        users = rootfs.image_users(root)
-        if users:
-            # Overlay roots read from the image: changing it under them would corrupt them.
-            raise LabError(
-                f"the lab image {root} is in use by {len(users)} lab host(s) ({users[0]} …); "
-                "run `nixcache lab down` in those labs before --rebuild"
-            )
-        if root.parent.exists():
-            shutil.rmtree(root.parent)  # a half-built image (crash) or a forced rebuild
-        root.parent.mkdir(parents=True)
+        build_dir = key_dir / "builds" / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+        build_dir.mkdir(parents=True)
         try:
-            build(root, progress, os.environ.get("NIXCACHE_LAB_MIRROR") or None)
+            build(build_dir / "root", progress, os.environ.get("NIXCACHE_LAB_MIRROR") or None)
         except BaseException:
-            marker.unlink(missing_ok=True)
+            shutil.rmtree(build_dir, ignore_errors=True)
             raise
-        marker.write_text(f"{time.time()}\n")
+        pointer = key_dir / f".{CURRENT_FILE}.tmp"
+        pointer.write_text(build_dir.name + "\n")
+        os.replace(pointer, key_dir / CURRENT_FILE)
         progress(f"lab: image {key} built in {time.monotonic() - started:.0f} s")
-    return root
+        _prune(key_dir, keep=build_dir / "root", progress=progress)
+    return build_dir / "root"
+
+
+def _prune(key_dir: Path, keep: Path, progress: Progress) -> None:
+    """Remove this key's older builds that no overlay mount uses (a lab that is up keeps its own)."""
+    candidates = [path / "root" for path in (key_dir / "builds").glob("*")] + [key_dir / "root"]
+    for root in candidates:
+        if root == keep or not root.exists():
+            continue
+        if rootfs.image_users(root):
+            progress(f"lab: keeping the previous image {root}: lab hosts still run on it")
+            continue
+        shutil.rmtree(root.parent if root.parent != key_dir else root, ignore_errors=True)
+    (key_dir / "complete").unlink(missing_ok=True)

@@ -18,11 +18,13 @@ from nixcache.lab import (
     LabNotUpError,
     LabState,
     PrerequisiteError,
+    image,
     network,
     prereqs,
     rootfs,
 )
 from nixcache.lab import state as statefile
+from nixcache.packages import ALL_PACKAGES
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -151,3 +153,25 @@ def test_inventory_without_a_lab_fails_in_one_line(tmp_path: Path) -> None:
     assert f"inventories/lab.py: the lab in {tmp_path} is not up; start it with `nixcache lab up`" in (
         result.stderr + result.stdout
     )
+
+
+def test_image_key_follows_the_package_list() -> None:
+    assert image.image_key(("a", "b")) == image.image_key(("b", "a"))
+    assert image.image_key(("a", "b")) != image.image_key(("a", "b", "c"))
+    assert set(ALL_PACKAGES) <= set(image.packages())
+    assert {"systemd-sysv", "openssh-server", "python3"} <= set(image.packages())
+
+
+def test_the_current_image_is_the_completed_build_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NIXCACHE_LAB_IMAGE_CACHE", str(tmp_path))
+    key_dir = tmp_path / image.image_key()
+    assert image.current() is None
+    (key_dir / "builds" / "half-built" / "root").mkdir(parents=True)  # a crash mid-build
+    assert image.current() is None
+    (key_dir / "builds" / "b1" / "root").mkdir(parents=True)
+    (key_dir / "current").write_text("b1\n")
+    assert image.current() == key_dir / "builds" / "b1" / "root"
+    image._prune(key_dir, keep=key_dir / "builds" / "b1" / "root", progress=lambda line: None)
+    assert [p.name for p in (key_dir / "builds").iterdir()] == ["b1"]
