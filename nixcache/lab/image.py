@@ -84,6 +84,25 @@ def _locked(path: Path, progress: Progress) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+HEARTBEAT = 5.0  # seconds between progress lines while packages go by
+PER_PACKAGE = ("I: Retrieving ", "I: Validating ", "I: Extracting ", "I: Unpacking ", "I: Configuring ")
+
+
+def _is_phase(line: str) -> bool:
+    """debootstrap's phase lines and any warning or error (not its per-package lines)."""
+    if line.startswith(("W: ", "E: ")):
+        return True
+    if not line.startswith("I: "):
+        return False
+    prefix = next((p for p in PER_PACKAGE if line.startswith(p)), None)
+    if prefix is None:
+        return True
+    # "I: Extracting libc6..." / "I: Retrieving bash 5.2" are per package; "I: Unpacking the
+    # base system..." / "I: Retrieving Release" are phases.
+    words = line[len(prefix) :].rstrip(".").split()
+    return len(words) > 2 or not words or words[0] in ("the", "required", "base", "Release", "Packages")
+
+
 def _run_logged(argv: list[str], log: Path, progress: Progress, label: str) -> None:
     """Run `argv`, append its output to `log`, report each debootstrap/apt step as progress."""
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", LC_ALL="C")
@@ -99,13 +118,16 @@ def _run_logged(argv: list[str], log: Path, progress: Progress, label: str) -> N
             env=env,
         )
         assert process.stdout is not None
+        started = last_shown = time.monotonic()
         for line in process.stdout:
             log_handle.write(line)
             line = line.rstrip()
-            # debootstrap says "I: Retrieving ...", apt says "Setting up ..."; one line each is
-            # enough to show it is moving without flooding the terminal.
-            if line.startswith(("I: ", "W: ", "E: ")) or line.startswith(("Unpacking ", "Setting up ")):
-                progress(f"  [{label}] {line}")
+            now = time.monotonic()
+            # Phases, warnings and errors always; per-package lines (hundreds of them) only as
+            # a heartbeat every few seconds, so the terminal shows it moving without flooding.
+            if _is_phase(line) or now - last_shown >= HEARTBEAT:
+                progress(f"  [{label} {now - started:3.0f} s] {line}")
+                last_shown = now
         code = process.wait()
     if code != 0:
         raise LabError(f"building the lab image failed at `{argv[0]}` (exit {code}); see {log} for why")

@@ -175,3 +175,10 @@ def test_the_current_image_is_the_completed_build_only(
     assert image.current() == key_dir / "builds" / "b1" / "root"
     image._prune(key_dir, keep=key_dir / "builds" / "b1" / "root", progress=lambda line: None)
     assert [p.name for p in (key_dir / "builds").iterdir()] == ["b1"]
+
+
+def test_image_progress_shows_phases_not_every_package() -> None:
+    phases = ["I: Resolving dependencies of base packages...", "I: Unpacking the base system...", "E: boom"]
+    packages = ["I: Retrieving bash 5.2.15-2+b13", "I: Extracting libc6...", "I: Configuring dash..."]
+    assert [image._is_phase(line) for line in phases] == [True, True, True]
+    assert [image._is_phase(line) for line in packages] == [False, False, False]
