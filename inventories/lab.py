@@ -8,6 +8,7 @@ Host names are the lab's (lab1, lab2, …); each host carries its SSH data and:
   lab_network             the lab's CIDR (e.g. 10.231.3.0/24): hosts and controller live in it
   lab_controller_address  the controller's address on that network (where pyinfra connects from)
   lab_address             the host's own address
+  lab_state_dir           the lab's state directory (NIXCACHE_LAB_DIR resolved)
 Group data for the deploys lives in inventories/group_data/lab.py.
 """
 
@@ -42,6 +43,7 @@ def _hosts() -> list[tuple[str, dict]]:
                 "lab_address": host.address,
                 "lab_network": state.subnet,
                 "lab_controller_address": state.gateway,
+                "lab_state_dir": str(lab.state_dir),
             },
         )
         for host in running

@@ -134,7 +134,13 @@ class Lab:
             wanted = [self._host_record(current, index, key) for index in range(1, hosts + 1)]
             statefile.save(self.state_dir, current)
             started = time.monotonic()
-            to_boot = [host for host in wanted if not machine.is_machine(host.pid, Path(host.root))]
+            # A machine whose namespace vanished (`ip netns delete`, a cleanup script) runs cut
+            # off from the lab network: boot it again into a new one.
+            to_boot = [
+                host
+                for host in wanted
+                if not machine.is_machine(host.pid, Path(host.root)) or not network.netns_exists(host.netns)
+            ]
             addresses = {host.name: host.address for host in current.hosts}
             for host in wanted:
                 network.ensure_host_network(

@@ -150,6 +150,14 @@ def test_up_recovers_a_host_whose_machine_died(own_lab: Lab) -> None:
     assert on_host(own_lab, "lab2", "cat /root/disk.txt") == "survived"  # its disk was kept
 
 
+def test_up_recovers_a_host_whose_namespace_was_deleted(own_lab: Lab) -> None:
+    victim = own_lab.host("lab1")
+    subprocess.run(["ip", "netns", "delete", victim.netns], check=True)
+    own_lab.up(HOSTS)
+    assert own_lab.host("lab1").pid != victim.pid
+    assert on_host(own_lab, "lab1", "hostname") == "lab1"
+
+
 def test_reset_gives_a_fresh_host_with_the_same_name_address_and_access(own_lab: Lab) -> None:
     on_host(own_lab, "lab1", "echo before-reset > /root/state.txt")
     old_key = on_host(own_lab, "lab1", "cat /etc/ssh/ssh_host_ed25519_key.pub")
