@@ -147,6 +147,8 @@ def list_snapshots(config_path: Path, all_hosts: bool, sizes: bool, as_json: boo
 def _pick(restic: Restic, snapshot_id: str | None, host: str) -> Snapshot:
     """The snapshot to restore: an id (prefix) from any host, or the latest of `host`."""
     repository = restic.display_repository()
+    if snapshot_id == "latest":  # restic's own word for it
+        snapshot_id = None
     if snapshot_id:
         matches = [s for s in restic.snapshots(this_host=False) if s.id.startswith(snapshot_id.lower())]
         if not matches:

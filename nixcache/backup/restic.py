@@ -164,6 +164,16 @@ class Restic:
                 "it is locked by another restic process",
                 "wait for it to finish; if none is running, run `restic unlock` against the repository",
             )
+        ssh = [line for line in text.splitlines() if line.startswith("subprocess ssh:")]
+        if ssh:
+            said = ssh[-1].removeprefix("subprocess ssh:").strip()
+            if "host key verification failed" in lowered:
+                fix = "add the repository host's key to root's known_hosts (ssh-keyscan, then verify it)"
+            elif "permission denied" in lowered:
+                fix = "install root's ssh public key for that user on the repository host"
+            else:
+                fix = "check the host name, that sshd runs there, and the network between the hosts"
+            return fail(f"ssh to the repository host failed ({said})", fix)
         if "permission denied" in lowered or "read-only file system" in lowered:
             return fail(
                 f"permission denied while trying to {action}",
