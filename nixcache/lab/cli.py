@@ -38,6 +38,9 @@ def lab() -> None:
 
     State (hosts, SSH key, logs) lives in $NIXCACHE_LAB_DIR, default ./.lab; the base image is
     cached in /var/cache/nixcache/lab ($NIXCACHE_LAB_IMAGE_CACHE). Needs root.
+
+    Each lab has its own network 10.231.X.0/24 (controller .1, labN at .10+N). Once up:
+    `pyinfra -y inventories/lab.py exec -- systemctl is-system-running`.
     """
 
 

@@ -129,6 +129,11 @@ class Lab:
             statefile.save(self.state_dir, current)  # the id is on disk before anything carries it
             base = image.ensure(self.progress, rebuild=rebuild)
             current.image = str(base)
+            if rebuild and current.hosts:
+                self.progress(
+                    "lab: hosts that already run keep their image; "
+                    "`nixcache lab reset NAME` (or down, then up) moves them to the new one"
+                )
             key = ssh.ensure_keypair(self.state_dir)
             self._ensure_network(current)
             wanted = [self._host_record(current, index, key) for index in range(1, hosts + 1)]
@@ -156,7 +161,7 @@ class Lab:
             for host in to_boot:
                 if host not in fresh:
                     self._stop_host(host)
-                    rootfs.ensure_mounted(Path(current.image), self._host_dir(host.name), host.storage)
+                    rootfs.ensure_mounted(self._host_dir(host.name), host.storage)
             if fresh:
                 self.progress(f"lab: {len(fresh)} root(s) created in {time.monotonic() - started:.1f} s")
             for host in to_boot:
@@ -180,11 +185,8 @@ class Lab:
             if name.removeprefix(HOST_PREFIX).isdigit():
                 index = int(name.removeprefix(HOST_PREFIX))
             host = self._host_record(current, index, ssh.ensure_keypair(self.state_dir))
-            base = (
-                Path(current.image)
-                if current.image and Path(current.image).is_dir()
-                else image.ensure(self.progress)
-            )
+            base = image.ensure(self.progress)  # the current build: a reset host gets today's image
+            current.image = str(base)
             self.progress(f"lab: resetting {name} from {base}")
             self._stop_host(host)
             network.ensure_bridge(current.bridge, current.subnet)

@@ -79,11 +79,15 @@ def mount_overlay(image_root: Path, host_dir: Path, *, check: bool = True) -> bo
     return result.returncode == 0
 
 
-def ensure_mounted(image_root: Path, host_dir: Path, storage: str) -> None:
-    """After a crash or reboot, mount an overlay root again (its upper layer kept the host's changes)."""
+def ensure_mounted(host_dir: Path, storage: str) -> None:
+    """After a crash or reboot, mount an overlay root again (its upper layer kept the host's changes).
+
+    On the image build the host was created from, which `--rebuild` never removes while in use.
+    """
     if storage != "overlay":
         return
-    if not image_root.is_dir():
+    image_root = base_of(host_dir)
+    if image_root is None or not image_root.is_dir():
         raise LabError(
             f"the base image {image_root} under {host_dir} is gone; "
             f"run `nixcache lab down` and `nixcache lab up` to start from a new one"
@@ -109,6 +113,14 @@ def remove(host_dir: Path) -> None:
 def is_complete(host_dir: Path) -> bool:
     """True when the host's root was fully created (a crash mid-copy leaves no marker)."""
     return (host_dir / "prepared").exists()
+
+
+def base_of(host_dir: Path) -> Path | None:
+    """The image root a complete host root was created from."""
+    try:
+        return Path((host_dir / "prepared").read_text().strip())
+    except FileNotFoundError:
+        return None
 
 
 def mark_complete(host_dir: Path, image_root: Path) -> None:
