@@ -143,6 +143,8 @@ def test_up_recovers_a_host_whose_machine_died(own_lab: Lab) -> None:
     while machine.is_machine(victim.pid, Path(victim.root)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert own_lab.host("lab2").state == "stopped"
+    # ... and its root filesystem is unmounted, as after a reboot of the controller.
+    subprocess.run(["umount", victim.root], check=True)
     own_lab.up(HOSTS)
     assert own_lab.host("lab2").state == "running"
     assert own_lab.host("lab2").pid != victim.pid
