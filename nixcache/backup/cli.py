@@ -1,7 +1,8 @@
 """`nixcache backup`: scheduled restic backups of the cache host, listing, restore and checks.
 
 Exit codes: 0 success, 1 the backup/restore/check failed (the last line says why and how to
-fix it), 78 (EX_CONFIG) the configuration file is missing or invalid.
+fix it), 75 (EX_TEMPFAIL) another `backup run` is in progress, 78 (EX_CONFIG) the
+configuration file is missing or invalid.
 A systemd oneshot unit runs `nixcache backup run --config /etc/nixcache/backup.toml`.
 """
 
@@ -24,6 +25,7 @@ from nixcache.backup.restic import Restic, ResticError, Snapshot
 from nixcache.backup.run import run_backup
 from nixcache.backup.state import load_state, save_state, write_metrics
 
+EX_TEMPFAIL = 75
 EX_CONFIG = 78
 
 
@@ -75,7 +77,7 @@ def run(config_path: Path) -> None:
         click.echo(line)
         return
     click.echo(line, err=True)
-    sys.exit(1)
+    sys.exit(EX_TEMPFAIL if result.busy else 1)
 
 
 def _when(snapshot: Snapshot) -> str:

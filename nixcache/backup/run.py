@@ -7,8 +7,11 @@ put it, so freshness alerts keep counting from the real last backup.
 
 from __future__ import annotations
 
+import fcntl
+import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,9 +37,12 @@ class RunResult:
     checked: bool = False
     duration: float = 0.0
     error: str = ""
+    busy: bool = False  # another run holds the lock; nothing was done or recorded
 
     def summary(self, config: BackupConfig, repository: str) -> str:
         """The one line the journal keeps for this run."""
+        if self.busy:
+            return f"nixcache backup skipped: {self.error}"
         if not self.ok:
             return f"nixcache backup FAILED after {self.duration:.1f} s: {self.error}"
         parts = [
@@ -61,8 +67,18 @@ def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def _warn_if_exposed(path: Path, echo: Callable[[str], None]) -> None:
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return  # restic's own step reports a missing file, with the fix
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        echo(f"backup: warning: password file {path} is readable by group or others; chmod 600 {path}")
+
+
 def _steps(restic: Restic, config: BackupConfig, state: BackupState, result: RunResult, echo, now) -> None:
     repository = restic.display_repository()
+    _warn_if_exposed(Path(config.password_file), echo)
     for path in config.backup_paths():
         if not Path(path).exists():
             raise ResticError(
@@ -104,13 +120,51 @@ def _steps(restic: Restic, config: BackupConfig, state: BackupState, result: Run
         result.checked = True
 
 
+@contextmanager
+def _exclusive(lock_file: Path) -> Iterator[bool]:
+    """Hold an flock on `lock_file` for the block; yields False when another run holds it."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with lock_file.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def run_backup(
     config: BackupConfig,
     echo: Callable[[str], None],
     *,
     now: Callable[[], float] = time.time,
 ) -> RunResult:
-    """Run every step, then record the outcome; never raises for a restic failure."""
+    """Run every step, then record the outcome; never raises for a restic failure.
+
+    Two runs at once (the timer and an operator) would fight over restic's locks and the
+    metrics file, so a second run stops at once with `busy` set and records nothing.
+    """
+    lock_file = Path(config.state_file).with_suffix(".lock")
+    try:
+        with _exclusive(lock_file) as acquired:
+            if not acquired:
+                return RunResult(
+                    busy=True,
+                    error=f"another `nixcache backup run` holds {lock_file}; wait for it to finish"
+                    f" (its summary goes to the journal)",
+                )
+            return _run_locked(config, echo, now)
+    except OSError as error:
+        return RunResult(
+            error=f"cannot take the run lock {lock_file}: {error.strerror};"
+            f" make {lock_file.parent} writable for root (state_file's directory)"
+        )
+
+
+def _run_locked(config: BackupConfig, echo: Callable[[str], None], now: Callable[[], float]) -> RunResult:
     restic = Restic(config)
     state_file, metrics_file = Path(config.state_file), Path(config.metrics_file)
     state = load_state(state_file, metrics_file)

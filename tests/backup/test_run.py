@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import subprocess
 import time
@@ -189,3 +190,28 @@ def test_a_live_lock_is_reported_and_a_stale_one_is_cleared(backup_env):
     result = backup_env.cli("run")
     assert result.exit_code == 0, result.output
     assert backup_env.metrics()["nixcache_backup_last_run_success"] == 1
+
+
+def test_a_second_run_at_once_stops_without_touching_the_record(backup_env):
+    assert backup_env.cli("run").exit_code == 0
+    metrics = Path(backup_env.config.metrics_file).read_text()
+    lock_file = Path(backup_env.config.state_file).with_suffix(".lock")
+    with lock_file.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a run in progress holds it
+        result = backup_env.cli("run")
+    assert result.exit_code == 75
+    assert result.stderr.strip() == (
+        f"nixcache backup skipped: another `nixcache backup run` holds {lock_file};"
+        " wait for it to finish (its summary goes to the journal)"
+    )
+    assert Path(backup_env.config.metrics_file).read_text() == metrics
+    assert backup_env.cli("run").exit_code == 0  # released: the next run proceeds
+
+
+def test_a_readable_password_file_is_warned_about(backup_env):
+    Path(backup_env.config.password_file).chmod(0o644)
+    result = backup_env.cli("run")
+    assert result.exit_code == 0, result.output
+    assert f"password file {backup_env.config.password_file} is readable by group or others; chmod 600" in (
+        result.stderr
+    )
