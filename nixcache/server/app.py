@@ -77,6 +77,9 @@ class App:
         self.pubkeys = "".join(f"{key.public()}\n" for key in keys).encode()
         # hash -> ((inode, mtime_ns, size), signed narinfo bytes): signing costs more than a stat.
         self._narinfo_cache: dict[str, tuple[tuple[int, int, int], bytes]] = {}
+        self._hit = metrics.narinfo.labels("hit")
+        self._miss = metrics.narinfo.labels("miss")
+        self._narinfo_prefix = f"{store.narinfo_dir}/"
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -207,16 +210,16 @@ class App:
         try:
             body = self._signed_narinfo(hash_part)
         except _DamagedEntry as error:
-            self.metrics.narinfo.labels("miss").inc()
+            self._miss.inc()
             return self._error(environ, start_response, 404, str(error))
         if body is None:
-            self.metrics.narinfo.labels("miss").inc()
+            self._miss.inc()
             return self._error(environ, start_response, 404, f"{hash_part}.narinfo is not in this cache")
-        self.metrics.narinfo.labels("hit").inc()
+        self._hit.inc()
         return self._respond(environ, start_response, "200 OK", body, "text/x-nix-narinfo")
 
     def _signed_narinfo(self, hash_part: str) -> bytes | None:
-        path = self.store.narinfo_path(hash_part)
+        path = self._narinfo_prefix + hash_part + ".narinfo"  # str, not Path: this runs per request
         try:
             st = os.stat(path)
         except FileNotFoundError:

@@ -6,14 +6,15 @@ Store size and GC totals come from disk (a periodic scan and gc-stats.json writt
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from nixcache.server.store import Store
@@ -98,41 +99,135 @@ def read_gc_stats(store: Store) -> dict[str, float]:
     return {k: v for k, v in data.items() if isinstance(v, int | float)}
 
 
+class _Child:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        self.value += amount
+
+
+class LabeledCounter:
+    """A counter with labels, without prometheus_client's per-call locks: the server updates
+    metrics from one event loop thread, and this sits on the path of every request."""
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...] = ()):
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = labelnames
+        self.children: dict[tuple[str, ...], _Child] = {}
+        if not labelnames:
+            self.children[()] = _Child()
+
+    def labels(self, *values: str) -> _Child:
+        child = self.children.get(values)
+        if child is None:
+            child = self.children[values] = _Child()
+        return child
+
+    def inc(self, amount: float = 1) -> None:
+        self.children[()].value += amount
+
+    def family(self) -> CounterMetricFamily:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, child in sorted(self.children.items()):
+            family.add_metric(list(values), child.value)
+        return family
+
+
+class _HistogramChild:
+    __slots__ = ("buckets", "counts", "sum")
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+
+
+class LabeledHistogram:
+    """A histogram with labels, lock-free for the same reason as LabeledCounter."""
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: tuple[str, ...], buckets: tuple[float, ...]
+    ):
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = labelnames
+        self.bucket_bounds = buckets
+        self.children: dict[tuple[str, ...], _HistogramChild] = {}
+
+    def labels(self, *values: str) -> _HistogramChild:
+        child = self.children.get(values)
+        if child is None:
+            child = self.children[values] = _HistogramChild(self.bucket_bounds)
+        return child
+
+    def family(self) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, child in sorted(self.children.items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip([*map(str, self.bucket_bounds), "+Inf"], child.counts, strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            family.add_metric(list(values), buckets, child.sum)
+        return family
+
+
+class _CounterCollector(Collector):
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[object]:
+        for metric in self.metrics.all:
+            yield metric.family()
+
+
 class Metrics:
     """The server's metrics in their own registry (no process-global state)."""
 
     def __init__(self, store: Store):
         self.store = store
         self.usage = StoreUsage()
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.requests = Counter(
+        self.registry = CollectorRegistry()
+        self.requests = LabeledCounter(
             "nixcache_http_requests",
             "HTTP requests by route, method and status",
-            ["route", "method", "status"],
-            registry=r,
+            ("route", "method", "status"),
         )
-        self.duration = Histogram(
+        self.duration = LabeledHistogram(
             "nixcache_http_request_duration_seconds",
             "Time to answer a request, by route",
-            ["route"],
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1, 5, 30),
-            registry=r,
+            ("route",),
+            (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1, 5, 30),
         )
-        self.narinfo = Counter(
-            "nixcache_narinfo_lookups", "Narinfo lookups by result (hit, miss)", ["result"], registry=r
+        self.narinfo = LabeledCounter(
+            "nixcache_narinfo_lookups", "Narinfo lookups by result (hit, miss)", ("result",)
         )
-        self.served_bytes = Counter(
-            "nixcache_served_bytes", "Body bytes of successful GETs, by route", ["route"], registry=r
+        self.served_bytes = LabeledCounter(
+            "nixcache_served_bytes", "Body bytes of successful GETs, by route", ("route",)
         )
-        self.uploads = Counter(
+        self.uploads = LabeledCounter(
             "nixcache_uploads",
             "Uploads by kind (nar, narinfo, extra) and result (accepted, rejected)",
-            ["kind", "result"],
-            registry=r,
+            ("kind", "result"),
         )
-        self.upload_bytes = Counter("nixcache_upload_bytes", "Bytes of accepted NAR uploads", registry=r)
-        r.register(_DiskCollector(self))
+        self.upload_bytes = LabeledCounter("nixcache_upload_bytes", "Bytes of accepted NAR uploads")
+        self.all = (
+            self.requests,
+            self.duration,
+            self.narinfo,
+            self.served_bytes,
+            self.uploads,
+            self.upload_bytes,
+        )
+        self.registry.register(_CounterCollector(self))
+        self.registry.register(_DiskCollector(self))
 
     def refresh_usage(self, usage: StoreUsage) -> None:
         self.usage = usage

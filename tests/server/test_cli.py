@@ -23,6 +23,7 @@ def serve_fails(args: list[str], home: Path) -> subprocess.CompletedProcess[str]
 def test_serve_without_arguments(tmp_path: Path) -> None:
     """Defaults: 127.0.0.1:5000, a store and a generated key under the user's data dir."""
     probe = socket.socket()
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is no owner
     try:
         probe.bind(("127.0.0.1", 5000))
     except OSError:
