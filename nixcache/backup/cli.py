@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC
 from pathlib import Path
 
 import click
@@ -81,11 +81,7 @@ def run(config_path: Path) -> None:
 
 
 def _when(snapshot: Snapshot) -> str:
-    try:
-        moment = datetime.fromisoformat(snapshot.time)
-    except ValueError:
-        return snapshot.time
-    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return snapshot.moment().astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 @backup.command(name="list")
@@ -136,7 +132,7 @@ def list_snapshots(config_path: Path, all_hosts: bool, sizes: bool, as_json: boo
             human_bytes(known[s.short_id]) if known[s.short_id] is not None else "-",
             ", ".join(s.paths),
         )
-        for s in sorted(snapshots, key=lambda s: s.time)
+        for s in sorted(snapshots, key=Snapshot.moment)
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
     for row in [header, *rows]:
@@ -171,7 +167,7 @@ def _pick(restic: Restic, snapshot_id: str | None, host: str) -> Snapshot:
             f"backup repository {repository} holds no snapshot of host {host};"
             f" pass --host with the lost host's name (see `nixcache backup list --all-hosts`)"
         )
-    return max(mine, key=lambda s: datetime.fromisoformat(s.time))
+    return max(mine, key=Snapshot.moment)
 
 
 def _bytes_under(roots: list[Path]) -> int:

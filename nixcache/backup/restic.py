@@ -16,6 +16,7 @@ import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,10 @@ class Snapshot:
     host: str
     paths: list[str]
     tags: list[str]
+
+    def moment(self) -> datetime:
+        """When the snapshot was taken (restic writes RFC 3339 with nanoseconds)."""
+        return datetime.fromisoformat(self.time)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Snapshot:
@@ -208,6 +213,17 @@ class Restic:
         detail = _last_fatal(text) or f"restic exited with status {returncode}"
         return fail(f"{action} failed: {detail}", "see the restic lines above and fix their cause")
 
+    def _json(self, stdout: str, opener: str, action: str) -> Any:
+        """The JSON document in restic's stdout, skipping any notice printed before it."""
+        start = stdout.find(opener)
+        document = _first_json_document(stdout[start:]) if start >= 0 else None
+        if document is None:
+            raise self._fail(
+                f"restic's answer to '{action}' was not JSON ({stdout.strip()[:80]!r})",
+                "run the same restic command by hand to see what it prints",
+            )
+        return document
+
     def _argv(self, args: list[str]) -> list[str]:
         return [self.binary, *args]
 
@@ -303,7 +319,7 @@ class Restic:
         if this_host:
             args += ["--host", self.host]
         result = self.run(args, "list snapshots")
-        return [Snapshot.from_json(item) for item in json.loads(result.stdout or "[]")]
+        return [Snapshot.from_json(item) for item in self._json(result.stdout, "[", "list snapshots")]
 
     def backup(
         self, paths: list[str], on_status: Callable[[dict[str, Any]], None], *, time: str | None = None
@@ -348,7 +364,7 @@ class Restic:
     def restore_size(self, snapshot_id: str) -> int:
         """Total bytes of the files in a snapshot (what a restore writes)."""
         result = self.run(["stats", "--json", "--no-lock", "--mode", "restore-size", snapshot_id], "measure")
-        return int(json.loads(result.stdout).get("total_size", 0))
+        return int(self._json(result.stdout, "{", "measure the snapshot").get("total_size", 0))
 
     def restore(self, snapshot_id: str, target: str, includes: list[str], *, verify: bool) -> None:
         args = ["restore", snapshot_id, "--target", target]
