@@ -162,7 +162,7 @@ def _passphrase_from_file(path: Path) -> str:
 passphrase_file_option = click.option(
     "--passphrase-file",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Read the passphrase from this file (first line) instead of prompting; never pass it on argv.",
+    help="Read the passphrase from this file (final newline ignored) instead of prompting.",
 )
 
 
