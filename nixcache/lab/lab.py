@@ -125,7 +125,7 @@ class Lab:
             raise LabError(f"--hosts must be at least 1, not {hosts}")
         prereqs.check()
         with self._locked():
-            current = statefile.load(self.state_dir) or LabState(instance=statefile.new_instance_id())
+            current = statefile.load(self.state_dir) or LabState(instance=self._unused_instance_id())
             statefile.save(self.state_dir, current)  # the id is on disk before anything carries it
             base = image.ensure(self.progress, rebuild=rebuild)
             current.image = str(base)
@@ -181,9 +181,7 @@ class Lab:
         with self._locked():
             self.host(name)  # unknown name -> UnknownHostError before anything changes
             current = self.state()
-            index = next(i for i, h in enumerate(current.hosts, 1) if h.name == name)
-            if name.removeprefix(HOST_PREFIX).isdigit():
-                index = int(name.removeprefix(HOST_PREFIX))
+            index = int(name.removeprefix(HOST_PREFIX))  # the lab names its hosts lab<index>
             host = self._host_record(current, index, ssh.ensure_keypair(self.state_dir))
             base = image.ensure(self.progress)  # the current build: a reset host gets today's image
             current.image = str(base)
@@ -226,6 +224,18 @@ class Lab:
         # The key pair and logs stay: the next `up` reuses the key, and logs explain what happened.
 
     # -- steps -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _unused_instance_id() -> str:
+        """A fresh id that no bridge, veth or namespace on this machine carries yet."""
+        for _ in range(20):
+            instance = statefile.new_instance_id()
+            taken = network.links_with_prefix(f"nxb{instance}") + network.links_with_prefix(f"nxv{instance}")
+            if not taken and not network.netns_with_prefix(network.netns_name(instance, "")):
+                return instance
+        raise LabError(
+            "could not find an unused lab id in 20 tries; check `ip link` for leftover nxb*/nxv* links"
+        )
 
     def _ensure_network(self, current: LabState) -> None:
         with network.allocation_lock():
