@@ -215,3 +215,15 @@ def test_a_readable_password_file_is_warned_about(backup_env):
     assert f"password file {backup_env.config.password_file} is readable by group or others; chmod 600" in (
         result.stderr
     )
+
+
+def test_an_unwritable_metrics_directory_fails_the_run_visibly(backup_env):
+    blocker = backup_env.root / "textfile-is-a-file"
+    blocker.write_text("")
+    backup_env.write_config(metrics_file=str(blocker / "nixcache_backup.prom"))
+    result = backup_env.cli("run")
+    assert result.exit_code == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("nixcache backup FAILED after ")
+    assert f"cannot record the run in {blocker}" in last
+    assert "create that directory writable for root" in last
