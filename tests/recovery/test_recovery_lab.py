@@ -85,6 +85,13 @@ class Ctx:
         assert code == 0, f"{name}: {command} exited {code}: {out}"
         return out
 
+    def backup_now(self) -> None:
+        """Start the timer's service through systemd, as the timer does; the journal on failure."""
+        code, out = self.lab.run(CACHE, ["systemctl", "start", "nixcache-backup.service"], timeout=600)
+        if code != 0:
+            journal = self.lab.run(CACHE, ["journalctl", "-u", "nixcache-backup", "--no-pager", "-n25"])[1]
+            pytest.fail(f"nixcache-backup.service failed on {CACHE}: {out}\n{journal}")
+
     def metrics(self) -> dict[str, float]:
         text = self.sh(CACHE, f"cat {METRICS}") + "\n"
         return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
@@ -146,7 +153,7 @@ def test_timer_service_started_by_systemd_records_a_successful_backup(ctx: Ctx) 
     timer = "nixcache-backup.timer"
     assert ctx.sh(CACHE, f"systemctl is-enabled {timer}; systemctl is-active {timer}") == "enabled\nactive"
     started = time.time()
-    ctx.sh(CACHE, "systemctl start nixcache-backup.service")
+    ctx.backup_now()
     metrics = ctx.metrics()
     assert metrics["nixcache_backup_last_run_success"] == 1.0
     assert metrics["nixcache_backup_last_success_timestamp_seconds"] >= started - 5
@@ -177,7 +184,7 @@ def test_retention_from_data_prunes_snapshots(ctx: Ctx) -> None:
     ctx.pyinfra("deploys/backup.py", CACHE, **keep)
     assert "keep_daily = 1" in ctx.sh(CACHE, "cat /etc/nixcache/backup.toml")
     for _ in range(2):
-        ctx.sh(CACHE, "systemctl start nixcache-backup.service")
+        ctx.backup_now()
     # One snapshot per day is kept: all of today's runs collapse into the newest.
     assert ctx.metrics()["nixcache_backup_snapshots"] == 1.0
     listing = ctx.sh(CACHE, f"{NIXCACHE} backup list")
