@@ -6,6 +6,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from conftest import require
 
 from nixcache.drill import PhaseError, PhaseRunner
 from nixcache.keys import SecretKey, fingerprint
@@ -123,3 +124,35 @@ def test_phase_runner_times_phases_and_stops_at_the_failed_one() -> None:
     assert runner.failed == "backup"
     assert lines[0].startswith("phase up: ") and lines[0].endswith(" s")
     assert lines[1].startswith("phase backup: FAILED after ") and "restic said no" in lines[1]
+
+
+def test_sftp_host_of_repository_urls() -> None:
+    from deploys.parts.backup import sftp_host
+
+    assert sftp_host("sftp:nixcache-backup@10.231.3.12:/srv/nixcache-backup/lab1") == "10.231.3.12"
+    assert sftp_host("sftp://backup@store.example.org:2222//srv/restic") == "store.example.org"
+    assert sftp_host("sftp:store:/srv") == "store"
+    assert sftp_host("/var/backups/restic") is None
+    assert sftp_host("s3:s3.example.org/bucket") is None
+
+
+def test_backup_ssh_key_is_stored_once_and_accepted_by_openssh(tmp_path) -> None:
+    import shutil
+    import subprocess
+
+    from deploys.parts.backup import ensure_ssh_key, public_key
+    from nixcache.secrets import SecretNotFound
+
+    ref = f"file://{tmp_path / 'backup-ssh-key'}"
+    with pytest.raises(SecretNotFound):
+        ensure_ssh_key(ref, generate=False)
+    first = ensure_ssh_key(ref, generate=True)
+    assert ensure_ssh_key(ref, generate=True) == first  # never replaced
+    require(shutil.which("ssh-keygen") is not None, "ssh-keygen missing (apt-get install openssh-client)")
+    # What the deploy installs: the stored key with its final newline (OpenSSH insists on it).
+    key_file = tmp_path / "id"
+    key_file.write_text(first.rstrip("\n") + "\n")
+    key_file.chmod(0o600)
+    argv = ["ssh-keygen", "-y", "-f", str(key_file)]
+    derived = subprocess.run(argv, capture_output=True, text=True, check=True)
+    assert derived.stdout.split()[:2] == public_key(first).split()[:2]
