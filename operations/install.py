@@ -12,15 +12,19 @@ in /opt/nixcache/venv/nixcache-build, and a fact reads it back.
 from __future__ import annotations
 
 import configparser
+import contextlib
 import fcntl
 import hashlib
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import gevent
+import gevent.lock
+import gevent.subprocess
 from pyinfra import host
 from pyinfra.api import FileUploadCommand, OperationError, QuoteString, StringCommand, operation
 
@@ -87,7 +91,7 @@ def cache_root() -> Path:
 
 
 def _run(step: str, argv: list[str], cwd: Path | None = None) -> None:
-    result = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
+    result = gevent.subprocess.run(argv, cwd=cwd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines()
         errors = [line.strip() for line in lines if "error" in line.lower() and "note:" not in line]
@@ -95,49 +99,93 @@ def _run(step: str, argv: list[str], cwd: Path | None = None) -> None:
         raise WheelhouseError(f"wheelhouse: {step} failed ({last}); run `{' '.join(argv)}` to see why")
 
 
+# pyinfra prepares hosts in parallel greenlets: a second host asking for the same wheelhouse
+# must wait cooperatively (gevent primitives, whether or not the process is monkey-patched),
+# never in a blocking lock or flock that would stall the hub, and with it the first host's
+# pip subprocess (which then stays an unreaped zombie and the deploy hangs).
+_BUILD_LOCKS: dict[str, gevent.lock.Semaphore] = {}
+# Wheelhouses kept on the controller: the newest few, enough for hosts on different Pythons.
+KEEP_WHEELHOUSES = 6
+# Longest wait for another process building the same wheelhouse.
+LOCK_TIMEOUT = 600
+
+
+@contextlib.contextmanager
+def _process_lock(path: Path):
+    """An exclusive lock on `path` between processes, waited for cooperatively (bounded)."""
+    with open(path, "w") as handle:
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise WheelhouseError(
+                        f"wheelhouse: {path} stayed locked for {LOCK_TIMEOUT} s; "
+                        "another deploy is building it, or remove the lock if none runs"
+                    ) from None
+                gevent.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _prune(cache: Path, keep: int = KEEP_WHEELHOUSES) -> None:
+    """Remove all but the `keep` most recently built wheelhouses (and their lock files)."""
+    built = [d for d in cache.iterdir() if (d / ".complete").exists()]
+    built.sort(key=lambda d: d.stat().st_mtime)
+    # Never one younger than an hour: a concurrent deploy may still be uploading from it.
+    for old in (d for d in built[:-keep] if time.time() - d.stat().st_mtime > 3600):
+        shutil.rmtree(old, ignore_errors=True)
+        (cache / f".{old.name}.lock").unlink(missing_ok=True)
+
+
 def build_wheelhouse(python: dict[str, str], root: Path = REPO_ROOT, cache: Path | None = None) -> Path:
-    """The wheelhouse directory for `python`, built once per key (a lock serialises parallel builds)."""
+    """The wheelhouse directory for `python`, built once per key (parallel builds wait for the first)."""
     cache = cache or cache_root()
     key = build_key(python, root)
     target = cache / key
     if (target / ".complete").exists():
         return target
     cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / f".{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _BUILD_LOCKS.setdefault(key, gevent.lock.Semaphore()), _process_lock(cache / f".{key}.lock"):
         if (target / ".complete").exists():
             return target
         shutil.rmtree(target, ignore_errors=True)
-        with tempfile.TemporaryDirectory(prefix="nixcache-wheel-") as tmp:
-            # Build from a copy: the shared checkout gets no build/ or egg-info litter, and the
-            # wheel holds exactly the files the key was computed from.
-            source = Path(tmp) / "src"
-            for path in _package_files(root):
-                dest = source / path.relative_to(root)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, dest)
-            staging = Path(tmp) / "wheels"
-            pip = [sys.executable, "-m", "pip"]
-            _run(
-                "building the nixcache wheel",
-                [*pip, "wheel", "--no-deps", "-q", "-w", str(staging), str(source)],
-            )
-            platforms = [
-                arg
-                for tag in platform_tags(python["machine"], python["glibc"])
-                for arg in ("--platform", tag)
-            ]
-            _run(
-                f"downloading wheels for Python {python['version']} {python['machine']}",
-                [
-                    *pip, "download", "-q", "--only-binary=:all:", "--implementation", "cp",
-                    "--python-version", python["version"], *platforms, "-d", str(staging),
-                    *requirements(root),
-                ],
-            )  # fmt: skip
-            (staging / ".complete").write_text(key + "\n")
-            shutil.copytree(staging, target)
+        _build(python, root, key, target)
+    _prune(cache)
     return target
+
+
+def _build(python: dict[str, str], root: Path, key: str, target: Path) -> None:
+    with tempfile.TemporaryDirectory(prefix="nixcache-wheel-") as tmp:
+        # Build from a copy: the shared checkout gets no build/ or egg-info litter, and the
+        # wheel holds exactly the files the key was computed from.
+        source = Path(tmp) / "src"
+        for path in _package_files(root):
+            dest = source / path.relative_to(root)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, dest)
+        staging = Path(tmp) / "wheels"
+        pip = [sys.executable, "-m", "pip"]
+        _run(
+            "building the nixcache wheel",
+            [*pip, "wheel", "--no-deps", "-q", "-w", str(staging), str(source)],
+        )
+        tags = platform_tags(python["machine"], python["glibc"])
+        platforms = [arg for tag in tags for arg in ("--platform", tag)]
+        _run(
+            f"downloading wheels for Python {python['version']} {python['machine']}",
+            [
+                *pip, "download", "-q", "--only-binary=:all:", "--implementation", "cp",
+                "--python-version", python["version"], *platforms, "-d", str(staging),
+                *requirements(root),
+            ],
+        )  # fmt: skip
+        (staging / ".complete").write_text(key + "\n")
+        shutil.copytree(staging, target)
 
 
 def wheel_files(wheelhouse: Path) -> list[Path]:

@@ -19,6 +19,7 @@ __all__ = [
     "push_token_generate",
     "push_token_ref",
     "signing_key_generate",
+    "signing_key_name",
     "signing_key_ref",
 ]
 
@@ -31,6 +32,8 @@ metrics_allowed_sources = list(cache_allowed_sources)
 
 signing_key_ref = f"file://{_lab_dir / 'secrets' / 'signing-key'}"
 push_token_ref = f"file://{_lab_dir / 'secrets' / 'push-token'}"
+# One key for the whole lab (one ref), so its name is the lab's, not the first host's.
+signing_key_name = "nixcache-lab-1"
 # Lab secrets are throwaway: create them on the first deploy.
 signing_key_generate = True
 push_token_generate = True

@@ -1,0 +1,103 @@
+"""Plumbing for end-to-end deploy tests: run the real `pyinfra` CLI against lab hosts.
+
+`deployed` converges every running lab host once per module with deploys/cache.py and records
+how long it took; tests then look at the hosts from outside (HTTP, SSH, nix).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+# A converge of three fresh hosts builds a wheelhouse and installs a venv on each.
+DEPLOY_TIMEOUT = 600
+
+
+@dataclass
+class Run:
+    """One pyinfra run: exit code, output and wall time."""
+
+    returncode: int
+    output: str
+    seconds: float
+
+    def totals(self) -> dict[str, int]:
+        """The summary's Grand total row: hosts, success (changed), error, no change."""
+        match = re.search(r"Grand total\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)", self.output)
+        assert match, f"no pyinfra summary in output:\n{self.output[-3000:]}"
+        values = [0 if v == "-" else int(v) for v in match.groups()]
+        return dict(zip(("hosts", "changed", "error", "no_change"), values, strict=True))
+
+    def changed_operations(self) -> list[str]:
+        """Names of operations the summary reports as changed on some host."""
+        rows = []
+        for line in self.output.splitlines():
+            cells = re.split(r"\s{2,}", line.strip())
+            if len(cells) == 5 and cells[2] not in ("-", "Success") and cells[0] != "Grand total":
+                rows.append(cells[0])
+        return rows
+
+    def detected_changes(self) -> list[str]:
+        """`--dry`: operations listed with a change (or a conditional change) for some host."""
+        rows = []
+        for line in self.output.splitlines():
+            cells = re.split(r"\s{2,}", line.strip())
+            if len(cells) == 3 and cells[0] != "Operation" and (cells[1] != "-" or cells[2] != "-"):
+                rows.append(cells[0])
+        return rows
+
+
+def pyinfra(lab_dir: Path, *args: str, timeout: float = DEPLOY_TIMEOUT) -> Run:
+    """`pyinfra <args>` from the repository root, as a user runs it, against the lab at `lab_dir`."""
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "pyinfra", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "NIXCACHE_LAB_DIR": str(lab_dir)},
+    )
+    return Run(result.returncode, result.stdout + result.stderr, time.monotonic() - start)
+
+
+def deploy(lab_dir: Path, *extra: str) -> Run:
+    """`pyinfra -y inventories/lab.py deploys/cache.py [extra…]`."""
+    return pyinfra(lab_dir, "-y", *extra, "inventories/lab.py", "deploys/cache.py")
+
+
+@pytest.fixture(scope="session")
+def lab_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """The state directory of a running lab: the shared `lab` fixture's when it exists, else our own."""
+    try:
+        shared = request.getfixturevalue("lab")
+    except pytest.FixtureLookupError:
+        shared = None
+    if shared is not None:
+        yield Path(getattr(shared, "state_dir", shared))
+        return
+    from nixcache.lab import Lab
+
+    own = Lab(tmp_path_factory.mktemp("deploy-lab"))
+    try:
+        own.up(3)
+        yield own.state_dir
+    finally:
+        own.down()
+
+
+@pytest.fixture(scope="session")
+def deployed(lab_dir: Path) -> Run:
+    """Every lab host converged by deploys/cache.py (the first run, timed)."""
+    run = deploy(lab_dir)
+    assert run.returncode == 0, run.output[-5000:]
+    print(f"\nfirst converge: {run.seconds:.1f} s", file=sys.stderr)
+    return run
