@@ -73,6 +73,8 @@ def backup_config(s: Settings, host_name: str) -> BackupConfig:
         config_dir=CONFIG_DIR,
         include_store=s.backup_include_store,
         store_dir=s.cache_data_dir,
+        # In-flight uploads: half-written, renamed into place only once verified.
+        exclude=[f"{s.store_dir}/tmp"],  # noqa: S108 - the store's own upload dir, not /tmp
         keep_daily=s.backup_keep_daily,
         keep_weekly=s.backup_keep_weekly,
         keep_monthly=s.backup_keep_monthly,
