@@ -104,6 +104,6 @@ def _parse_vault(ref: str, rest: str) -> VaultRef:
 def _parse_file(ref: str, rest: str) -> FileRef:
     if not rest:
         raise _bad(ref, "file", "empty path", "file://relative/path or file:///absolute/path")
-    # file:///abs → "/abs"; file://rel/path → "rel/path", resolved against the cwd (the repo root
-    # where pyinfra runs), so inventories can say file://secrets/lab/signing-key.
-    return FileRef(ref, Path(rest).absolute())
+    # file:///abs → "/abs"; file://~/k → under the home directory; file://rel/path → resolved
+    # against the cwd (the repo root where pyinfra runs), so inventories can say file://secrets/key.
+    return FileRef(ref, Path(rest).expanduser().absolute())
