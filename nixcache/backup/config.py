@@ -11,7 +11,7 @@ import dataclasses
 import json
 import tomllib
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 DEFAULT_PATH = Path("/etc/nixcache/backup.toml")
 REPOSITORY_SCHEMES = ("sftp:", "s3:", "rest:")
@@ -86,6 +86,14 @@ class BackupConfig:
         default="/var/cache/nixcache-backup",
     )
     progress_seconds: int = _doc("Print a progress line this often during long work.", default=10)
+
+    def excludes(self) -> list[str]:
+        """restic --exclude patterns: the configured ones and the store's in-flight uploads."""
+        patterns = list(self.exclude)
+        if self.include_store:
+            # Uploads land in tmp/ and are renamed into place once verified: never worth keeping.
+            patterns.append(str(PurePosixPath(self.store_dir) / "tmp"))
+        return patterns
 
     def backup_paths(self) -> list[str]:
         """The paths a run backs up, in a stable order."""

@@ -7,6 +7,7 @@ ever put there, and nothing read from those files is ever printed.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -72,6 +73,38 @@ class Snapshot:
             paths=list(data.get("paths") or []),
             tags=list(data.get("tags") or []),
         )
+
+
+@dataclass(frozen=True)
+class BackupSummary:
+    """What one `restic backup` did."""
+
+    snapshot_id: str
+    bytes_added: int  # new data in the repository, after deduplication and compression
+    bytes_processed: int  # size of everything backed up
+    vanished: list[str]  # store files deleted while the backup ran (not an error)
+
+
+def classify_backup_errors(stderr: str, vanish_ok_under: str | None) -> tuple[list[str], list[str]]:
+    """restic's JSON error messages -> (vanished store files, other problems as text)."""
+    vanished, unreadable = [], []
+    for line in stderr.splitlines():
+        try:
+            message = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(message, dict) or message.get("message_type") != "error":
+            continue
+        error = message.get("error") or {}
+        item = str(message.get("item") or error.get("Path") or "?")
+        errno_ = error.get("Err") if isinstance(error, dict) else None
+        if errno_ == errno.ENOENT and vanish_ok_under and item.startswith(vanish_ok_under):
+            vanished.append(item)
+            continue
+        reason = os.strerror(errno_) if isinstance(errno_, int) else str(error)
+        op = error.get("Op", "read") if isinstance(error, dict) else "read"
+        unreadable.append(f"{op} {item}: {reason}")
+    return vanished, unreadable
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -252,26 +285,26 @@ class Restic:
         return True
 
     def stream(
-        self, args: list[str], action: str, on_message: Callable[[dict[str, Any]], None]
-    ) -> list[dict[str, Any]]:
-        """Run restic with --json, hand each JSON line to `on_message`; return all non-status messages.
+        self,
+        args: list[str],
+        action: str,
+        on_message: Callable[[dict[str, Any]], None],
+        *,
+        ok_codes: tuple[int, ...] = (0,),
+    ) -> tuple[int, str, list[dict[str, Any]]]:
+        """Run restic with --json, hand each JSON line to `on_message`.
 
-        stderr is drained on a thread so a chatty restic can never block on a full pipe.
+        Returns (exit code, stderr, non-status messages); raises ResticError for an exit code
+        outside `ok_codes`. stderr is drained on a thread so a chatty restic never blocks.
         """
         for attempt in (1, 2):
             returncode, stderr, messages = self._stream_once(args, on_message)
             if attempt == 1 and returncode != 0 and self._locked(stderr):
                 continue
             break
-        if returncode != 0:
-            if returncode == 3 and action == "back up":
-                raise self._fail(
-                    f"some files could not be read, the snapshot is incomplete ({_last_line(stderr)})",
-                    "fix the permissions of those files or exclude them",
-                    stderr,
-                )
+        if returncode not in ok_codes:
             raise self.explain(stderr, returncode, action)
-        return messages
+        return returncode, stderr, messages
 
     def _stream_once(
         self, args: list[str], on_message: Callable[[dict[str, Any]], None]
@@ -323,19 +356,44 @@ class Restic:
 
     def backup(
         self, paths: list[str], on_status: Callable[[dict[str, Any]], None], *, time: str | None = None
-    ) -> dict[str, Any]:
-        """Back up `paths`; return restic's summary message (snapshot_id, data_added, ...)."""
+    ) -> BackupSummary:
+        """Back up `paths` (restic's --time sets the snapshot's date, for tests and imports).
+
+        Exit code 3 means restic saved a snapshot but could not read some files. Store files that
+        vanished meanwhile (garbage collection deletes NARs while a backup runs) are harmless and
+        only reported; any other unreadable file fails the backup.
+        """
         args = ["backup", "--json", "--host", self.host, "--tag", TAG]
-        for pattern in self.config.exclude:
+        for pattern in self.config.excludes():
             args += ["--exclude", pattern]
         if time:
             args += ["--time", time]
         args += ["--", *paths]
-        messages = self.stream(args, "back up", on_status)
+        returncode, stderr, messages = self.stream(args, "back up", on_status, ok_codes=(0, 3))
+        vanished: list[str] = []
+        if returncode == 3:
+            gone_ok = self.config.store_dir.rstrip("/") + "/" if self.config.include_store else None
+            vanished, unreadable = classify_backup_errors(stderr, gone_ok)
+            if unreadable or not vanished:
+                first = unreadable[0] if unreadable else _last_line(stderr)
+                raise self._fail(
+                    f"{len(unreadable) or 'some'} file(s) could not be read,"
+                    f" the snapshot is incomplete ({first})",
+                    "fix the permissions of those files or add them to 'exclude'",
+                    stderr,
+                )
         summaries = [m for m in messages if m.get("message_type") == "summary"]
         if not summaries:
-            raise self._fail("restic reported no summary for the backup", "run it again with restic -v")
-        return summaries[-1]
+            raise self._fail(
+                "restic reported no summary for the backup", "run it again with restic -v", stderr
+            )
+        summary = summaries[-1]
+        return BackupSummary(
+            snapshot_id=summary.get("snapshot_id", ""),
+            bytes_added=int(summary.get("data_added", 0)),
+            bytes_processed=int(summary.get("total_bytes_processed", 0)),
+            vanished=vanished,
+        )
 
     def forget(self) -> list[str]:
         """Apply the retention to this host's snapshots and prune; return the removed snapshot ids."""

@@ -99,10 +99,15 @@ def _steps(restic: Restic, config: BackupConfig, state: BackupState, result: Run
             throttle.line(backup_status_line(message))
 
     summary = restic.backup(config.backup_paths(), on_status)
-    result.snapshot_id = summary.get("snapshot_id", "")
-    result.bytes_added = int(summary.get("data_added", 0))
+    if summary.vanished:
+        echo(
+            f"backup: {len(summary.vanished)} store file(s) were deleted while the backup ran"
+            f" (garbage collection), e.g. {summary.vanished[0]}; the snapshot does not need them"
+        )
+    result.snapshot_id = summary.snapshot_id
+    result.bytes_added = summary.bytes_added
     if result.snapshot_id:
-        state.sizes[result.snapshot_id[:8]] = int(summary.get("total_bytes_processed", 0))
+        state.sizes[result.snapshot_id[:8]] = summary.bytes_processed
 
     echo("backup: applying retention and pruning unused data")
     result.removed = restic.forget()

@@ -58,7 +58,7 @@ def test_restore_defaults_to_the_latest_snapshot_back_in_place(backup_env):
     # Yesterday's snapshot, so today's run does not retire it (one per day is kept).
     yesterday = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - 86400))
     assert backup_env.cli("run").exit_code == 0
-    first_id = restic.backup([str(etc)], lambda _: None, time=yesterday)["snapshot_id"]
+    first_id = restic.backup([str(etc)], lambda _: None, time=yesterday).snapshot_id
     (etc / "signing-key").write_text("cache-2:rotated")
     latest = tree(etc)
     assert backup_env.cli("run").exit_code == 0

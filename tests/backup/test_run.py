@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from nixcache.backup.restic import Restic
+from nixcache.backup.restic import Restic, classify_backup_errors
 
 
 def test_first_run_initialises_backs_up_checks_and_writes_metrics(backup_env):
@@ -124,14 +124,47 @@ def test_missing_password_file_and_missing_path_are_named(backup_env):
     assert f"{backup_env.config.store_dir} is to be backed up but does not exist" in result.stderr
 
 
-def test_store_is_backed_up_when_included(backup_env):
+def test_store_is_backed_up_when_included_without_uploads_in_flight(backup_env):
     store = Path(backup_env.config.store_dir)
     (store / "nar").mkdir(parents=True)
+    (store / "tmp").mkdir()
     (store / "nar" / "x.nar").write_bytes(b"nar" * 1000)
+    (store / "tmp" / "y.nar.1234.5678").write_bytes(b"half an upload")
     backup_env.write_config(include_store=True)
     assert backup_env.cli("run").exit_code == 0
     [snapshot] = Restic(backup_env.config).snapshots()
     assert snapshot.paths == [backup_env.config.config_dir, str(store)]
+    target = backup_env.root / "restored"
+    assert backup_env.cli("restore", "--target", str(target)).exit_code == 0
+    restored = target / str(store).lstrip("/")
+    assert (restored / "nar" / "x.nar").read_bytes() == b"nar" * 1000
+    assert not (restored / "tmp").exists()
+
+
+def test_store_files_deleted_during_a_backup_are_not_an_error():
+    """restic 0.14's --json error lines (captured from a backup racing a deletion)."""
+    stderr = "\n".join(
+        [
+            '{"message_type":"error","error":{"Op":"lstat","Path":"/var/lib/nixcache/nar/a.nar.zst","Err":2},'
+            '"during":"archival","item":"/var/lib/nixcache/nar/a.nar.zst"}',
+            '{"message_type":"error","error":{"Op":"lstat","Path":"/var/lib/nixcache/nar/b.nar.zst","Err":2},'
+            '"during":"archival","item":"/var/lib/nixcache/nar/b.nar.zst"}',
+        ]
+    )
+    vanished, unreadable = classify_backup_errors(stderr, "/var/lib/nixcache/")
+    assert vanished == ["/var/lib/nixcache/nar/a.nar.zst", "/var/lib/nixcache/nar/b.nar.zst"]
+    assert unreadable == []
+    # The same under /etc/nixcache (not the store) or any other error is a real problem.
+    other = stderr.replace("/var/lib/nixcache/nar/b", "/etc/nixcache/b").replace('"Err":2}', '"Err":13}', 1)
+    vanished, unreadable = classify_backup_errors(other, "/var/lib/nixcache/")
+    assert vanished == []
+    assert unreadable == [
+        "lstat /var/lib/nixcache/nar/a.nar.zst: Permission denied",
+        "lstat /etc/nixcache/b.nar.zst: No such file or directory",
+    ]
+    # Without include_store no file may vanish.
+    vanished, unreadable = classify_backup_errors(stderr, None)
+    assert vanished == [] and len(unreadable) == 2
 
 
 def test_retention_forgets_snapshots_beyond_the_counts(backup_env):
