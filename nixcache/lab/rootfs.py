@@ -6,6 +6,7 @@ time however busy the disk is; the image under it must not change while mounted,
 why `image.ensure(rebuild=True)` refuses while any lab root uses it. Where the state
 directory's filesystem cannot hold an overlay's upper layer (overlayfs, some tmpfs), the
 root is a copy instead (`cp --reflink=auto -a`: a snapshot on btrfs/xfs, a real copy on ext4).
+$NIXCACHE_LAB_ROOTS=overlay|copy forces one kind (default auto).
 """
 
 from __future__ import annotations
@@ -60,7 +61,10 @@ def create(image_root: Path, host_dir: Path) -> tuple[Path, str]:
     remove(host_dir)
     for part in PARTS:
         (host_dir / part).mkdir(parents=True, exist_ok=True)
-    if mount_overlay(image_root, host_dir, check=False):
+    wanted = os.environ.get("NIXCACHE_LAB_ROOTS", "auto")
+    if wanted not in ("auto", "overlay", "copy"):
+        raise LabError(f"NIXCACHE_LAB_ROOTS={wanted} is not one of auto, overlay, copy; unset it or pick one")
+    if wanted != "copy" and mount_overlay(image_root, host_dir, check=wanted == "overlay"):
         return host_dir / "root", "overlay"
     for part in ("upper", "work"):
         (host_dir / part).rmdir()

@@ -192,6 +192,20 @@ def test_instances_coexist_on_their_own_networks(own_lab: Lab, lab: Lab) -> None
         assert result.returncode == 0, result.stderr
 
 
+def test_copied_roots_work_where_overlays_cannot(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NIXCACHE_LAB_ROOTS", "copy")
+    lab = Lab(tmp_path_factory.mktemp("copy-lab"))
+    try:
+        [host] = lab.up(1)
+        assert host.storage == "copy" and not rootfs.mounts_under(lab.state_dir)
+        assert on_host(lab, "lab1", "systemctl is-system-running") == "running"
+    finally:
+        lab.down()
+    assert not (lab.state_dir / "hosts").exists()
+
+
 def test_down_leaves_nothing_behind(tmp_path_factory: pytest.TempPathFactory) -> None:
     lab = Lab(tmp_path_factory.mktemp("down-lab"))
     try:
