@@ -171,6 +171,7 @@ def measure(
         for name, base in bases.items():
             results[name]["warm"].append(curl_round(base, hashes, work))
     for name in bases:
+        results[name]["best"] = min(results[name]["warm"])
         results[name]["warm"] = statistics.median(results[name]["warm"])
     for connections, key in ((1, "one"), (16, "sixteen")) if seconds else ():
         for name, base in bases.items():
@@ -245,11 +246,12 @@ def main() -> int:
     print(f"{'':34}{'nginx':>12}{'nixcache':>12}{'ratio':>10}   target")
     rows = [
         ("narinfo, warm (median of rounds)", ng["warm"] * 1000, us["warm"] * 1000, "ms", "<= 1.5x time"),
+        ("narinfo, warm (best round)", ng["best"] * 1000, us["best"] * 1000, "ms", ""),
         ("narinfo, first round", ng["cold"] * 1000, us["cold"] * 1000, "ms", ""),
         ("NAR throughput, 1 connection", ng["one"], us["one"], "MiB/s", ">= 0.7x"),
         ("NAR throughput, 16 connections", ng["sixteen"], us["sixteen"], "MiB/s", ">= 0.7x"),
     ]
-    for label, a, b, unit, target in rows[: 2 if args.narinfo_only else 4]:
+    for label, a, b, unit, target in rows[: 3 if args.narinfo_only else 5]:
         print(f"{label:34}{a:>9.1f} {unit:<3}{b:>9.1f} {unit:<3}{b / a:>8.2f}x   {target}")
     print(f"per narinfo: nginx {ng['warm'] / n * 1e6:.0f} us, nixcache {us['warm'] / n * 1e6:.0f} us")
     print(f"nixcache peak RSS: {rss:.1f} MiB (target < 100 MiB)")
