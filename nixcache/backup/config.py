@@ -92,7 +92,9 @@ class BackupConfig:
         patterns = list(self.exclude)
         if self.include_store:
             # Uploads land in tmp/ and are renamed into place once verified: never worth keeping.
-            patterns.append(str(PurePosixPath(self.store_dir) / "tmp"))
+            uploads = str(PurePosixPath(self.store_dir) / "tmp")
+            if uploads not in patterns:
+                patterns.append(uploads)
         return patterns
 
     def backup_paths(self) -> list[str]:

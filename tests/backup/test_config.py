@@ -87,3 +87,10 @@ def test_cli_exits_78_on_a_missing_or_bad_config(tmp_path):
     result = CliRunner().invoke(main, ["backup", "list", "--config", str(bad)])
     assert result.exit_code == 78
     assert "unknown key(s) what" in result.stderr
+
+
+def test_excludes_always_leave_out_the_store_uploads_once():
+    assert FULL.excludes() == ["*.tmp", "/cas/store/.incoming", "/cas/store/tmp"]
+    deployed = dataclasses.replace(FULL, exclude=["/cas/store/tmp"])
+    assert deployed.excludes() == ["/cas/store/tmp"]
+    assert dataclasses.replace(FULL, include_store=False).excludes() == ["*.tmp", "/cas/store/.incoming"]
