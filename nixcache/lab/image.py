@@ -133,9 +133,8 @@ def _run_logged(argv: list[str], log: Path, progress: Progress, label: str) -> N
         raise LabError(f"building the lab image failed at `{argv[0]}` (exit {code}); see {log} for why")
 
 
-def build(root: Path, progress: Progress, mirror: str | None = None) -> None:
+def build(root: Path, log: Path, progress: Progress, mirror: str | None = None) -> None:
     """Build a fresh image at `root` (which must not exist)."""
-    log = root.parent / "build.log"
     log.write_text("")
     argv = ["debootstrap", "--variant=minbase", f"--include={','.join(BOOT_PACKAGES)}", SUITE, str(root)]
     if mirror:
@@ -206,7 +205,9 @@ def ensure(progress: Progress = _stderr_progress, *, rebuild: bool = False) -> P
         build_dir = key_dir / "builds" / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
         build_dir.mkdir(parents=True)
         try:
-            build(build_dir / "root", progress, os.environ.get("NIXCACHE_LAB_MIRROR") or None)
+            # The log sits beside the build, so it outlives a failed build that is removed.
+            log = key_dir / "builds" / f"{build_dir.name}.log"
+            build(build_dir / "root", log, progress, os.environ.get("NIXCACHE_LAB_MIRROR") or None)
         except BaseException:
             shutil.rmtree(build_dir, ignore_errors=True)
             raise
@@ -219,13 +220,18 @@ def ensure(progress: Progress = _stderr_progress, *, rebuild: bool = False) -> P
 
 
 def _prune(key_dir: Path, keep: Path, progress: Progress) -> None:
-    """Remove this key's older builds that no overlay mount uses (a lab that is up keeps its own)."""
-    candidates = [path / "root" for path in (key_dir / "builds").glob("*")] + [key_dir / "root"]
+    """Remove this key's older builds (and their logs) that no overlay mount uses any more."""
+    candidates = [path / "root" for path in (key_dir / "builds").glob("*") if path.is_dir()]
+    candidates.append(key_dir / "root")  # the layout before builds/ existed
     for root in candidates:
         if root == keep or not root.exists():
             continue
         if rootfs.image_users(root):
             progress(f"lab: keeping the previous image {root}: lab hosts still run on it")
             continue
-        shutil.rmtree(root.parent if root.parent != key_dir else root, ignore_errors=True)
+        if root.parent == key_dir:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            shutil.rmtree(root.parent, ignore_errors=True)
+            root.parent.with_name(root.parent.name + ".log").unlink(missing_ok=True)
     (key_dir / "complete").unlink(missing_ok=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from nixcache.lab import Lab, machine, network, rootfs
+from nixcache.lab import Lab, image, machine, network, rootfs
 from nixcache.lab.state import load
 
 pytestmark = pytest.mark.lab
@@ -231,3 +231,20 @@ def test_down_leaves_nothing_behind(tmp_path_factory: pytest.TempPathFactory) ->
         assert inventory.returncode != 0 and "start it with `nixcache lab up`" in inventory.stderr
     finally:
         lab.down()
+
+
+def test_a_failed_image_build_is_one_line_keeps_its_log_and_is_never_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NIXCACHE_LAB_IMAGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("NIXCACHE_LAB_MIRROR", "http://127.0.0.1:9/debian")  # nothing listens there
+    lab = Lab(tmp_path / "state")
+    result = nixcache_lab(lab, "up", "--hosts", "1")
+    assert result.returncode == 1
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("Error: building the lab image failed at `debootstrap`"), result.stderr
+    log = Path(error.rsplit("see ", 1)[1].split()[0])
+    assert log.exists() and "127.0.0.1:9" in log.read_text()
+    assert image.current() is None
+    assert not [p for p in (tmp_path / "cache").rglob("root")]
+    lab.down()
