@@ -35,6 +35,7 @@ def check(tools: Iterable[str] = TOOLS, *, euid: int | None = None) -> None:
     if missing:
         packages = sorted({TOOLS.get(tool, tool) for tool in missing})
         raise PrerequisiteError(
-            f"nixcache lab needs {', '.join(missing)}, which is not installed; "
-            f"install it with: apt-get install {' '.join(packages)}"
+            f"nixcache lab needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+            f"not installed; install {'it' if len(missing) == 1 else 'them'} with: "
+            f"apt-get install {' '.join(packages)}"
         )
