@@ -10,11 +10,13 @@ second run reports no changes. Values come from host data (operations/settings.p
 
 from __future__ import annotations
 
-import importlib
-
-from pyinfra import host, logger
+from pyinfra import host
 from pyinfra.api import HiddenValue
 
+from deploys.parts.backup import backup_timer
+from deploys.parts.base import base
+from deploys.parts.monitoring import monitoring
+from deploys.parts.nginx_front import nginx_front
 from facts.nixcache import HostPython
 from nixcache.secrets import SecretError, ensure_signing_key, ensure_token
 from operations import config, firewall, gc, health, install, rotation, service, storage
@@ -29,17 +31,6 @@ from operations.settings import (
 )
 
 
-def _part(module: str, name: str):
-    """A deploy part from deploys/parts/, or None while its engineer has not delivered it yet."""
-    try:
-        return getattr(importlib.import_module(f"deploys.parts.{module}"), name)
-    except ModuleNotFoundError as error:
-        if error.name == f"deploys.parts.{module}":
-            logger.warning(f"{host.name}: deploys/parts/{module}.py is missing; step {name} skipped")
-            return None
-        raise
-
-
 def _secret(what: str, key: str, ref: str | None, fetch) -> HiddenValue:
     if not ref:
         raise SettingsError(f"{host.name}: host data '{key}' is not set; give the {what}'s secret reference")
@@ -52,9 +43,7 @@ def _secret(what: str, key: str, ref: str | None, fetch) -> HiddenValue:
 s = settings()
 
 # --- base: packages, admin users, sshd, sysctls, limits (D2) ---------------------------------
-base = _part("base", "base")
-if base:
-    base(config=s)
+base(config=s)
 
 # --- storage ---------------------------------------------------------------------------------
 storage.service_user(name="nixcache service user", user=s.service_user, home=s.cache_data_dir)
@@ -143,14 +132,9 @@ firewall.ruleset(
 gc.timer(name="nixcache-gc.timer", settings=s, depends_on=build)
 
 # --- backups (issue 6), monitoring and nginx front (D2) -----------------------------------------
-for module, part in (
-    ("backup", "backup_timer"),
-    ("monitoring", "monitoring"),
-    ("nginx_front", "nginx_front"),
-):
-    step = _part(module, part)
-    if step:
-        step()
+backup_timer()
+monitoring(config=s)
+nginx_front(config=s)
 
 # --- last: the cache answers from the controller's side ----------------------------------------
 address = host.data.get("ssh_hostname") or host.name
