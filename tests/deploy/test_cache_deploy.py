@@ -228,3 +228,17 @@ def test_firewall_refuses_the_cache_port_outside_allowed_sources(deployed: Run, 
         restored = deploy(lab_dir, "--limit", host.name)
         subprocess.run(["ip", "addr", "del", f"{outsider}/32", "dev", state.bridge], check=False)
     assert restored.returncode == 0, restored.output[-5000:]
+
+
+def test_secrets_are_reinstalled_without_ever_showing_in_pyinfra_output(deployed: Run, lab_dir: Path) -> None:
+    host = hosts(lab_dir)[0]
+    on_host(lab_dir, host.name, "rm /etc/nixcache/push-token /etc/nixcache/signing-key")
+    run = pyinfra(lab_dir, "-y", "-vvv", "--limit", host.name, "inventories/lab.py", "deploys/cache.py")
+    assert run.returncode == 0, run.output[-5000:]
+    token = (lab_dir / "secrets" / "push-token").read_text().strip()
+    key = (lab_dir / "secrets" / "signing-key").read_text().strip()
+    assert token not in run.output
+    assert key.partition(":")[2][:16] not in run.output
+    assert "file uploaded: /etc/nixcache/push-token.nixcache-new" in run.output
+    stat = on_host(lab_dir, host.name, "stat -c '%a %U' /etc/nixcache/push-token /etc/nixcache/signing-key")
+    assert stat.split("\n")[:2] == ["600 nixcache", "600 nixcache"]
