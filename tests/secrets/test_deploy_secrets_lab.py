@@ -1,7 +1,8 @@
 """End to end: cache hosts whose signing key and push token come from Vault and from 1Password.
 
-pyinfra runs at its most verbose (-vvv --debug) against two lab hosts: lab1 takes its secrets
-from a real Vault-API server (OpenBao dev), lab2 from the Connect API emulator. Neither secret
+pyinfra runs at its most verbose (-vvv --debug-all: every library's debug log too) against two
+lab hosts: lab1 takes its secrets from a real Vault-API server (OpenBao dev), lab2 from the
+Connect API emulator. Neither secret
 exists before the first deploy, so the deploy generates them, stores them, and installs them.
 Then: no secret value in pyinfra's output or in the hosts' journals; the key each host serves at
 /pubkey is the stored one; a second deploy reuses the stored values; and a deploy that cannot
@@ -66,7 +67,7 @@ def write_inventory(root: Path, lab, refs: dict[str, dict[str, object]]) -> Path
 def pyinfra(inventory: Path, lab, env: dict[str, str]) -> subprocess.CompletedProcess:
     """Run the main deploy at pyinfra's highest verbosity; output also kept in a file beside the inventory."""
     command = [
-        "pyinfra", "-y", "-vvv", "--debug",
+        "pyinfra", "-y", "-vvv", "--debug-all",
         "--group-data", str(REPO / "inventories" / "group_data"),
         str(inventory), "deploys/cache.py",
     ]  # fmt: skip
