@@ -12,6 +12,7 @@ import click
 
 from nixcache.lab.errors import LabError
 from nixcache.lab.lab import Lab
+from nixcache.lab.lab import prune as prune_orphans
 
 
 def _one_line_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -98,3 +99,11 @@ def down() -> None:
     started = time.monotonic()
     Lab(progress=_progress).down()
     click.echo(f"lab down in {time.monotonic() - started:.1f} s", err=True)
+
+
+@lab.command()
+@_one_line_errors
+def prune() -> None:
+    """Remove labs whose state directory is gone (e.g. a test run killed before its teardown)."""
+    removed = prune_orphans(progress=_progress)
+    click.echo(f"removed {len(removed)} orphaned lab(s){': ' + ', '.join(removed) if removed else ''}")

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from nixcache.lab import image, machine, network, prereqs, rootfs, ssh
+from nixcache.lab import image, machine, network, prereqs, registry, rootfs, ssh
 from nixcache.lab import state as statefile
 from nixcache.lab.errors import LabError, LabNotUpError, UnknownHostError
 from nixcache.lab.state import Host, LabState
@@ -44,6 +44,40 @@ def host_name(index: int) -> str:
 
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
+
+
+def teardown(instance: str, state_dir: Path, netns: list[str], progress: Callable[[str], None]) -> None:
+    """Remove everything of lab `instance` (state in `state_dir`): processes, network, mounts, roots.
+
+    Finds things by name and place (the instance id, nspawn roots under `state_dir`) rather than
+    only by record, so it also clears what a run that died mid-way created without recording
+    it. `instance` may be "" when it is unknown; then only what lives under `state_dir` goes.
+    """
+    hosts_dir = state_dir / "hosts"
+    live = machine.machines_under(hosts_dir)
+    if live or machine.cgroup_pids(instance):
+        progress(f"lab: stopping the hosts of {state_dir}")
+    machine.stop(live, instance)
+    if instance:
+        for name in set(network.netns_with_prefix(network.netns_name(instance, ""))) | set(netns):
+            network.delete_netns(name)
+        for link in network.links_with_prefix(f"nxv{instance}"):
+            network.delete_link(link)
+        network.delete_link(network.bridge_name(instance))
+        machine.remove_cgroups(instance)
+        registry.unregister(instance)
+    rootfs.remove(hosts_dir)
+
+
+def prune(progress: Callable[[str], None] = _stderr) -> list[str]:
+    """Tear down every registered lab whose state directory is gone; the ids removed."""
+    prereqs.check(["ip"])
+    removed = []
+    for instance, state_dir in sorted(registry.orphans().items()):
+        progress(f"lab: removing lab {instance}, whose state in {state_dir} is gone")
+        teardown(instance, state_dir, [], progress)
+        removed.append(instance)
+    return removed
 
 
 class Lab:
@@ -127,6 +161,7 @@ class Lab:
         with self._locked():
             current = statefile.load(self.state_dir) or LabState(instance=self._unused_instance_id())
             statefile.save(self.state_dir, current)  # the id is on disk before anything carries it
+            registry.register(current.instance, self.state_dir)
             base = image.ensure(self.progress, rebuild=rebuild)
             current.image = str(base)
             if rebuild and current.hosts:
@@ -201,24 +236,8 @@ class Lab:
         prereqs.check(["ip"])
         with self._locked():
             current = statefile.load(self.state_dir)
-            hosts_dir = self.state_dir / "hosts"
-            pids = machine.machines_under(hosts_dir)
-            if current:
-                pids += [h.pid for h in current.hosts if h.pid and machine.is_machine(h.pid, Path(h.root))]
-            if pids:
-                self.progress(f"lab: stopping {len(set(pids))} host(s)")
-            machine.stop(sorted(set(pids)), current.instance if current else "")
-            if current:
-                prefix = network.netns_name(current.instance, "")
-                for netns in set(network.netns_with_prefix(prefix)) | {
-                    h.netns for h in current.hosts if h.netns
-                }:
-                    network.delete_netns(netns)
-                for link in network.links_with_prefix(f"nxv{current.instance}"):
-                    network.delete_link(link)
-                network.delete_link(current.bridge or network.bridge_name(current.instance))
-                machine.remove_cgroups(current.instance)
-            rootfs.remove(hosts_dir)
+            netns = [h.netns for h in current.hosts if h.netns] if current else []
+            teardown(current.instance if current else "", self.state_dir, netns, self.progress)
             self.known_hosts.unlink(missing_ok=True)
             statefile.remove(self.state_dir)
         # The key pair and logs stay: the next `up` reuses the key, and logs explain what happened.

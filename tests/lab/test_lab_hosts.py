@@ -233,6 +233,28 @@ def test_down_leaves_nothing_behind(tmp_path_factory: pytest.TempPathFactory) ->
         lab.down()
 
 
+def test_prune_removes_a_lab_whose_state_vanished(tmp_path_factory: pytest.TempPathFactory) -> None:
+    lab = Lab(tmp_path_factory.mktemp("orphan-lab"))
+    try:
+        lab.up(1)
+        state = load(lab.state_dir)
+        assert state is not None
+        (lab.state_dir / "state.json").unlink()  # its test run was killed, its temp dir cleaned up
+        result = nixcache_lab(lab, "prune")
+        assert result.returncode == 0, result.stderr
+        assert state.instance in result.stdout
+        assert leftovers(lab, state.instance) == {
+            "netns": [],
+            "links": [],
+            "processes": [],
+            "mounts": [],
+            "host roots": [],
+            "cgroups": [],
+        }
+    finally:
+        lab.down()
+
+
 def test_a_failed_image_build_is_one_line_keeps_its_log_and_is_never_used(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
