@@ -59,7 +59,7 @@ def up(count: int, rebuild: bool, timeout: float) -> None:
     for host in hosts:
         click.echo(f"{host.name}\t{host.address}\t{host.state}")
     click.echo(
-        f"lab up in {time.monotonic() - started:.1f} s: pyinfra -y inventories/lab.py exec -- hostname",
+        f"lab up in {time.monotonic() - started:.1f} s; try: pyinfra -y inventories/lab.py exec -- hostname",
         err=True,
     )
 
@@ -69,7 +69,8 @@ def up(count: int, rebuild: bool, timeout: float) -> None:
 @_one_line_errors
 def status(as_json: bool) -> None:
     """Name, address, SSH port, key and state of each host."""
-    hosts = Lab(progress=_progress).status()
+    state = Lab(progress=_progress).state()
+    hosts = state.hosts
     if as_json:
         click.echo(json.dumps([host.public() for host in hosts], indent=2))
         return
@@ -78,6 +79,7 @@ def status(as_json: bool) -> None:
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    click.echo(f"network {state.subnet}, controller {state.gateway}")
 
 
 @lab.command()
