@@ -1,8 +1,8 @@
-"""Data for every host of every inventory: only overrides of operations/settings.py belong here.
+"""Data for every host of every inventory: overrides of operations/settings.py that hold everywhere.
 
-Defaults, and the reason for each, live in operations/settings.py; environment-specific values
-in the per-environment files beside this one.
+Defaults, and the reason for each, live in operations/settings.py; environment-specific values in
+the per-environment files beside this one (lab.py, production.py, staging.py, …). Nothing needs
+overriding for every host today: keep it that way unless a value truly is fleet-wide.
 """
 
-# Deploys connect as root with a key unless an inventory says otherwise.
-ssh_user = "root"
+__all__: list[str] = []
