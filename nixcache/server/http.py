@@ -184,6 +184,13 @@ def parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
     return parts[0], parts[1], parts[2], headers
 
 
+def _continue_pending(body: _Input) -> bool:
+    """True when the client waits for "100 Continue" that was never sent: the app answered
+    without reading the body. The client may or may not send it now, so the only safe way on
+    is to close the connection after the answer."""
+    return body.socket is not None and (body.content_length or body.chunked_input)
+
+
 _NARINFO_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/x-nix-narinfo\r\nContent-Length: "
 _REASONS = {
     400: "Bad Request",
@@ -338,7 +345,7 @@ class Server(StreamServer):
         try:
             result = self.app(env, response.start)
             if isinstance(result, FileBody):
-                sock.sendall(self._head(response, keep_alive))
+                sock.sendall(self._head(response, keep_alive and not _continue_pending(body)))
                 sent = sendfile(sock, result)
             else:
                 data = b"".join(result)
@@ -346,7 +353,7 @@ class Server(StreamServer):
                     response.head += f"Content-Length: {len(data)}\r\n".encode()
                 elif response.length != len(data) and method != "HEAD":
                     raise RuntimeError(f"Content-Length {response.length} but {len(data)} body bytes")
-                sock.sendall(self._head(response, keep_alive) + data)
+                sock.sendall(self._head(response, keep_alive and not _continue_pending(body)) + data)
                 sent = len(data)
         except OSError:
             self._record(env, response.code or 499, sent, address, start, aborted=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
 import time
 from pathlib import Path
@@ -410,3 +411,91 @@ def test_client_sees_complete_bodies_with_httpx_streaming(cache: Cache) -> None:
     with httpx.stream("GET", f"{cache.url}/nar/{entry.nar_file}") as response:
         body = b"".join(response.iter_bytes())
     assert body == entry.file_bytes
+
+
+def _read_response(reader, head: bool = False) -> tuple[bytes, dict[bytes, bytes], bytes]:
+    status = reader.readline()
+    headers = {}
+    while (line := reader.readline()) != b"\r\n":
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip()
+    body = b"" if head else reader.read(int(headers.get(b"content-length", b"0")))
+    return status, headers, body
+
+
+def test_expect_100_continue_upload(cache: Cache) -> None:
+    """curl (and so nix) sends Expect: 100-continue before large bodies."""
+    import base64
+
+    entry = make_entry(os.urandom(200_000), compression="none")
+    host, port = cache.url.removeprefix("http://").split(":")
+    basic = base64.b64encode(f"nix:{cache.token}".encode()).decode()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        sock.sendall(
+            f"PUT /nar/{entry.nar_file} HTTP/1.1\r\nHost: x\r\nAuthorization: Basic {basic}\r\n"
+            f"Expect: 100-continue\r\nContent-Length: {len(entry.file_bytes)}\r\n\r\n".encode()
+        )
+        assert reader.readline().startswith(b"HTTP/1.1 100")
+        assert reader.readline() == b"\r\n"
+        sock.sendall(entry.file_bytes)
+        status, _, _ = _read_response(reader)
+        assert status.startswith(b"HTTP/1.1 201")
+        # the same connection serves the next request
+        sock.sendall(f"HEAD /nar/{entry.nar_file} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        status, headers, _ = _read_response(reader, head=True)
+        assert (
+            status.startswith(b"HTTP/1.1 200")
+            and headers[b"content-length"] == str(len(entry.file_bytes)).encode()
+        )
+
+
+def test_refused_expect_100_continue_closes_instead_of_waiting(cache: Cache) -> None:
+    entry = make_entry()
+    host, port = cache.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        sock.sendall(
+            f"PUT /nar/{entry.nar_file} HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            f"Content-Length: {len(entry.file_bytes)}\r\n\r\n".encode()
+        )
+        status, headers, _ = _read_response(reader)
+        assert status.startswith(b"HTTP/1.1 401")
+        assert headers[b"connection"] == b"close"
+        assert reader.read() == b""  # closed, not waiting for a body that will not come
+
+
+def test_memory_stays_flat_for_a_large_nar(cache: Cache) -> None:
+    """Upload and download 256 MiB: the server's peak RSS stays far below that."""
+    block = os.urandom(1 << 20)
+    blocks = 256
+    contents_len = blocks * len(block)
+
+    def nar_stream():
+        def s(b: bytes) -> bytes:
+            return len(b).to_bytes(8, "little") + b + b"\0" * (-len(b) % 8)
+
+        yield b"".join(s(p) for p in (b"nix-archive-1", b"(", b"type", b"regular", b"contents"))
+        yield contents_len.to_bytes(8, "little")
+        for _ in range(blocks):
+            yield block
+        yield s(b")")
+
+    sha = hashlib.sha256()
+    size = 0
+    for chunk in nar_stream():
+        sha.update(chunk)
+        size += len(chunk)
+    name = base32.encode(sha.digest()) + ".nar"
+    response = cache.client.put(
+        f"/nar/{name}", content=nar_stream(), auth=cache.auth, headers={"Content-Length": str(size)}
+    )
+    assert response.status_code == 201, response.text
+    received = 0
+    with cache.client.stream("GET", f"/nar/{name}") as download:
+        for chunk in download.iter_bytes():
+            received += len(chunk)
+    assert received == size
+    status = Path(f"/proc/{cache.server.proc.pid}/status").read_text()
+    peak_kib = int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1])
+    assert peak_kib < 100 * 1024, f"peak RSS {peak_kib} KiB for a {size >> 20} MiB NAR"
