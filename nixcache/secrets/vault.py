@@ -142,8 +142,37 @@ class VaultBackend:
 
         data = self._call(ref, "read", read)
         if data is None:
+            self._check_mount(ref)
             return {}, 0
         return data.get("data") or {}, int(data["metadata"]["version"])
+
+    def _check_mount(self, ref: VaultRef) -> None:
+        """Raise SecretError when `ref.mount` is not a KV v2 engine.
+
+        A KV v1 mount answers 404 to KV v2 reads, which would look like "absent", and it would
+        accept a KV v2 write as a v1 secret at `<path>` under `data/`: both must stop here.
+        """
+
+        def describe(client):
+            import hvac.exceptions
+
+            try:
+                return client.adapter.get(f"/v1/sys/internal/ui/mounts/{ref.mount}")["data"]
+            except hvac.exceptions.Forbidden:
+                return None  # no such mount, or the policy hides it: the caller's 404 stands
+
+        mount = self._call(ref, "inspect mount", describe)
+        if not mount:
+            return
+        kind, version = mount.get("type"), str((mount.get("options") or {}).get("version", "1"))
+        if kind != "kv" or version != "2":
+            what = f"KV version {version}" if kind == "kv" else f"a {kind} engine"
+            raise SecretError(
+                ref.ref,
+                f"vault {_settings(ref)['addr']}",
+                f"mount {ref.mount} is {what}, not KV version 2",
+                f"use a KV v2 mount, or upgrade it: vault kv enable-versioning {ref.mount}",
+            )
 
     def get(self, ref: VaultRef) -> str:
         data, version = self._read(ref)

@@ -120,3 +120,29 @@ def test_approle_login(vault_env, monkeypatch):
         secrets.resolve(f"vault://secret/{path}#push_token")
     assert "AppRole login at auth/approle failed" in str(caught.value)
     assert "not-the-secret-id" not in str(caught.value) and secret_id not in str(caught.value)
+
+
+def test_deleted_latest_version_reads_as_absent_and_can_be_stored_again(vault_env):
+    path = unique_path()
+    ref = f"vault://secret/{path}#k"
+    secrets.store(ref, "v1")
+    vault_env.client().secrets.kv.v2.delete_latest_version_of_secret(path=path, mount_point="secret")
+    assert not secrets.exists(ref)
+    secrets.store(ref, "v2", overwrite=False)
+    assert secrets.resolve(ref) == "v2"
+
+
+def test_kv_version_1_mount_is_reported(vault_env):
+    client = vault_env.client()
+    if "kv1/" not in client.sys.list_mounted_secrets_engines()["data"]:
+        client.sys.enable_secrets_engine("kv", path="kv1", options={"version": "1"})
+    client.secrets.kv.v1.create_or_update_secret(path="x", secret={"k": "v"}, mount_point="kv1")
+    with pytest.raises(SecretError) as caught:
+        secrets.resolve("vault://kv1/x#k")
+    assert not isinstance(caught.value, SecretNotFound)
+    assert "mount kv1 is KV version 1, not KV version 2" in str(caught.value)
+    with pytest.raises(SecretError, match="mount kv1 is KV version 1"):
+        secrets.store("vault://kv1/y#k", "v")
+    assert client.secrets.kv.v1.list_secrets(path="", mount_point="kv1")["data"]["keys"] == [
+        "x"
+    ]  # nothing written
