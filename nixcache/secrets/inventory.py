@@ -19,6 +19,8 @@ from nixcache.secrets.refs import looks_like_ref, parse
 
 REF_SUFFIX = "_ref"
 GENERATE_SUFFIX = "_generate"
+# Data keys whose value must be a Nix secret key (signing_key_ref, signing_key_next_ref, …).
+SIGNING_KEY_SUFFIXES = ("signing_key_ref", "signing_key_next_ref")
 
 
 @dataclass
@@ -98,6 +100,20 @@ def collect(inventory) -> tuple[dict[str, RefUse], list[Result]]:
     return uses, problems
 
 
+def _check_signing_key(ref: str, value: str) -> None:
+    from nixcache.keys import KeyFormatError, SecretKey
+
+    try:
+        SecretKey.parse(value)
+    except KeyFormatError as error:  # its message names the key and sizes, never key material
+        raise SecretError(
+            ref,
+            parse(ref).backend,
+            f"not a Nix secret key ({error})",
+            "store one made by 'nixcache secrets signing-key --generate' (or nix-store's key generator)",
+        ) from None
+
+
 def check(uses: dict[str, RefUse]) -> list[Result]:
     """Resolve each reference once; never keep or return the values."""
     results = []
@@ -106,7 +122,9 @@ def check(uses: dict[str, RefUse]) -> list[Result]:
         hosts = tuple(sorted(use.hosts))
         try:
             parse(ref)
-            resolve(ref)
+            value = resolve(ref)
+            if any(key.endswith(SIGNING_KEY_SUFFIXES) for key in use.keys):
+                _check_signing_key(ref, value)
         except SecretNotFound as error:
             if use.generate_hosts == use.hosts:
                 results.append(Result(ref, "new", "absent; the deploy will generate and store it", hosts))

@@ -78,6 +78,20 @@ def test_check_reports_each_reference_once_without_values(tmp_path, vault_env, o
     assert not (tmp_path / "secrets" / "signing-key").exists()  # check never generates
 
 
+def test_check_validates_signing_keys(tmp_path):
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "edge-push").write_text("x")
+    (tmp_path / "secrets" / "signing").write_text("cache-1:bm90LWEta2V5")
+    inventory = write_inventory(tmp_path, {"signing_key_ref": "file://secrets/signing"})
+    result = nixcache("secrets", "check", str(inventory), cwd=tmp_path)
+    assert result.returncode == 1
+    assert (
+        "FAIL file://secrets/signing: not a Nix secret key (secret key 'cache-1' holds 10 bytes"
+        in result.stdout
+    )
+    assert "bm90LWEta2V5" not in result.stdout + result.stderr
+
+
 def test_check_passes_when_everything_resolves(tmp_path):
     (tmp_path / "secrets").mkdir()
     (tmp_path / "secrets" / "edge-push").write_text("x")
