@@ -86,7 +86,7 @@ def test_check_validates_signing_keys(tmp_path):
     result = nixcache("secrets", "check", str(inventory), cwd=tmp_path)
     assert result.returncode == 1
     assert (
-        "FAIL file://secrets/signing: not a Nix secret key (secret key 'cache-1' holds 10 bytes"
+        "FAIL file://secrets/signing: not a Nix secret key (secret key 'cache-1' holds 9 bytes, expected 64)"
         in result.stdout
     )
     assert "bm90LWEta2V5" not in result.stdout + result.stderr
