@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -302,14 +303,15 @@ class Drill:
     "--lab-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Lab state directory for the drill's own lab (default: $NIXCACHE_LAB_DIR, else a new temp dir).",
+    help="State directory for the drill's own lab (default: a new temp dir; never $NIXCACHE_LAB_DIR).",
 )
 @click.option("--keep", is_flag=True, help="Leave the lab running (inspect it, then `nixcache lab down`).")
 def drill(lab_dir: Path | None, keep: bool) -> None:
     """Deploy, push, back up, destroy and recover a lab cache; print the recovery time."""
+    own_dir = lab_dir is None
     if lab_dir is None:
-        env_dir = os.environ.get("NIXCACHE_LAB_DIR")
-        lab_dir = Path(env_dir) if env_dir else Path(tempfile.mkdtemp(prefix="nixcache-drill-"))
+        # Never $NIXCACHE_LAB_DIR: the drill resets and tears down its lab, which must not be yours.
+        lab_dir = Path(tempfile.mkdtemp(prefix="nixcache-drill-"))
     lab_dir = lab_dir.resolve()
     echo = lambda line: click.echo(line)  # noqa: E731 - flushes through click
     state = Drill(lab_dir, echo)
@@ -324,6 +326,8 @@ def drill(lab_dir: Path | None, keep: bool) -> None:
         except PhaseError as error:
             echo(f"lab down failed: {error}; run NIXCACHE_LAB_DIR={lab_dir} nixcache lab down")
     if not ok:
-        echo(f"drill failed in phase {runner.failed}")
+        echo(f"drill failed in phase {runner.failed}; logs and throwaway secrets in {lab_dir}")
         sys.exit(1)
+    if own_dir and not keep:
+        shutil.rmtree(lab_dir, ignore_errors=True)  # throwaway keys and tokens of a passed drill
     echo(f"recovery time: {runner.seconds('reset', 'recover', 'verify'):.1f} s")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,7 @@ def test_drill_recovers_within_target_and_reports_every_phase(tmp_path: Path) ->
         timeout=1200,
     )
     lines = done.stdout.strip().splitlines()
+    print("\n".join(lines), file=sys.stderr)  # the phase times, for the record
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     phases = [m.group(1) for line in lines if (m := re.match(r"phase (\w+): [\d.]+ s$", line))]
     assert phases == ["up", "deploy", "push", "backup", "reset", "recover", "verify"]
@@ -34,7 +37,7 @@ def test_drill_recovers_within_target_and_reports_every_phase(tmp_path: Path) ->
     # The drill cleans up after itself: no lab host of it is left running.
     status = subprocess.run(
         ["nixcache", "lab", "status"],
-        env={"NIXCACHE_LAB_DIR": str(tmp_path / "drill-lab"), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+        env={**os.environ, "NIXCACHE_LAB_DIR": str(tmp_path / "drill-lab")},
         capture_output=True,
         text=True,
         timeout=60,
