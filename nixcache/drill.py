@@ -220,7 +220,9 @@ class Drill:
                 time.sleep(1)
 
     def deploy(self) -> None:
-        self.pyinfra("deploys/backup.py", self.repo_host["name"], "--data", "backup_store=true")
+        # The repository host only receives backups (no backup_repository of its own).
+        store = ("--data", "backup_store=true", "--data", "backup_repository=")
+        self.pyinfra("deploys/backup.py", self.repo_host["name"], *store)
         self.pyinfra("deploys/cache.py", self.cache["name"])
         from nixcache.keys import SecretKey
         from nixcache.secrets import resolve

@@ -121,7 +121,7 @@ def ctx(lab) -> Ctx:
     """lab1 deployed with backups to lab2, a closure pushed to it with the real nix client."""
     require(subprocess.run(["which", "nix-build"], capture_output=True).returncode == 0, "nix-build missing")
     c = Ctx(lab)
-    c.pyinfra("deploys/backup.py", STORE_HOST, backup_store="true")
+    c.pyinfra("deploys/backup.py", STORE_HOST, backup_store="true", backup_repository="")
     c.pyinfra("deploys/cache.py", CACHE)
     expr = c.work / "closure.nix"
     marker = uuid.uuid4().hex
