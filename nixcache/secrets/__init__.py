@@ -13,7 +13,7 @@ package imports on cache hosts that only have nixcache's runtime dependencies.
 from __future__ import annotations
 
 from nixcache.secrets.api import exists, resolve, store
-from nixcache.secrets.errors import SecretError, SecretNotFound
+from nixcache.secrets.errors import SecretError, SecretNotFound, SecretStoreUnavailable
 from nixcache.secrets.hidden import resolve_hidden
 from nixcache.secrets.lifecycle import ensure_signing_key, ensure_token
 from nixcache.secrets.refs import looks_like_ref, parse
@@ -21,6 +21,7 @@ from nixcache.secrets.refs import looks_like_ref, parse
 __all__ = [
     "SecretError",
     "SecretNotFound",
+    "SecretStoreUnavailable",
     "ensure_signing_key",
     "ensure_token",
     "exists",

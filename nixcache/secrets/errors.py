@@ -27,3 +27,11 @@ class SecretNotFound(SecretError):
     Kept apart from other failures so `exists()` can say "no" only when the store actually
     said so, and never when it could not be asked.
     """
+
+
+class SecretStoreUnavailable(SecretError):
+    """The store itself cannot be used: unreachable, timing out, not configured, or refusing the login.
+
+    Every other reference to the same store would fail the same way, so callers that resolve
+    many references (`nixcache secrets check`) can stop asking it.
+    """

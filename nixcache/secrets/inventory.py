@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from nixcache.secrets.api import resolve
-from nixcache.secrets.errors import SecretError, SecretNotFound
+from nixcache.secrets.errors import SecretError, SecretNotFound, SecretStoreUnavailable
 from nixcache.secrets.refs import looks_like_ref, parse
 
 REF_SUFFIX = "_ref"
@@ -117,11 +117,17 @@ def _check_signing_key(ref: str, value: str) -> None:
 def check(uses: dict[str, RefUse]) -> list[Result]:
     """Resolve each reference once; never keep or return the values."""
     results = []
+    # scheme -> the failure that made a store unusable: its other references are not asked again,
+    # so a dead server costs one timeout, not one per reference.
+    unavailable: dict[str, SecretStoreUnavailable] = {}
     for ref in sorted(uses):
         use = uses[ref]
         hosts = tuple(sorted(use.hosts))
         try:
-            parse(ref)
+            backend = parse(ref).backend
+            if backend in unavailable:
+                down = unavailable[backend]
+                raise SecretStoreUnavailable(ref, down.backend, down.cause, down.fix)
             value = resolve(ref)
             if any(key.endswith(SIGNING_KEY_SUFFIXES) for key in use.keys):
                 _check_signing_key(ref, value)
@@ -130,6 +136,9 @@ def check(uses: dict[str, RefUse]) -> list[Result]:
                 results.append(Result(ref, "new", "absent; the deploy will generate and store it", hosts))
             else:
                 results.append(Result(ref, "FAIL", f"{error.cause} [{error.backend}]; {error.fix}", hosts))
+        except SecretStoreUnavailable as error:
+            unavailable[backend] = error
+            results.append(Result(ref, "FAIL", f"{error.cause} [{error.backend}]; {error.fix}", hosts))
         except SecretError as error:
             results.append(Result(ref, "FAIL", f"{error.cause} [{error.backend}]; {error.fix}", hosts))
         else:

@@ -14,7 +14,7 @@ from typing import Any
 
 from nixcache.secrets.backend import TIMEOUT_SECONDS
 from nixcache.secrets.compat import make_httpx_importable
-from nixcache.secrets.errors import SecretError, SecretNotFound
+from nixcache.secrets.errors import SecretError, SecretNotFound, SecretStoreUnavailable
 from nixcache.secrets.refs import OnePasswordRef
 
 ID_LENGTH = 26
@@ -38,7 +38,7 @@ class _Session:
         host = os.environ.get("OP_CONNECT_HOST", "").rstrip("/")
         token = os.environ.get("OP_CONNECT_TOKEN", "")
         if not host:
-            raise SecretError(
+            raise SecretStoreUnavailable(
                 ref.ref,
                 "1password",
                 "OP_CONNECT_HOST is not set",
@@ -46,7 +46,7 @@ class _Session:
             )
         self.backend = f"1password {host}"
         if not token:
-            raise SecretError(
+            raise SecretStoreUnavailable(
                 ref.ref,
                 self.backend,
                 "OP_CONNECT_TOKEN is not set",
@@ -60,8 +60,9 @@ class _Session:
         config = ClientConfig(ca_file=ca_file, timeout=TIMEOUT_SECONDS)
         self.client = new_client(host, token, config=config)
 
-    def error(self, cause: str, fix: str, *, absent: bool = False) -> SecretError:
-        return (SecretNotFound if absent else SecretError)(self.ref.ref, self.backend, cause, fix)
+    def error(self, cause: str, fix: str, *, absent: bool = False, store_down: bool = False) -> SecretError:
+        kind = SecretNotFound if absent else SecretStoreUnavailable if store_down else SecretError
+        return kind(self.ref.ref, self.backend, cause, fix)
 
     def call(self, what: str, function, /, *args) -> Any:
         """Run one SDK call; map transport and HTTP failures to SecretError."""
@@ -74,17 +75,20 @@ class _Session:
             raise self.error(
                 f"no answer within {TIMEOUT_SECONDS:.0f}s while trying to {what}",
                 "check OP_CONNECT_HOST and that the Connect server is up",
+                store_down=True,
             ) from None
         except httpx.TransportError as error:
             raise self.error(
                 f"server unreachable ({type(error).__name__})",
                 "check OP_CONNECT_HOST and that the Connect server is running",
+                store_down=True,
             ) from None
         except ValueError:
             # The SDK decodes every error body as JSON: a non-JSON answer means another kind of server.
             raise self.error(
                 f"the answer to '{what}' is not from a 1Password Connect API",
                 "point OP_CONNECT_HOST at the Connect server (e.g. http://host:8080)",
+                store_down=True,
             ) from None
         except OnePasswordConnectSDKError as error:
             raise self._http_error(what, error) from None
@@ -99,7 +103,9 @@ class _Session:
         message = (found.group(1) if found else text)[:200]
         if status == 401:
             return self.error(
-                f"token rejected ({message})", "set OP_CONNECT_TOKEN to a valid Connect access token"
+                f"token rejected ({message})",
+                "set OP_CONNECT_TOKEN to a valid Connect access token",
+                store_down=True,
             )
         if status == 403:
             return self.error(

@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from nixcache.secrets.backend import TIMEOUT_SECONDS
-from nixcache.secrets.errors import SecretError, SecretNotFound
+from nixcache.secrets.errors import SecretError, SecretNotFound, SecretStoreUnavailable
 from nixcache.secrets.refs import VaultRef
 
 # How often a merge-write is retried when another writer bumped the secret's version in between.
@@ -22,14 +22,14 @@ CAS_ATTEMPTS = 5
 def _settings(ref: VaultRef) -> dict[str, str | None]:
     addr = os.environ.get("VAULT_ADDR", "").rstrip("/")
     if not addr:
-        raise SecretError(
+        raise SecretStoreUnavailable(
             ref.ref, "vault", "VAULT_ADDR is not set", "export VAULT_ADDR=https://vault.example:8200"
         )
     token = os.environ.get("VAULT_TOKEN") or None
     role_id = os.environ.get("VAULT_ROLE_ID") or None
     secret_id = os.environ.get("VAULT_SECRET_ID") or None
     if not token and not (role_id and secret_id):
-        raise SecretError(
+        raise SecretStoreUnavailable(
             ref.ref,
             f"vault {addr}",
             "no credentials: VAULT_TOKEN or VAULT_ROLE_ID + VAULT_SECRET_ID is not set",
@@ -74,7 +74,7 @@ class VaultBackend:
             try:
                 client = _client(**settings)
             except hvac.exceptions.VaultError as error:
-                raise SecretError(
+                raise SecretStoreUnavailable(
                     ref.ref,
                     backend,
                     f"AppRole login at auth/{settings['approle_mount']} failed ({_reason(error)})",
@@ -82,21 +82,21 @@ class VaultBackend:
                 ) from None
             return function(client, *args, **kwargs)
         except requests.exceptions.Timeout:
-            raise SecretError(
+            raise SecretStoreUnavailable(
                 ref.ref,
                 backend,
                 f"no answer within {TIMEOUT_SECONDS:.0f}s",
                 "check VAULT_ADDR and that Vault is up",
             ) from None
         except requests.exceptions.SSLError:
-            raise SecretError(
+            raise SecretStoreUnavailable(
                 ref.ref,
                 backend,
                 "TLS verification failed",
                 "set VAULT_CACERT to the CA that signed Vault's certificate",
             ) from None
         except requests.exceptions.ConnectionError:
-            raise SecretError(
+            raise SecretStoreUnavailable(
                 ref.ref,
                 backend,
                 "server unreachable",

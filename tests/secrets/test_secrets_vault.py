@@ -70,6 +70,7 @@ def test_unreachable_server_never_generates_a_key(vault_env, monkeypatch):
     with pytest.raises(SecretError) as caught:
         secrets.ensure_signing_key(ref, "cache-1", generate=True)
     assert "server unreachable" in str(caught.value) and "check VAULT_ADDR" in str(caught.value)
+    assert isinstance(caught.value, secrets.SecretStoreUnavailable)
 
 
 def test_signing_key_lifecycle(vault_env):
