@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pyinfra import host
 from pyinfra.api import QuoteString, StringCommand, operation
+from pyinfra.facts.files import Sha256File
 
 from facts.nixcache import FileLine, UnitState
 from operations.config import _write
@@ -46,10 +47,10 @@ def units(name: str, files: dict[str, str], active: list[str], depends_on: str =
     """
     changed = False
     for filename, text in sorted(files.items()):
-        commands = list(_write(f"{UNIT_DIR}/{filename}", text, "root", "root", "0644"))
-        if commands and not str(commands[0]).startswith("chown"):
-            changed = True
-        yield from commands
+        path = f"{UNIT_DIR}/{filename}"
+        # Only new content needs a daemon-reload; an owner or mode fix does not.
+        changed |= host.get_fact(Sha256File, path=path) != sha256(text)
+        yield from _write(path, text, "root", "root", "0644")
     if changed:
         yield StringCommand("systemctl daemon-reload")
     digest = sha256("\0".join([*(f"{k}\0{v}" for k, v in sorted(files.items())), depends_on]))
