@@ -146,3 +146,20 @@ def test_bad_key_name_is_a_secret_error_and_nothing_is_stored(tmp_path):
         secrets.ensure_signing_key(f"file://{tmp_path}/k", "bad name:x", generate=True)
     assert str(caught.value).startswith(f"file://{tmp_path}/k: ")
     assert not (tmp_path / "k").exists()
+
+
+def test_package_imports_without_controller_dependencies(tmp_path):
+    """Cache hosts install only the runtime dependencies: pyinfra, hvac and the 1Password SDK load lazily."""
+    import subprocess
+    import sys
+
+    (tmp_path / "t").write_text("v")
+    code = (
+        "import sys, nixcache.secrets as s\n"
+        f"assert s.resolve('file://{tmp_path}/t') == 'v'\n"
+        "loaded = [m for m in ('pyinfra', 'hvac', 'onepasswordconnectsdk', 'httpx') if m in sys.modules]\n"
+        "print(loaded)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
