@@ -1,0 +1,374 @@
+"""Base, monitoring, nginx front and client deploy on lab hosts, checked from outside.
+
+Runs after tests/deploy (same shared lab). Tests that change a host's data deploy with
+`--limit` to one host and converge it back to the lab's defaults before they finish.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import require
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from deploy.conftest import Run, deploy, pyinfra
+
+from nixcache.keys import SecretKey
+from nixcache.lab import Lab
+from nixcache.lab.state import load
+from operations.hardening import NETWORK_SYSCTLS
+
+pytestmark = pytest.mark.lab
+
+NIX = ["nix", "--extra-experimental-features", "nix-command"]
+
+
+def hosts(lab_dir: Path):
+    state = load(lab_dir)
+    assert state is not None and state.hosts, f"no lab in {lab_dir}"
+    return [h for h in state.hosts if h.state == "running"]
+
+
+def on_host(lab_dir: Path, name: str, command: str, ok: bool = True) -> str:
+    code, output = Lab(lab_dir).run(name, ["sh", "-c", command])
+    if ok:
+        assert code == 0, f"{name}: {command!r} exited {code}: {output}"
+    return output
+
+
+def converged(run: Run) -> None:
+    assert run.returncode == 0, run.output[-5000:]
+    assert run.totals()["error"] == 0
+
+
+# Operation names of this module's parts (tests/deploy checks the whole deploy's rerun).
+PARTS = ("nixcache base", "nixcache monitoring", "nixcache nginx front")
+
+
+def parts_changed(run: Run) -> list[str]:
+    """Operations of the base, monitoring and nginx parts that the run changed."""
+    return [name for name in run.changed_operations() if name.startswith(PARTS)]
+
+
+def build_path(tmp_path: Path) -> str:
+    """A fresh store path on the controller (salted: never in any cache yet)."""
+    require(shutil.which("nix-build") is not None, "nix-build missing (apt-get install nix-bin)")
+    expr = tmp_path / "path.nix"
+    salt = uuid.uuid4().hex
+    expr.write_text(
+        f'derivation {{ name = "d2-lab-{salt[:8]}"; system = builtins.currentSystem; builder = "/bin/sh";'
+        f' args = [ "-c" "echo d2 {salt} > $out" ]; }}'
+    )
+    built = subprocess.run(
+        ["nix-build", "--option", "sandbox", "false", "--no-out-link", str(expr)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HOME": str(tmp_path)},
+    )
+    assert built.returncode == 0, built.stderr
+    return built.stdout.strip()
+
+
+def nix(args: list[str], home: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    home.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(
+        [*NIX, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"), **(env or {})},
+    )
+
+
+def push(lab_dir: Path, tmp_path: Path, url: str, machine: str, path: str, env=None) -> None:
+    token = (lab_dir / "secrets" / "push-token").read_text().strip()
+    netrc = tmp_path / "push-netrc"
+    netrc.write_text(f"machine {machine}\nlogin ci\npassword {token}\n")
+    netrc.chmod(0o600)
+    pushed = nix(
+        ["copy", "--to", url, path, "--option", "netrc-file", str(netrc)], tmp_path / "home-push", env
+    )
+    assert pushed.returncode == 0, pushed.stderr
+
+
+def wait_for_cache(url: str, seconds: float = 20) -> None:
+    """Until the cache answers (earlier tests converge hosts back, which may restart it)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if httpx.get(f"{url}/nix-cache-info", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"{url} does not answer after {seconds:g} s"
+        time.sleep(0.5)
+
+
+# --- base ------------------------------------------------------------------------------------
+
+
+def test_sshd_keys_only_and_sysctls_recorded_with_reasons(deployed: Run, lab_dir: Path) -> None:
+    for host in hosts(lab_dir):
+        effective = on_host(lab_dir, host.name, "sshd -T")
+        assert "passwordauthentication no" in effective
+        assert "kbdinteractiveauthentication no" in effective
+        assert "permitrootlogin without-password" in effective  # = prohibit-password
+        conf = on_host(lab_dir, host.name, "cat /etc/sysctl.d/60-nixcache.conf")
+        for key, (value, why) in NETWORK_SYSCTLS.items():
+            assert f"# {why}\n" in conf
+            assert re.search(rf"^(# )?{re.escape(key)} = {re.escape(value)}$", conf, re.M), key
+        # Every parameter applied here holds its value; the others say why they are skipped.
+        for line in conf.splitlines():
+            if line and not line.startswith("#"):
+                key, value = (part.strip() for part in line.split("=", 1))
+                live = on_host(lab_dir, host.name, f"sysctl -n {key}")
+                assert " ".join(live.split()) == value, key
+        assert conf.count("# skipped, ") == len(
+            [k for k in NETWORK_SYSCTLS if not re.search(rf"^{re.escape(k)} = ", conf, re.M)]
+        )
+        limits = on_host(lab_dir, host.name, "cat /etc/security/limits.d/60-nixcache.conf")
+        assert "*    hard nofile 1048576" in limits
+
+
+def test_admin_user_logs_in_with_key_and_uses_sudo(deployed: Run, lab_dir: Path, tmp_path: Path) -> None:
+    host = hosts(lab_dir)[-1]
+    key = Ed25519PrivateKey.generate()
+    private = tmp_path / "alice"
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        )
+    )
+    private.chmod(0o600)
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    extra = tmp_path / "group_data"
+    extra.mkdir()
+    users = [{"name": "alice", "ssh_keys": [public.decode() + " alice@test"], "sudo": True}]
+    (extra / "lab.py").write_text(f"admin_users = {users!r}\n")
+    try:
+        run = deploy(lab_dir, "--limit", host.name, "--group-data", str(extra))
+        converged(run)
+        again = deploy(lab_dir, "--limit", host.name, "--group-data", str(extra))
+        converged(again)
+        assert parts_changed(again) == []
+        login = subprocess.run(
+            [
+                "ssh", "-i", str(private), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+                "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=5", f"alice@{host.address}",
+                "id -un; sudo -n id -un",
+            ],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert login.returncode == 0, login.stderr
+        assert login.stdout.split() == ["alice", "root"]
+        assert (
+            on_host(lab_dir, host.name, "stat -c '%a %U' /etc/sudoers.d/60-nixcache-admins").strip()
+            == "440 root"
+        )
+    finally:
+        converged(deploy(lab_dir, "--limit", host.name))
+    # Without admin_users the sudo grant is gone (the account stays: its files are the admin's).
+    code, _ = Lab(lab_dir).run(host.name, ["test", "-e", "/etc/sudoers.d/60-nixcache-admins"])
+    assert code != 0
+
+
+# --- monitoring ------------------------------------------------------------------------------
+
+
+def metrics(address: str) -> str:
+    response = httpx.get(f"http://{address}:9100/metrics", timeout=5)
+    assert response.status_code == 200
+    return response.text
+
+
+def test_node_exporter_textfile_metrics_and_persistent_journal(deployed: Run, lab_dir: Path) -> None:
+    host = hosts(lab_dir)[0]
+    assert on_host(lab_dir, host.name, "systemctl is-enabled nixcache-disk-alert.timer").strip() == "enabled"
+    assert on_host(lab_dir, host.name, "systemctl is-active nixcache-disk-alert.timer").strip() == "active"
+    on_host(lab_dir, host.name, "systemctl start nixcache-disk-alert.service")
+    text = metrics(host.address)
+    assert 'nixcache_disk_alert{path="/var/lib/nixcache/store"} 0' in text
+    ratio = float(re.search(r'^nixcache_disk_usage_ratio\{path="[^"]+"\} (\S+)$', text, re.M).group(1))
+    assert 0 < ratio < 1
+    assert 'node_systemd_unit_state{name="nixcache.service",state="active",type="simple"} 1' in text
+    journald = on_host(lab_dir, host.name, "systemd-analyze cat-config systemd/journald.conf")
+    assert "Storage=persistent" in journald and "MaxRetentionSec=2week" in journald
+    assert on_host(lab_dir, host.name, "ls /var/log/journal/*/system.journal").strip()
+
+
+class Receiver:
+    """A webhook receiver on the controller's lab address (the lab network only)."""
+
+    def __init__(self, address: str):
+        self.bodies: list[dict] = []
+        received = self.bodies
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer((address, 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_disk_alert_over_threshold_warns_in_journal_metric_and_webhook(
+    deployed: Run, lab_dir: Path, tmp_path: Path
+) -> None:
+    host = hosts(lab_dir)[0]
+    receiver = Receiver(load(lab_dir).gateway)
+    secret = uuid.uuid4().hex
+    url_file = tmp_path / "webhook-url"
+    url_file.write_text(f"http://{load(lab_dir).gateway}:{receiver.port}/hook/{secret}\n")
+    try:
+        run = pyinfra(
+            lab_dir, "-y", "-vvv", "--limit", host.name,
+            "--data", "disk_alert_threshold_percent=1", "--data", f"alert_webhook_ref=file://{url_file}",
+            "inventories/lab.py", "deploys/cache.py",
+        )  # fmt: skip
+        converged(run)
+        assert secret not in run.output  # the URL never shows, even at -vvv
+        stat = on_host(lab_dir, host.name, "stat -c '%a %U' /etc/nixcache/alert-webhook").strip()
+        assert stat == "600 root"
+        code, _ = Lab(lab_dir).run(host.name, ["systemctl", "start", "nixcache-disk-alert.service"])
+        assert code != 0  # over the threshold: the unit fails on purpose
+        for _ in range(50):
+            if receiver.bodies:
+                break
+            time.sleep(0.2)
+        assert len(receiver.bodies) == 1
+        body = receiver.bodies[0]
+        assert body["threshold_percent"] == 1 and body["path"] == "/var/lib/nixcache/store"
+        assert f"{body['usage_percent']}% full" in body["text"]
+        journal = on_host(
+            lab_dir, host.name, "journalctl -u nixcache-disk-alert.service -p warning --no-pager -n 5"
+        )
+        assert "% full (threshold 1%" in journal
+        assert 'nixcache_disk_alert{path="/var/lib/nixcache/store"} 1' in metrics(host.address)
+    finally:
+        receiver.close()
+        converged(deploy(lab_dir, "--limit", host.name))
+    code, _ = Lab(lab_dir).run(host.name, ["test", "-e", "/etc/nixcache/alert-webhook"])
+    assert code != 0  # alert_webhook_ref unset: the file is gone
+
+
+# --- nginx front -----------------------------------------------------------------------------
+
+
+def curl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["curl", "-sS", "--max-time", "10", *args], capture_output=True, text=True, timeout=20
+    )
+
+
+def test_nginx_front_tls_http2_and_nar_bytes_from_disk(deployed: Run, lab_dir: Path, tmp_path: Path) -> None:
+    require(shutil.which("curl") is not None, "curl missing (apt-get install curl)")
+    host = hosts(lab_dir)[0]
+    base = f"https://{host.address}"
+    try:
+        converged(deploy(lab_dir, "--limit", host.name, "--data", "cache_nginx_front=true"))
+        again = deploy(lab_dir, "--limit", host.name, "--data", "cache_nginx_front=true")
+        converged(again)
+        assert parts_changed(again) == []
+
+        cert = tmp_path / "cert.pem"
+        cert.write_text(on_host(lab_dir, host.name, "cat /etc/nginx/nixcache-tls/cert.pem"))
+        info = curl("--http2", "--cacert", str(cert), "-w", "\n%{http_version}", f"{base}/nix-cache-info")
+        assert info.returncode == 0, info.stderr  # the self-signed certificate names the host's address
+        assert "StoreDir: /nix/store" in info.stdout and info.stdout.endswith("\n2")
+
+        path = build_path(tmp_path)
+        ssl = {"NIX_SSL_CERT_FILE": str(cert)}
+        push(lab_dir, tmp_path, base, host.address, path, ssl)
+        narinfo = curl("--cacert", str(cert), f"{base}/{Path(path).name[:32]}.narinfo").stdout
+        nar_url = re.search(r"^URL: (\S+)$", narinfo, re.M).group(1)
+        size = int(re.search(r"^FileSize: (\d+)$", narinfo, re.M).group(1))
+        nar = curl("--cacert", str(cert), "-D", "-", "-o", str(tmp_path / "nar"), f"{base}/{nar_url}")
+        headers = nar.stdout.lower()
+        assert headers.startswith("http/2 200"), nar.stdout
+        # nginx's static file handler answered (ETag, Last-Modified), not the app's stream.
+        assert "etag:" in headers and "last-modified:" in headers and "accept-ranges: bytes" in headers
+        assert "content-type: application/x-nix-nar" in headers
+        assert (tmp_path / "nar").stat().st_size == size
+        hidden = curl(
+            "--cacert",
+            str(cert),
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            f"{base}/_nixcache_store/{nar_url[4:]}",
+        )
+        assert hidden.stdout == "404"  # internal: only reachable through X-Accel-Redirect
+
+        public = str(SecretKey.parse((lab_dir / "secrets" / "signing-key").read_text()).public())
+        fetched = nix(
+            [
+                "copy", "--from", base, "--to", str(tmp_path / "fresh"), path,
+                "--option", "require-sigs", "true", "--option", "trusted-public-keys", public,
+                "--option", "substituters", "",
+            ],
+            tmp_path / "home-fetch", ssl,
+        )  # fmt: skip
+        assert fetched.returncode == 0, fetched.stderr
+        assert (tmp_path / "fresh" / "nix" / "store" / Path(path).name).read_text() == Path(path).read_text()
+    finally:
+        converged(deploy(lab_dir, "--limit", host.name))
+    code, _ = Lab(lab_dir).run(host.name, ["test", "-e", "/etc/nginx/conf.d/nixcache.conf"])
+    assert code != 0  # front off again: the site is gone
+
+
+# --- client ----------------------------------------------------------------------------------
+
+
+def test_client_deploy_makes_nix_substitute_from_the_lab_cache(
+    deployed: Run, lab_dir: Path, tmp_path: Path
+) -> None:
+    lab_hosts = hosts(lab_dir)
+    cache, client = lab_hosts[0], lab_hosts[-1]
+    args = (
+        "-y",
+        "--limit",
+        client.name,
+        "--data",
+        "client_cache_group=lab",
+        "inventories/lab.py",
+        "deploys/client.py",
+    )
+    converged(pyinfra(lab_dir, *args))
+    again = pyinfra(lab_dir, *args)
+    converged(again)
+    assert again.totals()["changed"] == 0, again.changed_operations()
+    conf = on_host(lab_dir, client.name, "cat /etc/nix/nixcache.conf")
+    urls = " ".join(f"http://{h.address}:5000" for h in lab_hosts)
+    assert f"substituters = {urls}\n" in conf
+    public = str(SecretKey.parse((lab_dir / "secrets" / "signing-key").read_text()).public())
+    assert public in conf
+
+    path = build_path(tmp_path)
+    wait_for_cache(f"http://{cache.address}:5000")
+    push(lab_dir, tmp_path, f"http://{cache.address}:5000", cache.address, path)
+    realised = on_host(lab_dir, client.name, f"nix-store --realise {path} 2>&1 && cat {path}")
+    assert f"from 'http://{cache.address}:5000'" in realised
+    assert realised.strip().endswith(Path(path).read_text().strip())
