@@ -75,23 +75,9 @@ def deploy(lab_dir: Path, *extra: str) -> Run:
 
 
 @pytest.fixture(scope="session")
-def lab_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    """The state directory of a running lab: the shared `lab` fixture's when it exists, else our own."""
-    try:
-        shared = request.getfixturevalue("lab")
-    except pytest.FixtureLookupError:
-        shared = None
-    if shared is not None:
-        yield Path(getattr(shared, "state_dir", shared))
-        return
-    from nixcache.lab import Lab
-
-    own = Lab(tmp_path_factory.mktemp("deploy-lab"))
-    try:
-        own.up(3)
-        yield own.state_dir
-    finally:
-        own.down()
+def lab_dir(lab) -> Path:
+    """The state directory of the shared session lab (tests/conftest.py's `lab` fixture)."""
+    return Path(lab.state_dir)
 
 
 @pytest.fixture(scope="session")
