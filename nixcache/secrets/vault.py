@@ -105,6 +105,15 @@ class VaultBackend:
         except (hvac.exceptions.Unauthorized, hvac.exceptions.Forbidden) as error:
             _client.cache_clear()  # a fresh login next time, e.g. after the operator renewed the token
             how = "AppRole login (VAULT_ROLE_ID/VAULT_SECRET_ID)" if not settings["token"] else "VAULT_TOKEN"
+            if not _token_valid(client):
+                raise SecretStoreUnavailable(
+                    ref.ref,
+                    backend,
+                    f"the token from {how} is invalid or expired ({_reason(error)})",
+                    "log in again and export a fresh VAULT_TOKEN"
+                    if settings["token"]
+                    else "check the AppRole's token_ttl and the secret id",
+                ) from None
             raise SecretError(
                 ref.ref,
                 backend,
@@ -238,6 +247,20 @@ class VaultBackend:
             return True
 
         return self._call(ref, "write", write)
+
+
+def _token_valid(client) -> bool:
+    """Whether Vault still accepts the client's token: any token may look itself up."""
+    import hvac.exceptions
+    import requests
+
+    try:
+        client.auth.token.lookup_self()
+    except (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized):
+        return False
+    except (hvac.exceptions.VaultError, requests.exceptions.RequestException):
+        return True  # cannot tell: report the original permission error
+    return True
 
 
 def _reason(error: Exception) -> str:

@@ -59,8 +59,9 @@ def test_bad_token_is_an_error_naming_the_fix(vault_env, monkeypatch):
     with pytest.raises(SecretError) as caught:
         secrets.exists(ref)
     message = str(caught.value)
-    assert not isinstance(caught.value, SecretNotFound)
-    assert "permission denied" in message and "check VAULT_TOKEN" in message
+    assert isinstance(caught.value, secrets.SecretStoreUnavailable)
+    assert "the token from VAULT_TOKEN is invalid or expired" in message
+    assert "export a fresh VAULT_TOKEN" in message
     assert "wrong-token-value" not in message
 
 
