@@ -63,7 +63,6 @@ def test_environment_data_and_settings_are_valid(fleet_dir):
         assert s.key_name(host.name) == f"nixcache-{environment}-1"
         assert s.apt_update is True and s.cache_nginx_front is True
         assert not s.signing_key_generate  # production keys are never created by a deploy
-        assert host.data.get("ssh_user") == "root"  # from all.py
     eu = inventory.get_host("cache-eu-central.caches.example.org")
     assert from_data(eu.name, eu.data).cache_volume_device == "/dev/sdb"
     staging = inventory.get_host("cache-us-east-staging.caches.example.org")
