@@ -27,7 +27,7 @@ _EXTRA_PREFIXES = ("/log/", "/debuginfo/", "/build-trace-v2/", "/realisations/")
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 # Unread request bodies up to this size are drained to keep the connection; larger ones close it.
 _DRAIN_LIMIT = 64 * 1024
-_NARINFO_CACHE_ENTRIES = 4096
+_NARINFO_CACHE_ENTRIES = 16384  # signed narinfos kept in memory, ~1 KiB each
 NARINFO_LIMIT = 4 * 1024 * 1024  # the largest narinfo accepted (thousands of references fit)
 _AUTH_HEADERS = [("WWW-Authenticate", 'Basic realm="nixcache"')]
 
@@ -257,7 +257,9 @@ class App:
                 ) from None
             body = info.signed(self.keys, self.config.store_dir).encode()
             if len(self._narinfo_cache) >= _NARINFO_CACHE_ENTRIES:
-                self._narinfo_cache.clear()
+                # Drop the older half (dicts keep insertion order): bounded memory, no per-hit cost.
+                for old in list(self._narinfo_cache)[: _NARINFO_CACHE_ENTRIES // 2]:
+                    del self._narinfo_cache[old]
             self._narinfo_cache[hash_part] = (key, body)
         self.store.mark_served(hash_part, st.st_mtime_ns)
         return body

@@ -71,6 +71,22 @@ def parse_sha256(text: str) -> bytes:
     return decode(value, 32)
 
 
+def normalize_sha256(text: str) -> str:
+    """`text` as `sha256:<base32>`; ValueError when it is not a sha256 hash string.
+
+    The canonical form is checked without decoding (this runs for every narinfo parsed): 52
+    alphabet characters whose first one carries only the digest's top bit ('0' or '1').
+    """
+    if (
+        len(text) == 59
+        and text.startswith("sha256:")
+        and text[7] in "01"
+        and ALPHABET_SET.issuperset(text[7:])
+    ):
+        return text
+    return format_sha256(parse_sha256(text))
+
+
 def format_sha256(digest: bytes) -> str:
     """`sha256:<base32>`, the form Nix writes and signs."""
     return "sha256:" + encode(digest)

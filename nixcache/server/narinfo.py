@@ -115,7 +115,7 @@ def _int_field(name: str, value: str) -> int:
 
 def _hash_field(name: str, value: str) -> str:
     try:
-        return base32.format_sha256(base32.parse_sha256(value))
+        return base32.normalize_sha256(value)
     except ValueError as error:
         raise NarInfoError(name, f"{error}; expected sha256:<52 base32 characters>") from None
 
