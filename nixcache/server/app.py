@@ -15,6 +15,7 @@ from nixcache.keys import SecretKey
 from nixcache.server import narinfo
 from nixcache.server.auth import Tokens
 from nixcache.server.config import ServerConfig
+from nixcache.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from nixcache.server.metrics import Metrics
 from nixcache.server.narinfo import NarInfoError
 from nixcache.server.store import Store, UploadError
@@ -319,9 +320,7 @@ class App:
         return self._error(environ, start_response, 503, f"store {self.store.root} is not writable")
 
     def get_metrics(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
-        from nixcache.server.metrics import CONTENT_TYPE
-
-        return self._respond(environ, start_response, "200 OK", self.metrics.render(), CONTENT_TYPE)
+        return self._respond(environ, start_response, "200 OK", self.metrics.render(), METRICS_CONTENT_TYPE)
 
     def get_pubkey(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
         return self._respond(environ, start_response, "200 OK", self.pubkeys)

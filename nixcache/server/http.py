@@ -1,4 +1,5 @@
-"""Serving the WSGI app with gevent: TCP_NODELAY, idle timeouts, sendfile, request log and metrics.
+"""Serving the WSGI app with gevent: HTTP/1.1 keep-alive, TCP_NODELAY, idle timeouts, sendfile,
+one JSON log line and metrics per request.
 
 Imports gevent: only `nixcache.server.cli.serve` imports this, after `monkey.patch_all()`.
 """
@@ -26,7 +27,6 @@ from nixcache.server.app import App, FileBody
 log = logging.getLogger("nixcache.server")
 IDLE_TIMEOUT = 75.0  # seconds a keep-alive connection may sit idle (nginx's default)
 SENDFILE_CHUNK = 1 << 24
-COALESCE_LIMIT = 64 * 1024  # bodies up to this size leave in the same send() as the headers
 MAX_HEADERS = 100
 MAX_REQUEST_LINE = 8192
 MAX_HEAD = 64 * 1024
