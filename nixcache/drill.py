@@ -254,7 +254,12 @@ class Drill:
         self.echo(f"  pushed {self.store_path} and its dependency")
 
     def backup(self) -> None:
-        self.ssh(self.cache, "systemctl start nixcache-backup.service", timeout=600)
+        try:
+            self.ssh(self.cache, "systemctl start nixcache-backup.service", timeout=600)
+        except PhaseError:
+            # One retry, said out loud: a dropped sftp connection fails a run, the next one resumes.
+            self.echo("  backup run failed (journalctl -u nixcache-backup on the cache); retrying once")
+            self.ssh(self.cache, "systemctl start nixcache-backup.service", timeout=600)
         metrics = self.ssh(self.cache, f"cat {METRICS_FILE}")
         from prometheus_client.parser import text_string_to_metric_families
 
