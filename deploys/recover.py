@@ -55,9 +55,6 @@ if s.backup_repository:
         password_path=BACKUP_PASSWORD_FILE,
         owner=s.service_user,
         content_dir=f"{s.store_dir}/narinfo",
-        # A dropped sftp connection fails a restore (seen once in the lab); a rerun resumes it.
-        _retries=2,
-        _retry_delay=5,
     )
 
 # --- the full cache deploy ------------------------------------------------------------------------

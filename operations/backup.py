@@ -220,9 +220,12 @@ def restore(
     if not latest:
         host.noop(f"backup repository {repository} holds no snapshot yet: starting empty")
         return
-    yield (
+    restore = (
         f"{nixcache_bin} backup restore --config {shlex.quote(config_path)} "
         f"--snapshot {shlex.quote(latest['id'])} --target /"
     )
+    # Up to three attempts in one command: a dropped sftp connection fails a restore, and a rerun
+    # of this operation would see the partly restored store as content and skip it.
+    yield f"{restore} || (sleep 5 && {restore}) || (sleep 5 && {restore})"
     # uids are numeric in snapshots; the replacement host's service user may have another one.
     yield f"chown -R {shlex.quote(owner)}: {shlex.quote(store_dir)}"
