@@ -42,7 +42,7 @@ python = host.get_fact(HostPython)
 if python is None:
     raise SettingsError(f"{host.name}: recover, step install: no python3 on the host; install it and rerun")
 install.nixcache(name="nixcache venv (needed by the restore)", python=python)
-backup_timer()
+backup_timer(schedule=False)  # the timer comes with the full deploy, after the restore
 
 # --- restore, only onto an empty store -------------------------------------------------------
 if s.backup_repository:

@@ -110,8 +110,12 @@ Host {repository_host}
 
 
 @deploy("nixcache backup timer")
-def backup_timer() -> None:
-    """restic, backup.toml, the repository password (and sftp key), and the daily timer."""
+def backup_timer(schedule: bool = True) -> None:
+    """restic, backup.toml, the repository password (and sftp key), and the daily timer.
+
+    `schedule=False` (deploys/recover.py, before its restore) installs all but the timer: no run
+    may back up an empty replacement host before the restore has put its store back.
+    """
     s = settings()
     if not s.backup_repository:
         logger.warning(f"{host.name}: no backup_repository in host data: scheduled backups are not installed")
@@ -157,6 +161,8 @@ def backup_timer() -> None:
     if s.backup_repository.startswith("/"):
         files.directory(name="Local backup repository", path=s.backup_repository, mode="0700")
         writable.append(s.backup_repository)
+    if not schedule:
+        return
     backup.timer(
         name="Backup service and daily timer",
         nixcache_bin=NIXCACHE_BIN,
