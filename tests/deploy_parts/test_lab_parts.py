@@ -184,6 +184,39 @@ def test_admin_user_logs_in_with_key_and_uses_sudo(deployed: Run, lab_dir: Path,
     assert code != 0
 
 
+def test_rejected_sshd_and_sudoers_files_never_take_effect(
+    deployed: Run, lab_dir: Path, tmp_path: Path
+) -> None:
+    host = hosts(lab_dir)[-1]
+    dropin, sudoers = "/etc/ssh/sshd_config.d/61-test.conf", "/etc/sudoers.d/61-test"
+
+    def apply(sshd_text: str, sudoers_text: str) -> Run:
+        deploy_file = tmp_path / f"files-{uuid.uuid4().hex[:6]}.py"
+        deploy_file.write_text(
+            "from operations import hardening\n"
+            f"hardening.validated_file(name='sshd drop-in', dest={dropin!r}, content={sshd_text!r},"
+            " check='sshd -t', check_in_place=True, then='systemctl reload ssh.service')\n"
+            f"hardening.validated_file(name='sudoers', dest={sudoers!r}, content={sudoers_text!r},"
+            " check='visudo -cqf {path}', mode='440')\n"
+        )
+        return pyinfra(lab_dir, "-y", "--limit", host.name, "inventories/lab.py", str(deploy_file))
+
+    try:
+        converged(apply("X11Forwarding no\n", "Defaults:root !lecture\n"))
+        bad_sshd = apply("NoSuchOption yes\n", "Defaults:root !lecture\n")
+        assert bad_sshd.returncode != 0
+        assert f"{dropin}: rejected by 'sshd -t'; previous version kept" in bad_sshd.output
+        assert on_host(lab_dir, host.name, f"cat {dropin}").strip() == "X11Forwarding no"
+        on_host(lab_dir, host.name, "sshd -t")  # the running configuration is intact, and we still log in
+        bad_sudo = apply("X11Forwarding no\n", "root ALL=(ALL) NOT VALID\n")
+        assert bad_sudo.returncode != 0
+        assert f"{sudoers}: rejected by 'visudo -cqf <new>'; not installed" in bad_sudo.output
+        assert on_host(lab_dir, host.name, f"cat {sudoers}").strip() == "Defaults:root !lecture"
+        assert on_host(lab_dir, host.name, f"ls {dropin}* {sudoers}*").split() == [dropin, sudoers]
+    finally:
+        on_host(lab_dir, host.name, f"rm -f {dropin}* {sudoers}* && systemctl reload ssh.service")
+
+
 # --- monitoring ------------------------------------------------------------------------------
 
 
