@@ -17,6 +17,7 @@ from operations.render import render
 
 NODE_EXPORTER_DEFAULTS = "/etc/default/prometheus-node-exporter"
 NODE_EXPORTER_UNIT = "prometheus-node-exporter.service"
+NODE_EXPORTER_DROPIN = f"/etc/systemd/system/{NODE_EXPORTER_UNIT}.d/60-nixcache-sandbox.conf"
 JOURNALD_DROPIN = "/etc/systemd/journald.conf.d/60-nixcache.conf"
 DISK_ALERT_NAME = "nixcache-disk-alert"
 DISK_ALERT_TEXTFILE = "nixcache_disk.prom"
@@ -42,7 +43,8 @@ def node_exporter(listen: str = ":9100", textfile_dir: str = "/var/lib/prometheu
     + listen: ``[address]:port``
     + textfile_dir: directory of *.prom files (Debian's default: /var/lib/prometheus/node-exporter)
 
-    Restarts the exporter when its arguments changed; starts and enables it when it is not.
+    Restarts the exporter when its arguments or its sandbox (a unit drop-in) changed; starts
+    and enables it when it is not.
     """
     if not re.match(r"^[\w.\-\[\]:]*:\d+$", listen):
         raise OperationValueError(
@@ -54,8 +56,14 @@ def node_exporter(listen: str = ":9100", textfile_dir: str = "/var/lib/prometheu
     commands = list(
         validated_files_changes(NODE_EXPORTER_DEFAULTS, render_node_exporter_defaults(listen, textfile_dir))
     )
+    sandbox = list(
+        validated_files_changes(NODE_EXPORTER_DROPIN, render("monitoring-node-exporter.hardening.conf.j2"))
+    )
     yield from commands
-    changed = any(isinstance(c, FileUploadCommand) for c in commands)
+    yield from sandbox
+    if any(isinstance(c, FileUploadCommand) for c in sandbox):
+        yield StringCommand("systemctl daemon-reload")
+    changed = any(isinstance(c, FileUploadCommand) for c in commands + sandbox)
     yield from systemd.service._inner(NODE_EXPORTER_UNIT, running=True, enabled=True, restarted=changed)
 
 
