@@ -341,15 +341,19 @@ class App:
         limit = self.config.max_upload_size
         try:
             if kind == "nar":
-                if self.store.has_nar(name):
+                if self.store.keep_nar(name):
                     self.store.drain(body, length, limit)  # same name, same bytes: already here
-                    self.store.touch_nar(name)
                 else:
                     self.store.put_nar(name, body, length, limit)
-                    self.metrics.upload_bytes.inc(os.stat(self.store.nar_path(name)).st_size)
+                    size = length or 0
+                    self.metrics.upload_bytes.inc(size)
+                    self.metrics.usage.add_nar(size)
             elif kind == "narinfo":
+                existed = os.path.exists(self._narinfo_prefix + name + ".narinfo")
                 self.store.put_narinfo(name, body, length, min(limit, NARINFO_LIMIT))
                 self._narinfo_cache.pop(name, None)
+                if not existed:
+                    self.metrics.usage.add_entry(length or 0)
             else:
                 self.store.drain(body, length, limit)
                 self.metrics.uploads.labels(kind, "accepted").inc()

@@ -48,6 +48,7 @@ class _Entry:
     nar_file: str | None
     size: int
     last_used: float
+    identity: tuple[int, int]  # (inode, mtime_ns): a push replaces the file, changing both
 
 
 @dataclass
@@ -138,7 +139,15 @@ def run(limits: Limits, *, dry_run: bool = False, echo: Callable[[str], object] 
             st = path.stat()
         except FileNotFoundError:
             continue
-        entries.append(_Entry(path.name[:-8], _nar_file_of(path), st.st_size, max(st.st_atime, st.st_mtime)))
+        entries.append(
+            _Entry(
+                path.name[:-8],
+                _nar_file_of(path),
+                st.st_size,
+                max(st.st_atime, st.st_mtime),
+                (st.st_ino, st.st_mtime_ns),
+            )
+        )
     refs: dict[str, int] = {}
     for entry in entries:
         if entry.nar_file:
@@ -170,10 +179,23 @@ def run(limits: Limits, *, dry_run: bool = False, echo: Callable[[str], object] 
                 store.nar_path(name).unlink()
             except FileNotFoundError:
                 return 0
-        with contextlib.suppress(FileNotFoundError):
-            (store.meta_dir / name).unlink()
+            with contextlib.suppress(FileNotFoundError):
+                (store.meta_dir / name).unlink()
         result.deleted_nars += 1
         return size
+
+    def delete_narinfo(entry: _Entry) -> bool:
+        """Delete the narinfo scanned as `entry`, unless it was replaced (pushed again) since."""
+        path = store.narinfo_path(entry.hash_part)
+        with store.gc_lock(exclusive=True):
+            try:
+                st = path.stat()
+                if (st.st_ino, st.st_mtime_ns) != entry.identity:
+                    return False
+                path.unlink()
+            except FileNotFoundError:
+                return False
+        return True
 
     # NARs no narinfo names: abandoned pushes. Old ones go whatever the limits.
     for name in list(nar_sizes):
@@ -199,11 +221,8 @@ def run(limits: Limits, *, dry_run: bool = False, echo: Callable[[str], object] 
         too_full = free_triggered and limits.max_free is not None and free_now < limits.max_free
         if not (too_old or too_big or too_full):
             break  # sorted by last use: later entries are newer, and the size limits hold
-        if not dry_run:
-            try:
-                store.narinfo_path(entry.hash_part).unlink()
-            except FileNotFoundError:
-                continue
+        if not dry_run and not delete_narinfo(entry):
+            continue
         result.deleted_entries += 1
         result.deleted.append(entry.hash_part)
         result.freed_bytes += entry.size

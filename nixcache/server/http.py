@@ -187,6 +187,12 @@ def parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
 _js = encode_basestring_ascii  # a str as a JSON string literal, quotes included
 
 
+def _close(result: Any) -> None:
+    close = getattr(result, "close", None)
+    if close is not None:
+        close()
+
+
 def _continue_pending(body: _Input) -> bool:
     """True when the client waits for "100 Continue" that was never sent: the app answered
     without reading the body. The client may or may not send it now, so the only safe way on
@@ -345,33 +351,36 @@ class Server(StreamServer):
         response = _Response()
         sent = 0
         result: Any = None
+        data = b""
         try:
             result = self.app(env, response.start)
-            if isinstance(result, FileBody):
-                sock.sendall(self._head(response, keep_alive and not _continue_pending(body)))
-                sent = sendfile(sock, result)
-            else:
+            if not isinstance(result, FileBody):
                 data = b"".join(result)
                 if response.length is None:
                     response.head += f"Content-Length: {len(data)}\r\n".encode()
                 elif response.length != len(data) and method != "HEAD":
                     raise RuntimeError(f"Content-Length {response.length} but {len(data)} body bytes")
-                sock.sendall(self._head(response, keep_alive and not _continue_pending(body)) + data)
+        except Exception:
+            # A bug or an unexpected OSError of the app (not of the socket): 500, never a hang-up.
+            log.exception("error answering %s %s", method, path[:200])
+            _close(result)
+            env["nixcache.reason"] = "internal error: see the server log"
+            self._record(env, 500, 0, address, start, aborted=False)
+            self._send_error(sock, 500, "internal error; see the server log")
+            return False
+        try:
+            head = self._head(response, keep_alive and not _continue_pending(body))
+            if isinstance(result, FileBody):
+                sock.sendall(head)
+                sent = sendfile(sock, result)
+            else:
+                sock.sendall(head + data)
                 sent = len(data)
         except OSError:
             self._record(env, response.code or 499, sent, address, start, aborted=True)
             raise
-        except Exception:
-            log.exception("error answering %s %s", method, path[:200])
-            env["nixcache.reason"] = "internal error: see the server log"
-            self._record(env, 500, 0, address, start, aborted=False)
-            if not sent:
-                self._send_error(sock, 500, "internal error; see the server log")
-            return False
         finally:
-            close = getattr(result, "close", None)
-            if close is not None:
-                close()
+            _close(result)
         keep = keep_alive and not response.close
         if keep:
             body._discard()  # read what the app left of the body, to find the next request

@@ -30,6 +30,15 @@ class StoreUsage:
     nar_bytes: int = 0
     scanned_at: float = 0.0
 
+    # Uploads update the totals at once; the periodic scan corrects them (gc runs elsewhere).
+    def add_nar(self, size: int) -> None:
+        self.nar_files += 1
+        self.nar_bytes += size
+
+    def add_entry(self, size: int) -> None:
+        self.entries += 1
+        self.narinfo_bytes += size
+
 
 def scan(store: Store) -> StoreUsage:
     """Count narinfos and NAR files and their bytes (one stat per file; run off the event loop)."""

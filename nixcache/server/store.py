@@ -142,8 +142,15 @@ class Store:
             return None
         return NarFile(handle, os.fstat(handle.fileno()).st_size, name)
 
-    def has_nar(self, name: str) -> bool:
-        return (self.nar_dir / name).is_file() and (self.meta_dir / name).is_file()
+    def keep_nar(self, name: str) -> bool:
+        """True when `nar/<name>` and its meta are here; refreshes the NAR's mtime so gc spares
+        it while its narinfo is on the way (one step under the shared gc lock)."""
+        with self.gc_lock(exclusive=False):
+            try:
+                os.utime(self.nar_dir / name)
+            except FileNotFoundError:
+                return False
+            return (self.meta_dir / name).is_file()
 
     def mark_served(self, hash_part: str, mtime_ns: int) -> None:
         """Remember that a narinfo was served; `flush_served` records it on disk in a batch."""
@@ -210,8 +217,11 @@ class Store:
             except nar.NarError as error:
                 raise UploadError(400, f"nar/{name}: {error}") from None
             os.fsync(handle.fileno())
-            self._write_small(self.meta_dir / name, digest.serialize().encode())
-            os.replace(tmp, self.nar_dir / name)
+            # Under the shared gc lock: gc deletes a NAR and its meta as one step under the
+            # exclusive lock, so it can never remove the meta we just wrote for a new copy.
+            with self.gc_lock(exclusive=False):
+                self._write_small(self.meta_dir / name, digest.serialize().encode())
+                os.replace(tmp, self.nar_dir / name)
         return digest
 
     def nar_digest(self, name: str) -> nar.NarDigest | None:

@@ -376,7 +376,10 @@ def test_metrics(cache: Cache) -> None:
     assert samples['nixcache_uploads_total{kind="nar",result="rejected"}'] == 1
     assert samples['nixcache_served_bytes_total{route="nar"}'] == len(entry.file_bytes)
     assert samples['nixcache_http_requests_total{method="GET",route="narinfo",status="404"}'] == 1
-    assert "nixcache_store_bytes" in samples and "nixcache_gc_runs_total" in samples
+    assert samples["nixcache_store_entries"] == 1
+    assert samples["nixcache_store_nar_files"] == 1
+    assert samples["nixcache_store_bytes"] > len(entry.file_bytes)
+    assert "nixcache_gc_runs_total" in samples
     assert "nixcache_gc_freed_bytes_total" in samples
 
 
