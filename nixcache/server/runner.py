@@ -120,7 +120,7 @@ def run(config: ServerConfig) -> None:
 
     refresh_usage()
     tasks = [
-        gevent.spawn(_every, SERVED_FLUSH_SECONDS, store.flush_served),
+        gevent.spawn(_every, SERVED_FLUSH_SECONDS, store.flush_served, threadpool.apply),
         gevent.spawn(_every, USAGE_SCAN_SECONDS, refresh_usage),
     ]
 

@@ -156,14 +156,20 @@ class Store:
         """Remember that a narinfo was served; `flush_served` records it on disk in a batch."""
         self._served[hash_part] = mtime_ns
 
-    def flush_served(self) -> int:
-        """Set atime = now on narinfos served since the last flush (mtime kept); count them."""
+    def flush_served(self, record: Callable[..., Any] | None = None) -> int:
+        """Set atime = now on narinfos served since the last flush (mtime kept); count them.
+
+        `record(fn, args)` runs the syscalls (the server passes its thread pool: a busy cache
+        serves many thousands of distinct narinfos between two flushes)."""
         served, self._served = self._served, {}
+        (record or (lambda fn, args: fn(*args)))(self._record_served, (served,))
+        return len(served)
+
+    def _record_served(self, served: dict[str, int]) -> None:
         now = time.time_ns()
         for hash_part, mtime_ns in served.items():
             with contextlib.suppress(FileNotFoundError):  # collected meanwhile
                 os.utime(self.narinfo_path(hash_part), ns=(now, mtime_ns))
-        return len(served)
 
     # -- uploads ---------------------------------------------------------------------------------
 
