@@ -32,6 +32,8 @@ apt.packages(
     name="Install the Nix client",
     packages=list(NIX_CLIENT_PACKAGES),
     update=s.apt_update,
+    # At most daily: a refresh counts as a change, and a rerun should report none.
+    cache_time=86400,
     no_recommends=True,
 )
 client.nix_conf(

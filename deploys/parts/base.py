@@ -87,6 +87,8 @@ def base(config: Settings | None = None) -> None:
         packages=list(CACHE_HOST_PACKAGES),
         # Lab hosts have no route to a registry: their image carries the packages.
         update=s.apt_update,
+        # At most daily: a refresh counts as a change, and a rerun should report none.
+        cache_time=86400,
         no_recommends=True,
     )
     for user in users:

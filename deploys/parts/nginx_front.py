@@ -23,6 +23,8 @@ def nginx_front(config: Settings | None = None) -> None:
         name="Install nginx and openssl",
         packages=list(NGINX_FRONT_PACKAGES),
         update=s.apt_update,
+        # At most daily: a refresh counts as a change, and a rerun should report none.
+        cache_time=86400,
         no_recommends=True,
     )
     address = host.data.get("ssh_hostname") or host.name
