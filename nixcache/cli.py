@@ -34,25 +34,16 @@ class LazyGroup(click.Group):
         self.lazy = lazy
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(set(super().list_commands(ctx)) | self._available())
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy))
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in self.lazy:
             return self._load(name)
         return super().get_command(ctx, name)
 
-    def _available(self) -> set[str]:
-        return {name for name in self.lazy if self._load(name) is not None}
-
-    def _load(self, name: str) -> click.Command | None:
+    def _load(self, name: str) -> click.Command:
         module_name, attribute = self.lazy[name].split(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name and module_name.startswith(error.name):
-                return None  # not built yet in this checkout
-            raise
-        return getattr(module, attribute)
+        return getattr(importlib.import_module(module_name), attribute)
 
 
 @click.group(cls=LazyGroup, lazy=SUBCOMMANDS)
