@@ -10,15 +10,16 @@ second run reports no changes. Values come from host data (operations/settings.p
 
 from __future__ import annotations
 
+import functools
+
 from pyinfra import host
-from pyinfra.api import HiddenValue
 
 from deploys.parts.backup import backup_timer
 from deploys.parts.base import base
 from deploys.parts.monitoring import monitoring
 from deploys.parts.nginx_front import nginx_front
 from facts.nixcache import HostPython
-from nixcache.secrets import SecretError, ensure_signing_key, ensure_token
+from nixcache.secrets import ensure_signing_key, ensure_token
 from operations import config, firewall, gc, health, install, rotation, service, storage
 from operations.render import sha256
 from operations.settings import (
@@ -27,22 +28,13 @@ from operations.settings import (
     READ_TOKEN_FILE,
     SIGNING_KEY_FILE,
     SettingsError,
+    host_secret,
     settings,
 )
 
-
-def _secret(what: str, key: str, ref: str | None, fetch) -> HiddenValue:
-    if not ref:
-        raise SettingsError(f"{host.name}: host data '{key}' is not set; give the {what}'s secret reference")
-    try:
-        return HiddenValue(fetch(ref), masked_value=f"<{what} {ref}>")
-    except SecretError as error:
-        raise SettingsError(f"{host.name}: {what} ({key}): {error}") from None
-
-
 s = settings()
 
-# --- base: packages, admin users, sshd, sysctls, limits (D2) ---------------------------------
+# --- base: packages, admin users, sshd, sysctls, limits --------------------------------------
 base(config=s)
 
 # --- storage ---------------------------------------------------------------------------------
@@ -73,18 +65,24 @@ build = install.build_key(python)
 install.nixcache(name=f"nixcache {build} in /opt/nixcache/venv", python=python)
 
 # --- config and keys ------------------------------------------------------------------------
-signing_key = _secret(
+signing_key = host_secret(
     "signing key",
     "signing_key_ref",
     s.signing_key_ref,
-    lambda ref: ensure_signing_key(ref, s.key_name(host.name), s.signing_key_generate),
+    functools.partial(ensure_signing_key, name=s.key_name(host.name), generate=s.signing_key_generate),
 )
-push_token = _secret(
-    "push token", "push_token_ref", s.push_token_ref, lambda ref: ensure_token(ref, s.push_token_generate)
+push_token = host_secret(
+    "push token",
+    "push_token_ref",
+    s.push_token_ref,
+    functools.partial(ensure_token, generate=s.push_token_generate),
 )
 read_token = (
-    _secret(
-        "read token", "read_token_ref", s.read_token_ref, lambda ref: ensure_token(ref, s.read_token_generate)
+    host_secret(
+        "read token",
+        "read_token_ref",
+        s.read_token_ref,
+        functools.partial(ensure_token, generate=s.read_token_generate),
     )
     if s.read_token_ref
     else None
@@ -97,7 +95,7 @@ config.text_file(
 )
 config.secret_file(name="Signing key", path=SIGNING_KEY_FILE, value=signing_key, user=s.service_user)
 # During a key rotation: the next key beside the current one (operations/rotation.py).
-next_signing_key = rotation.next_key(s, host.name, ensure_signing_key)
+next_signing_key = rotation.next_key(s, host.name)
 if next_signing_key is not None:
     config.secret_file(
         name="Next signing key",
@@ -131,7 +129,7 @@ firewall.ruleset(
 # --- garbage collection ------------------------------------------------------------------------
 gc.timer(name="nixcache-gc.timer", settings=s, depends_on=build)
 
-# --- backups (issue 6), monitoring and nginx front (D2) -----------------------------------------
+# --- backups, monitoring and nginx front --------------------------------------------------------
 backup_timer()
 monitoring(config=s)
 nginx_front(config=s)

@@ -12,14 +12,14 @@ which names the same single key again: the rule has no state of its own to get o
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
-from pyinfra import host
 from pyinfra.api import HiddenValue
 
 from nixcache.keys import SecretKey
-from operations.settings import CONFIG_DIR, SIGNING_KEY_FILE, SettingsError
+from operations.settings import CONFIG_DIR, SIGNING_KEY_FILE, SettingsError, host_secret
 
 NEXT_SIGNING_KEY_FILE = f"{CONFIG_DIR}/signing-key.next"
 PHASES = ("introduce", "retire")
@@ -71,7 +71,7 @@ def trusted_public_keys(data: Any, resolve) -> list[str]:
     return [str(SecretKey.parse(resolve(ref).strip()).public()) for ref in signing_refs(data)]
 
 
-def next_key(s: Any, host_name: str, ensure_signing_key) -> HiddenValue | None:
+def next_key(s: Any, host_name: str) -> HiddenValue | None:
     """The next key's secret file content when a rotation is under way, generated and stored first.
 
     The next key is created by the rotation itself (it is the one moment a new key is wanted),
@@ -79,9 +79,12 @@ def next_key(s: Any, host_name: str, ensure_signing_key) -> HiddenValue | None:
     """
     if not s.signing_key_next_ref:
         return None
+    from nixcache.secrets import ensure_signing_key  # the secrets package only when rotating
+
     name = s.signing_key_next_name or next_name(s.key_name(host_name))
-    try:
-        value = ensure_signing_key(s.signing_key_next_ref, name, True)
-    except Exception as error:  # SecretError; imported lazily by the caller's module
-        raise SettingsError(f"{host.name}: next signing key (signing_key_next_ref): {error}") from None
-    return HiddenValue(value, masked_value=f"<next signing key {s.signing_key_next_ref}>")
+    return host_secret(
+        "next signing key",
+        "signing_key_next_ref",
+        s.signing_key_next_ref,
+        functools.partial(ensure_signing_key, name=name, generate=True),
+    )

@@ -17,7 +17,9 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+import click
 from pyinfra import host
+from pyinfra.api import HiddenValue
 from pyinfra.api.exceptions import PyinfraError
 
 # --- fixed layout on cache hosts -----------------------------------------------------------
@@ -46,7 +48,7 @@ class SettingsError(PyinfraError):
 class Settings:
     """Host data keys of the deploys, each with its default and why."""
 
-    # --- D1: cache service, storage, install, keys, firewall, gc, health --------------------
+    # --- cache service, storage, install, keys, firewall, gc, health ------------------------
     # 5000 is nix-serve's port, the one Nix users and the docs expect for an HTTP cache.
     cache_port: int = 5000
     # Networks allowed to reach the cache port (CIDRs). Empty = nobody but loopback: the safe
@@ -103,7 +105,7 @@ class Settings:
     # How long the last deploy step waits for /nix-cache-info; a gevent server starts in ~1 s.
     health_check_timeout: int = 20
 
-    # --- D2: users, sshd, sysctl, limits, monitoring, nginx front ----------------------------
+    # --- users, sshd, sysctl, limits, monitoring, nginx front, clients -----------------------
     # Serve through nginx (TLS, HTTP/2, X-Accel-Redirect); off = clients talk to the server.
     cache_nginx_front: bool = False
     # Internal nginx location that X-Accel-Redirect points at when the front is on.
@@ -157,9 +159,8 @@ class Settings:
     client_upstream_substituters: tuple[str, ...] = ()
     # Public keys clients trust besides those derived from the caches' signing_key_ref.
     trusted_public_keys: tuple[str, ...] = ()
-    # --- end of D2 section -----------------------------------------------------------------
 
-    # --- backups, recovery, key rotation (issue 6) ------------------------------------------
+    # --- backups, recovery, key rotation ---------------------------------------------------
     # restic repository (path, sftp:, s3:, rest:). None = no scheduled backups. A path on the
     # host itself dies with the host: use another machine (the lab: sftp to a second lab host).
     backup_repository: str | None = None
@@ -197,7 +198,6 @@ class Settings:
     signing_key_next_name: str | None = None
     # deploys/rotate_key.py phase: "introduce" (next key alongside) or "retire" (next key only).
     rotate_phase: str = "introduce"
-    # --- end of issue 6 section ------------------------------------------------------------
 
     def key_name(self, host_name: str) -> str:
         """The signing key name for `host_name`."""
@@ -222,7 +222,6 @@ CHECKED_PREFIXES: tuple[str, ...] = (
     "push_token_",
     "read_token_",
     "health_",
-    # D2's families
     "ssh_",
     "sysctl_",
     "nofile_",
@@ -233,7 +232,7 @@ CHECKED_PREFIXES: tuple[str, ...] = (
     "tls_",
     "nginx_",
     "client_",
-    # issue 6 (backups, recovery, rotation)
+    # backups, recovery, rotation
     "backup_",
     "recover_",
     "rotate_",
@@ -324,3 +323,32 @@ def from_data(host_name: str, data: Any) -> Settings:
 def settings() -> Settings:
     """The current pyinfra host's settings (call inside a deploy or operation)."""
     return from_data(host.name, host.data)
+
+
+def dry_run() -> bool:
+    """True under `pyinfra --dry`.
+
+    pyinfra does not tell deploy code whether it will execute; its command line does (deploy
+    files run inside that click command). Code that acts on the controller while the deploy
+    is being prepared (creating a missing secret) must ask, so a dry run changes nothing anywhere.
+    """
+    context = click.get_current_context(silent=True)
+    return bool(context is not None and context.params.get("dry"))
+
+
+def host_secret(what: str, key: str, ref: str | None, fetch: typing.Callable[..., str]) -> HiddenValue:
+    """The secret at host data `key` (reference `ref`), fetched as `fetch(ref, dry_run=…)`.
+
+    The value comes back wrapped so pyinfra prints only `<what ref>`, at any verbosity. Failures
+    are SettingsError naming the host, the data key, the store's reason and the fix.
+    """
+    if not ref:
+        raise SettingsError(f"{host.name}: host data '{key}' is not set; give the {what}'s secret reference")
+    # SecretError lives in nixcache.secrets, which imports its backends lazily; import it here
+    # too so that reading settings never pays for the secrets package.
+    from nixcache.secrets import SecretError
+
+    try:
+        return HiddenValue(fetch(ref, dry_run=dry_run()), masked_value=f"<{what} {ref}>")
+    except SecretError as error:
+        raise SettingsError(f"{host.name}: {what} ({key}): {error}") from None

@@ -7,20 +7,20 @@ whose data says `backup_store = True` to receive other hosts' snapshots over sft
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pyinfra import host, logger
 from pyinfra.api import HiddenValue, deploy
 from pyinfra.operations import apt, files, server
 
 from nixcache.backup.config import BackupConfig, dump
 from nixcache.packages import CACHE_HOST_PACKAGES
-from nixcache.secrets import SecretError, SecretNotFound, ensure_token, resolve, store
+from nixcache.secrets import ensure_ssh_key, ensure_token
 from operations import backup
-from operations.settings import CONFIG_DIR, NIXCACHE_BIN, Settings, SettingsError, settings
+from operations.settings import CONFIG_DIR, NIXCACHE_BIN, Settings, host_secret, settings
 
 BACKUP_CONFIG_FILE = f"{CONFIG_DIR}/backup.toml"
 BACKUP_PASSWORD_FILE = f"{CONFIG_DIR}/backup.password"
@@ -34,20 +34,6 @@ def sftp_host(repository: str) -> str | None:
     """The host part of an sftp: repository (`sftp:user@host:/path`, `sftp://user@host:port//path`)."""
     match = re.match(r"^sftp:(?://)?(?:[^@/]+@)?(\[[^\]]+\]|[^:/]+)", repository)
     return match.group(1).strip("[]") if match else None
-
-
-def ensure_ssh_key(ref: str, generate: bool) -> str:
-    """The OpenSSH private key at `ref`; when absent and allowed, a new ed25519 one, stored first."""
-    try:
-        return resolve(ref)
-    except SecretNotFound:
-        if not generate:
-            raise
-    key = Ed25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-    )
-    store(ref, key.decode(), overwrite=False)
-    return resolve(ref)
 
 
 def public_key(private_openssh: str) -> str:
@@ -82,15 +68,6 @@ def backup_config(s: Settings, host_name: str) -> BackupConfig:
     )
 
 
-def _secret(what: str, ref: str | None, key: str, resolve) -> HiddenValue:
-    if not ref:
-        raise SettingsError(f"{host.name}: backup_repository is set but {key} is not; set it to a secret ref")
-    try:
-        return HiddenValue(resolve())
-    except SecretError as error:
-        raise SettingsError(f"{host.name}: cannot get the {what} at {key}: {error}") from None
-
-
 def ssh_client_config(repository_host: str) -> str:
     """ssh settings restic's sftp backend uses to reach the repository host, non-interactively."""
     return f"""\
@@ -120,11 +97,11 @@ def backup_timer(schedule: bool = True) -> None:
     if not s.backup_repository:
         logger.warning(f"{host.name}: no backup_repository in host data: scheduled backups are not installed")
         return
-    password = _secret(
+    password = host_secret(
         "backup password",
-        s.backup_password_ref,
         "backup_password_ref",
-        lambda: ensure_token(s.backup_password_ref, s.backup_password_generate),
+        s.backup_password_ref,
+        functools.partial(ensure_token, generate=s.backup_password_generate),
     )
     config = backup_config(s, host.name)
 
@@ -137,14 +114,15 @@ def backup_timer(schedule: bool = True) -> None:
 
     repository_host = sftp_host(s.backup_repository)
     if repository_host and s.backup_ssh_key_ref:
-        ssh_key = _secret(
+        ssh_key = host_secret(
             "backup ssh key",
-            s.backup_ssh_key_ref,
             "backup_ssh_key_ref",
-            # OpenSSH refuses a key file without its final newline; secret stores may strip it.
-            lambda: ensure_ssh_key(s.backup_ssh_key_ref, s.backup_ssh_key_generate).rstrip("\n") + "\n",
+            s.backup_ssh_key_ref,
+            functools.partial(ensure_ssh_key, generate=s.backup_ssh_key_generate),
         )
-        backup.private_file(name="Install the backup ssh key", content=ssh_key, path=BACKUP_SSH_KEY_FILE)
+        # OpenSSH refuses a key file without its final newline; secret stores may strip it.
+        key_file = HiddenValue(ssh_key.unmask().rstrip("\n") + "\n", masked_value=str(ssh_key))
+        backup.private_file(name="Install the backup ssh key", content=key_file, path=BACKUP_SSH_KEY_FILE)
         files.put(
             name="ssh settings for the sftp repository",
             src=io.StringIO(ssh_client_config(repository_host)),
@@ -179,11 +157,11 @@ def backup_store() -> None:
     s = settings()
     if not s.backup_store:
         return
-    ssh_key = _secret(
+    ssh_key = host_secret(
         "backup ssh key",
-        s.backup_ssh_key_ref,
         "backup_ssh_key_ref",
-        lambda: ensure_ssh_key(s.backup_ssh_key_ref, s.backup_ssh_key_generate),
+        s.backup_ssh_key_ref,
+        functools.partial(ensure_ssh_key, generate=s.backup_ssh_key_generate),
     )
     user, home = s.backup_store_user, s.backup_store_dir
     server.user(name="Backup repository account", user=user, home=home, shell="/bin/sh", system=True)  # noqa: S604 - a login shell, not a subprocess

@@ -4,7 +4,7 @@
     store(ref, value) -> None    create or replace just that value
     exists(ref) -> bool          False only when the store says it is absent
     resolve_hidden(ref)          a pyinfra HiddenValue, masked in all pyinfra output
-    ensure_signing_key(ref, name, generate) / ensure_token(ref, generate)
+    ensure_signing_key(ref, name, generate) / ensure_token(ref, generate) / ensure_ssh_key(ref, generate)
 
 Backends import their client libraries (hvac, onepasswordconnectsdk) and pyinfra lazily, so this
 package imports on cache hosts that only have nixcache's runtime dependencies.
@@ -15,7 +15,7 @@ from __future__ import annotations
 from nixcache.secrets.api import exists, resolve, store
 from nixcache.secrets.errors import SecretError, SecretNotFound, SecretStoreUnavailable
 from nixcache.secrets.hidden import resolve_hidden
-from nixcache.secrets.lifecycle import ensure_signing_key, ensure_token
+from nixcache.secrets.lifecycle import ensure_signing_key, ensure_ssh_key, ensure_token
 from nixcache.secrets.refs import looks_like_ref, parse
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "SecretNotFound",
     "SecretStoreUnavailable",
     "ensure_signing_key",
+    "ensure_ssh_key",
     "ensure_token",
     "exists",
     "looks_like_ref",

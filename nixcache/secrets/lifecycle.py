@@ -1,12 +1,20 @@
-"""Secrets that nixcache creates itself: the cache signing key and the push/read tokens.
+"""Secrets that nixcache creates itself: the cache signing key, the push/read tokens, the backup
+password and the backup repository's ssh key.
 
 A new value is stored first and read back before it is returned, so nothing is ever installed
 on a host that the secret store does not already hold. Existing values are never overwritten.
+
+With `dry_run=True` (a `pyinfra --dry` run) an absent value is generated but not stored: the
+run can show what it would change, and the secret store is left exactly as it was.
 """
 
 from __future__ import annotations
 
+import logging
 import secrets as _random
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from nixcache.keys import KeyFormatError, SecretKey
 from nixcache.secrets.api import resolve, store
@@ -15,8 +23,10 @@ from nixcache.secrets.refs import parse
 
 TOKEN_BYTES = 32
 
+log = logging.getLogger(__name__)
 
-def _fetch_or_create(ref: str, generate: bool, what: str, make) -> str:
+
+def _fetch_or_create(ref: str, generate: bool, what: str, make, dry_run: bool = False) -> str:
     parsed = parse(ref)
     try:
         return resolve(ref)
@@ -31,6 +41,10 @@ def _fetch_or_create(ref: str, generate: bool, what: str, make) -> str:
                 "store one there, or set the deploy's generate option to create it",
             ) from None
     value = make()
+    if dry_run:
+        # A throwaway value stands in so the dry run can render what depends on it.
+        log.warning("dry run: %s does not exist yet; a real run generates and stores a new %s", ref, what)
+        return value
     # overwrite=False: if another deploy stored one since we looked, fail rather than replace it.
     store(ref, value, overwrite=False)
     try:
@@ -54,7 +68,7 @@ def _fetch_or_create(ref: str, generate: bool, what: str, make) -> str:
     return stored
 
 
-def ensure_signing_key(ref: str, name: str, generate: bool) -> str:
+def ensure_signing_key(ref: str, name: str, generate: bool, *, dry_run: bool = False) -> str:
     """The Nix secret key (`name:base64`) at `ref`, generated and stored first when absent and allowed.
 
     Raises SecretError when the store cannot be reached, when the key is absent and `generate` is
@@ -69,7 +83,9 @@ def ensure_signing_key(ref: str, name: str, generate: bool) -> str:
             f"cannot name a signing key: {error}",
             "set a key name without ':' or spaces, e.g. cache.example.org-1",
         ) from None
-    value = _fetch_or_create(ref, generate, "signing key", lambda: SecretKey.generate(name).serialize())
+    value = _fetch_or_create(
+        ref, generate, "signing key", lambda: SecretKey.generate(name).serialize(), dry_run
+    )
     try:
         SecretKey.parse(value)
     except KeyFormatError as error:
@@ -83,6 +99,21 @@ def ensure_signing_key(ref: str, name: str, generate: bool) -> str:
     return value
 
 
-def ensure_token(ref: str, generate: bool) -> str:
-    """The push or read token at `ref`; when absent and allowed, a new URL-safe 256-bit one, stored first."""
-    return _fetch_or_create(ref, generate, "token", lambda: _random.token_urlsafe(TOKEN_BYTES))
+def ensure_token(ref: str, generate: bool, *, dry_run: bool = False) -> str:
+    """The token or password at `ref`; when absent and allowed, a new URL-safe 256-bit one, stored first."""
+    return _fetch_or_create(ref, generate, "token", lambda: _random.token_urlsafe(TOKEN_BYTES), dry_run)
+
+
+def ensure_ssh_key(ref: str, generate: bool, *, dry_run: bool = False) -> str:
+    """The OpenSSH private key at `ref`; when absent and allowed, a new ed25519 one, stored first."""
+    return _fetch_or_create(ref, generate, "ssh key", _new_ssh_key, dry_run)
+
+
+def _new_ssh_key() -> str:
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+    )
+    # Without the final newline: some stores strip it, and the read-back must compare equal.
+    # Whoever writes the key file adds it back (OpenSSH refuses a key file without it).
+    return pem.decode().rstrip("\n")

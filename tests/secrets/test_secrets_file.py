@@ -101,6 +101,34 @@ def test_signing_key_generated_once_stored_first_then_reused(tmp_path):
     assert again == first
 
 
+def test_dry_run_generates_a_stand_in_but_stores_nothing(tmp_path, caplog):
+    ref = f"file://{tmp_path}/keys/signing"
+    with caplog.at_level("WARNING", logger="nixcache.secrets"):
+        key = secrets.ensure_signing_key(ref, "cache-1", generate=True, dry_run=True)
+        token = secrets.ensure_token(f"file://{tmp_path}/keys/token", generate=True, dry_run=True)
+    assert SecretKey.parse(key).name == "cache-1"
+    assert len(token) >= 43
+    assert not (tmp_path / "keys").exists()
+    assert f"dry run: {ref} does not exist yet" in caplog.text
+    assert key.partition(":")[2] not in caplog.text
+
+
+def test_dry_run_returns_an_existing_value_unchanged(tmp_path):
+    ref = f"file://{tmp_path}/signing"
+    stored = secrets.ensure_signing_key(ref, "cache-1", generate=True)
+    assert secrets.ensure_signing_key(ref, "cache-1", generate=True, dry_run=True) == stored
+
+
+def test_ssh_key_generated_once_stored_first_then_reused(tmp_path):
+    ref = f"file://{tmp_path}/backup-ssh-key"
+    first = secrets.ensure_ssh_key(ref, generate=True)
+    assert first.startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+    assert (tmp_path / "backup-ssh-key").read_text() == first
+    assert secrets.ensure_ssh_key(ref, generate=True) == first
+    with pytest.raises(SecretError, match="ssh key does not exist"):
+        secrets.ensure_ssh_key(f"file://{tmp_path}/absent", generate=False)
+
+
 def test_signing_key_absent_without_generate_fails(tmp_path):
     ref = f"file://{tmp_path}/signing"
     with pytest.raises(SecretError, match="signing key does not exist"):
