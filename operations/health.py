@@ -9,18 +9,15 @@ host, the URL, what went wrong and where to look.
 
 from __future__ import annotations
 
-import sys
 import time
 
-# pyinfra runs under gevent's monkey patching, which removes select.epoll; httpcore imports trio
-# when it is installed, and importing trio then fails. trio cannot run under gevent anyway:
-# tell httpcore it is absent (an ImportError it handles) before httpx loads.
-if "trio" not in sys.modules:
-    sys.modules["trio"] = None  # type: ignore[assignment]
-
-import httpx  # after the trio guard above
 from pyinfra import host, logger
 from pyinfra.api import FunctionCommand, operation
+
+from nixcache.httpcompat import make_httpx_importable
+
+make_httpx_importable()  # before httpx: pyinfra's gevent patching breaks an installed trio
+import httpx  # noqa: E402
 
 # Pause between attempts: short, a gevent server is up within about a second of its start.
 RETRY_PAUSE = 1.0

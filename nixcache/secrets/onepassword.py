@@ -12,8 +12,8 @@ import os
 import re
 from typing import Any
 
+from nixcache.httpcompat import make_httpx_importable
 from nixcache.secrets.backend import TIMEOUT_SECONDS
-from nixcache.secrets.compat import make_httpx_importable
 from nixcache.secrets.errors import SecretError, SecretNotFound, SecretStoreUnavailable
 from nixcache.secrets.refs import OnePasswordRef
 

@@ -1,4 +1,4 @@
-"""Keep the 1Password client importable inside pyinfra runs.
+"""Keep httpx importable inside pyinfra runs (the 1Password client, the deploy's health check).
 
 pyinfra's CLI monkey-patches the process with gevent before it loads deploys, and gevent's
 patched `select` has no `epoll`. httpcore (under httpx, under onepasswordconnectsdk) probes for
