@@ -6,14 +6,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-
-def human_bytes(count: float) -> str:
-    """1536 -> '1.5 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(count) < 1024 or unit == "TiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    raise AssertionError("unreachable")
+from nixcache.server.units import human_size as human_bytes
 
 
 def human_seconds(seconds: float) -> str:
