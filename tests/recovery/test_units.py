@@ -140,8 +140,8 @@ def test_backup_ssh_key_is_stored_once_and_accepted_by_openssh(tmp_path) -> None
     import shutil
     import subprocess
 
-    from deploys.parts.backup import ensure_ssh_key, public_key
-    from nixcache.secrets import SecretNotFound
+    from deploys.parts.backup import public_key
+    from nixcache.secrets import SecretNotFound, ensure_ssh_key
 
     ref = f"file://{tmp_path / 'backup-ssh-key'}"
     with pytest.raises(SecretNotFound):
