@@ -11,13 +11,14 @@ Paths that are part of the product's layout (not tunables) are module constants.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
+import sys
 import types
 import typing
 from dataclasses import dataclass
 from typing import Any
 
-import click
 from pyinfra import host
 from pyinfra.api import HiddenValue
 from pyinfra.api.exceptions import PyinfraError
@@ -325,15 +326,23 @@ def settings() -> Settings:
     return from_data(host.name, host.data)
 
 
+@functools.cache
 def dry_run() -> bool:
     """True under `pyinfra --dry`.
 
-    pyinfra does not tell deploy code whether it will execute; its command line does (deploy
-    files run inside that click command). Code that acts on the controller while the deploy
-    is being prepared (creating a missing secret) must ask, so a dry run changes nothing anywhere.
+    pyinfra tells deploy code nothing about it, and click's context is not visible from the
+    greenlets that load deploy files, so the command line is read again with pyinfra's own
+    parser (no callbacks run). Code that acts on the controller while the deploy is being
+    prepared (creating a missing secret) must ask, so that a dry run changes nothing anywhere.
     """
-    context = click.get_current_context(silent=True)
-    return bool(context is not None and context.params.get("dry"))
+    import pyinfra
+
+    if not getattr(pyinfra, "is_cli", False):
+        return False  # the Python API: its caller decides whether to run the operations
+    from pyinfra_cli.cli import cli
+
+    context = cli.make_context("pyinfra", sys.argv[1:], resilient_parsing=True)
+    return bool(context.params.get("dry"))
 
 
 def host_secret(what: str, key: str, ref: str | None, fetch: typing.Callable[..., str]) -> HiddenValue:
