@@ -2,6 +2,7 @@
 
     python bench/fleet.py                   # lab up/down, first converge, rerun, --dry, the drill
     python bench/fleet.py --rebuild-image   # also time a fresh debootstrap of the base image
+    python bench/fleet.py --cold            # empty controller caches: the wheelhouse is built anew
     python bench/fleet.py --no-drill        # skip the drill (about 2 minutes)
 
 Runs every step as a user would (`nixcache lab …`, `pyinfra -y inventories/lab.py …`,
@@ -62,7 +63,7 @@ def changed_hosts(output: str) -> int:
     return 0 if totals.group(2) == "-" else int(totals.group(2))
 
 
-def lab_and_deploy(hosts: int, rebuild: bool, env: dict[str, str]) -> list[Result]:
+def lab_and_deploy(hosts: int, rebuild: bool, cold: bool, env: dict[str, str]) -> list[Result]:
     results = []
     if rebuild:
         seconds, _ = run(["nixcache", "lab", "up", "--hosts", "1", "--rebuild"], env, "image build (+1 host)")
@@ -71,7 +72,8 @@ def lab_and_deploy(hosts: int, rebuild: bool, env: dict[str, str]) -> list[Resul
     seconds, _ = run(["nixcache", "lab", "up", "--hosts", str(hosts)], env, f"lab up, {hosts} hosts")
     results.append(Result(f"lab up, {hosts} hosts, image cached", seconds, target=30))
     seconds, _ = run(pyinfra("-y"), env, "first converge")
-    results.append(Result(f"first converge, {hosts} hosts", seconds, target=120))
+    label = " (cold caches)" if cold else ""
+    results.append(Result(f"first converge, {hosts} hosts{label}", seconds, target=120))
     seconds, output = run(pyinfra("-y"), env, "no-change rerun")
     if changed_hosts(output) != 0:
         sys.exit(f"the rerun changed something:\n{output[-4000:]}")
@@ -100,6 +102,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hosts", type=int, default=3)
     parser.add_argument("--rebuild-image", action="store_true", help="time a fresh debootstrap too")
+    parser.add_argument(
+        "--cold", action="store_true", help="empty wheelhouse and pip caches (XDG_CACHE_HOME in the temp dir)"
+    )
     parser.add_argument("--no-drill", action="store_true")
     options = parser.parse_args()
     if os.geteuid() != 0:
@@ -108,9 +113,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="nixcache-bench-") as tmp:
         lab_dir = Path(tmp) / "lab"
         env = {**os.environ, "NIXCACHE_LAB_DIR": str(lab_dir)}
+        if options.cold:
+            env["XDG_CACHE_HOME"] = str(Path(tmp) / "cache")
         results: list[Result] = []
         try:
-            results += lab_and_deploy(options.hosts, options.rebuild_image, env)
+            results += lab_and_deploy(options.hosts, options.rebuild_image, options.cold, env)
         finally:
             if lab_dir.exists():
                 seconds, _ = run(["nixcache", "lab", "down"], env, "lab down")
