@@ -157,6 +157,16 @@ class _Reader:
                 return line
 
 
+def send_small(sock: socket.socket, data: bytes) -> None:
+    """sendall() for a response that usually fits the socket buffer: one send(2), the rest if any.
+
+    gevent's sendall() asks the kernel for SO_SNDBUF on every call to size its chunks; for a
+    narinfo that extra syscall is a measurable share of the request."""
+    sent = sock.send(data)
+    if sent < len(data):
+        sock.sendall(memoryview(data)[sent:])
+
+
 def parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
     """(method, target, version, headers with lower-case names) of a request head; HeadError."""
     lines = head.decode("latin-1").split("\n")
@@ -303,8 +313,9 @@ class Server(StreamServer):
             if body_bytes is not None:
                 # The hot path (a narinfo that is here, on a keep-alive connection): no WSGI
                 # environ, no start_response; one send. Everything else goes through the app.
-                sock.sendall(
-                    b"%s%d\r\n%s\r\n%s" % (_NARINFO_HEAD, len(body_bytes), self._date_header(), body_bytes)
+                send_small(
+                    sock,
+                    b"%s%d\r\n%s\r\n%s" % (_NARINFO_HEAD, len(body_bytes), self._date_header(), body_bytes),
                 )
                 self._record(
                     {"REQUEST_METHOD": method, "PATH_INFO": path, "nixcache.route": "narinfo",
@@ -374,7 +385,7 @@ class Server(StreamServer):
                 sock.sendall(head)
                 sent = sendfile(sock, result)
             else:
-                sock.sendall(head + data)
+                send_small(sock, head + data)
                 sent = len(data)
         except OSError:
             self._record(env, response.code or 499, sent, address, start, aborted=True)
