@@ -12,19 +12,18 @@ boot and SSH set, then `apt-get install` the deploys' packages inside the new ro
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from nixcache.lab import rootfs
 from nixcache.lab.errors import LabError
+from nixcache.lab.lock import locked
 from nixcache.packages import ALL_PACKAGES
 
 SUITE = "bookworm"
@@ -67,21 +66,6 @@ def image_key(package_list: tuple[str, ...] | None = None) -> str:
 
 def _stderr_progress(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def _locked(path: Path, progress: Progress) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            progress(f"lab: waiting for another process building the lab image (lock {path})")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 HEARTBEAT = 5.0  # seconds between progress lines while packages go by
@@ -197,7 +181,9 @@ def ensure(progress: Progress = _stderr_progress, *, rebuild: bool = False) -> P
     """
     key = image_key()
     key_dir = cache_dir() / key
-    with _locked(cache_dir() / f"{key}.lock", progress):
+    lock = cache_dir() / f"{key}.lock"
+    waiting = f"lab: waiting for another process building the lab image (lock {lock})"
+    with locked(lock, lambda: progress(waiting)):
         existing = current(key)
         if existing is not None and not rebuild:
             return existing

@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import fcntl
 import ipaddress
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from nixcache.lab import image, machine, network, prereqs, registry, rootfs, ssh
 from nixcache.lab import state as statefile
 from nixcache.lab.errors import LabError, LabNotUpError, UnknownHostError
+from nixcache.lab.lock import locked
 from nixcache.lab.state import Host, LabState
 
 DEFAULT_STATE_DIR = ".lab"
@@ -90,10 +90,6 @@ class Lab:
     # -- paths -------------------------------------------------------------------------------
 
     @property
-    def key_path(self) -> Path:
-        return self.state_dir / ssh.KEY_NAME
-
-    @property
     def known_hosts(self) -> Path:
         return ssh.known_hosts_file(self.state_dir)
 
@@ -138,16 +134,9 @@ class Lab:
 
     # -- changing ----------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
         """One command at a time per instance (two `up`s racing would double-boot hosts)."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        with (self.state_dir / "lock").open("a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        return locked(self.state_dir / "lock")
 
     def up(self, hosts: int = 3, *, rebuild: bool = False, timeout: float = READY_TIMEOUT) -> list[Host]:
         """Make hosts lab1..lab<hosts> run and be ready; harmless when they already are.

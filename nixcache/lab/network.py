@@ -10,14 +10,14 @@ bridge reach each other directly, so deploys can allow the whole lab network.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import ipaddress
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 from nixcache.lab.command import run
 from nixcache.lab.errors import LabError
+from nixcache.lab.lock import locked
 
 LAB_PREFIX = ipaddress.ip_network("10.231.0.0/16")
 NETNS_DIR = Path("/run/netns")
@@ -78,16 +78,9 @@ def choose_subnet(used: Iterable[ipaddress.IPv4Network]) -> str:
     )
 
 
-@contextlib.contextmanager
-def allocation_lock() -> Iterator[None]:
+def allocation_lock() -> contextlib.AbstractContextManager[None]:
     """Serialise subnet choice and bridge creation between lab instances on this machine."""
-    ALLOCATION_LOCK.parent.mkdir(parents=True, exist_ok=True)
-    with ALLOCATION_LOCK.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return locked(ALLOCATION_LOCK)
 
 
 def link_exists(name: str) -> bool:

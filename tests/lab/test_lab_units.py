@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from nixcache.lab import (
     rootfs,
 )
 from nixcache.lab import state as statefile
+from nixcache.lab.lock import locked
 from nixcache.packages import ALL_PACKAGES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -182,3 +184,20 @@ def test_image_progress_shows_phases_not_every_package() -> None:
     packages = ["I: Retrieving bash 5.2.15-2+b13", "I: Extracting libc6...", "I: Configuring dash..."]
     assert [image._is_phase(line) for line in phases] == [True, True, True]
     assert [image._is_phase(line) for line in packages] == [False, False, False]
+
+
+def test_a_held_lock_makes_the_next_holder_wait_and_say_so(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "lock"
+    waiting, acquired = threading.Event(), threading.Event()
+
+    def second_holder() -> None:
+        with locked(path, waiting.set):
+            acquired.set()
+
+    with locked(path):
+        thread = threading.Thread(target=second_holder)
+        thread.start()
+        assert waiting.wait(timeout=30)
+        assert not acquired.is_set()
+    thread.join(timeout=30)
+    assert acquired.is_set()
