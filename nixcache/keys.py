@@ -37,6 +37,12 @@ def _split(text: str, what: str, length: int) -> tuple[str, bytes]:
     return name, raw
 
 
+def check_key_name(name: str) -> None:
+    """Raise KeyFormatError unless `name` can name a key (the part before ':' in every format)."""
+    if not name or ":" in name or any(c.isspace() for c in name):
+        raise KeyFormatError(f"key name {name!r} must be non-empty, without ':' or spaces")
+
+
 def fingerprint(store_path: str, nar_hash: str, nar_size: int, references: Iterable[str]) -> bytes:
     """The bytes a narinfo signature covers; `references` are full store paths."""
     return f"1;{store_path};{nar_hash};{nar_size};{','.join(references)}".encode()
@@ -82,8 +88,7 @@ class SecretKey:
 
     @classmethod
     def generate(cls, name: str) -> SecretKey:
-        if not name or ":" in name or any(c.isspace() for c in name):
-            raise KeyFormatError(f"key name {name!r} must be non-empty, without ':' or spaces")
+        check_key_name(name)
         return cls(name, Ed25519PrivateKey.generate())
 
     @classmethod

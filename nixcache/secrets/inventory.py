@@ -7,6 +7,7 @@ The inventory is loaded with pyinfra's own loader, so `group_data/` next to the 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -15,7 +16,8 @@ from typing import Any
 
 from nixcache.secrets.api import resolve
 from nixcache.secrets.errors import SecretError, SecretNotFound, SecretStoreUnavailable
-from nixcache.secrets.refs import looks_like_ref, parse
+from nixcache.secrets.lifecycle import check_signing_key
+from nixcache.secrets.refs import SCHEMES, looks_like_ref, parse
 
 REF_SUFFIX = "_ref"
 GENERATE_SUFFIX = "_generate"
@@ -68,6 +70,18 @@ def _walk(value: Any, key_path: str) -> Iterator[tuple[str, Any]]:
         yield key_path, value
 
 
+def _shown(value: object) -> str:
+    """How a `*_ref` value that is not a reference is printed.
+
+    A mistyped reference ("vault:/secret/x#k") is shown as written; anything else only by type
+    and length, because it may be the secret value itself, pasted where its reference belongs.
+    """
+    if isinstance(value, str) and re.match(rf"(?:{'|'.join(SCHEMES)}):", value, re.IGNORECASE):
+        return value
+    size = f" of {len(value)} characters" if isinstance(value, str) else ""
+    return f"<{type(value).__name__}{size}, not shown>"
+
+
 def collect(inventory) -> tuple[dict[str, RefUse], list[Result]]:
     """Every distinct reference in the hosts' data, plus `*_ref` keys whose value is not a reference."""
     uses: dict[str, RefUse] = {}
@@ -85,9 +99,7 @@ def collect(inventory) -> tuple[dict[str, RefUse], list[Result]]:
                     use.generate_hosts.add(host.name)
             elif leaf.endswith(REF_SUFFIX) and value is not None:
                 # A typo such as "vault:/secret/x#k" would otherwise be silently skipped.
-                malformed.setdefault(
-                    (key_path, str(value) if isinstance(value, str) else repr(type(value))), set()
-                ).add(host.name)
+                malformed.setdefault((key_path, _shown(value)), set()).add(host.name)
     problems = [
         Result(
             text,
@@ -98,20 +110,6 @@ def collect(inventory) -> tuple[dict[str, RefUse], list[Result]]:
         for (key, text), hosts in sorted(malformed.items())
     ]
     return uses, problems
-
-
-def _check_signing_key(ref: str, value: str) -> None:
-    from nixcache.keys import KeyFormatError, SecretKey
-
-    try:
-        SecretKey.parse(value)
-    except KeyFormatError as error:  # its message names the key and sizes, never key material
-        raise SecretError(
-            ref,
-            parse(ref).backend,
-            f"not a Nix secret key ({error})",
-            "store one made by 'nixcache secrets signing-key --generate' (or nix-store's key generator)",
-        ) from None
 
 
 def check(uses: dict[str, RefUse]) -> list[Result]:
@@ -130,16 +128,13 @@ def check(uses: dict[str, RefUse]) -> list[Result]:
                 raise SecretStoreUnavailable(ref, down.backend, down.cause, down.fix)
             value = resolve(ref)
             if any(key.endswith(SIGNING_KEY_SUFFIXES) for key in use.keys):
-                _check_signing_key(ref, value)
-        except SecretNotFound as error:
-            if use.generate_hosts == use.hosts:
-                results.append(Result(ref, "new", "absent; the deploy will generate and store it", hosts))
-            else:
-                results.append(Result(ref, "FAIL", f"{error.cause} [{error.backend}]; {error.fix}", hosts))
-        except SecretStoreUnavailable as error:
-            unavailable[backend] = error
-            results.append(Result(ref, "FAIL", f"{error.cause} [{error.backend}]; {error.fix}", hosts))
+                check_signing_key(ref, value)
         except SecretError as error:
+            if isinstance(error, SecretNotFound) and use.generate_hosts == use.hosts:
+                results.append(Result(ref, "new", "absent; the deploy will generate and store it", hosts))
+                continue
+            if isinstance(error, SecretStoreUnavailable):
+                unavailable[backend] = error
             results.append(Result(ref, "FAIL", f"{error.cause} [{error.backend}]; {error.fix}", hosts))
         else:
             results.append(Result(ref, "ok", "", hosts))

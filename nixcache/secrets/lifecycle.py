@@ -16,7 +16,7 @@ import secrets as _random
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from nixcache.keys import KeyFormatError, SecretKey
+from nixcache.keys import KeyFormatError, SecretKey, check_key_name
 from nixcache.secrets.api import resolve, store
 from nixcache.secrets.errors import SecretError, SecretNotFound
 from nixcache.secrets.refs import parse
@@ -75,7 +75,7 @@ def ensure_signing_key(ref: str, name: str, generate: bool, *, dry_run: bool = F
     false, or when the stored value is not a Nix secret key (the message never shows the value).
     """
     try:
-        SecretKey.generate(name)  # the name is checked before the store is touched
+        check_key_name(name)  # before the store is touched
     except KeyFormatError as error:
         raise SecretError(
             ref,
@@ -86,6 +86,12 @@ def ensure_signing_key(ref: str, name: str, generate: bool, *, dry_run: bool = F
     value = _fetch_or_create(
         ref, generate, "signing key", lambda: SecretKey.generate(name).serialize(), dry_run
     )
+    check_signing_key(ref, value)
+    return value
+
+
+def check_signing_key(ref: str, value: str) -> None:
+    """Raise SecretError unless `value`, read from `ref`, is a Nix secret key; never shows the value."""
     try:
         SecretKey.parse(value)
     except KeyFormatError as error:
@@ -93,10 +99,10 @@ def ensure_signing_key(ref: str, name: str, generate: bool, *, dry_run: bool = F
         raise SecretError(
             ref,
             parse(ref).backend,
-            f"the stored value is not a Nix secret key ({error})",
-            "store a key made by 'nixcache keys generate' or nix-store --generate-binary-cache-key",
+            f"not a Nix secret key ({error})",
+            "replace it with a key made by 'nixcache keys generate' or nix-store --generate-binary-cache-key"
+            " (nixcache secrets put --force)",
         ) from None
-    return value
 
 
 def ensure_token(ref: str, generate: bool, *, dry_run: bool = False) -> str:

@@ -92,6 +92,20 @@ def test_check_validates_signing_keys(tmp_path):
     assert "bm90LWEta2V5" not in result.stdout + result.stderr
 
 
+def test_check_never_prints_a_secret_pasted_where_its_reference_belongs(tmp_path):
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "edge-push").write_text("x")
+    pasted = SecretKey.generate("cache-1").serialize()
+    inventory = write_inventory(tmp_path, {"signing_key_ref": pasted, "push_token_ref": 12345})
+    result = nixcache("secrets", "check", str(inventory), cwd=tmp_path)
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    shown = f"<str of {len(pasted)} characters, not shown>"
+    assert lines[1].startswith(f"FAIL {shown}: signing_key_ref is not a secret reference"), result.stdout
+    assert lines[0].startswith("FAIL <int, not shown>: push_token_ref is not a secret reference")
+    assert pasted.partition(":")[2] not in result.stdout + result.stderr
+
+
 def test_check_passes_when_everything_resolves(tmp_path):
     (tmp_path / "secrets").mkdir()
     (tmp_path / "secrets" / "edge-push").write_text("x")
