@@ -130,6 +130,12 @@ def _stat(pid: int) -> tuple[str, int] | None:
     return fields[0], int(fields[1])
 
 
+def _alive(pid: int) -> bool:
+    """True when `pid` exists and is not a zombie."""
+    stat = _stat(pid)
+    return stat is not None and stat[0] not in ("Z", "X")
+
+
 def _cmdline(pid: int) -> list[str]:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
@@ -139,10 +145,7 @@ def _cmdline(pid: int) -> list[str]:
 
 def is_machine(pid: int | None, root: Path) -> bool:
     """True when `pid` is a live (not zombie) systemd-nspawn booting `root`."""
-    if not pid:
-        return False
-    stat = _stat(pid)
-    if stat is None or stat[0] in ("Z", "X"):
+    if not pid or not _alive(pid):
         return False
     argv = _cmdline(pid)
     return bool(argv) and argv[0].endswith("systemd-nspawn") and str(root) in argv
@@ -155,12 +158,12 @@ def machines_under(directory: Path) -> list[int]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        argv = _cmdline(int(entry.name))
-        if argv and argv[0].endswith("systemd-nspawn") and "-D" in argv:
-            target = argv[argv.index("-D") + 1] if argv.index("-D") + 1 < len(argv) else ""
-            stat = _stat(int(entry.name))
-            if target.startswith(prefix) and stat and stat[0] not in ("Z", "X"):
-                found.append(int(entry.name))
+        pid = int(entry.name)
+        argv = _cmdline(pid)
+        if argv and argv[0].endswith("systemd-nspawn") and "-D" in argv[:-1]:
+            target = argv[argv.index("-D") + 1]
+            if target.startswith(prefix) and _alive(pid):
+                found.append(pid)
     return found
 
 
@@ -172,8 +175,7 @@ def _reap(pid: int) -> None:
 
 def _gone(pid: int) -> bool:
     _reap(pid)
-    stat = _stat(pid)
-    return stat is None or stat[0] in ("Z", "X")
+    return not _alive(pid)
 
 
 def cgroup_pids(relative: str) -> list[int]:

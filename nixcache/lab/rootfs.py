@@ -3,7 +3,8 @@
 Per host directory `hosts/NAME/`: `upper/` and `work/` (the host's own changes) and `root/`
 (the overlay mount nspawn boots). An overlay costs no copy, so `up` and `reset` take the same
 time however busy the disk is; the image under it must not change while mounted, which is
-why `image.ensure(rebuild=True)` refuses while any lab root uses it. Where the state
+why `image.ensure(rebuild=True)` builds into a new directory and removes an old build only
+once no overlay uses it. Where the state
 directory's filesystem cannot hold an overlay's upper layer (overlayfs, some tmpfs), the
 root is a copy instead (`cp --reflink=auto -a`: a snapshot on btrfs/xfs, a real copy on ext4).
 $NIXCACHE_LAB_ROOTS=overlay|copy forces one kind (default auto).
@@ -11,7 +12,6 @@ $NIXCACHE_LAB_ROOTS=overlay|copy forces one kind (default auto).
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
@@ -129,8 +129,3 @@ def base_of(host_dir: Path) -> Path | None:
 
 def mark_complete(host_dir: Path, image_root: Path) -> None:
     (host_dir / "prepared").write_text(f"{image_root}\n")
-
-
-def mark_incomplete(host_dir: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(host_dir / "prepared")
