@@ -21,12 +21,11 @@ def store(ref: str, value: str, *, overwrite: bool = True) -> None:
 
     With `overwrite=False` an existing value is left alone and SecretError is raised instead.
     """
+    parsed = parse(ref)
     if not isinstance(value, str) or value == "":
-        parsed = parse(ref)
         raise SecretError(
             ref, parsed.backend, "refusing to store an empty or non-text value", "pass a non-empty string"
         )
-    parsed = parse(ref)
     backend_for(parsed).put(parsed, value, overwrite=overwrite)
 
 

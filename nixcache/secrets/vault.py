@@ -46,6 +46,11 @@ def _settings(ref: VaultRef) -> dict[str, str | None]:
     }
 
 
+def _backend_name(ref: VaultRef) -> str:
+    """The backend as error messages name it: `vault <VAULT_ADDR>`."""
+    return f"vault {_settings(ref)['addr']}"
+
+
 @functools.lru_cache(maxsize=8)
 def _client(addr: str, token, role_id, secret_id, approle_mount: str, namespace, cacert):
     # One login per process and credentials: an AppRole login per secret would mint a token each time.
@@ -68,8 +73,7 @@ class VaultBackend:
         import requests
 
         settings = _settings(ref)
-        addr = settings["addr"]
-        backend = f"vault {addr}"
+        backend = f"vault {settings['addr']}"
         try:
             try:
                 client = _client(**settings)
@@ -178,7 +182,7 @@ class VaultBackend:
             what = f"KV version {version}" if kind == "kv" else f"a {kind} engine"
             raise SecretError(
                 ref.ref,
-                f"vault {_settings(ref)['addr']}",
+                _backend_name(ref),
                 f"mount {ref.mount} is {what}, not KV version 2",
                 f"use a KV v2 mount, or upgrade it: vault kv enable-versioning {ref.mount}",
             )
@@ -188,14 +192,14 @@ class VaultBackend:
         if not version or not data:
             raise SecretNotFound(
                 ref.ref,
-                f"vault {_settings(ref)['addr']}",
+                _backend_name(ref),
                 f"no secret {ref.path} in KV v2 mount {ref.mount}",
                 f"create it (nixcache secrets put {ref.ref}) or fix the mount/path",
             )
         if ref.key not in data:
             raise SecretNotFound(
                 ref.ref,
-                f"vault {_settings(ref)['addr']}",
+                _backend_name(ref),
                 f"secret {ref.mount}/{ref.path} has no key '{ref.key}'",
                 f"add it (nixcache secrets put {ref.ref}) or fix the key after '#'",
             )
@@ -203,14 +207,14 @@ class VaultBackend:
         if not isinstance(value, str):
             raise SecretError(
                 ref.ref,
-                f"vault {_settings(ref)['addr']}",
+                _backend_name(ref),
                 f"key '{ref.key}' holds a {type(value).__name__}, not text",
                 "store the secret as a string",
             )
         return value
 
     def put(self, ref: VaultRef, value: str, *, overwrite: bool) -> None:
-        backend = f"vault {_settings(ref)['addr']}"
+        backend = _backend_name(ref)
         for _ in range(CAS_ATTEMPTS):
             data, version = self._read(ref)
             if not overwrite and ref.key in data:
