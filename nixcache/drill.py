@@ -28,6 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
+from prometheus_client.parser import text_string_to_metric_families
+
+from nixcache.keys import SecretKey
+from nixcache.lab.ssh import ssh_argv
+from nixcache.secrets import resolve
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NIX = ["nix", "--extra-experimental-features", "nix-command"]
@@ -131,7 +136,7 @@ class Drill:
         self.store_path = ""
         self.public_key = ""
 
-    # --- helpers --------------------------------------------------------------------------
+    # --- the lab's hosts, the drill's secrets, commands -----------------------------------
     @property
     def cache(self) -> dict:
         return self.hosts[0]
@@ -172,30 +177,15 @@ class Drill:
         run(argv, env=self.env, timeout=timeout, what=f"pyinfra {deploy} on {limit} (log: {log})", log=log)
 
     def ssh(self, host: dict, command: str, timeout: float = 600) -> str:
-        argv = [
-            "ssh",
-            "-i",
-            host["ssh_key"],
-            "-p",
-            str(host.get("ssh_port", 22)),
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "LogLevel=ERROR",
-            f"{host.get('ssh_user', 'root')}@{host['address']}",
-            command,
-        ]
-        return run(argv, timeout=timeout, what=f"ssh {host['name']}: {command}")
+        # The host keys change with the reset phase: trust none from an earlier phase.
+        login = ssh_argv(
+            Path(host["ssh_key"]), host["address"], host["ssh_port"], Path("/dev/null"), host["ssh_user"]
+        )
+        return run([*login, "--", command], timeout=timeout, what=f"ssh {host['name']}: {command}")
 
     def lab_status(self) -> None:
         argv = ["nixcache", "lab", "status", "--json"]
-        out = run(argv, env=self.env, timeout=60, what="nixcache lab status")
-        status = json.loads(out)
-        self.hosts = status["hosts"] if isinstance(status, dict) else status
+        self.hosts = json.loads(run(argv, env=self.env, timeout=60, what="nixcache lab status"))
 
     # --- phases ---------------------------------------------------------------------------
     def up(self) -> None:
@@ -224,9 +214,6 @@ class Drill:
         store = ("--data", "backup_store=true", "--data", "backup_repository=")
         self.pyinfra("deploys/backup.py", self.repo_host["name"], *store)
         self.pyinfra("deploys/cache.py", self.cache["name"])
-        from nixcache.keys import SecretKey
-        from nixcache.secrets import resolve
-
         self.public_key = str(SecretKey.parse(resolve(self.ref("signing-key"))).public())
         self.echo(f"  cache {self.cache['name']} at {self.url()} signs as {self.public_key.split(':')[0]}")
 
@@ -239,8 +226,6 @@ class Drill:
             what="nix-build of the drill closure",
         )
         self.store_path = out.strip().splitlines()[-1]
-        from nixcache.secrets import resolve
-
         netrc = self.work / "netrc"
         fd = os.open(netrc, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
@@ -261,8 +246,6 @@ class Drill:
             self.echo("  backup run failed (journalctl -u nixcache-backup on the cache); retrying once")
             self.ssh(self.cache, "systemctl start nixcache-backup.service", timeout=600)
         metrics = self.ssh(self.cache, f"cat {METRICS_FILE}")
-        from prometheus_client.parser import text_string_to_metric_families
-
         values = {s.name: s.value for f in text_string_to_metric_families(metrics) for s in f.samples}
         success = values.get(SUCCESS_METRIC, 0)
         if time.time() - success > 600:
@@ -320,7 +303,7 @@ def drill(lab_dir: Path | None, keep: bool) -> None:
         # Never $NIXCACHE_LAB_DIR: the drill resets and tears down its lab, which must not be yours.
         lab_dir = Path(tempfile.mkdtemp(prefix="nixcache-drill-"))
     lab_dir = lab_dir.resolve()
-    echo = lambda line: click.echo(line)  # noqa: E731 - flushes through click
+    echo = click.echo
     state = Drill(lab_dir, echo)
     runner = PhaseRunner(echo=echo)
     for name in ("up", "deploy", "push", "backup", "reset", "recover", "verify"):
