@@ -8,16 +8,10 @@ missing prerequisite fails the test instead, so CI can never pass by skipping th
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
 
-LAB_TOOLS = {
-    "debootstrap": "debootstrap",
-    "systemd-nspawn": "systemd-container",
-    "ip": "iproute2",
-    "ssh": "openssh-client",
-}
+from nixcache.lab import prereqs
 
 
 def lab_required() -> bool:
@@ -28,9 +22,7 @@ def missing_lab_prerequisites() -> list[str]:
     missing = []
     if os.geteuid() != 0:
         missing.append("root")
-    for tool, package in LAB_TOOLS.items():
-        if shutil.which(tool) is None:
-            missing.append(f"{tool} (apt-get install {package})")
+    missing += [f"{tool} (apt-get install {prereqs.TOOLS[tool]})" for tool in prereqs.missing_tools()]
     return missing
 
 
@@ -60,7 +52,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory):
     address, ssh_port, ssh_user, ssh_key, state), `lab.run(name, argv)` to check a host over SSH,
     `lab.reset(name)` for recovery tests. Hosts are shared: do not `down()` it, and reset a host
     only in a test that owns what is on it. Torn down (nothing left behind) at session end.
-    Skips, or fails under LAB_REQUIRED=1, when root/debootstrap/systemd-nspawn are missing.
+    Skips, or fails under LAB_REQUIRED=1, when root or a tool `nixcache lab` needs is missing.
     """
     missing = missing_lab_prerequisites()
     require(not missing, "lab prerequisites missing: " + ", ".join(missing))
