@@ -19,10 +19,9 @@ from typing import Any
 from pyinfra.api import HiddenValue
 
 from nixcache.keys import SecretKey
-from operations.settings import CONFIG_DIR, SIGNING_KEY_FILE, SettingsError, host_secret
+from operations.settings import CONFIG_DIR, ROTATE_PHASES, SIGNING_KEY_FILE, SettingsError, host_secret
 
 NEXT_SIGNING_KEY_FILE = f"{CONFIG_DIR}/signing-key.next"
-PHASES = ("introduce", "retire")
 
 
 def _get(data: Any, key: str) -> Any:
@@ -34,7 +33,8 @@ def phase(data: Any) -> str | None:
     if not _get(data, "signing_key_next_ref"):
         return None
     value = str(_get(data, "rotate_phase") or "introduce")
-    if value not in PHASES:
+    # `data` may be another host's raw data (client deploys), not checked by settings.from_data.
+    if value not in ROTATE_PHASES:
         raise SettingsError(f"host data 'rotate_phase' is {value!r}; give introduce or retire")
     return value
 

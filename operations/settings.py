@@ -180,7 +180,8 @@ class Settings:
     backup_keep_daily: int = 7
     backup_keep_weekly: int = 4
     backup_keep_monthly: int = 6
-    # restic check reads the whole index: weekly is the issue's cadence.
+    # restic check reads the whole index: weekly finds a damaged repository within a week
+    # without paying for that read on every daily run.
     backup_check_every_days: int = 7
     # Daily (systemd OnCalendar), spread over an hour so a fleet does not hit one repository at once.
     backup_on_calendar: str = "daily"
@@ -238,6 +239,7 @@ CHECKED_PREFIXES: tuple[str, ...] = (
     "recover_",
     "rotate_",
 )
+ROTATE_PHASES = ("introduce", "retire")
 _CIDR_FIELDS = ("cache_allowed_sources", "ssh_allowed_sources", "metrics_allowed_sources")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -318,6 +320,9 @@ def from_data(host_name: str, data: Any) -> Settings:
     port = values.get("cache_port", Settings.cache_port)
     if not 0 < port < 65536:
         raise _fail(host_name, "cache_port", f"is {port}", "give a TCP port between 1 and 65535")
+    phase = values.get("rotate_phase", Settings.rotate_phase)
+    if phase not in ROTATE_PHASES:
+        raise _fail(host_name, "rotate_phase", f"is {phase!r}", f"give {' or '.join(ROTATE_PHASES)}")
     return Settings(**values)
 
 
@@ -345,19 +350,24 @@ def dry_run() -> bool:
     return bool(context.params.get("dry"))
 
 
-def host_secret(what: str, key: str, ref: str | None, fetch: typing.Callable[..., str]) -> HiddenValue:
+def host_secret(
+    what: str, key: str, ref: str | None, fetch: typing.Callable[..., str] | None = None
+) -> HiddenValue:
     """The secret at host data `key` (reference `ref`), fetched as `fetch(ref, dry_run=…)`.
 
-    The value comes back wrapped so pyinfra prints only `<what ref>`, at any verbosity. Failures
-    are SettingsError naming the host, the data key, the store's reason and the fix.
+    Without `fetch` the value is only read (`nixcache.secrets.resolve`): secrets that the deploy
+    never creates (TLS material, webhook URLs). The value comes back wrapped so pyinfra prints
+    only `<what ref>`, at any verbosity. Failures are SettingsError naming the host, the data
+    key, the store's reason and the fix.
     """
     if not ref:
         raise SettingsError(f"{host.name}: host data '{key}' is not set; give the {what}'s secret reference")
-    # SecretError lives in nixcache.secrets, which imports its backends lazily; import it here
-    # too so that reading settings never pays for the secrets package.
-    from nixcache.secrets import SecretError
+    # nixcache.secrets imports its backends lazily; import it here too so that reading settings
+    # never pays for the secrets package.
+    from nixcache.secrets import SecretError, resolve
 
     try:
-        return HiddenValue(fetch(ref, dry_run=dry_run()), masked_value=f"<{what} {ref}>")
+        value = fetch(ref, dry_run=dry_run()) if fetch else resolve(ref)
+        return HiddenValue(value, masked_value=f"<{what} {ref}>")
     except SecretError as error:
         raise SettingsError(f"{host.name}: {what} ({key}): {error}") from None

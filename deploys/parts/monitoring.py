@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pyinfra.api import deploy
 
-from nixcache.secrets import resolve_hidden
 from operations import monitoring as monitoring_ops
-from operations.settings import NIXCACHE_BIN, Settings, settings
+from operations.settings import NIXCACHE_BIN, Settings, host_secret, settings
 
 
 @deploy("nixcache monitoring: node exporter, journald, disk alert")
@@ -16,6 +15,11 @@ def monitoring(config: Settings | None = None) -> None:
     Runs after the nixcache package is installed: the alert timer runs ``nixcache disk-alert``.
     """
     s = config or settings()
+    webhook_url = (
+        host_secret("alert webhook URL", "alert_webhook_ref", s.alert_webhook_ref)
+        if s.alert_webhook_ref
+        else None
+    )
     monitoring_ops.node_exporter(
         name="Node exporter with the textfile collector",
         listen=s.node_exporter_listen,
@@ -33,5 +37,5 @@ def monitoring(config: Settings | None = None) -> None:
         threshold_percent=s.disk_alert_threshold_percent,
         textfile_dir=s.node_exporter_textfile_dir,
         schedule=s.disk_alert_schedule,
-        webhook_url=resolve_hidden(s.alert_webhook_ref) if s.alert_webhook_ref else None,
+        webhook_url=webhook_url,
     )

@@ -7,9 +7,8 @@ from pyinfra.api import deploy
 from pyinfra.operations import apt
 
 from nixcache.packages import NGINX_FRONT_PACKAGES
-from nixcache.secrets import resolve_hidden
 from operations import nginx
-from operations.settings import Settings, settings
+from operations.settings import Settings, host_secret, settings
 
 
 @deploy("nixcache nginx front")
@@ -32,8 +31,8 @@ def nginx_front(config: Settings | None = None) -> None:
     nginx.tls(
         name="TLS certificate and key",
         common_name=host.name,
-        cert=resolve_hidden(s.tls_cert_ref) if s.tls_cert_ref else None,
-        key=resolve_hidden(s.tls_key_ref) if s.tls_key_ref else None,
+        cert=host_secret("TLS certificate", "tls_cert_ref", s.tls_cert_ref) if s.tls_cert_ref else None,
+        key=host_secret("TLS key", "tls_key_ref", s.tls_key_ref) if s.tls_key_ref else None,
         alt_names=alt_names,
     )
     nginx.store_reader(name="nginx may read the store", store_dir=s.store_dir, service_group=s.service_user)
