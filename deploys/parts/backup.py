@@ -68,6 +68,16 @@ def backup_config(s: Settings, host_name: str) -> BackupConfig:
     )
 
 
+def backup_ssh_key(s: Settings) -> HiddenValue:
+    """The sftp key the cache hosts log in with and the repository host authorizes (one ref)."""
+    return host_secret(
+        "backup ssh key",
+        "backup_ssh_key_ref",
+        s.backup_ssh_key_ref,
+        functools.partial(ensure_ssh_key, generate=s.backup_ssh_key_generate),
+    )
+
+
 def ssh_client_config(repository_host: str) -> str:
     """ssh settings restic's sftp backend uses to reach the repository host, non-interactively."""
     return f"""\
@@ -114,12 +124,7 @@ def backup_timer(schedule: bool = True) -> None:
 
     repository_host = sftp_host(s.backup_repository)
     if repository_host and s.backup_ssh_key_ref:
-        ssh_key = host_secret(
-            "backup ssh key",
-            "backup_ssh_key_ref",
-            s.backup_ssh_key_ref,
-            functools.partial(ensure_ssh_key, generate=s.backup_ssh_key_generate),
-        )
+        ssh_key = backup_ssh_key(s)
         # OpenSSH refuses a key file without its final newline; secret stores may strip it.
         key_file = HiddenValue(ssh_key.unmask().rstrip("\n") + "\n", masked_value=str(ssh_key))
         backup.private_file(name="Install the backup ssh key", content=key_file, path=BACKUP_SSH_KEY_FILE)
@@ -157,12 +162,7 @@ def backup_store() -> None:
     s = settings()
     if not s.backup_store:
         return
-    ssh_key = host_secret(
-        "backup ssh key",
-        "backup_ssh_key_ref",
-        s.backup_ssh_key_ref,
-        functools.partial(ensure_ssh_key, generate=s.backup_ssh_key_generate),
-    )
+    ssh_key = backup_ssh_key(s)
     user, home = s.backup_store_user, s.backup_store_dir
     server.user(name="Backup repository account", user=user, home=home, shell="/bin/sh", system=True)  # noqa: S604 - a login shell, not a subprocess
     files.directory(name="Backup repository home", path=home, user=user, group=user, mode="0700")
