@@ -6,17 +6,16 @@ is rendered by `nixcache.backup.config.dump` in the deploy part and uploaded by 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import shlex
 from collections.abc import Iterable, Iterator
 
 from pyinfra import host
-from pyinfra.api import FileUploadCommand, HiddenValue, operation
-from pyinfra.facts.files import File, Sha1File
+from pyinfra.api import HiddenValue, OperationValueError, operation
 from pyinfra.operations import files, systemd
 
 from facts.backup import DirectoryHasEntries, ResticSnapshots
+from operations import config as config_files
 
 SERVICE = "nixcache-backup.service"
 TIMER = "nixcache-backup.timer"
@@ -96,33 +95,16 @@ def _unmask(value: str | HiddenValue) -> str:
 def private_file(content: str | HiddenValue, path: str, user: str = "root", group: str = "root") -> Iterator:
     """Install a file only `user` can read (mode 0600), without ever exposing its content.
 
-    Unlike `files.put`, the file is created empty with its final owner and mode before the
-    content is uploaded into it (no moment where it is world-readable), and `pyinfra --diff`
-    never prints the content.
+    Unlike `files.put`, the new content goes into a file created empty with its final owner and
+    mode, which then replaces the old one (operations/config.py): there is no moment where it
+    is readable by others, and `pyinfra --diff` never prints it.
 
     + content: the file's content (pass a HiddenValue for secrets)
     + path: where it goes; the directory must exist
     + user: owner
     + group: group
     """
-    value = _unmask(content)
-    remote = host.get_fact(File, path=path)
-    commands: list = []
-    if not remote:
-        commands.append(
-            f"install -m 600 -o {shlex.quote(user)} -g {shlex.quote(group)} /dev/null {shlex.quote(path)}"
-        )
-    else:
-        if remote.get("user") != user or remote.get("group") != group:
-            commands.append(f"chown {shlex.quote(user)}:{shlex.quote(group)} {shlex.quote(path)}")
-        if remote.get("mode") != 600:
-            commands.append(f"chmod 600 {shlex.quote(path)}")
-    wanted = hashlib.sha1(value.encode(), usedforsecurity=False).hexdigest()
-    if not remote or host.get_fact(Sha1File, path=path) != wanted:
-        commands.append(FileUploadCommand(io.StringIO(value), path))
-    if not commands:
-        host.noop(f"{path} is up to date")
-    yield from commands
+    yield from config_files.file_changes(path, _unmask(content), user, group, "0600")
 
 
 @operation()
@@ -133,7 +115,7 @@ def password_file(password: str | HiddenValue, path: str) -> Iterator:
     + path: where restic reads it (`password_file` in backup.toml)
     """
     if not _unmask(password).strip():
-        raise ValueError(
+        raise OperationValueError(
             f"{host.name}: the backup password for {path} is empty; store one at backup_password_ref"
         )
     yield from private_file._inner(password, path)

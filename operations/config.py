@@ -33,7 +33,7 @@ def _mode(mode: str) -> int:
     return int(mode.lstrip("0") or "0")
 
 
-def _write(path: str, content: str, user: str, group: str, mode: str):
+def file_changes(path: str, content: str, user: str, group: str, mode: str):
     """Commands that put `content` at `path` (owner and mode set before the first byte)."""
     current = host.get_fact(File, path=path)
     if host.get_fact(Sha256File, path=path) != sha256(content):
@@ -61,14 +61,14 @@ def _write(path: str, content: str, user: str, group: str, mode: str):
 @operation()
 def text_file(path: str, content: str, user: str = "root", group: str = "root", mode: str = "0644"):
     """`path` holds exactly `content`, owned `user:group` with `mode`."""
-    yield from _write(path, content, user, group, mode)
+    yield from file_changes(path, content, user, group, mode)
 
 
 @operation()
 def secret_file(path: str, value: HiddenValue, user: str, group: str | None = None, mode: str = "0600"):
     """`path` holds the secret `value` (a HiddenValue), mode 0600 owned by `user` by default."""
     secret = value.unmask() if isinstance(value, HiddenValue) else value
-    yield from _write(path, secret, user, group or user, mode)
+    yield from file_changes(path, secret, user, group or user, mode)
 
 
 @operation()

@@ -14,7 +14,7 @@ from pyinfra.api import QuoteString, StringCommand, operation
 from pyinfra.facts.files import Sha256File
 
 from facts.nixcache import FileLine, UnitState
-from operations.config import _write
+from operations.config import file_changes
 from operations.render import render, sha256
 from operations.settings import CONFIG_FILE, NIXCACHE_BIN, SERVICE_NAME, Settings
 
@@ -50,7 +50,7 @@ def units(name: str, files: dict[str, str], active: list[str], depends_on: str =
         path = f"{UNIT_DIR}/{filename}"
         # Only new content needs a daemon-reload; an owner or mode fix does not.
         changed |= host.get_fact(Sha256File, path=path) != sha256(text)
-        yield from _write(path, text, "root", "root", "0644")
+        yield from file_changes(path, text, "root", "root", "0644")
     if changed:
         yield StringCommand("systemctl daemon-reload")
     digest = sha256("\0".join([*(f"{k}\0{v}" for k, v in sorted(files.items())), depends_on]))
