@@ -91,7 +91,7 @@ _DURATION_KEYS = {"gc_older_than"}
 def parse_listen(listen: str) -> tuple[str, int]:
     """Split HOST:PORT (IPv6 as [addr]:port); ConfigError naming the value otherwise."""
     host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ConfigError(f"listen = {listen!r} must be HOST:PORT, e.g. 127.0.0.1:5000")
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - ":5000" means all addresses
 

@@ -349,7 +349,7 @@ class Server(StreamServer):
         length: int | None = None
         raw_length = env.pop("HTTP_CONTENT_LENGTH", None)
         if raw_length is not None and not chunked:  # chunked wins over Content-Length (RFC 9112)
-            if not raw_length.isdigit():
+            if not (raw_length.isascii() and raw_length.isdigit()):  # int() refuses "²"
                 return self._reject(sock, 400, f"bad Content-Length {raw_length[:20]!r}", address, start)
             length = int(raw_length)
             env["CONTENT_LENGTH"] = raw_length

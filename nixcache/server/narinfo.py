@@ -108,7 +108,7 @@ class NarInfo:
 
 
 def _int_field(name: str, value: str) -> int:
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):  # isdigit() alone admits "²", which int() refuses
         raise NarInfoError(name, f"{value!r} is not a non-negative integer")
     return int(value)
 

@@ -208,7 +208,10 @@ class Store:
         compression = narinfo.compression_of(name)
         if compression is None:
             raise UploadError(400, f"nar/{name}: expected nar/<52-char base32 sha256>.nar[.xz|.zst|.bz2]")
-        expected = base32.decode(name[:52], 32)
+        try:
+            expected = base32.decode(name[:52], 32)
+        except ValueError as error:  # e.g. a first character above '1': more than 256 bits
+            raise UploadError(400, f"nar/{name}: the name is not a sha256 in Nix base32 ({error})") from None
         with self._tmp_file(name) as (handle, tmp):
             sha = hashlib.sha256()
             _copy(body, length, limit, handle, sha.update)

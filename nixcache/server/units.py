@@ -48,7 +48,7 @@ def parse_duration(value: str | int) -> float:
     if isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     text = str(value).strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return float(text)
     pos, total = 0, 0.0
     for match in _DURATION.finditer(text):

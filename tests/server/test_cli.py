@@ -102,6 +102,7 @@ def test_dump_load_round_trip_with_a_comment_per_key(tmp_path: Path) -> None:
     [
         ('lisen = "127.0.0.1:5000"', "unknown key 'lisen'"),
         ('listen = "localhost"', "listen"),
+        ('listen = "127.0.0.1:\u00b2"', "must be HOST:PORT"),
         ('priority = "high"', "priority"),
         ('max_upload_size = "big"', "max_upload_size"),
         ('signing_key_files = "/etc/key"', "signing_key_files"),

@@ -103,11 +103,11 @@ def test_invalid_paths_are_400_with_reason(cache: Cache, path: str, reason: str)
         assert reason.encode() in response
 
 
-def _raw(cache: Cache, request: str) -> bytes:
+def _raw(cache: Cache, request: str | bytes) -> bytes:
     """Send bytes as written (httpx would normalise `..`) and read one response."""
     host, port = cache.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(request.encode())
+        sock.sendall(request if isinstance(request, bytes) else request.encode())
         sock.shutdown(socket.SHUT_WR)
         data = b""
         while chunk := sock.recv(65536):
@@ -502,3 +502,26 @@ def test_memory_stays_flat_for_a_large_nar(cache: Cache) -> None:
     status = Path(f"/proc/{cache.server.proc.pid}/status").read_text()
     peak_kib = int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1])
     assert peak_kib < 100 * 1024, f"peak RSS {peak_kib} KiB for a {size >> 20} MiB NAR"
+
+
+def test_non_ascii_digits_are_400_not_a_dropped_connection(cache: Cache) -> None:
+    """str.isdigit() accepts '²', which int() refuses: such numbers must be a 400 with a reason."""
+    name = base32.encode(bytes(32)) + ".nar"
+    head = f"PUT /nar/{name} HTTP/1.1\r\nHost: x\r\nContent-Length: \u00b2\r\n\r\n"
+    response = _raw(cache, head.encode("latin-1"))
+    assert response.startswith(b"HTTP/1.1 400"), response
+    assert b"Content-Length" in response
+    entry = make_entry()
+    cache.client.put(f"/nar/{entry.nar_file}", content=entry.file_bytes, auth=cache.auth)
+    text = entry.narinfo(NarSize="\u00b2")
+    response = cache.client.put(f"/{entry.hash_part}.narinfo", content=text.encode(), auth=cache.auth)
+    assert response.status_code == 400, response.text
+    assert "NarSize" in response.text
+
+
+def test_nar_name_that_is_no_sha256_is_400(cache: Cache) -> None:
+    """52 base32 characters hold 260 bits: a first character above '1' names no sha256."""
+    name = "z" * 52 + ".nar"
+    response = cache.client.put(f"/nar/{name}", content=b"x", auth=cache.auth)
+    assert response.status_code == 400, response.text
+    assert name in response.text
