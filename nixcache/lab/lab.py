@@ -113,7 +113,9 @@ class Lab:
 
     def host(self, name: str) -> Host:
         """The host called `name`; UnknownHostError naming the known ones otherwise."""
-        current = self.state()
+        return self._named(self.state(), name)
+
+    def _named(self, current: LabState, name: str) -> Host:
         found = current.host(name)
         if found is None:
             known = ", ".join(host.name for host in current.hosts)
@@ -203,8 +205,8 @@ class Lab:
         """Replace host `name` with a fresh copy of the base image, keeping name, address and SSH key."""
         prereqs.check()
         with self._locked():
-            self.host(name)  # unknown name -> UnknownHostError before anything changes
             current = self.state()
+            self._named(current, name)  # unknown name -> UnknownHostError before anything changes
             index = int(name.removeprefix(HOST_PREFIX))  # the lab names its hosts lab<index>
             host = self._host_record(current, index, ssh.ensure_keypair(self.state_dir))
             base = image.ensure(self.progress)  # the current build: a reset host gets today's image

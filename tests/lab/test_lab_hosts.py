@@ -26,6 +26,7 @@ pytestmark = pytest.mark.lab
 
 REPO = Path(__file__).resolve().parents[2]
 HOSTS = 2
+NOTHING_LEFT = {"netns": [], "links": [], "processes": [], "mounts": [], "host roots": [], "cgroups": []}
 
 
 def pyinfra(lab: Lab, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -217,14 +218,7 @@ def test_down_leaves_nothing_behind(tmp_path_factory: pytest.TempPathFactory) ->
         result = nixcache_lab(lab, "down")
         print(f"lab down (1 host) took {time.monotonic() - started:.1f} s")
         assert result.returncode == 0, result.stderr
-        assert leftovers(lab, state.instance) == {
-            "netns": [],
-            "links": [],
-            "processes": [],
-            "mounts": [],
-            "host roots": [],
-            "cgroups": [],
-        }
+        assert leftovers(lab, state.instance) == NOTHING_LEFT
         status = nixcache_lab(lab, "status")
         assert status.returncode == 3 and "nixcache lab up" in status.stderr
         inventory = pyinfra(lab, "exec", "--", "true")
@@ -243,14 +237,7 @@ def test_prune_removes_a_lab_whose_state_vanished(tmp_path_factory: pytest.TempP
         result = nixcache_lab(lab, "prune")
         assert result.returncode == 0, result.stderr
         assert state.instance in result.stdout
-        assert leftovers(lab, state.instance) == {
-            "netns": [],
-            "links": [],
-            "processes": [],
-            "mounts": [],
-            "host roots": [],
-            "cgroups": [],
-        }
+        assert leftovers(lab, state.instance) == NOTHING_LEFT
     finally:
         lab.down()
 
