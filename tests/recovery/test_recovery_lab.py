@@ -19,6 +19,7 @@ import pytest
 from conftest import require
 from prometheus_client.parser import text_string_to_metric_families
 
+from nixcache.drill import CLOSURE_EXPR
 from nixcache.keys import SecretKey
 
 pytestmark = pytest.mark.lab
@@ -133,13 +134,7 @@ def ctx(lab) -> Ctx:
     c.pyinfra("deploys/backup.py", STORE_HOST, backup_store="true", backup_repository="")
     c.pyinfra("deploys/cache.py", CACHE)
     expr = c.work / "closure.nix"
-    marker = uuid.uuid4().hex
-    expr.write_text(
-        f'let dep = derivation {{ name = "recovery-dep"; system = builtins.currentSystem;'
-        f' builder = "/bin/sh"; args = [ "-c" "echo {marker} > $out" ]; }};\n'
-        f'in derivation {{ name = "recovery-test"; system = builtins.currentSystem;'
-        f' builder = "/bin/sh"; args = [ "-c" "echo ${{dep}} {marker} > $out" ]; }}\n'
-    )
+    expr.write_text(CLOSURE_EXPR.format(marker=uuid.uuid4().hex))  # the drill's two-path closure
     built = subprocess.run(
         ["nix-build", "--option", "sandbox", "false", "--no-out-link", str(expr)],
         capture_output=True,
