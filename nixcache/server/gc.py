@@ -168,21 +168,23 @@ def run(limits: Limits, *, dry_run: bool = False, echo: Callable[[str], object] 
     last_progress = time.monotonic()
 
     def delete_nar(name: str) -> int:
-        """Delete an unreferenced NAR and its meta unless it was touched recently; bytes freed."""
-        size = nar_sizes.get(name, 0)
+        """Delete an unreferenced NAR and its meta unless it was touched recently (a dry run
+        only counts it); bytes freed."""
         if dry_run:
-            return size if now - nar_mtimes.get(name, 0) > GRACE_SECONDS else 0
-        with store.gc_lock(exclusive=True):
-            try:
-                if time.time() - store.nar_path(name).stat().st_mtime <= GRACE_SECONDS:
-                    return 0  # a narinfo naming it was just uploaded, or a pusher HEADed it
-                store.nar_path(name).unlink()
-            except FileNotFoundError:
+            if now - nar_mtimes.get(name, 0) <= GRACE_SECONDS:
                 return 0
-            with contextlib.suppress(FileNotFoundError):
-                (store.meta_dir / name).unlink()
+        else:
+            with store.gc_lock(exclusive=True):
+                try:
+                    if time.time() - store.nar_path(name).stat().st_mtime <= GRACE_SECONDS:
+                        return 0  # a narinfo naming it was just uploaded, or a pusher HEADed it
+                    store.nar_path(name).unlink()
+                except FileNotFoundError:
+                    return 0
+                with contextlib.suppress(FileNotFoundError):
+                    (store.meta_dir / name).unlink()
         result.deleted_nars += 1
-        return size
+        return nar_sizes.get(name, 0)
 
     def delete_narinfo(entry: _Entry) -> bool:
         """Delete the narinfo scanned as `entry`, unless it was replaced (pushed again) since."""
@@ -200,10 +202,7 @@ def run(limits: Limits, *, dry_run: bool = False, echo: Callable[[str], object] 
     # NARs no narinfo names: abandoned pushes. Old ones go whatever the limits.
     for name in list(nar_sizes):
         if name not in refs and now - nar_mtimes[name] > GRACE_SECONDS:
-            freed = delete_nar(name)
-            if dry_run and freed:
-                result.deleted_nars += 1
-            result.freed_bytes += freed
+            result.freed_bytes += delete_nar(name)
     # Meta files whose NAR is gone (an upload killed between the two renames).
     if not dry_run:
         for path in store.meta_dir.iterdir():
@@ -229,12 +228,7 @@ def run(limits: Limits, *, dry_run: bool = False, echo: Callable[[str], object] 
         if entry.nar_file:
             refs[entry.nar_file] -= 1
             if refs[entry.nar_file] == 0 and entry.nar_file in nar_sizes:
-                freed = nar_sizes[entry.nar_file]
-                if dry_run:
-                    result.deleted_nars += 1
-                else:
-                    freed = delete_nar(entry.nar_file)
-                result.freed_bytes += freed
+                result.freed_bytes += delete_nar(entry.nar_file)
         if time.monotonic() - last_progress > PROGRESS_SECONDS:
             last_progress = time.monotonic()
             echo(

@@ -94,6 +94,20 @@ def test_dry_run_deletes_nothing(cache: Cache, aged: list[Entry]) -> None:
     assert all(present(cache, e) for e in aged)
 
 
+def test_dry_run_predicts_the_grace_period_of_nars(cache: Cache) -> None:
+    """An old narinfo whose NAR was touched recently (a pusher HEADed it): both runs delete the
+    narinfo and spare the NAR, and the dry run says so."""
+    entry = make_entry()
+    push(cache.client, entry, cache.token)
+    t = time.time() - 30 * DAY
+    os.utime(cache.store / "narinfo" / f"{entry.hash_part}.narinfo", (t, t))
+    dry = gc("--store", str(cache.store), "--older-than", "7d", "--dry-run")
+    assert "would delete 1 narinfos and 0 NAR files" in dry.stdout, dry.stdout
+    real = gc("--store", str(cache.store), "--older-than", "7d")
+    assert "deleted 1 narinfos and 0 NAR files" in real.stdout, real.stdout
+    assert (cache.store / "nar" / entry.nar_file).exists()
+
+
 def test_a_nar_shared_by_a_kept_narinfo_stays(cache: Cache) -> None:
     old = make_entry(b"same bytes", compression="xz")
     new = make_entry(b"same bytes", compression="xz")
