@@ -21,7 +21,6 @@ from operations.render import render, sha256
 from operations.settings import NFTABLES_FILE, Settings
 
 TABLE = ("inet", "nixcache")
-NODE_EXPORTER_PORT = 9100
 
 
 @dataclass(frozen=True)
@@ -42,16 +41,22 @@ def _split(sources: Iterable[str]) -> dict[str, tuple[str, ...]]:
     }
 
 
+def node_exporter_port(listen: str) -> int:
+    """The port of node exporter's `[address]:port` listen setting."""
+    return int(listen.rsplit(":", 1)[1])
+
+
 def rules(settings: Settings, ssh_port: int = 22) -> list[Rule]:
     """The accept rules for `settings`, in order."""
-    cache_ports = [settings.cache_port]
+    cache_ports = {settings.cache_port}
     if settings.cache_nginx_front:
-        cache_ports += [80, 443]
-    metrics_ports = [NODE_EXPORTER_PORT]
+        # The server's own port stays open: the deploy's health check asks it directly.
+        cache_ports.add(settings.nginx_https_port)
+    metrics_ports = (node_exporter_port(settings.node_exporter_listen),)
     wanted = [
         (settings.ssh_sources, (ssh_port,), "SSH for admins and deploys (ssh_allowed_sources)"),
         (settings.cache_allowed_sources, tuple(sorted(cache_ports)), "the cache (cache_allowed_sources)"),
-        (settings.metrics_allowed_sources, tuple(metrics_ports), "node exporter (metrics_allowed_sources)"),
+        (settings.metrics_allowed_sources, metrics_ports, "node exporter (metrics_allowed_sources)"),
     ]
     out = []
     for sources, ports, why in wanted:
@@ -75,7 +80,8 @@ def render_ruleset(settings: Settings, ssh_port: int = 22) -> str:
 def ruleset(content: str, path: str = NFTABLES_FILE):
     """`path` holds `content`, it is the loaded ruleset, and nftables.service loads it at boot."""
     loaded = host.get_fact(NftTable, family=TABLE[0], table=TABLE[1])
-    if host.get_fact(Sha256File, path=path) != sha256(content) or not loaded:
+    current = host.get_fact(Sha256File, path=path) == sha256(content)
+    if not (current and loaded):
         new = f"{path}.nixcache-new"
         yield FileUploadCommand(io.StringIO(content), new, remote_temp_filename=new)
         # Check first: a ruleset that does not parse never replaces the working one.
@@ -83,8 +89,8 @@ def ruleset(content: str, path: str = NFTABLES_FILE):
             "nft -c -f", QuoteString(new), "&& chmod 0644", QuoteString(new), "&& mv -f", QuoteString(new),
             QuoteString(path), "&& nft -f", QuoteString(path),
         )  # fmt: skip
-    state = host.get_fact(UnitState, unit="nftables.service")
-    if state["enabled"] != "enabled":
+    enabled = host.get_fact(UnitState, unit="nftables.service")["enabled"] == "enabled"
+    if not enabled:
         yield StringCommand("systemctl enable nftables.service")
-    if loaded and host.get_fact(Sha256File, path=path) == sha256(content) and state["enabled"] == "enabled":
+    if current and loaded and enabled:
         host.noop(f"firewall {path} loaded")

@@ -58,7 +58,8 @@ class Settings:
     # Networks allowed to reach SSH. Empty = the same as cache_allowed_sources, so a host never
     # ends up reachable by clients but not by its admins.
     ssh_allowed_sources: tuple[str, ...] = ()
-    # Networks allowed to scrape node exporter (9100) and the cache's /metrics. Empty = closed.
+    # Networks allowed to scrape node exporter (the port of node_exporter_listen). Empty = closed.
+    # The cache's own /metrics is on cache_port, open to cache_allowed_sources.
     metrics_allowed_sources: tuple[str, ...] = ()
     # Unprivileged user the service runs as; owns the store and the key file, nothing else.
     service_user: str = "nixcache"
