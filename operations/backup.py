@@ -16,6 +16,7 @@ from pyinfra.operations import files, systemd
 
 from facts.backup import DirectoryHasEntries, ResticSnapshots
 from operations import config as config_files
+from operations.settings import Settings
 
 SERVICE = "nixcache-backup.service"
 TIMER = "nixcache-backup.timer"
@@ -135,8 +136,8 @@ def config_file(content: str, path: str) -> Iterator:
 def timer(
     nixcache_bin: str,
     config_path: str,
-    on_calendar: str = "daily",
-    randomized_delay_sec: int = 3600,
+    on_calendar: str = Settings.backup_on_calendar,
+    randomized_delay_sec: int = Settings.backup_randomized_delay_sec,
     writable_paths: list[str] | None = None,
     timeout_start_sec: int = 6 * 3600,
 ) -> Iterator:

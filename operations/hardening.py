@@ -17,6 +17,7 @@ from pyinfra.api import FileUploadCommand, OperationValueError, StringCommand, o
 from pyinfra.facts.files import File, Sha1File
 
 from facts.hardening import SysctlState
+from operations.settings import Settings
 
 SYSCTL_PATH = "/etc/sysctl.d/60-nixcache.conf"
 LIMITS_PATH = "/etc/security/limits.d/60-nixcache.conf"
@@ -63,8 +64,8 @@ NETWORK_SYSCTLS: dict[str, tuple[str, str]] = {
 
 # Per-session limits for processes started by PAM logins (admins, cron). systemd services
 # ignore limits.d: nixcache.service sets LimitNOFILE in its own unit.
-NOFILE_SOFT = 65536  # enough for an admin running `nixcache` tools against the whole store
-NOFILE_HARD = 1048576  # the kernel's default nr_open: the ceiling a process may raise to
+NOFILE_SOFT = Settings.nofile_soft_limit
+NOFILE_HARD = Settings.nofile_hard_limit
 
 SSHD_ROOT_LOGIN_VALUES = ("yes", "no", "prohibit-password", "forced-commands-only")
 
@@ -274,7 +275,7 @@ def render_sshd(permit_root_login: str) -> str:
 
 
 @operation()
-def sshd(permit_root_login: str = "prohibit-password", path: str = SSHD_DROPIN_PATH):
+def sshd(permit_root_login: str = Settings.ssh_permit_root_login, path: str = SSHD_DROPIN_PATH):
     """Harden sshd with a drop-in, checked by ``sshd -t`` before sshd reloads.
 
     + permit_root_login: ``prohibit-password`` (keys only; the lab deploys as root),

@@ -15,6 +15,7 @@ from pyinfra import host, logger
 from pyinfra.api import FunctionCommand, operation
 
 from nixcache.httpcompat import make_httpx_importable
+from operations.settings import SERVICE_NAME, Settings
 
 make_httpx_importable()  # before httpx: pyinfra's gevent patching breaks an installed trio
 import httpx  # noqa: E402
@@ -49,7 +50,7 @@ def _fail(state, host, message: str) -> bool:  # pyinfra passes state and host t
 
 
 @operation()
-def cache_info(url: str, timeout: int = 20, unit: str = "nixcache"):
+def cache_info(url: str, timeout: int = Settings.health_check_timeout, unit: str = SERVICE_NAME):
     """`url` (…/nix-cache-info) answers within `timeout` seconds; checked at execution only."""
     if not host.state.is_executing:
         host.noop(f"{url} is checked when the deploy runs")

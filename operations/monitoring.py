@@ -14,6 +14,7 @@ from operations import config as config_files
 from operations import service as units_op
 from operations.hardening import validated_files_changes
 from operations.render import render
+from operations.settings import Settings
 
 NODE_EXPORTER_DEFAULTS = "/etc/default/prometheus-node-exporter"
 NODE_EXPORTER_UNIT = "prometheus-node-exporter.service"
@@ -37,7 +38,9 @@ def render_node_exporter_defaults(listen: str, textfile_dir: str) -> str:
 
 
 @operation()
-def node_exporter(listen: str = ":9100", textfile_dir: str = "/var/lib/prometheus/node-exporter"):
+def node_exporter(
+    listen: str = Settings.node_exporter_listen, textfile_dir: str = Settings.node_exporter_textfile_dir
+):
     """prometheus-node-exporter listening on ``listen`` with the textfile collector on ``textfile_dir``.
 
     + listen: ``[address]:port``
@@ -73,7 +76,10 @@ def render_journald(max_retention: str, system_max_use: str) -> str:
 
 
 @operation()
-def journald(max_retention: str = "2week", system_max_use: str = "1G"):
+def journald(
+    max_retention: str = Settings.journald_max_retention,
+    system_max_use: str = Settings.journald_system_max_use,
+):
     """Persistent journal kept ``max_retention`` and capped at ``system_max_use``; restart journald on change.
 
     + max_retention: systemd time span (``2week``, ``30d``)
@@ -124,9 +130,9 @@ def render_disk_alert_units(
 def disk_alert(
     nixcache_bin: str,
     store_dir: str,
-    threshold_percent: int = 85,
-    textfile_dir: str = "/var/lib/prometheus/node-exporter",
-    schedule: str = "*:0/15",
+    threshold_percent: int = Settings.disk_alert_threshold_percent,
+    textfile_dir: str = Settings.node_exporter_textfile_dir,
+    schedule: str = Settings.disk_alert_schedule,
     webhook_url: HiddenValue | None = None,
 ):
     """The disk-usage alert timer; the webhook URL (a secret) in a root-only file when given.

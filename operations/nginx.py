@@ -47,15 +47,10 @@ def render_site(
     https_port: int,
     nar_dir: str,
     prefix: str = ACCEL_REDIRECT_PREFIX,
-    keepalive_timeout: str = "300s",
+    keepalive_timeout: str = Settings.nginx_keepalive_timeout,
     ipv6: bool = True,
 ) -> str:
     """/etc/nginx/conf.d/nixcache.conf."""
-    if not _PREFIX.match(prefix):
-        raise OperationValueError(
-            f"{host.name}: cache_accel_redirect_prefix={prefix!r} must start and end with '/' and hold "
-            "only letters, digits, '.', '_', '-'; e.g. '/_nixcache_store/'"
-        )
     return render(
         "nginx-nixcache.conf.j2",
         cache_port=cache_port,
@@ -146,9 +141,9 @@ def store_reader(store_dir: str, service_group: str, user: str = NGINX_USER):
 def site(
     cache_port: int,
     nar_dir: str,
-    https_port: int = 443,
+    https_port: int = Settings.nginx_https_port,
     prefix: str = ACCEL_REDIRECT_PREFIX,
-    keepalive_timeout: str = "300s",
+    keepalive_timeout: str = Settings.nginx_keepalive_timeout,
 ):
     """nginx's nixcache site, checked by ``nginx -t``; nginx running and reloaded on change.
 
@@ -160,6 +155,7 @@ def site(
 
     Debian's default site (port 80, a welcome page) is disabled: the host serves the cache only.
     """
+    # Checked before any fact is asked: the prefix goes into nginx's config and the server's.
     if not _PREFIX.match(prefix):
         raise OperationValueError(
             f"{host.name}: cache_accel_redirect_prefix={prefix!r} must start and end with '/' and hold "

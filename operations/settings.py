@@ -123,7 +123,9 @@ class Settings:
     ssh_permit_root_login: str = "prohibit-password"
     # Extra or overriding kernel parameters {key: value} on top of operations/hardening.py's table.
     sysctl_overrides: dict[str, str] = dataclasses.field(default_factory=dict)
-    # Login-session open-file limits (services set LimitNOFILE in their units instead).
+    # Login-session open-file limits (services set LimitNOFILE in their units instead). Soft:
+    # enough for an admin running `nixcache` tools against the whole store; hard: the kernel's
+    # default nr_open, the ceiling a process may raise to.
     nofile_soft_limit: int = 65536
     nofile_hard_limit: int = 1048576
     # All addresses on 9100, Prometheus' registered port: the firewall (metrics_allowed_sources)

@@ -8,6 +8,7 @@ from pyinfra.facts.files import Directory, FindInFile
 from pyinfra.facts.server import Mounts, Users
 
 from facts.storage import BlockDeviceFilesystem
+from operations.settings import Settings
 
 FSTAB = "/etc/fstab"
 
@@ -40,7 +41,12 @@ def directory(path: str, user: str, group: str, mode: str):
 
 
 @operation()
-def volume(device: str, mountpoint: str, options: str = "defaults,noatime", format_empty: bool = True):
+def volume(
+    device: str,
+    mountpoint: str,
+    options: str = Settings.cache_volume_options,
+    format_empty: bool = Settings.cache_volume_format,
+):
     """`device` holds ext4, is listed in /etc/fstab on `mountpoint` with `options`, and is mounted.
 
     An empty device is formatted only when `format_empty`; a device holding any other filesystem
