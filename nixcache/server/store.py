@@ -120,10 +120,14 @@ class Store:
     def touch_nar(self, name: str) -> bool:
         """Refresh a NAR's mtime so gc spares it for a while; False when it is not here."""
         with self.gc_lock(exclusive=False):
-            try:
-                os.utime(self.nar_dir / name)
-            except FileNotFoundError:
-                return False
+            return self._touch_nar_locked(name)
+
+    def _touch_nar_locked(self, name: str) -> bool:
+        # The caller holds the shared gc lock: gc re-checks this mtime under the exclusive one.
+        try:
+            os.utime(self.nar_dir / name)
+        except FileNotFoundError:
+            return False
         return True
 
     # -- reads ---------------------------------------------------------------------------------
@@ -146,11 +150,7 @@ class Store:
         """True when `nar/<name>` and its meta are here; refreshes the NAR's mtime so gc spares
         it while its narinfo is on the way (one step under the shared gc lock)."""
         with self.gc_lock(exclusive=False):
-            try:
-                os.utime(self.nar_dir / name)
-            except FileNotFoundError:
-                return False
-            return (self.meta_dir / name).is_file()
+            return self._touch_nar_locked(name) and (self.meta_dir / name).is_file()
 
     def mark_served(self, hash_part: str, mtime_ns: int) -> None:
         """Remember that a narinfo was served; `flush_served` records it on disk in a batch."""
@@ -311,14 +311,7 @@ def _copy(
         if update is not None:
             update(chunk)
         if out is not None:
-            try:
-                out.write(chunk)
-            except OSError as error:
-                if _is_disk_full(error):
-                    raise UploadError(
-                        507, "no space left in the store: free space or run nixcache gc"
-                    ) from None
-                raise
+            out.write(chunk)  # a full disk raises in the caller's _tmp_file: 507
     if length is not None and total != length:
         raise UploadError(400, f"upload ended after {total} of {length} bytes")
     return total
