@@ -49,6 +49,11 @@ def _fail(state, host, message: str) -> bool:  # pyinfra passes state and host t
     return False
 
 
+def failed_step(message: str) -> FunctionCommand:
+    """A command that fails its step at execution, logging `message` (host, problem and fix)."""
+    return FunctionCommand(_fail, (message,), {})
+
+
 @operation()
 def cache_info(url: str, timeout: int = Settings.health_check_timeout, unit: str = SERVICE_NAME):
     """`url` (…/nix-cache-info) answers within `timeout` seconds; checked at execution only."""
@@ -63,4 +68,4 @@ def cache_info(url: str, timeout: int = Settings.health_check_timeout, unit: str
         f"{host.name}: nixcache {problem} at {url} after {timeout} s; "
         f"look at `journalctl -u {unit}` and `nft list ruleset` on the host"
     )
-    yield FunctionCommand(_fail, (message,), {})
+    yield failed_step(message)

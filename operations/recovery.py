@@ -7,12 +7,16 @@ a known path's narinfo must carry a `Sig` that verifies with it (`nixcache.keys.
 
 from __future__ import annotations
 
-import httpx
-from pyinfra import host, logger
-from pyinfra.api import FunctionCommand, operation
+from pyinfra import host
+from pyinfra.api import operation
 
 from facts.backup import NewestNarinfo
+from nixcache.httpcompat import make_httpx_importable
 from nixcache.keys import KeyFormatError, PublicKey, fingerprint
+from operations.health import failed_step
+
+make_httpx_importable()  # before httpx: pyinfra's gevent patching breaks an installed trio
+import httpx  # noqa: E402
 
 STORE_DIR = "/nix/store"
 
@@ -62,11 +66,6 @@ def check_served(base_url: str, public_key: str, hash_part: str | None, timeout:
     return None
 
 
-def _fail(state, host, message: str) -> bool:  # pyinfra passes state and host to callbacks
-    logger.error(f"{host.print_prefix}{message}")
-    return False
-
-
 @operation()
 def proof(base_url: str, public_key: str, store: str, probe_path: str | None = None):
     """The recovered cache serves `public_key` and a valid signature on a known path.
@@ -89,4 +88,4 @@ def proof(base_url: str, public_key: str, store: str, probe_path: str | None = N
         host.noop(f"{base_url}: {what} by the stored key")
         return
     fix = "check `journalctl -u nixcache` on the host and the restore step's output above"
-    yield FunctionCommand(_fail, (f"{host.name}: recovery proof failed: {problem}; {fix}",), {})
+    yield failed_step(f"{host.name}: recovery proof failed: {problem}; {fix}")
