@@ -266,22 +266,23 @@ class Restic:
         A lock left by a killed run blocks every later run; when restic reports one, stale locks
         are removed (`restic unlock` leaves live ones alone) and the command is tried once more.
         """
-        for attempt in (1, 2):
-            result = subprocess.run(
-                self._argv(args), env=self.environment(), capture_output=True, text=True, check=False
-            )
-            if attempt == 1 and result.returncode != 0 and self._locked(result.stderr):
-                continue
-            break
+        env = self.environment()
+
+        def once() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(self._argv(args), env=env, capture_output=True, text=True, check=False)
+
+        result = once()
+        if result.returncode != 0 and self._locked(result.stderr, env):
+            result = once()
         if check and result.returncode != 0:
             raise self.explain(result.stderr, result.returncode, action)
         return result
 
-    def _locked(self, stderr: str) -> bool:
+    def _locked(self, stderr: str, env: dict[str, str]) -> bool:
         """True when restic refused because of a lock, after clearing the stale ones."""
         if "already locked" not in stderr.lower():
             return False
-        subprocess.run(self._argv(["unlock"]), env=self.environment(), capture_output=True, check=False)
+        subprocess.run(self._argv(["unlock"]), env=env, capture_output=True, check=False)
         return True
 
     def stream(
@@ -297,21 +298,20 @@ class Restic:
         Returns (exit code, stderr, non-status messages); raises ResticError for an exit code
         outside `ok_codes`. stderr is drained on a thread so a chatty restic never blocks.
         """
-        for attempt in (1, 2):
-            returncode, stderr, messages = self._stream_once(args, on_message)
-            if attempt == 1 and returncode != 0 and self._locked(stderr):
-                continue
-            break
+        env = self.environment()
+        returncode, stderr, messages = self._stream_once(args, env, on_message)
+        if returncode != 0 and self._locked(stderr, env):
+            returncode, stderr, messages = self._stream_once(args, env, on_message)
         if returncode not in ok_codes:
             raise self.explain(stderr, returncode, action)
         return returncode, stderr, messages
 
     def _stream_once(
-        self, args: list[str], on_message: Callable[[dict[str, Any]], None]
+        self, args: list[str], env: dict[str, str], on_message: Callable[[dict[str, Any]], None]
     ) -> tuple[int, str, list[dict[str, Any]]]:
         process = subprocess.Popen(
             self._argv(args),
-            env=self.environment(),
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -421,8 +421,9 @@ class Restic:
 
     def restore_size(self, snapshot_id: str) -> int:
         """Total bytes of the files in a snapshot (what a restore writes)."""
-        result = self.run(["stats", "--json", "--no-lock", "--mode", "restore-size", snapshot_id], "measure")
-        return int(self._json(result.stdout, "{", "measure the snapshot").get("total_size", 0))
+        action = "measure the snapshot"
+        result = self.run(["stats", "--json", "--no-lock", "--mode", "restore-size", snapshot_id], action)
+        return int(self._json(result.stdout, "{", action).get("total_size", 0))
 
     def restore(self, snapshot_id: str, target: str, includes: list[str], *, verify: bool) -> None:
         args = ["restore", snapshot_id, "--target", target]
