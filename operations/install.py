@@ -205,27 +205,26 @@ def venv(build: str, wheels: list[str], venv_dir: str = VENV_DIR, wheelhouse_dir
         return
     nixcache_wheels = [w for w in wheels if Path(w).name.startswith("nixcache-")]
     if len(nixcache_wheels) != 1:
+        where = Path(wheels[0]).parent if wheels else cache_root() / build
         raise OperationError(
-            f"wheelhouse for {build} holds {len(nixcache_wheels)} nixcache wheels, expected 1"
+            f"{host.name}: install: the wheelhouse for {build} holds {len(nixcache_wheels)} nixcache "
+            f"wheels, expected 1; remove {where} on the controller and rerun"
         )
     remote = f"{wheelhouse_dir}/{build}"
     yield StringCommand("rm -rf", QuoteString(wheelhouse_dir), "&& install -d -m 0755", QuoteString(remote))
     for wheel in wheels:
         yield FileUploadCommand(wheel, f"{remote}/{Path(wheel).name}")
     pip = f"{venv_dir}/bin/pip"
+    nixcache_wheel = QuoteString(f"{remote}/{Path(nixcache_wheels[0]).name}")
     yield StringCommand(f"test -x {venv_dir}/bin/python || python3 -m venv {venv_dir}")
     # Dependencies first (pip keeps those already at the pinned version), then the nixcache
     # wheel itself, forced: its version number does not change with every checkout.
     yield StringCommand(
-        pip,
-        "install -q --no-index --no-cache-dir --find-links",
-        QuoteString(remote),
-        QuoteString(f"{remote}/{Path(nixcache_wheels[0]).name}"),
+        pip, "install -q --no-index --no-cache-dir --find-links", QuoteString(remote), nixcache_wheel
     )
     yield StringCommand(
-        pip, "install -q --no-index --no-cache-dir --no-deps --force-reinstall",
-        QuoteString(f"{remote}/{Path(nixcache_wheels[0]).name}"),
-    )  # fmt: skip
+        pip, "install -q --no-index --no-cache-dir --no-deps --force-reinstall", nixcache_wheel
+    )
     yield StringCommand(
         "echo", QuoteString(build), ">", QuoteString(stamp), "&& rm -rf", QuoteString(wheelhouse_dir)
     )
