@@ -11,7 +11,10 @@ from nixcache.keys import KeyFormatError, SecretKey
 
 
 def write_private(path: Path, content: str, *, force: bool) -> None:
-    """Write `content` to `path` with mode 0600 from the first byte; refuse to overwrite unless forced."""
+    """Write `content` to `path` with mode 0600 from the first byte; refuse to overwrite unless forced.
+
+    The data is on disk before the rename: a key file left empty by a crash would be a lost key.
+    """
     if path.exists() and not force:
         raise click.ClickException(f"{path} already exists; pass --force to overwrite it")
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -19,6 +22,8 @@ def write_private(path: Path, content: str, *, force: bool) -> None:
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(content)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
