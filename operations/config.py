@@ -15,10 +15,10 @@ from pathlib import Path
 
 from pyinfra import host
 from pyinfra.api import FileUploadCommand, HiddenValue, QuoteString, StringCommand, operation
-from pyinfra.facts.files import Directory, File, Sha256File
+from pyinfra.facts.files import File, Sha256File
 
 from nixcache.server.config import ServerConfig, dump
-from operations import rotation
+from operations import rotation, storage
 from operations.render import sha256
 from operations.settings import (
     CONFIG_DIR,
@@ -26,11 +26,7 @@ from operations.settings import (
     READ_TOKEN_FILE,
     Settings,
 )
-
-
-def _mode(mode: str) -> int:
-    """pyinfra's File fact reports modes as the octal digits read as decimal (0640 -> 640)."""
-    return int(mode.lstrip("0") or "0")
+from operations.storage import fact_mode
 
 
 def file_changes(path: str, content: str, user: str, group: str, mode: str):
@@ -51,7 +47,7 @@ def file_changes(path: str, content: str, user: str, group: str, mode: str):
         yield FileUploadCommand(io.StringIO(content), new, remote_temp_filename=new)
         yield StringCommand("mv -f", QuoteString(new), QuoteString(path))
         return
-    if current and (current["user"], current["group"], current["mode"]) != (user, group, _mode(mode)):
+    if current and (current["user"], current["group"], current["mode"]) != (user, group, fact_mode(mode)):
         yield StringCommand("chown", QuoteString(f"{user}:{group}"), QuoteString(path))
         yield StringCommand("chmod", mode, QuoteString(path))
         return
@@ -74,11 +70,7 @@ def secret_file(path: str, value: HiddenValue, user: str, group: str | None = No
 @operation()
 def config_dir(user: str, path: str = CONFIG_DIR):
     """/etc/nixcache: root-owned, readable by the service's group only (it holds key and tokens)."""
-    current = host.get_fact(Directory, path=path)
-    if current and (current["user"], current["group"], current["mode"]) == ("root", user, 750):
-        host.noop(f"{path} exists")
-        return
-    yield StringCommand("install -d -m 0750 -o root -g", QuoteString(user), QuoteString(path))
+    yield from storage.directory._inner(path, "root", user, "0750")
 
 
 def server_config(settings: Settings, *, push_token: bool, read_token: bool) -> ServerConfig:

@@ -18,6 +18,7 @@ from pyinfra.facts.files import File, Sha1File
 
 from facts.hardening import SysctlState
 from operations.settings import Settings
+from operations.storage import fact_mode
 
 SYSCTL_PATH = "/etc/sysctl.d/60-nixcache.conf"
 LIMITS_PATH = "/etc/security/limits.d/60-nixcache.conf"
@@ -74,17 +75,13 @@ def _sha1(content: str) -> str:
     return hashlib.sha1(content.encode()).hexdigest()  # noqa: S324 - compared with sha1sum on the host
 
 
-def _mode(value: object) -> str:
-    return str(value).lstrip("0") or "0"
-
-
 def _needs(dest: str, content: str, mode: str, user: str, group: str) -> tuple[bool, bool]:
     """(content differs, metadata differs) for a file the host should hold."""
     info = host.get_fact(File, path=dest)
     if not info:
         return True, True
     content_differs = host.get_fact(Sha1File, path=dest) != _sha1(content)
-    meta_differs = _mode(info["mode"]) != _mode(mode) or info["user"] != user or info["group"] != group
+    meta_differs = (info["user"], info["group"], info["mode"]) != (user, group, fact_mode(mode))
     return content_differs, meta_differs
 
 

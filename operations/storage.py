@@ -27,11 +27,16 @@ def service_user(user: str, home: str):
     )
 
 
+def fact_mode(mode: str) -> int:
+    """`mode` ("0640") as pyinfra's File and Directory facts report it: octal digits read as decimal."""
+    return int(mode.lstrip("0") or "0")
+
+
 @operation()
 def directory(path: str, user: str, group: str, mode: str):
     """`path` is a directory owned `user:group` with `mode` (e.g. "0750")."""
     current = host.get_fact(Directory, path=path)
-    wanted = (user, group, int(mode.lstrip("0") or "0"))
+    wanted = (user, group, fact_mode(mode))
     if current and (current["user"], current["group"], current["mode"]) == wanted:
         host.noop(f"{path} exists")
         return
