@@ -414,7 +414,6 @@ _STATUS = {
     405: "405 Method Not Allowed",
     413: "413 Content Too Large",
     416: "416 Range Not Satisfiable",
-    500: "500 Internal Server Error",
     503: "503 Service Unavailable",
     507: "507 Insufficient Storage",
 }

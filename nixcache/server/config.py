@@ -105,9 +105,7 @@ def _convert(name: str, value: Any) -> Any:
             return parse_duration(value)
     except ValueError as error:
         raise ConfigError(f"{name}: {error}") from None
-    if name == "store":
-        return Path(_expect(name, value, str))
-    if name in ("push_token_file", "read_token_file"):
+    if name in ("store", "push_token_file", "read_token_file"):
         return Path(_expect(name, value, str))
     if name == "signing_key_files":
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):

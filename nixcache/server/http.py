@@ -213,11 +213,9 @@ def _continue_pending(body: _Input) -> bool:
 _NARINFO_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/x-nix-narinfo\r\nContent-Length: "
 _REASONS = {
     400: "Bad Request",
-    408: "Request Timeout",
     414: "URI Too Long",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
-    505: "HTTP Version Not Supported",
 }
 
 
@@ -459,7 +457,7 @@ class Server(StreamServer):
         # json.dumps of a dict cost a measurable share of a narinfo request (bench/serve.py).
         reason = env.get("nixcache.reason")
         self._log_lines.append(
-            f'{{"client": {_js(address[0] if isinstance(address, tuple) else "-")}, "method": {_js(method)}, '
+            f'{{"client": {_js(address[0])}, "method": {_js(method)}, '
             f'"path": {_js(env.get("PATH_INFO", "-")[:200])}, "status": {code}, "bytes": {sent}, '
             f'"ms": {elapsed * 1000:.3f}, "route": "{route}"'
             + (f', "reason": {_js(reason)}' if reason else "")

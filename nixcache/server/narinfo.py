@@ -159,9 +159,10 @@ def parse(text: str, store_dir: str = "/nix/store") -> NarInfo:
     compression = fields.get("Compression") or "bzip2"  # absent means bzip2, as in Nix
     if compression not in COMPRESSIONS:
         raise NarInfoError("Compression", f"{compression!r} is not one of {', '.join(COMPRESSIONS)}")
-    if not url.startswith("nar/") or compression_of(url[4:]) is None:
+    url_compression = compression_of(url[4:]) if url.startswith("nar/") else None
+    if url_compression is None:
         raise NarInfoError("URL", f"{url!r} is not nar/<52-char base32 file hash>.nar[.xz|.zst|.bz2]")
-    if compression_of(url[4:]) != compression:
+    if url_compression != compression:
         raise NarInfoError("URL", f"{url!r} does not end in {COMPRESSIONS[compression]!r} (Compression)")
     nar_hash = _hash_field("NarHash", required("NarHash"))
     nar_size = _int_field("NarSize", required("NarSize"))

@@ -11,7 +11,8 @@ Layout under the store directory (`store` in the config, e.g. /var/lib/nixcache/
     tmp/                     uploads in flight; same filesystem so they can be renamed into place.
                              Emptied when the server starts; never served, never backed up.
     gc-stats.json            totals written by `nixcache gc`, exposed in /metrics
-    gc.lock                  flock(2) that orders gc's NAR deletions with narinfo uploads
+    gc.lock                  flock(2) that orders gc's NAR deletions with the uploads and HEADs
+                             that rely on a NAR staying
 
 The service user owns all of it. Back up narinfo/, nar/ and nar-meta/ (not tmp/).
 
