@@ -20,12 +20,14 @@ import zstandard
 from nixcache.keys import SecretKey
 from nixcache.server import base32
 
-SERVE = [sys.executable, "-c", "from nixcache.cli import main; main()", "serve"]
 _LISTENING = re.compile(r"serving .* on http://([\d.]+):(\d+)")
 
 
 def nixcache_cmd(*args: str) -> list[str]:
     return [sys.executable, "-c", "from nixcache.cli import main; main()", *args]
+
+
+SERVE = nixcache_cmd("serve")
 
 
 @dataclass

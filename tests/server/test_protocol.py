@@ -13,7 +13,7 @@ import pytest
 
 from nixcache.server import base32, narinfo
 from server.conftest import Cache, StartCache
-from server.helpers import make_entry, push
+from server.helpers import make_entry, nar_string, push, write_key
 
 
 def test_cache_info_pubkey_and_healthz(cache: Cache) -> None:
@@ -57,8 +57,6 @@ def test_push_then_fetch_is_signed_and_byte_identical(cache: Cache, compression:
 
 
 def test_uploaded_signatures_are_kept_and_every_key_signs(start_cache: StartCache, tmp_path: Path) -> None:
-    from server.helpers import write_key
-
     second_file, second = write_key(tmp_path, "second-key-1")
     cache = start_cache("--signing-key", str(second_file))
     entry = make_entry()
@@ -330,13 +328,9 @@ def test_keep_alive_serves_many_requests_on_one_connection(cache: Cache) -> None
         reader = sock.makefile("rb")
         for _ in range(20):
             sock.sendall(f"GET /{entry.hash_part}.narinfo HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-            status = reader.readline()
+            status, _, body = _read_response(reader)
             assert status.startswith(b"HTTP/1.1 200")
-            length = 0
-            while (line := reader.readline()) != b"\r\n":
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":")[1])
-            assert reader.read(length).startswith(b"StorePath: ")
+            assert body.startswith(b"StorePath: ")
 
 
 def test_one_structured_log_line_per_request(cache: Cache) -> None:
@@ -474,15 +468,12 @@ def test_memory_stays_flat_for_a_large_nar(cache: Cache) -> None:
     blocks = 256
     contents_len = blocks * len(block)
 
-    def nar_stream():
-        def s(b: bytes) -> bytes:
-            return len(b).to_bytes(8, "little") + b + b"\0" * (-len(b) % 8)
-
-        yield b"".join(s(p) for p in (b"nix-archive-1", b"(", b"type", b"regular", b"contents"))
+    def nar_stream():  # make_nar's bytes, streamed (contents_len is a multiple of 8: no padding)
+        yield b"".join(nar_string(p) for p in (b"nix-archive-1", b"(", b"type", b"regular", b"contents"))
         yield contents_len.to_bytes(8, "little")
         for _ in range(blocks):
             yield block
-        yield s(b")")
+        yield nar_string(b")")
 
     sha = hashlib.sha256()
     size = 0
