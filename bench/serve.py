@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark `nixcache serve` against nginx serving the same store from disk.
 
-    python bench/serve.py [--paths 300] [--nar-mib 64] [--seconds 5]
+    python bench/serve.py [--paths 300] [--nar-mib 64] [--seconds 5] [--rounds 15] [--narinfo-only]
 
 Builds a synthetic store (narinfos + NARs) in a temp dir, starts this server and nginx
 (Debian's nginx-light, temp config, loopback only) on it, then measures:
@@ -30,7 +30,6 @@ from pathlib import Path
 
 from nixcache.keys import SecretKey
 from nixcache.server import base32
-from nixcache.server.nar import NAR_MAGIC
 
 NGINX_CONF = """
 daemon off;
@@ -74,13 +73,14 @@ def free_port() -> int:
 
 
 def nar_of(size: int) -> bytes:
-    """A plausible uncompressed NAR of one file, `size` bytes long in total."""
-    body = os.urandom(max(0, size - 120))
+    """A valid uncompressed NAR of one file, `size` bytes long give or take 7 (padding)."""
+    body = os.urandom(max(0, size - 112))  # the framing around the contents is 112 bytes
 
     def s(b: bytes) -> bytes:
         return len(b).to_bytes(8, "little") + b + b"\0" * (-len(b) % 8)
 
-    return NAR_MAGIC + b"".join(s(p) for p in (b"(", b"type", b"regular", b"contents", body, b")"))
+    parts = (b"nix-archive-1", b"(", b"type", b"regular", b"contents", body, b")")
+    return b"".join(s(p) for p in parts)
 
 
 def build_store(root: Path, paths: int, nar_mib: int) -> tuple[list[str], str]:
@@ -243,8 +243,6 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     ng, us = results["nginx"], results["nixcache"]
-    if args.narinfo_only:
-        ng["one"] = ng["sixteen"] = us["one"] = us["sixteen"] = 1.0
     n = len(hashes)
     print(f"{n} narinfos over one keep-alive connection (curl)")
     print(f"NAR of {args.nar_mib} MiB, wrk for {args.seconds}s per run")
@@ -253,10 +251,13 @@ def main() -> int:
         ("narinfo, warm (median of rounds)", ng["warm"] * 1000, us["warm"] * 1000, "ms", "<= 1.5x time"),
         ("narinfo, warm (best round)", ng["best"] * 1000, us["best"] * 1000, "ms", ""),
         ("narinfo, first round", ng["cold"] * 1000, us["cold"] * 1000, "ms", ""),
-        ("NAR throughput, 1 connection", ng["one"], us["one"], "MiB/s", ">= 0.7x"),
-        ("NAR throughput, 16 connections", ng["sixteen"], us["sixteen"], "MiB/s", ">= 0.7x"),
     ]
-    for label, a, b, unit, target in rows[: 3 if args.narinfo_only else 5]:
+    if not args.narinfo_only:
+        rows += [
+            ("NAR throughput, 1 connection", ng["one"], us["one"], "MiB/s", ">= 0.7x"),
+            ("NAR throughput, 16 connections", ng["sixteen"], us["sixteen"], "MiB/s", ">= 0.7x"),
+        ]
+    for label, a, b, unit, target in rows:
         print(f"{label:34}{a:>9.1f} {unit:<3}{b:>9.1f} {unit:<3}{b / a:>8.2f}x   {target}")
     print(f"per narinfo: nginx {ng['warm'] / n * 1e6:.0f} us, nixcache {us['warm'] / n * 1e6:.0f} us")
     print(f"nixcache peak RSS: {rss:.1f} MiB (target < 100 MiB)")
