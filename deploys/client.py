@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pyinfra import host, inventory
 from pyinfra.api import HiddenValue
-from pyinfra.operations import apt
 
+from deploys.parts.base import apt_packages
 from nixcache.packages import NIX_CLIENT_PACKAGES
 from nixcache.secrets import SecretError, resolve
 from operations import client
@@ -28,14 +28,7 @@ except SecretError as error:
 keys = [c.public_key for c in caches if c.public_key] + list(s.trusted_public_keys)
 netrc = client.render_netrc(caches)
 
-apt.packages(
-    name="Install the Nix client",
-    packages=list(NIX_CLIENT_PACKAGES),
-    update=s.apt_update,
-    # At most daily: a refresh counts as a change, and a rerun should report none.
-    cache_time=86400,
-    no_recommends=True,
-)
+apt_packages("Install the Nix client", NIX_CLIENT_PACKAGES, s)
 client.nix_conf(
     name="Nix uses the caches",
     substituters=[c.url for c in caches] + list(s.client_upstream_substituters),

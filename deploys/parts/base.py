@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from pyinfra import host
@@ -66,6 +67,18 @@ def admin_users(host_name: str, value: Any) -> list[dict[str, Any]]:
     return users
 
 
+def apt_packages(name: str, packages: Iterable[str], s: Settings) -> None:
+    """Install Debian `packages`; package lists are refreshed only when host data asks (apt_update)."""
+    apt.packages(
+        name=name,
+        packages=list(packages),
+        update=s.apt_update,
+        # At most daily: a refresh counts as a change, and a rerun should report none.
+        cache_time=86400,
+        no_recommends=True,
+    )
+
+
 def check_root_login(host_name: str, permit_root_login: str, users: list[dict[str, Any]]) -> None:
     """Refuse to close root login when no admin could log in and use sudo afterwards."""
     if permit_root_login == "no" and not any(u["sudo"] and u["ssh_keys"] for u in users):
@@ -82,15 +95,7 @@ def base(config: Settings | None = None) -> None:
     users = admin_users(host.name, s.admin_users)
     check_root_login(host.name, s.ssh_permit_root_login, users)
 
-    apt.packages(
-        name="Install the cache host packages",
-        packages=list(CACHE_HOST_PACKAGES),
-        # Lab hosts have no route to a registry: their image carries the packages.
-        update=s.apt_update,
-        # At most daily: a refresh counts as a change, and a rerun should report none.
-        cache_time=86400,
-        no_recommends=True,
-    )
+    apt_packages("Install the cache host packages", CACHE_HOST_PACKAGES, s)
     for user in users:
         server.user(  # noqa: S604 - `shell` is the admin's login shell, not a subprocess
             name=f"Admin user {user['name']}",

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pyinfra import host
 from pyinfra.api import deploy
-from pyinfra.operations import apt
 
+from deploys.parts.base import apt_packages
 from nixcache.packages import NGINX_FRONT_PACKAGES
 from operations import nginx
 from operations.settings import Settings, host_secret, settings
@@ -18,14 +18,7 @@ def nginx_front(config: Settings | None = None) -> None:
     if not s.cache_nginx_front:
         nginx.absent(name="No nixcache site in nginx (cache_nginx_front is off)")
         return
-    apt.packages(
-        name="Install nginx and openssl",
-        packages=list(NGINX_FRONT_PACKAGES),
-        update=s.apt_update,
-        # At most daily: a refresh counts as a change, and a rerun should report none.
-        cache_time=86400,
-        no_recommends=True,
-    )
+    apt_packages("Install nginx and openssl", NGINX_FRONT_PACKAGES, s)
     address = host.data.get("ssh_hostname") or host.name
     alt_names = [f"IP:{address}"] if address.replace(".", "").isdigit() else [f"DNS:{address}"]
     nginx.tls(
