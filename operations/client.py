@@ -13,14 +13,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pyinfra import host
-from pyinfra.api import FileUploadCommand, HiddenValue, OperationValueError, StringCommand, operation
+from pyinfra.api import HiddenValue, OperationValueError, StringCommand, operation
 from pyinfra.facts.files import File
 from pyinfra.operations import files
 
 from facts.nixcache import UnitState
 from nixcache.keys import KeyFormatError
 from operations import config as config_files
+from operations import rotation
 from operations.hardening import validated_files_changes
+from operations.settings import SettingsError, from_data
 
 NIX_CONF = "/etc/nix/nix.conf"
 CLIENT_CONF = "/etc/nix/nixcache.conf"
@@ -44,8 +46,6 @@ class Cache:
 
 def cache_url(address: str, data: Any) -> str:
     """The URL clients use for a cache host: https through the nginx front, else http to the server."""
-    from operations.settings import from_data
-
     s = from_data(address, data)
     if s.cache_nginx_front:
         port = "" if s.nginx_https_port == 443 else f":{s.nginx_https_port}"
@@ -55,8 +55,6 @@ def cache_url(address: str, data: Any) -> str:
 
 def public_key_of(host_name: str, data: Any, resolve) -> str:
     """The public key of a cache host, derived from the secret key its ``signing_key_ref`` names."""
-    from operations.settings import SettingsError
-
     ref = data.get("signing_key_ref")
     if not ref:
         raise SettingsError(
@@ -65,8 +63,6 @@ def public_key_of(host_name: str, data: Any, resolve) -> str:
         )
     try:
         # Two keys, space-separated, while a rotation introduces the next one (operations/rotation.py).
-        from operations import rotation
-
         return " ".join(rotation.trusted_public_keys(data, resolve))
     except KeyFormatError as error:
         raise SettingsError(
@@ -140,9 +136,8 @@ def nix_conf(
         host.noop(f"{CLIENT_CONF} is up to date")
         return
     yield from commands
-    changed = any(isinstance(c, FileUploadCommand) for c in commands) or any(
-        not str(c).startswith(("chown", "chmod")) for c in commands
-    )
+    # Anything but an owner or mode fix (uploads, renames, the include line) changes what Nix reads.
+    changed = any(not str(c).startswith(("chown", "chmod")) for c in commands)
     daemon = host.get_fact(UnitState, unit=NIX_DAEMON_UNIT)
     if changed and daemon and daemon.get("loaded") == "loaded":
         # The daemon reads nix.conf once, at start.
@@ -157,8 +152,6 @@ def caches_for(host_name: str, s: Any, inventory: Any, resolve) -> list[Cache]:
     with its URL, the public key of its signing key and its read token when it has one.
     ``resolve`` turns a secret reference into its value (nixcache.secrets.resolve).
     """
-    from operations.settings import SettingsError
-
     if s.client_caches:
         token = HiddenValue(resolve(s.read_token_ref)) if s.read_token_ref else None
         return [Cache(url=url.rstrip("/"), read_token=token) for url in s.client_caches]
@@ -167,10 +160,7 @@ def caches_for(host_name: str, s: Any, inventory: Any, resolve) -> list[Cache]:
             f"{host_name}: neither 'client_caches' nor 'client_cache_group' is set; name the "
             "caches (URLs) or the inventory group of cache hosts"
         )
-    try:
-        members = list(inventory.get_group(s.client_cache_group))
-    except Exception:  # pyinfra raises NoGroupError, a plain PyinfraError subclass
-        members = []
+    members = list(inventory.get_group(s.client_cache_group, []))
     if not members:
         raise SettingsError(
             f"{host_name}: inventory group {s.client_cache_group!r} (client_cache_group) has no "
