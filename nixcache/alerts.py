@@ -18,6 +18,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -83,6 +84,12 @@ def log(priority: int, message: str) -> None:
     click.echo(f"{prefix}{message}", err=True)
 
 
+def fail(message: str, code: int = EXIT_CHECK_FAILED) -> NoReturn:
+    """Log `message` as an error (what failed and the fix) and exit with `code`."""
+    log(3, f"disk-alert: {message}")
+    sys.exit(code)
+
+
 def post_webhook(url: str, payload: dict[str, object], timeout: float) -> str | None:
     """POST ``payload``; None when accepted, else a reason that never contains the URL."""
     import httpx
@@ -139,20 +146,17 @@ def disk_alert(
     try:
         usage = measure(store_path)
     except OSError as error:
-        log(3, f"disk-alert: cannot measure {store_path}: {error.strerror}; check --path names the store")
-        sys.exit(EXIT_CHECK_FAILED)
+        fail(f"cannot measure {store_path}: {error.strerror}; check --path names the store")
     percent = usage.ratio * 100
     over = percent >= threshold_percent
     if textfile:
         try:
             write_metrics(textfile, store_path, usage, threshold_percent)
         except OSError as error:
-            log(
-                3,
-                f"disk-alert: cannot write {textfile}: {error.strerror}; "
-                "check that node exporter's textfile directory exists and is writable",
+            fail(
+                f"cannot write {textfile}: {error.strerror}; "
+                "check that node exporter's textfile directory exists and is writable"
             )
-            sys.exit(EXIT_CHECK_FAILED)
     if not over:
         click.echo(f"disk-alert: {store_path} at {percent:.1f}% (threshold {threshold_percent}%)")
         return
@@ -167,12 +171,10 @@ def disk_alert(
         try:
             url = Path(webhook_url_file).read_text().strip()
         except OSError as error:
-            log(
-                3,
-                f"disk-alert: cannot read the webhook URL file {webhook_url_file}: {error.strerror}; "
-                "redeploy to restore it or unset alert_webhook_ref",
+            fail(
+                f"cannot read the webhook URL file {webhook_url_file}: {error.strerror}; "
+                "redeploy to restore it or unset alert_webhook_ref"
             )
-            sys.exit(EXIT_CHECK_FAILED)
         payload = {
             "text": message,
             "host": hostname,
@@ -182,10 +184,9 @@ def disk_alert(
         }
         failure = post_webhook(url, payload, timeout)
         if failure:
-            log(
-                3,
-                f"disk-alert: webhook from {webhook_url_file} not delivered: {failure}; "
+            fail(
+                f"webhook from {webhook_url_file} not delivered: {failure}; "
                 "check the receiver and the URL stored under alert_webhook_ref",
+                EXIT_WEBHOOK_FAILED,
             )
-            sys.exit(EXIT_WEBHOOK_FAILED)
     sys.exit(EXIT_OVER)
