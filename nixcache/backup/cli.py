@@ -243,7 +243,13 @@ def restore(
             f"restore: snapshot {snapshot.short_id} of {snapshot.host} from {_when(snapshot)} UTC"
             f" ({', '.join(snapshot.paths)}, {human_bytes(total)}) into {target}"
         )
-        target.mkdir(parents=True, exist_ok=True)
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise click.ClickException(
+                f"cannot create restore target {target}: {error.strerror};"
+                " pass a writable --target or run as root"
+            ) from None
         roots = [target / p.lstrip("/") for p in snapshot.paths]
         finish = _watch_restore(roots, total, config.progress_seconds, _progress)
         try:
@@ -278,7 +284,7 @@ def check(config_path: Path) -> None:
         write_metrics(state, metrics_file)
     except OSError as error:
         raise click.ClickException(
-            f"check passed but cannot record it in {error.filename}: {error.strerror};"
+            f"check passed but cannot record it in {error.filename or metrics_file}: {error.strerror};"
             f" make that directory writable"
         ) from None
     click.echo(

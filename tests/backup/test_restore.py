@@ -87,6 +87,15 @@ def test_restore_refuses_an_unknown_snapshot_or_host(backup_env):
     )
     assert not target.exists()
 
+    blocker = backup_env.root / "a-file"
+    blocker.write_text("")
+    result = backup_env.cli("restore", "--target", str(blocker / "restored"))
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"Error: cannot create restore target {blocker}/restored: Not a directory;"
+        " pass a writable --target or run as root"
+    )
+
     result = backup_env.cli("restore", "--host", "cache-lost-9", "--target", str(target))
     assert result.exit_code == 1
     assert "holds no snapshot of host cache-lost-9; pass --host with the lost host's name" in result.stderr
