@@ -111,7 +111,7 @@ class App:
     ) -> list[bytes]:
         environ["nixcache.reason"] = reason
         extra = list(headers)
-        if environ["REQUEST_METHOD"] == "PUT" and _body_left(environ) > _DRAIN_LIMIT:
+        if _body_left(environ) > _DRAIN_LIMIT:
             # Do not read gigabytes we refused: close instead of draining.
             abandon = getattr(environ["wsgi.input"], "abandon", None)
             if abandon:

@@ -343,7 +343,12 @@ class Server(StreamServer):
             env["HTTP_" + name.upper().replace("-", "_")] = value
         if "HTTP_CONTENT_TYPE" in env:
             env["CONTENT_TYPE"] = env.pop("HTTP_CONTENT_TYPE")
-        chunked = headers.get("transfer-encoding", "").lower() == "chunked"
+        coding = headers.get("transfer-encoding")
+        chunked = coding is not None
+        if chunked and coding.lower() != "chunked":
+            # RFC 9112: unless chunked is the (only) coding the body's end is unknown: 400, close.
+            reason = f"Transfer-Encoding {coding[:40]!r} is not supported; send chunked or Content-Length"
+            return self._reject(sock, 400, reason, address, start)
         length: int | None = None
         raw_length = env.pop("HTTP_CONTENT_LENGTH", None)
         if raw_length is not None and not chunked:  # chunked wins over Content-Length (RFC 9112)
@@ -356,6 +361,8 @@ class Server(StreamServer):
         env["wsgi.input"] = body
         connection = env.get("HTTP_CONNECTION", "").lower()
         keep_alive = connection != "close" if version == "HTTP/1.1" else connection == "keep-alive"
+        if chunked and raw_length is not None:
+            keep_alive = False  # RFC 9112 6.3: both framings given, a smuggling attempt: close after
 
         response = _Response()
         sent = 0

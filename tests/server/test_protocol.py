@@ -516,3 +516,34 @@ def test_nar_name_that_is_no_sha256_is_400(cache: Cache) -> None:
     response = cache.client.put(f"/nar/{name}", content=b"x", auth=cache.auth)
     assert response.status_code == 400, response.text
     assert name in response.text
+
+
+def test_unknown_transfer_coding_is_400_and_both_framings_close(cache: Cache) -> None:
+    """RFC 9112: a body whose end cannot be found is a 400; Content-Length beside chunked may be
+    request smuggling, so the connection closes after the answer."""
+    name = base32.encode(bytes(32)) + ".nar"
+    response = _raw(cache, f"PUT /nar/{name} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n")
+    assert response.startswith(b"HTTP/1.1 400"), response
+    assert b"Transfer-Encoding" in response
+    host, port = cache.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        sock.sendall(
+            b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        )
+        status, headers, _ = _read_response(reader)
+        assert status.startswith(b"HTTP/1.1 200")
+        assert headers[b"connection"] == b"close"
+        assert reader.read() == b""
+
+
+def test_refused_large_body_of_any_method_closes_instead_of_draining(cache: Cache) -> None:
+    host, port = cache.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        sock.sendall(b"POST /nix-cache-info HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n")
+        status, headers, _ = _read_response(reader)
+        assert status.startswith(b"HTTP/1.1 405")
+        assert headers[b"connection"] == b"close"
+        assert reader.read() == b""  # closed, not waiting for 10 MB nobody will read
