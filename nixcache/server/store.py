@@ -95,12 +95,10 @@ class Store:
 
     def writable(self) -> bool:
         """True when a file can be created and removed in tmp/ (the /healthz check)."""
+        probe = self.tmp_dir / f".healthz.{os.getpid()}"
         try:
-            fd = os.open(
-                self.tmp_dir / f".healthz.{os.getpid()}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600
-            )
-            os.close(fd)
-            os.unlink(self.tmp_dir / f".healthz.{os.getpid()}")
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+            os.unlink(probe)
         except OSError:
             return False
         return True
@@ -148,10 +146,11 @@ class Store:
         return NarFile(handle, os.fstat(handle.fileno()).st_size, name)
 
     def keep_nar(self, name: str) -> bool:
-        """True when `nar/<name>` and its meta are here; refreshes the NAR's mtime so gc spares
-        it while its narinfo is on the way (one step under the shared gc lock)."""
+        """True when `nar/<name>` and a readable meta are here (else the upload replaces them, as
+        _check_nar's advice says); refreshes the NAR's mtime so gc spares it while its narinfo
+        is on the way (one step under the shared gc lock)."""
         with self.gc_lock(exclusive=False):
-            return self._touch_nar_locked(name) and (self.meta_dir / name).is_file()
+            return self._touch_nar_locked(name) and self.nar_digest(name) is not None
 
     def mark_served(self, hash_part: str, mtime_ns: int) -> None:
         """Remember that a narinfo was served; `flush_served` records it on disk in a batch."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from conftest import require
 
 from nixcache.server import narinfo
-from server.conftest import StartCache
+from server.conftest import Cache, StartCache
 from server.helpers import make_entry, push
 
 
@@ -73,3 +73,16 @@ def test_disk_full_is_507_and_leaves_nothing(start_cache: StartCache, tmp_path: 
         cache.server.stop()
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_pushing_a_nar_again_repairs_its_damaged_meta(cache: Cache) -> None:
+    """The narinfo refusal says "upload the NAR again": that upload must not be skipped as
+    already here while the recorded NarHash is unreadable."""
+    entry = make_entry()
+    response = cache.client.put(f"/nar/{entry.nar_file}", content=entry.file_bytes, auth=cache.auth)
+    assert response.status_code == 201
+    (cache.store / "nar-meta" / entry.nar_file).write_text("garbage\n")
+    refused = cache.client.put(f"/{entry.hash_part}.narinfo", content=entry.narinfo(), auth=cache.auth)
+    assert refused.status_code == 400 and "upload the NAR again" in refused.text
+    push(cache.client, entry, cache.token)
+    assert cache.client.get(f"/{entry.hash_part}.narinfo").status_code == 200
