@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -187,17 +186,21 @@ def test_image_progress_shows_phases_not_every_package() -> None:
 
 
 def test_a_held_lock_makes_the_next_holder_wait_and_say_so(tmp_path: Path) -> None:
+    # The second holder is another process, as in real use: flock blocks the whole process, and
+    # threads in the test process may be gevent greenlets (pyinfra patches the process on import).
     path = tmp_path / "sub" / "lock"
-    waiting, acquired = threading.Event(), threading.Event()
-
-    def second_holder() -> None:
-        with locked(path, waiting.set):
-            acquired.set()
-
+    code = (
+        "import sys; from pathlib import Path; from nixcache.lab.lock import locked\n"
+        "with locked(Path(sys.argv[1]), lambda: print('waiting', flush=True)):\n"
+        "    print('acquired', flush=True)\n"
+    )
     with locked(path):
-        thread = threading.Thread(target=second_holder)
-        thread.start()
-        assert waiting.wait(timeout=30)
-        assert not acquired.is_set()
-    thread.join(timeout=30)
-    assert acquired.is_set()
+        second = subprocess.Popen(
+            [sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True, cwd=REPO
+        )
+        assert second.stdout is not None
+        assert second.stdout.readline() == "waiting\n"
+        assert second.poll() is None  # still blocked while the lock is held here
+    out, _ = second.communicate(timeout=30)
+    assert out == "acquired\n"
+    assert second.returncode == 0
