@@ -5,7 +5,8 @@ neither uploaded nor touched. A changed file is written as `<path>.nixcache-new`
 empty with its final owner and mode *before* any byte is uploaded (a secret is never readable
 by anyone else, not even for a moment), then renamed over the old one (readers never see half a
 file). Secret values travel as `HiddenValue`s, so pyinfra prints them masked, and go up through
-SFTP from memory, never on a command line.
+SFTP from memory, never on a command line. The same holds under `pyinfra --sudo` (see
+operations/upload.py for the temporary file that takes).
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import io
 from pathlib import Path
 
 from pyinfra import host
-from pyinfra.api import FileUploadCommand, HiddenValue, QuoteString, StringCommand, operation
+from pyinfra.api import HiddenValue, QuoteString, StringCommand, operation
 from pyinfra.facts.files import File, Sha256File
 
 from nixcache.server.config import ServerConfig, dump
-from operations import rotation, storage
+from operations import rotation, storage, upload
 from operations.render import sha256
 from operations.settings import (
     CONFIG_DIR,
@@ -34,17 +35,7 @@ def file_changes(path: str, content: str, user: str, group: str, mode: str):
     current = host.get_fact(File, path=path)
     if host.get_fact(Sha256File, path=path) != sha256(content):
         new = f"{path}.nixcache-new"
-        yield StringCommand(
-            "install -m",
-            mode,
-            "-o",
-            QuoteString(user),
-            "-g",
-            QuoteString(group),
-            "/dev/null",
-            QuoteString(new),
-        )
-        yield FileUploadCommand(io.StringIO(content), new, remote_temp_filename=new)
+        yield from upload.staged_upload(io.StringIO(content), new, user, group, mode)
         yield StringCommand("mv -f", QuoteString(new), QuoteString(path))
         return
     if current and (current["user"], current["group"], current["mode"]) != (user, group, fact_mode(mode)):

@@ -13,10 +13,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pyinfra import host
-from pyinfra.api import FileUploadCommand, OperationError, QuoteString, StringCommand, operation
+from pyinfra.api import OperationError, QuoteString, StringCommand, operation
 from pyinfra.facts.files import Sha256File
 
 from facts.nixcache import NftTable, UnitState
+from operations import upload
 from operations.render import render, sha256
 from operations.settings import NFTABLES_FILE, Settings
 
@@ -83,11 +84,11 @@ def ruleset(content: str, path: str = NFTABLES_FILE):
     current = host.get_fact(Sha256File, path=path) == sha256(content)
     if not (current and loaded):
         new = f"{path}.nixcache-new"
-        yield FileUploadCommand(io.StringIO(content), new, remote_temp_filename=new)
+        yield from upload.staged_upload(io.StringIO(content), new, "root", "root", "0644")
         # Check first: a ruleset that does not parse never replaces the working one.
         yield StringCommand(
-            "nft -c -f", QuoteString(new), "&& chmod 0644", QuoteString(new), "&& mv -f", QuoteString(new),
-            QuoteString(path), "&& nft -f", QuoteString(path),
+            "nft -c -f", QuoteString(new), "&& mv -f", QuoteString(new), QuoteString(path),
+            "&& nft -f", QuoteString(path),
         )  # fmt: skip
     enabled = host.get_fact(UnitState, unit="nftables.service")["enabled"] == "enabled"
     if not enabled:

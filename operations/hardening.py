@@ -17,6 +17,7 @@ from pyinfra.api import FileUploadCommand, OperationValueError, StringCommand, o
 from pyinfra.facts.files import File, Sha1File
 
 from facts.hardening import SysctlState
+from operations import upload
 from operations.settings import Settings
 from operations.storage import fact_mode
 
@@ -105,9 +106,10 @@ def validated_files_changes(
 ):
     """Commands that install ``content`` at ``dest``; none when it is already there.
 
-    The new version is uploaded beside ``dest`` with its final owner and mode, so the
-    rename never exposes it with other permissions. ``check`` is a shell command; with
-    ``{path}`` it receives the staged file (``visudo -cf {path}``). With
+    The new version is uploaded beside ``dest``, created with its final owner and mode before
+    the upload (operations/upload.py, also under ``--sudo``), so it is never exposed with other
+    permissions. ``check`` is a shell command; with ``{path}`` it receives the staged file
+    (``visudo -cf {path}``). With
     ``check_in_place`` the file is moved into place first and checked there (``sshd -t``,
     ``nginx -t`` read the whole configuration); a failing check restores the previous
     version, or removes the new file, and fails the step with the checker's message.
@@ -121,8 +123,7 @@ def validated_files_changes(
     backup = f"{dest}.nixcache-old"
     q_dest, q_staged, q_backup = (shlex.quote(p) for p in (dest, staged, backup))
     yield StringCommand(f"mkdir -p {shlex.quote(dest.rsplit('/', 1)[0] or '/')}")
-    yield FileUploadCommand(io.StringIO(content), staged, remote_temp_filename=host.get_temp_filename(staged))
-    yield from _metadata(staged, mode, user, group)
+    yield from upload.staged_upload(io.StringIO(content), staged, user, group, mode)
     if check is None:
         yield StringCommand(f"mv -f {q_staged} {q_dest}")
     elif not check_in_place:
