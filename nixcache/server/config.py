@@ -47,6 +47,7 @@ class ServerConfig:
     max_upload_size: int = 8 * 1024**3
     accel_redirect_prefix: str | None = None
     log_level: str = "info"
+    keepalive_timeout: float = 75.0
     gc_max_size: int | None = None
     gc_older_than: float | None = None
     gc_min_free: int | None = None
@@ -78,6 +79,8 @@ _COMMENTS: dict[str, str] = {
     "accel_redirect_prefix": "When nginx fronts the server: GET /nar/* answers with "
     "X-Accel-Redirect: <prefix>/<file> and nginx sends the bytes from disk. Unset: served here.",
     "log_level": "One of debug, info, warning, error. info logs one line per request.",
+    "keepalive_timeout": "How long a connection may sit idle, or take to send a request head, "
+    "before it is closed (seconds, or e.g. 75s, 2m); also bounds a stalled body or reader.",
     "gc_max_size": "nixcache gc: delete least recently served entries until the store is below this size.",
     "gc_older_than": "nixcache gc: delete entries not served for this long (seconds).",
     "gc_min_free": "nixcache gc: when free space drops below this, collect until gc_max_free is free.",
@@ -85,7 +88,7 @@ _COMMENTS: dict[str, str] = {
 }
 
 _SIZE_KEYS = {"max_upload_size", "gc_max_size", "gc_min_free", "gc_max_free"}
-_DURATION_KEYS = {"gc_older_than"}
+_DURATION_KEYS = {"gc_older_than", "keepalive_timeout"}
 
 
 def parse_listen(listen: str) -> tuple[str, int]:

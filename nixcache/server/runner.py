@@ -85,7 +85,7 @@ def build(config: ServerConfig) -> Server:
     metrics = Metrics(store)
     app = App(config, store, keys, tokens, metrics)
     host, port = config.host_port()
-    server = Server((host, port), app, level=config.log_level)
+    server = Server((host, port), app, level=config.log_level, idle_timeout=config.keepalive_timeout)
     try:
         server.init_socket()
     except OSError as error:

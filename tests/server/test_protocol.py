@@ -547,3 +547,39 @@ def test_refused_large_body_of_any_method_closes_instead_of_draining(cache: Cach
         assert status.startswith(b"HTTP/1.1 405")
         assert headers[b"connection"] == b"close"
         assert reader.read() == b""  # closed, not waiting for 10 MB nobody will read
+
+
+def test_idle_and_slow_connections_are_closed_after_the_keepalive_timeout(
+    start_cache, tmp_path: Path
+) -> None:
+    config = tmp_path / "idle.toml"
+    config.write_text('keepalive_timeout = "1s"\n')
+    cache = start_cache("--config", str(config))
+    entry = make_entry()
+    push(cache.client, entry, cache.token)
+    host, port = cache.url.removeprefix("http://").split(":")
+
+    def closed_after(first_bytes: bytes) -> float:
+        """Seconds until the server closes a connection that sent `first_bytes` then nothing."""
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            start = time.monotonic()
+            sock.sendall(first_bytes)
+            reader = sock.makefile("rb")
+            if first_bytes.endswith(b"\r\n\r\n"):
+                status, _, _ = _read_response(reader)  # a full request is answered first
+                assert status.startswith(b"HTTP/1.1 200")
+            assert reader.read() == b""  # EOF: the server hung up (a timeout here raises)
+            return time.monotonic() - start
+
+    request = f"GET /{entry.hash_part}.narinfo HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    # A keep-alive connection left idle after a narinfo, and a request head that never ends.
+    for first in (request, b"GET /nix-cache-info HTTP/1.1\r\nHost: x\r\n"):
+        assert 0.9 <= closed_after(first) < 5
+    # Meanwhile a busy connection is never cut: requests keep being answered past the timeout.
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        reader = sock.makefile("rb")
+        deadline = time.monotonic() + 2.5
+        while time.monotonic() < deadline:
+            sock.sendall(request)
+            assert _read_response(reader)[0].startswith(b"HTTP/1.1 200")
+            time.sleep(0.3)
