@@ -85,11 +85,17 @@ def limits_from(
     except ValueError as error:
         raise GcError(str(error)) from None
     if limits.max_free is not None and limits.min_free is None:
-        raise GcError("--max-free needs --min-free: collection starts when free space drops below min-free")
+        raise GcError(
+            "--max-free (gc_max_free) needs --min-free (gc_min_free): collection starts when free "
+            "space drops below min-free"
+        )
     if limits.min_free is not None and limits.max_free is None:
         limits.max_free = limits.min_free
     if limits.min_free is not None and limits.max_free is not None and limits.max_free < limits.min_free:
-        raise GcError(f"--max-free ({limits.max_free}) must be at least --min-free ({limits.min_free})")
+        raise GcError(
+            f"--max-free/gc_max_free ({limits.max_free}) must be at least "
+            f"--min-free/gc_min_free ({limits.min_free})"
+        )
     if limits.max_size is None and limits.older_than is None and limits.min_free is None:
         raise GcError(
             "no limit given: pass --max-size, --older-than or --min-free/--max-free (or gc_* in the config)"

@@ -190,8 +190,8 @@ def test_min_free_max_free_on_a_small_filesystem(start_cache: StartCache, tmp_pa
         ([], "no limit given"),
         (["--max-size", "lots"], "not a size"),
         (["--older-than", "yesterday"], "not a duration"),
-        (["--max-free", "1G"], "needs --min-free"),
-        (["--min-free", "2G", "--max-free", "1G"], "at least"),
+        (["--max-free", "1G"], "--max-free (gc_max_free) needs --min-free (gc_min_free)"),
+        (["--min-free", "2G", "--max-free", "1G"], "must be at least --min-free/gc_min_free (2147483648)"),
     ],
 )
 def test_bad_gc_arguments_say_what_to_fix(cache: Cache, args: list[str], message: str) -> None:
