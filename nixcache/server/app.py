@@ -17,7 +17,7 @@ from nixcache.server.auth import Tokens
 from nixcache.server.config import ServerConfig
 from nixcache.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from nixcache.server.metrics import Metrics
-from nixcache.server.narinfo import NarInfoError
+from nixcache.server.narinfo import NarInfo, NarInfoError
 from nixcache.server.store import Store, UploadError
 
 StartResponse = Callable[..., Any]
@@ -256,13 +256,18 @@ class App:
                 raise _DamagedEntry(
                     f"stored {hash_part}.narinfo is damaged ({error}); delete it and push the path again"
                 ) from None
-            body = info.signed(self.keys, self.config.store_dir).encode()
-            if len(self._narinfo_cache) >= _NARINFO_CACHE_ENTRIES:
-                # Drop the older half (dicts keep insertion order): bounded memory, no per-hit cost.
-                for old in list(self._narinfo_cache)[: _NARINFO_CACHE_ENTRIES // 2]:
-                    del self._narinfo_cache[old]
-            self._narinfo_cache[hash_part] = (key, body)
+            body = self._cache_signed(hash_part, key, info)
         self.store.mark_served(hash_part, st.st_mtime_ns)
+        return body
+
+    def _cache_signed(self, hash_part: str, key: tuple[int, int, int], info: NarInfo) -> bytes:
+        """Sign `info` and remember it for the stored file identified by `key` (inode, mtime, size)."""
+        body = info.signed(self.keys, self.config.store_dir).encode()
+        if len(self._narinfo_cache) >= _NARINFO_CACHE_ENTRIES:
+            # Drop the older half (dicts keep insertion order): bounded memory, no per-hit cost.
+            for old in list(self._narinfo_cache)[: _NARINFO_CACHE_ENTRIES // 2]:
+                del self._narinfo_cache[old]
+        self._narinfo_cache[hash_part] = (key, body)
         return body
 
     def get_nar(self, environ: dict[str, Any], start_response: StartResponse, name: str) -> Iterable[bytes]:
@@ -350,8 +355,10 @@ class App:
                     self.metrics.usage.add_nar(size)
             elif kind == "narinfo":
                 existed = os.path.exists(self._narinfo_prefix + name + ".narinfo")
-                self.store.put_narinfo(name, body, length, min(limit, NARINFO_LIMIT))
-                self._narinfo_cache.pop(name, None)
+                info, published = self.store.put_narinfo(name, body, length, min(limit, NARINFO_LIMIT))
+                # Signed now, while it is at hand: clients usually fetch what CI just pushed, and
+                # their first fetch then costs no parse and no signature.
+                self._cache_signed(name, (published.st_ino, published.st_mtime_ns, published.st_size), info)
                 if not existed:
                     self.metrics.usage.add_entry(length or 0)
             else:

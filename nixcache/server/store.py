@@ -195,12 +195,16 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
-    def _write_small(self, target: Path, data: bytes) -> None:
+    def _write_small(self, target: Path, data: bytes) -> os.stat_result:
+        """Publish `data` at `target` atomically; the stat of what was published (a rename keeps
+        inode, mtime and size, so it identifies this version of `target`)."""
         with self._tmp_file(target.name) as (handle, tmp):
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+            published = os.fstat(handle.fileno())
             os.replace(tmp, target)
+        return published
 
     def put_nar(self, name: str, body: BinaryIO, length: int | None, limit: int) -> nar.NarDigest:
         """Receive `nar/<name>`: stream to tmp/, check the name is the sha256 of the bytes and the
@@ -239,9 +243,13 @@ class Store:
         except (FileNotFoundError, ValueError):
             return None
 
-    def put_narinfo(self, hash_part: str, body: BinaryIO, length: int | None, limit: int) -> NarInfo:
+    def put_narinfo(
+        self, hash_part: str, body: BinaryIO, length: int | None, limit: int
+    ) -> tuple[NarInfo, os.stat_result]:
         """Receive `<hash>.narinfo`: validate every field, check its NAR is here with the same
-        FileSize/NarHash/NarSize, then publish it. UploadError on any failure."""
+        FileSize/NarHash/NarSize, then publish it. UploadError on any failure.
+
+        Returns the narinfo as stored and the stat of the published file."""
         data = bytearray()
         _copy(body, length, limit, None, data.extend)
         try:
@@ -257,8 +265,8 @@ class Store:
         # one between our check and the rename.
         with self.gc_lock(exclusive=False):
             self._check_nar(hash_part, info)
-            self._write_small(self.narinfo_path(hash_part), info.render().encode())
-        return info
+            published = self._write_small(self.narinfo_path(hash_part), info.render().encode())
+        return info, published
 
     def _check_nar(self, hash_part: str, info: NarInfo) -> None:
         """UploadError unless the narinfo's NAR is here with the same FileSize/NarHash/NarSize."""

@@ -13,7 +13,7 @@ import pytest
 
 from nixcache.server import base32, narinfo
 from server.conftest import Cache, StartCache
-from server.helpers import make_entry, nar_string, push, write_key
+from server.helpers import make_entry, nar_string, push, start_server, write_key
 
 
 def test_cache_info_pubkey_and_healthz(cache: Cache) -> None:
@@ -583,3 +583,21 @@ def test_idle_and_slow_connections_are_closed_after_the_keepalive_timeout(
             sock.sendall(request)
             assert _read_response(reader)[0].startswith(b"HTTP/1.1 200")
             time.sleep(0.3)
+
+
+def test_a_pushed_narinfo_is_served_as_a_cold_server_would_serve_it(cache: Cache, tmp_path: Path) -> None:
+    # The server signs a narinfo when it is pushed (warm for the first fetch); what it serves
+    # must be byte for byte what it serves after a restart, when it reads the stored file.
+    entry = make_entry()
+    push(cache.client, entry, cache.token)
+    warm = cache.client.get(f"/{entry.hash_part}.narinfo")
+    assert warm.status_code == 200 and f"Sig: {cache.key.name}:" in warm.text
+    cache.server.stop()
+    args = ["--listen", "127.0.0.1:0", "--store", str(cache.store), "--signing-key", str(cache.key_file)]
+    restarted = start_server(args, home=tmp_path, log=tmp_path / "restarted.log")
+    try:
+        cold = httpx.get(f"{restarted.url}/{entry.hash_part}.narinfo", timeout=30)
+    finally:
+        restarted.stop()
+    assert cold.status_code == 200
+    assert cold.text == warm.text
