@@ -16,10 +16,17 @@ from nixcache.keys import SecretKey
 # ruff: noqa: F811
 
 
+# The checkout these tests belong to: the `nixcache` entry point may be an editable install of
+# another checkout (or worktree), so PYTHONPATH makes the command run this one's code.
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+
 def nixcache(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = os.environ.copy()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CHECKOUT), env.get("PYTHONPATH")]))
     return subprocess.run(
         ["nixcache", *args],
-        cwd=cwd, input=stdin, capture_output=True, text=True, timeout=60, env=os.environ.copy(),
+        cwd=cwd, input=stdin, capture_output=True, text=True, timeout=60, env=env,
     )  # fmt: skip
 
 
