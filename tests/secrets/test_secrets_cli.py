@@ -85,6 +85,28 @@ def test_check_reports_each_reference_once_without_values(tmp_path, vault_env, o
     assert not (tmp_path / "secrets" / "signing-key").exists()  # check never generates
 
 
+def test_check_resolves_op_references_with_a_section(tmp_path, op_connect):
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "edge-push").write_text("x")
+    op_connect.emulator.add_item(
+        op_connect.vault_id, "cache", {"push": "op-outside-xyz"}, sections={"prod": {"push": "op-prod-xyz"}}
+    )
+    inventory = write_inventory(
+        tmp_path,
+        {"push_token_ref": "op://Infra/cache/prod/push", "read_token_ref": "op://Infra/cache/staging/push"},
+    )
+    result = nixcache("secrets", "check", str(inventory), cwd=tmp_path)
+    out = result.stdout
+    assert result.returncode == 1, result.stderr
+    lines = out.splitlines()
+    assert "ok  op://Infra/cache/prod/push  (hosts: cache-a, cache-b)" in lines, out
+    assert any(
+        line.startswith("FAIL op://Infra/cache/staging/push: item 'cache' has no section 'staging'")
+        for line in lines
+    ), out
+    assert "op-prod-xyz" not in out + result.stderr and "op-outside-xyz" not in out + result.stderr
+
+
 def test_check_validates_signing_keys(tmp_path):
     (tmp_path / "secrets").mkdir()
     (tmp_path / "secrets" / "edge-push").write_text("x")
