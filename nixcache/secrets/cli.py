@@ -28,7 +28,7 @@ def _fail(error: SecretError, code: int = EXIT_FAILED) -> None:
 
 @click.group()
 def secrets() -> None:
-    """Secret references: op://vault/item/field, vault://mount/path#key, file://path.
+    """Secret references: op://vault/item/[section/]field, vault://mount/path#key, file://path.
 
     \b
     Vault:     VAULT_ADDR + VAULT_TOKEN, or VAULT_ROLE_ID + VAULT_SECRET_ID (AppRole)

@@ -104,7 +104,8 @@ def collect(inventory) -> tuple[dict[str, RefUse], list[Result]]:
         Result(
             text,
             "FAIL",
-            f"{key} is not a secret reference; write op://vault/item/field, vault://mount/path#key or file://path",
+            f"{key} is not a secret reference;"
+            " write op://vault/item/[section/]field, vault://mount/path#key or file://path",
             tuple(sorted(hosts)),
         )
         for (key, text), hosts in sorted(malformed.items())

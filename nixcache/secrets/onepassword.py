@@ -1,15 +1,18 @@
-"""`op://<vault>/<item>/<field>` secrets: 1Password through a Connect server (onepasswordconnectsdk).
+"""`op://<vault>/<item>/[<section>/]<field>` secrets: 1Password through Connect (onepasswordconnectsdk).
 
 Configuration comes from the environment, as for 1Password's own tools: OP_CONNECT_HOST (the
 Connect server's URL) and OP_CONNECT_TOKEN (a Connect access token); OP_CONNECT_CA_FILE
 optionally names the CA bundle that signed the server's certificate. Vaults and items are found
-by id or title, fields by label (or id).
+by id or title, sections and fields by label (or id). Without a section, the field is looked up
+among all of the item's fields, in whichever section; with one, only among that section's fields.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import string
+from secrets import choice
 from typing import Any
 
 from nixcache.httpcompat import make_httpx_importable
@@ -20,6 +23,12 @@ from nixcache.secrets.refs import OnePasswordRef
 ID_LENGTH = 26
 # Category of the items nixcache creates: a credential with one concealed field per secret.
 NEW_ITEM_CATEGORY = "API_CREDENTIAL"
+
+
+def _new_section_id() -> str:
+    """An id for a section nixcache adds: 26 characters of [a-z0-9], like the ids 1Password generates."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(choice(alphabet) for _ in range(ID_LENGTH))
 
 
 def _is_id(text: str) -> bool:
@@ -152,16 +161,38 @@ class _Session:
             )
         return self.call("read item", self.client.get_item_by_id, summaries[0].id, vault_id)
 
-    def field(self, item):
-        """The field the reference names, or None."""
+    def section(self, item):
+        """The item's section the reference names (by label, else by id), or None when it has none."""
+        wanted = self.ref.section
+        sections = item.sections or []
+        matches = [s for s in sections if s.label == wanted] or [s for s in sections if s.id == wanted]
+        if len(matches) > 1:
+            raise self.error(
+                f"item '{self.ref.item}' has {len(matches)} sections labelled '{wanted}'",
+                "use the section's id in the reference, or give the sections distinct labels",
+            )
+        return matches[0] if matches else None
+
+    def field(self, item, section=None):
+        """The field the reference names, or None.
+
+        Without a section in the reference, every field of the item is a candidate; with one,
+        only the fields of `section` (the item's section the reference names, found by the caller).
+        """
         fields = item.fields or []
+        where = ""
+        if self.ref.section is not None:
+            fields = [f for f in fields if f.section is not None and f.section.id == section.id]
+            where = f" in section '{self.ref.section}'"
         matches = [f for f in fields if f.label == self.ref.field] or [
             f for f in fields if f.id == self.ref.field
         ]
         if len(matches) > 1:
+            fix = "give the fields distinct labels"
+            if self.ref.section is None:
+                fix += ", or name the section: write it as op://<vault>/<item>/<section>/<field>"
             raise self.error(
-                f"item '{self.ref.item}' has {len(matches)} fields labelled '{self.ref.field}'",
-                "give the fields distinct labels",
+                f"item '{self.ref.item}' has {len(matches)} fields labelled '{self.ref.field}'{where}", fix
             )
         return matches[0] if matches else None
 
@@ -179,18 +210,28 @@ class OnePasswordBackend:
                 f"create it (nixcache secrets put {ref.ref}) or fix the item title",
                 absent=True,
             )
-        field = session.field(item)
+        section = None
+        if ref.section is not None:
+            section = session.section(item)
+            if section is None:
+                raise session.error(
+                    f"item '{ref.item}' has no section '{ref.section}'",
+                    f"add it (nixcache secrets put {ref.ref}) or fix the section label",
+                    absent=True,
+                )
+        field = session.field(item, section)
         if field is None or not field.value:
             state = "an empty" if field is not None else "no"
+            where = f" in section '{ref.section}'" if ref.section is not None else ""
             raise session.error(
-                f"item '{ref.item}' has {state} field '{ref.field}'",
+                f"item '{ref.item}' has {state} field '{ref.field}'{where}",
                 f"add it (nixcache secrets put {ref.ref}) or fix the field label",
                 absent=True,
             )
         return field.value
 
     def put(self, ref: OnePasswordRef, value: str, *, overwrite: bool) -> None:
-        from onepasswordconnectsdk.models import Field, Item, ItemVault
+        from onepasswordconnectsdk.models import Field, FieldSection, Item, ItemVault, Section
 
         session = _Session(ref)
         try:
@@ -199,19 +240,33 @@ class OnePasswordBackend:
             # Connect tokens cannot create vaults: this needs a person.
             raise SecretError(ref.ref, session.backend, missing.cause, missing.fix) from None
         item = session.item(vault_id)
+
+        def new_field(section) -> Field:
+            placed = FieldSection(id=section.id) if section is not None else None
+            return Field(label=ref.field, value=value, type="CONCEALED", section=placed)
+
         if item is None:
+            # With a section in the reference, the new item gets that section, holding the field.
+            section = Section(id=_new_section_id(), label=ref.section) if ref.section is not None else None
             new = Item(
                 title=ref.item,
                 category=NEW_ITEM_CATEGORY,
                 vault=ItemVault(id=vault_id),
                 tags=["nixcache"],
-                fields=[Field(label=ref.field, value=value, type="CONCEALED")],
+                sections=[section] if section is not None else None,
+                fields=[new_field(section)],
             )
             session.call("create item", session.client.create_item, vault_id, new)
             return
-        field = session.field(item)
+        section = None
+        if ref.section is not None:
+            section = session.section(item)
+            if section is None:
+                section = Section(id=_new_section_id(), label=ref.section)
+                item.sections = [*(item.sections or []), section]
+        field = session.field(item, section)
         if field is None:
-            item.fields = [*(item.fields or []), Field(label=ref.field, value=value, type="CONCEALED")]
+            item.fields = [*(item.fields or []), new_field(section)]
         elif field.value and not overwrite:
             raise session.error(
                 f"field '{ref.field}' of item '{ref.item}' already has a value and must not be overwritten",

@@ -1,4 +1,4 @@
-"""Parse secret references: `op://vault/item/field`, `vault://mount/path#key`, `file://path`."""
+"""Parse secret references: `op://vault/item/[section/]field`, `vault://mount/path#key`, `file://path`."""
 
 from __future__ import annotations
 
@@ -14,12 +14,15 @@ REF_PREFIXES = tuple(f"{scheme}://" for scheme in SCHEMES)
 
 @dataclass(frozen=True)
 class OnePasswordRef:
-    """`op://<vault>/<item>/<field>`: vault and item by title or id, field by label or id."""
+    """`op://<vault>/<item>/[<section>/]<field>`: vault and item by title or id, section and field by
+    label or id. `section` is None for the 3-segment form (the field is looked up in the whole item).
+    """
 
     ref: str
     vault: str
     item: str
     field: str
+    section: str | None = None
     backend = "1password"
 
 
@@ -62,7 +65,7 @@ def parse(ref: str) -> Reference:
             repr(type(ref).__name__),
             "refs",
             "a secret reference must be a string",
-            "write it as op://vault/item/field, vault://mount/path#key or file://path",
+            "write it as op://vault/item/[section/]field, vault://mount/path#key or file://path",
         )
     scheme, sep, rest = ref.partition("://")
     if not sep or scheme not in SCHEMES:
@@ -70,7 +73,7 @@ def parse(ref: str) -> Reference:
             ref,
             "refs",
             f"unknown scheme {scheme + '://' if sep else '(none)'}",
-            "use op://vault/item/field, vault://mount/path#key or file://path",
+            "use op://vault/item/[section/]field, vault://mount/path#key or file://path",
         )
     if scheme == "op":
         return _parse_op(ref, rest)
@@ -80,12 +83,16 @@ def parse(ref: str) -> Reference:
 
 
 def _parse_op(ref: str, rest: str) -> OnePasswordRef:
-    example = "op://<vault>/<item>/<field>"
+    example = "op://<vault>/<item>/[<section>/]<field>"
     parts = [unquote(part) for part in rest.split("/")]
-    if len(parts) != 3:
-        raise _bad(ref, "1password", f"expected 3 path segments, got {len(parts)}", example)
+    if len(parts) not in (3, 4):
+        raise _bad(ref, "1password", f"expected 3 or 4 path segments, got {len(parts)}", example)
     if not all(part.strip() for part in parts):
-        raise _bad(ref, "1password", "vault, item and field must all be non-empty", example)
+        what = "vault, item, section and field" if len(parts) == 4 else "vault, item and field"
+        raise _bad(ref, "1password", f"{what} must all be non-empty", example)
+    if len(parts) == 4:
+        vault, item, section, field = parts
+        return OnePasswordRef(ref, vault, item, field, section)
     vault, item, field = parts
     return OnePasswordRef(ref, vault, item, field)
 

@@ -16,10 +16,17 @@ from nixcache.keys import SecretKey
 # ruff: noqa: F811
 
 
+# The checkout these tests belong to: the `nixcache` entry point may be an editable install of
+# another checkout (or worktree), so PYTHONPATH makes the command run this one's code.
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+
 def nixcache(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = os.environ.copy()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(CHECKOUT), env.get("PYTHONPATH")]))
     return subprocess.run(
         ["nixcache", *args],
-        cwd=cwd, input=stdin, capture_output=True, text=True, timeout=60, env=os.environ.copy(),
+        cwd=cwd, input=stdin, capture_output=True, text=True, timeout=60, env=env,
     )  # fmt: skip
 
 
@@ -76,6 +83,28 @@ def test_check_reports_each_reference_once_without_values(tmp_path, vault_env, o
     for value in ("edge-push-value-xyz", "vault-push-value-xyz", "op-read-value-xyz", vault_env.root_token):
         assert value not in out and value not in result.stderr
     assert not (tmp_path / "secrets" / "signing-key").exists()  # check never generates
+
+
+def test_check_resolves_op_references_with_a_section(tmp_path, op_connect):
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "edge-push").write_text("x")
+    op_connect.emulator.add_item(
+        op_connect.vault_id, "cache", {"push": "op-outside-xyz"}, sections={"prod": {"push": "op-prod-xyz"}}
+    )
+    inventory = write_inventory(
+        tmp_path,
+        {"push_token_ref": "op://Infra/cache/prod/push", "read_token_ref": "op://Infra/cache/staging/push"},
+    )
+    result = nixcache("secrets", "check", str(inventory), cwd=tmp_path)
+    out = result.stdout
+    assert result.returncode == 1, result.stderr
+    lines = out.splitlines()
+    assert "ok  op://Infra/cache/prod/push  (hosts: cache-a, cache-b)" in lines, out
+    assert any(
+        line.startswith("FAIL op://Infra/cache/staging/push: item 'cache' has no section 'staging'")
+        for line in lines
+    ), out
+    assert "op-prod-xyz" not in out + result.stderr and "op-outside-xyz" not in out + result.stderr
 
 
 def test_check_validates_signing_keys(tmp_path):

@@ -58,7 +58,9 @@ def test_unreadable_file_is_an_error_not_absent(tmp_path):
     [
         ("s3://bucket/key", "unknown scheme s3://"),
         ("plain-string", "unknown scheme (none)"),
-        ("op://vault/item", "expected 3 path segments, got 2"),
+        ("op://vault/item", "expected 3 or 4 path segments, got 2"),
+        ("op://v/i/s/f/x", "expected 3 or 4 path segments, got 5"),
+        ("op://vault/item//field", "vault, item, section and field must all be non-empty"),
         ("op://vault//field", "must all be non-empty"),
         ("vault://secret/nixcache", "no '#<key>'"),
         ("vault://secret#key", "expected a mount and a path"),

@@ -173,3 +173,150 @@ def test_emulator_applies_json_patch_sent_through_the_sdk_session(op_connect):
         401,
         {"status": 401, "message": "Invalid token signature"},
     )
+
+
+def test_parse_four_part_refs_name_a_section():
+    parsed = secrets.parse("op://Infra/cache eu-1/prod/push%2Ftoken")
+    assert (parsed.vault, parsed.item, parsed.section, parsed.field) == (
+        "Infra", "cache eu-1", "prod", "push/token",
+    )  # fmt: skip
+    assert secrets.parse("op://Infra/cache/push token").section is None
+    for ref, cause in {
+        "op://Infra/cache/a/b/c": "expected 3 or 4 path segments, got 5",
+        "op://Infra/cache/ /field": "vault, item, section and field must all be non-empty",
+    }.items():
+        with pytest.raises(SecretError) as caught:
+            secrets.parse(ref)
+        assert str(caught.value) == (
+            f"{ref}: {cause} [1password]; write it as op://<vault>/<item>/[<section>/]<field>"
+        )
+
+
+def test_resolve_a_field_inside_a_section(op_connect):
+    emulator = op_connect.emulator
+    item_id = emulator.add_item(
+        op_connect.vault_id,
+        "cache",
+        {"token": "outside"},
+        sections={"prod": {"token": "in-prod"}, "staging": {"token": "in-staging"}},
+    )
+    assert secrets.resolve("op://Infra/cache/prod/token") == "in-prod"
+    assert secrets.resolve("op://Infra/cache/staging/token") == "in-staging"
+    # a section by its id works as well as by its label
+    staging_id = next(s["id"] for s in emulator.items[op_connect.vault_id][item_id]["sections"]
+                      if s["label"] == "staging")  # fmt: skip
+    assert secrets.resolve(f"op://Infra/cache/{staging_id}/token") == "in-staging"
+    # without a section, the label is looked up in the whole item: three fields, so ambiguous
+    with pytest.raises(SecretError) as caught:
+        secrets.resolve("op://Infra/cache/token")
+    message = str(caught.value)
+    assert not isinstance(caught.value, SecretNotFound)
+    assert message.startswith("op://Infra/cache/token: item 'cache' has 3 fields labelled 'token'"), message
+    assert "name the section: write it as op://<vault>/<item>/<section>/<field>" in message
+
+
+def test_a_field_outside_any_section_still_resolves_without_one(op_connect):
+    op_connect.emulator.add_item(
+        op_connect.vault_id, "cache", {"read": "plain"}, sections={"prod": {"push": "p"}}
+    )
+    assert secrets.resolve("op://Infra/cache/read") == "plain"
+    assert secrets.resolve("op://Infra/cache/push") == "p"  # as before: a unique label, in any section
+    with pytest.raises(SecretNotFound, match="item 'cache' has no field 'read' in section 'prod'"):
+        secrets.resolve("op://Infra/cache/prod/read")
+
+
+def test_missing_section(op_connect):
+    op_connect.emulator.add_item(op_connect.vault_id, "cache", {"token": "t"}, sections={"prod": {"x": "1"}})
+    ref = "op://Infra/cache/staging/token"
+    with pytest.raises(SecretNotFound) as caught:
+        secrets.resolve(ref)
+    assert str(caught.value).startswith(
+        f"{ref}: item 'cache' has no section 'staging' [1password {op_connect.url}]; "
+        f"add it (nixcache secrets put {ref})"
+    ), str(caught.value)
+    assert not secrets.exists(ref)
+
+
+def test_duplicate_section_labels_are_ambiguous(op_connect):
+    from onepasswordconnectsdk.client import new_client
+    from onepasswordconnectsdk.models import Field, FieldSection, Item, ItemVault, Section
+
+    client = new_client(op_connect.url, op_connect.token)
+    a, b = "a" * 26, "b" * 26
+    client.create_item(
+        op_connect.vault_id,
+        Item(vault=ItemVault(id=op_connect.vault_id), title="twins", category="LOGIN",
+             sections=[Section(id=a, label="prod"), Section(id=b, label="prod")],
+             fields=[Field(label="t", value="1", section=FieldSection(id=a)),
+                     Field(label="t", value="2", section=FieldSection(id=b))]),
+    )  # fmt: skip
+    with pytest.raises(SecretError) as caught:
+        secrets.resolve("op://Infra/twins/prod/t")
+    assert "item 'twins' has 2 sections labelled 'prod'" in str(caught.value)
+    assert "use the section's id in the reference" in str(caught.value)
+    assert secrets.resolve(f"op://Infra/twins/{b}/t") == "2"
+
+
+def test_store_into_sections_then_resolve(op_connect):
+    emulator = op_connect.emulator
+    # a new item: created with the section, the field inside it
+    secrets.store("op://Infra/nixcache eu-1/prod/push token", "push-prod")
+    (item_id,) = emulator.items[op_connect.vault_id]
+    item = emulator.items[op_connect.vault_id][item_id]
+    (prod,) = item["sections"]
+    assert prod["label"] == "prod" and len(prod["id"]) == 26
+    assert [(f["label"], f["section"]) for f in item["fields"]] == [("push token", {"id": prod["id"]})]
+    # an existing item: a second section is added, the same label lives in both, and outside them
+    secrets.store("op://Infra/nixcache eu-1/staging/push token", "push-staging")
+    secrets.store("op://Infra/nixcache eu-1/prod/read token", "read-prod")
+    with pytest.raises(SecretError, match="has 2 fields labelled 'push token'"):
+        secrets.store("op://Infra/nixcache eu-1/push token", "ambiguous")
+    item = emulator.items[op_connect.vault_id][item_id]
+    assert [s["label"] for s in item["sections"]] == ["prod", "staging"]
+    assert secrets.resolve("op://Infra/nixcache eu-1/prod/push token") == "push-prod"
+    assert secrets.resolve("op://Infra/nixcache eu-1/staging/push token") == "push-staging"
+    assert secrets.resolve("op://Infra/nixcache eu-1/read token") == "read-prod"
+    # updating a field in a section touches that field only
+    secrets.store("op://Infra/nixcache eu-1/prod/push token", "push-prod-2")
+    assert secrets.resolve("op://Infra/nixcache eu-1/prod/push token") == "push-prod-2"
+    assert secrets.resolve("op://Infra/nixcache eu-1/staging/push token") == "push-staging"
+    with pytest.raises(SecretError, match="must not be overwritten"):
+        secrets.store("op://Infra/nixcache eu-1/staging/push token", "x", overwrite=False)
+    item = emulator.items[op_connect.vault_id][item_id]
+    assert len(item["fields"]) == 3 and item["version"] == 4
+    assert secrets.exists("op://Infra/nixcache eu-1/staging/push token")
+    assert not secrets.exists("op://Infra/nixcache eu-1/dev/push token")
+
+
+def test_emulator_round_trips_sections_through_the_sdk(op_connect):
+    from onepasswordconnectsdk.client import new_client
+    from onepasswordconnectsdk.models import Field, FieldSection, Item, ItemVault, Section
+
+    client = new_client(op_connect.url, op_connect.token)
+    vault = op_connect.vault_id
+    section_id = "s" * 26
+    created = client.create_item(
+        vault,
+        Item(vault=ItemVault(id=vault), title="sectioned", category="LOGIN",
+             sections=[Section(id=section_id, label="prod")],
+             fields=[Field(label="t", value="1", section=FieldSection(id=section_id)),
+                     Field(label="u", value="2")]),
+    )  # fmt: skip
+    read = client.get_item_by_id(created.id, vault)
+    assert [(s.id, s.label) for s in read.sections] == [(section_id, "prod")]
+    assert [(f.label, f.section.id if f.section else None) for f in read.fields] == [
+        ("t", section_id),
+        ("u", None),
+    ]
+    read.sections.append(Section(id="n" * 26, label="new"))
+    read.fields[1].section = FieldSection(id="n" * 26)
+    updated = client.update_item(created.id, vault, read)
+    assert [s.label for s in updated.sections] == ["prod", "new"]
+    assert [f.section.id for f in client.get_item_by_id(created.id, vault).fields] == [section_id, "n" * 26]
+    (summary,) = client.get_items(vault, 'title eq "sectioned"')
+    assert summary.to_dict().get("sections") is None
+    plain = client.create_item(vault, Item(vault=ItemVault(id=vault), title="plain", category="LOGIN"))
+    assert "sections" not in op_connect.emulator.items[vault][plain.id]  # absent stays absent
+    read.fields[0].section = FieldSection(id="x" * 26)
+    with pytest.raises(Exception, match=r"Received 400.*no section with this id"):
+        client.update_item(created.id, vault, read)

@@ -9,6 +9,9 @@ It follows the shapes of the real server (Connect API v1):
   `/fields`, `/fields/{id}`, `/fields/{id}/value`, …);
 - ids are 26 characters of `[a-z0-9]`; items carry `version`, `createdAt`, `updatedAt`;
   fields get ids, CONCEALED fields with `generate: true` get a generated value;
+- items keep `sections: [{"id", "label"}]` and fields keep `section: {"id"}` as sent, through
+  POST, PUT, PATCH and GET (item summaries carry neither); a field whose section id names none of
+  the item's sections is refused with 400, as 1Password refuses a field linked to a missing section;
 - `Authorization: Bearer <token>` on every /v1 call; a token may be limited to some vaults;
 - errors are JSON `{"status": <code>, "message": "…"}` with the real server's status codes
   (400 malformed, 401 bad token, 403 vault out of scope, 404 absent).
@@ -91,7 +94,15 @@ class ConnectEmulator:
         self.items[vault_id] = {}
         return vault_id
 
-    def add_item(self, vault_id: str, title: str, fields: dict[str, str], category: str = "LOGIN") -> str:
+    def add_item(
+        self,
+        vault_id: str,
+        title: str,
+        fields: dict[str, str],
+        category: str = "LOGIN",
+        sections: dict[str, dict[str, str]] | None = None,
+    ) -> str:
+        """An item with CONCEALED `fields` outside any section, plus `sections` (label -> fields)."""
         body = {
             "vault": {"id": vault_id},
             "title": title,
@@ -100,6 +111,13 @@ class ConnectEmulator:
                 {"label": label, "value": value, "type": "CONCEALED"} for label, value in fields.items()
             ],
         }
+        for section_label, section_fields in (sections or {}).items():
+            section_id = new_id()
+            body.setdefault("sections", []).append({"id": section_id, "label": section_label})
+            body["fields"] += [
+                {"label": label, "value": value, "type": "CONCEALED", "section": {"id": section_id}}
+                for label, value in section_fields.items()
+            ]
         return self._create_item(vault_id, body)["id"]
 
     def field_value(self, vault_id: str, item_id: str, label: str) -> str | None:
@@ -250,10 +268,27 @@ class ConnectEmulator:
             raise ApiError(400, f"Validation: invalid item category {item.get('category')!r}")
         if existing is None and not item.get("title"):
             raise ApiError(400, "Validation: item title is required")
+        sections = item.get("sections", [])  # kept absent when the client sent none
+        if not isinstance(sections, list) or not all(
+            isinstance(section, dict) and isinstance(section.get("id"), str) and section["id"]
+            for section in sections
+        ):
+            raise ApiError(400, "Validation: sections must be objects with an id")
+        section_ids = [section["id"] for section in sections]
+        if len(set(section_ids)) != len(section_ids):
+            raise ApiError(400, "Validation: duplicate section id")
         seen = set()
         for field in item.setdefault("fields", []):
             if not isinstance(field, dict):
                 raise ApiError(400, "Validation: fields must be objects")
+            section = field.get("section")
+            linked = section.get("id") if isinstance(section, dict) else section
+            if section is not None and linked not in section_ids:
+                raise ApiError(
+                    400,
+                    f"Validation: field {field.get('label')!r} is linked to section "
+                    f"{linked!r}, but the item has no section with this id",
+                )
             field.setdefault("type", "STRING")
             if field["type"] not in FIELD_TYPES:
                 raise ApiError(400, f"Validation: invalid field type {field['type']!r}")
