@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 
+from nixcache.atomicfile import write_atomically
 from nixcache.keys import KeyFormatError, SecretKey
 
 
@@ -17,17 +17,7 @@ def write_private(path: Path, content: str, *, force: bool) -> None:
     """
     if path.exists() and not force:
         raise click.ClickException(f"{path} already exists; pass --force to overwrite it")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(content)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomically(path, content.encode())
 
 
 @click.group()

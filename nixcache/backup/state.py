@@ -16,6 +16,8 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 from prometheus_client.parser import text_string_to_metric_families
 
+from nixcache.atomicfile import write_atomically
+
 PREFIX = "nixcache_backup_"
 
 # metric name (without prefix) -> (state attribute, help text)
@@ -77,25 +79,11 @@ def load_state(state_file: Path, metrics_file: Path) -> BackupState:
         return _from_metrics(metrics_file)
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_state(state: BackupState, state_file: Path) -> None:
     """Write the state file atomically (temp + rename)."""
     data = json.dumps(dataclasses.asdict(state), indent=2, sort_keys=True) + "\n"
-    _write_atomic(state_file, data.encode(), 0o600)
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(state_file, data.encode())
 
 
 def write_metrics(state: BackupState, metrics_file: Path) -> None:
