@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import require
+from support import nixbuild
 
 from deploy.conftest import Run, deploy, pyinfra
 from nixcache.keys import SecretKey
@@ -164,19 +163,9 @@ def nix(args: list[str], home: Path, netrc: Path | None = None) -> subprocess.Co
 def test_nix_copy_push_then_fetch_with_required_signatures(
     deployed: Run, lab_dir: Path, tmp_path: Path
 ) -> None:
-    require(shutil.which("nix-build") is not None, "nix-build missing (apt-get install nix-bin)")
     host = hosts(lab_dir)[0]
     url = f"http://{host.address}:{PORT}"
-    (tmp_path / "closure.nix").write_text(CLOSURE.replace("@SALT@", uuid.uuid4().hex))
-    built = subprocess.run(
-        ["nix-build", "--option", "sandbox", "false", "--no-out-link", str(tmp_path / "closure.nix")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HOME": str(tmp_path)},
-    )
-    assert built.returncode == 0, built.stderr
-    top = built.stdout.strip()
+    top = nixbuild.build(CLOSURE.replace("@SALT@", uuid.uuid4().hex), tmp_path / "build")
 
     token = (lab_dir / "secrets" / "push-token").read_text().strip()
     netrc = tmp_path / "netrc"

@@ -23,6 +23,7 @@ from conftest import require
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from deploy.conftest import Run, deploy, pyinfra
+from support import nixbuild
 
 from nixcache.keys import SecretKey
 from nixcache.lab import Lab
@@ -63,22 +64,12 @@ def parts_changed(run: Run) -> list[str]:
 
 def build_path(tmp_path: Path) -> str:
     """A fresh store path on the controller (salted: never in any cache yet)."""
-    require(shutil.which("nix-build") is not None, "nix-build missing (apt-get install nix-bin)")
-    expr = tmp_path / "path.nix"
     salt = uuid.uuid4().hex
-    expr.write_text(
+    return nixbuild.build(
         f'derivation {{ name = "d2-lab-{salt[:8]}"; system = builtins.currentSystem; builder = "/bin/sh";'
-        f' args = [ "-c" "echo d2 {salt} > $out" ]; }}'
+        f' args = [ "-c" "echo d2 {salt} > $out" ]; }}',
+        tmp_path / "build",
     )
-    built = subprocess.run(
-        ["nix-build", "--option", "sandbox", "false", "--no-out-link", str(expr)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HOME": str(tmp_path)},
-    )
-    assert built.returncode == 0, built.stderr
-    return built.stdout.strip()
 
 
 def nix(args: list[str], home: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

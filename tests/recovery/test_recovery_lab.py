@@ -16,8 +16,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import require
 from prometheus_client.parser import text_string_to_metric_families
+from support import nixbuild
 
 from nixcache.drill import CLOSURE_EXPR
 from nixcache.keys import SecretKey
@@ -129,20 +129,11 @@ class Ctx:
 @pytest.fixture(scope="module")
 def ctx(lab) -> Ctx:
     """lab1 deployed with backups to lab2, a closure pushed to it with the real nix client."""
-    require(subprocess.run(["which", "nix-build"], capture_output=True).returncode == 0, "nix-build missing")
     c = Ctx(lab)
     c.pyinfra("deploys/backup.py", STORE_HOST, backup_store="true", backup_repository="")
     c.pyinfra("deploys/cache.py", CACHE)
-    expr = c.work / "closure.nix"
-    expr.write_text(CLOSURE_EXPR.format(marker=uuid.uuid4().hex))  # the drill's two-path closure
-    built = subprocess.run(
-        ["nix-build", "--option", "sandbox", "false", "--no-out-link", str(expr)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert built.returncode == 0, built.stderr
-    c.store_path = built.stdout.strip().splitlines()[-1]
+    # the drill's two-path closure
+    c.store_path = nixbuild.build(CLOSURE_EXPR.format(marker=uuid.uuid4().hex), c.work / "build")
     netrc = c.work / "netrc"
     token = (c.secrets / "push-token").read_text().strip()
     netrc.write_text(f"machine {c.addr(CACHE)} login ci password {token}\n")

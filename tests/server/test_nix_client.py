@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
 from conftest import require
+from support import nixbuild
 
 from server.conftest import Cache
 from server.helpers import write_key
@@ -38,19 +38,8 @@ NIX = ["nix", "--extra-experimental-features", "nix-command"]
 @pytest.fixture(scope="module")
 def closure(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Build the closure into /nix/store (as root, without a sandbox); return the top path."""
-    require(shutil.which("nix-build") is not None, "nix-build missing (apt-get install nix-bin)")
     require(os.geteuid() == 0, "building into /nix/store needs root")
-    work = tmp_path_factory.mktemp("closure")
-    (work / "closure.nix").write_text(CLOSURE.replace("@SALT@", uuid.uuid4().hex))
-    out = subprocess.run(
-        ["nix-build", "--option", "sandbox", "false", "--no-out-link", str(work / "closure.nix")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HOME": str(work)},
-    )
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
+    return nixbuild.build(CLOSURE.replace("@SALT@", uuid.uuid4().hex), tmp_path_factory.mktemp("closure"))
 
 
 def nix(args: list[str], home: Path, netrc: Path) -> subprocess.CompletedProcess[str]:
