@@ -30,12 +30,12 @@ from pathlib import Path
 import click
 from prometheus_client.parser import text_string_to_metric_families
 
+from nixcache import nixenv
 from nixcache.keys import SecretKey
 from nixcache.lab.ssh import ssh_argv
 from nixcache.secrets import resolve
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-NIX = ["nix", "--extra-experimental-features", "nix-command"]
 METRICS_FILE = "/var/lib/prometheus/node-exporter/nixcache_backup.prom"
 SUCCESS_METRIC = "nixcache_backup_last_success_timestamp_seconds"
 
@@ -218,14 +218,10 @@ class Drill:
         self.echo(f"  cache {self.cache['name']} at {self.url()} signs as {self.public_key.split(':')[0]}")
 
     def push(self) -> None:
-        expr = self.work / "closure.nix"
-        expr.write_text(CLOSURE_EXPR.format(marker=uuid.uuid4().hex))
-        out = run(
-            ["nix-build", "--option", "sandbox", "false", "--no-out-link", str(expr)],
-            timeout=300,
-            what="nix-build of the drill closure",
-        )
-        self.store_path = out.strip().splitlines()[-1]
+        try:
+            self.store_path = nixenv.build(CLOSURE_EXPR.format(marker=uuid.uuid4().hex), self.work)
+        except nixenv.BuildError as error:
+            raise PhaseError(f"{error}; check that nix-bin is installed (apt-get install nix-bin)") from None
         netrc = self.work / "netrc"
         fd = os.open(netrc, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
@@ -264,10 +260,7 @@ class Drill:
     def nix(self, args: list[str], home: str, what: str) -> None:
         """Run `nix` with its own HOME: Nix caches narinfos per user, and the narinfo cached while
         pushing (unsigned) would otherwise stand in for the one the server now serves."""
-        home_dir = self.work / home
-        home_dir.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, HOME=str(home_dir), XDG_CACHE_HOME=str(home_dir / ".cache"))
-        run([*NIX, *args], env=env, timeout=300, what=what)
+        run(["nix", *args], env=nixenv.environ(self.work / home), timeout=300, what=what)
 
     def verify(self) -> None:
         fresh = Path(tempfile.mkdtemp(prefix="store-", dir=self.work))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import re
 import socket
 import subprocess
@@ -18,6 +17,7 @@ import pytest
 from support import nixbuild
 
 from deploy.conftest import Run, deploy, pyinfra
+from nixcache import nixenv
 from nixcache.keys import SecretKey
 from nixcache.lab import Lab
 from nixcache.lab.state import load
@@ -145,19 +145,11 @@ let
     };
 in mk "deploy-top" [ (mk "deploy-leaf" []) ]
 """
-NIX = ["nix", "--extra-experimental-features", "nix-command"]
 
 
 def nix(args: list[str], home: Path, netrc: Path | None = None) -> subprocess.CompletedProcess[str]:
-    home.mkdir(parents=True, exist_ok=True)
     extra = ["--option", "netrc-file", str(netrc)] if netrc else []
-    return subprocess.run(
-        [*NIX, *args, *extra],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache")},
-    )
+    return nixenv.run(["nix", *args, *extra], home)
 
 
 def test_nix_copy_push_then_fetch_with_required_signatures(

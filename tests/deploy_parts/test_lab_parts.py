@@ -7,7 +7,6 @@ Runs after tests/deploy (same shared lab). Tests that change a host's data deplo
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -25,14 +24,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from deploy.conftest import Run, deploy, pyinfra
 from support import nixbuild
 
+from nixcache import nixenv
 from nixcache.keys import SecretKey
 from nixcache.lab import Lab
 from nixcache.lab.state import load
 from operations.hardening import NETWORK_SYSCTLS
 
 pytestmark = pytest.mark.lab
-
-NIX = ["nix", "--extra-experimental-features", "nix-command"]
 
 
 def hosts(lab_dir: Path):
@@ -72,24 +70,17 @@ def build_path(tmp_path: Path) -> str:
     )
 
 
-def nix(args: list[str], home: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    home.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(
-        [*NIX, *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"), **(env or {})},
-    )
+def nix(args: list[str], home: Path, settings: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return nixenv.run(["nix", *args], home, settings)
 
 
-def push(lab_dir: Path, tmp_path: Path, url: str, machine: str, path: str, env=None) -> None:
+def push(lab_dir: Path, tmp_path: Path, url: str, machine: str, path: str, settings=None) -> None:
     token = (lab_dir / "secrets" / "push-token").read_text().strip()
     netrc = tmp_path / "push-netrc"
     netrc.write_text(f"machine {machine}\nlogin ci\npassword {token}\n")
     netrc.chmod(0o600)
     pushed = nix(
-        ["copy", "--to", url, path, "--option", "netrc-file", str(netrc)], tmp_path / "home-push", env
+        ["copy", "--to", url, path, "--option", "netrc-file", str(netrc)], tmp_path / "home-push", settings
     )
     assert pushed.returncode == 0, pushed.stderr
 
@@ -330,7 +321,7 @@ def test_nginx_front_tls_http2_and_nar_bytes_from_disk(deployed: Run, lab_dir: P
         assert "StoreDir: /nix/store" in info.stdout and info.stdout.endswith("\n2")
 
         path = build_path(tmp_path)
-        ssl = {"NIX_SSL_CERT_FILE": str(cert)}
+        ssl = {"ssl-cert-file": str(cert)}
         push(lab_dir, tmp_path, base, host.address, path, ssl)
         narinfo = curl("--cacert", str(cert), f"{base}/{Path(path).name[:32]}.narinfo").stdout
         nar_url = re.search(r"^URL: (\S+)$", narinfo, re.M).group(1)

@@ -7,7 +7,6 @@ restore, lose lab1 and recover it, rotate its key. Every deploy is the real `pyi
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -19,13 +18,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from support import nixbuild
 
+from nixcache import nixenv
 from nixcache.drill import CLOSURE_EXPR
 from nixcache.keys import SecretKey
 
 pytestmark = pytest.mark.lab
 
 REPO = Path(__file__).resolve().parents[2]
-NIX = ["nix", "--extra-experimental-features", "nix-command"]
 NIXCACHE = "/opt/nixcache/venv/bin/nixcache"
 METRICS = "/var/lib/prometheus/node-exporter/nixcache_backup.prom"
 CACHE, STORE_HOST = "lab1", "lab2"
@@ -107,10 +106,7 @@ class Ctx:
         return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
 
     def nix(self, args: list[str], home: str) -> subprocess.CompletedProcess[str]:
-        home_dir = self.work / home
-        home_dir.mkdir(exist_ok=True)
-        env = {**os.environ, "HOME": str(home_dir), "XDG_CACHE_HOME": str(home_dir / ".cache")}
-        return subprocess.run([*NIX, *args], env=env, capture_output=True, text=True, timeout=300)
+        return nixenv.run(["nix", *args], self.work / home)
 
     def fetch(self, trusted: str, name: str) -> subprocess.CompletedProcess[str]:
         """`nix copy --from` the cache into a fresh store, trusting only `trusted`."""

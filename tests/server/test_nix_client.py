@@ -11,6 +11,7 @@ import pytest
 from conftest import require
 from support import nixbuild
 
+from nixcache import nixenv
 from server.conftest import Cache
 from server.helpers import write_key
 
@@ -32,7 +33,6 @@ let
   c = mk "mid-c" [ a b ];
 in mk "top-d" [ c a ]
 """
-NIX = ["nix", "--extra-experimental-features", "nix-command"]
 
 
 @pytest.fixture(scope="module")
@@ -44,14 +44,7 @@ def closure(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def nix(args: list[str], home: Path, netrc: Path) -> subprocess.CompletedProcess[str]:
     # A fresh HOME per call: Nix caches narinfo lookups (and misses) under ~/.cache.
-    home.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(
-        [*NIX, *args, "--option", "netrc-file", str(netrc)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache")},
-    )
+    return nixenv.run(["nix", *args, "--option", "netrc-file", str(netrc)], home)
 
 
 def netrc_for(cache: Cache, path: Path) -> Path:
