@@ -19,11 +19,15 @@ def lab_required() -> bool:
 
 
 def missing_lab_prerequisites() -> list[str]:
-    missing = []
+    """What keeps lab tests from running. As root with apt, the missing Debian packages are
+    installed first, as `nixcache lab up` does for the README's first command."""
     if os.geteuid() != 0:
-        missing.append("root")
-    missing += [f"{tool} (apt-get install {prereqs.TOOLS[tool]})" for tool in prereqs.missing_tools()]
-    return missing
+        return ["root"]
+    try:
+        prereqs.ensure()
+    except prereqs.PrerequisiteError as error:
+        return [str(error)]
+    return []
 
 
 def require(condition: bool, reason: str) -> None:

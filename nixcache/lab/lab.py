@@ -148,7 +148,7 @@ class Lab:
         """
         if hosts < 1:
             raise LabError(f"--hosts must be at least 1, not {hosts}")
-        prereqs.check()
+        prereqs.ensure(progress=self.progress)
         with self._locked():
             current = statefile.load(self.state_dir) or LabState(instance=self._unused_instance_id())
             statefile.save(self.state_dir, current)  # the id is on disk before anything carries it
@@ -203,7 +203,7 @@ class Lab:
 
     def reset(self, name: str, *, timeout: float = READY_TIMEOUT) -> Host:
         """Replace host `name` with a fresh copy of the base image, keeping name, address and SSH key."""
-        prereqs.check()
+        prereqs.ensure(progress=self.progress)
         with self._locked():
             current = self.state()
             self._named(current, name)  # unknown name -> UnknownHostError before anything changes
