@@ -11,6 +11,7 @@ Paths that are part of the product's layout (not tunables) are module constants.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import ipaddress
 import sys
@@ -22,6 +23,7 @@ from typing import Any
 from pyinfra import host
 from pyinfra.api import HiddenValue
 from pyinfra.api.exceptions import PyinfraError
+from pyinfra.connectors.ssh import connector_data_meta as ssh_connector_data
 
 # --- fixed layout on cache hosts -----------------------------------------------------------
 SERVICE_NAME = "nixcache"
@@ -243,6 +245,9 @@ CHECKED_PREFIXES: tuple[str, ...] = (
     "rotate_",
 )
 ROTATE_PHASES = ("introduce", "retire")
+# pyinfra's own SSH connector keys (ssh_hostname, ssh_user, …) share the ssh_ prefix: pyinfra reads them.
+PYINFRA_KEYS = frozenset(ssh_connector_data)
+
 _CIDR_FIELDS = ("cache_allowed_sources", "ssh_allowed_sources", "metrics_allowed_sources")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -289,13 +294,10 @@ def _convert(host_name: str, key: str, value: Any, annotation: Any) -> Any:
 
 
 def _data_keys(data: Any) -> set[str]:
-    keys: set[str] = set()
-    for layer in getattr(data, "datas", ()):
-        try:
-            keys.update(dict(layer).keys())
-        except (TypeError, ValueError):
-            continue
-    return keys
+    """Every key of a pyinfra HostData, from every layer. pyinfra 3.10 keeps the inventory, group
+    and `--data` layers as functions, so its own merge (`dict()`, which calls them) is the only
+    view that sees them all."""
+    return set(data.dict())
 
 
 def from_data(host_name: str, data: Any) -> Settings:
@@ -304,8 +306,9 @@ def from_data(host_name: str, data: Any) -> Settings:
     fields = {field.name for field in dataclasses.fields(Settings)}
     keys = set(data) if isinstance(data, dict) else _data_keys(data)
     for key in sorted(keys):
-        if key.startswith(CHECKED_PREFIXES) and key not in fields:
-            fix = "check its spelling against operations/settings.py"
+        if key.startswith(CHECKED_PREFIXES) and key not in fields and key not in PYINFRA_KEYS:
+            close = difflib.get_close_matches(key, fields, n=1)
+            fix = f"did you mean '{close[0]}'?" if close else "check it against operations/settings.py"
             raise _fail(host_name, key, "is not a nixcache setting", fix)
     values: dict[str, Any] = {}
     missing = object()

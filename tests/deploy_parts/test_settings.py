@@ -38,3 +38,41 @@ def test_a_read_only_secret_is_masked_and_a_missing_one_names_host_and_key(tmp_p
         with pytest.raises(SettingsError) as error:
             host_secret("TLS key", "tls_key_ref", f"file://{tmp_path / 'absent'}")
     assert str(error.value).startswith("cache-us-east: TLS key (tls_key_ref): ")
+
+
+def _host_in_inventory(layer: str, data: dict):
+    """A real pyinfra 3.10 host whose `layer` (host, group, all or --data override) holds `data`."""
+    from pyinfra.api import Config, Inventory, State
+
+    layers = {"host": {}, "group": {}, "all": {}, "override": {}}
+    layers[layer] = data
+    inventory = Inventory(
+        (["cache-a"], layers["host"]),
+        override_data=layers["override"],
+        production=(["cache-a"], layers["group"]),
+        all=(["cache-a"], layers["all"]),
+    )
+    State(inventory, Config())
+    return inventory.get_host("cache-a")
+
+
+@pytest.mark.parametrize("layer", ["host", "group", "all", "override"])
+def test_a_misspelt_key_in_any_data_layer_is_an_error_suggesting_the_right_one(layer):
+    host = _host_in_inventory(layer, {"gc_max_sizee": "1G"})
+    with pytest.raises(SettingsError) as error:
+        from_data(host.name, host.data)
+    assert str(error.value) == (
+        "cache-a: host data 'gc_max_sizee' is not a nixcache setting; did you mean 'gc_max_size'?"
+    )
+
+
+def test_correct_keys_from_every_layer_are_read():
+    host = _host_in_inventory("override", {"cache_port": "5001"})
+    assert from_data(host.name, host.data).cache_port == 5001
+
+
+def test_pyinfra_connector_keys_are_not_mistaken_for_nixcache_settings():
+    host = _host_in_inventory(
+        "host", {"ssh_user": "admin", "ssh_port": 2222, "ssh_allowed_sources": ["10.0.0.0/8"]}
+    )
+    assert from_data(host.name, host.data).ssh_allowed_sources == ("10.0.0.0/8",)
