@@ -63,6 +63,7 @@ if python is None:
     )
 build = install.build_key(python)
 install.nixcache(name=f"nixcache {build} in /opt/nixcache/venv", python=python)
+install.command_on_path(name=f"nixcache on PATH ({install.COMMAND_LINK})")
 
 # --- config and keys ------------------------------------------------------------------------
 signing_key = host_secret(

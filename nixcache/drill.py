@@ -32,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nixcache import nixenv
 from nixcache.keys import SecretKey
+from nixcache.lab import state as lab_state
 from nixcache.lab.ssh import ssh_argv
 from nixcache.secrets import resolve
 
@@ -296,6 +297,14 @@ def drill(lab_dir: Path | None, keep: bool) -> None:
         # Never $NIXCACHE_LAB_DIR: the drill resets and tears down its lab, which must not be yours.
         lab_dir = Path(tempfile.mkdtemp(prefix="nixcache-drill-"))
     lab_dir = lab_dir.resolve()
+    existing = lab_state.load(lab_dir) if not own_dir else None
+    if existing is not None and existing.hosts:
+        raise click.BadParameter(
+            f"{lab_dir} holds a lab ({', '.join(h.name for h in existing.hosts)}), and the drill resets and "
+            f"removes its lab's hosts; give a new directory, or first run "
+            f"NIXCACHE_LAB_DIR={lab_dir} nixcache lab down",
+            param_hint="--lab-dir",
+        )
     echo = click.echo
     state = Drill(lab_dir, echo)
     runner = PhaseRunner(echo=echo)

@@ -27,6 +27,7 @@ import gevent.lock
 import gevent.subprocess
 from pyinfra import host
 from pyinfra.api import FileUploadCommand, OperationError, QuoteString, StringCommand, operation
+from pyinfra.operations import files
 
 from facts.nixcache import FileLine
 from operations.settings import BUILD_STAMP, INSTALL_DIR, VENV_DIR, WHEELHOUSE_DIR
@@ -240,3 +241,22 @@ def nixcache(python: dict[str, str], root: str = str(REPO_ROOT)):
     wheelhouse = build_wheelhouse(python, Path(root))
     yield StringCommand("install -d -m 0755", QuoteString(INSTALL_DIR))
     yield from venv._inner(build, [str(w) for w in wheel_files(wheelhouse)])
+
+
+COMMAND_LINK = "/usr/local/bin/nixcache"
+
+
+@operation()
+def command_on_path(link: str = COMMAND_LINK, venv_dir: str = VENV_DIR):
+    """`nixcache` on PATH for root and admins: the runbook's on-host commands call it by name.
+
+    + link: where the command appears (in /usr/local/bin, on every login shell's PATH)
+    + venv_dir: the venv whose `bin/nixcache` it points at
+
+    **Example:**
+
+    .. code:: python
+
+        install.command_on_path(name="nixcache on PATH")
+    """
+    yield from files.link._inner(path=link, target=f"{venv_dir}/bin/nixcache", symbolic=True)

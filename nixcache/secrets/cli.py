@@ -134,4 +134,11 @@ def signing_key(ref: str, name: str, generate: bool) -> None:
         _fail(error, EXIT_ABSENT)
     except SecretError as error:
         _fail(error)
+    if key.name != name:  # a key is never replaced: say so rather than print another name's key
+        click.echo(
+            f"error: {ref}: holds the signing key {key.name!r}, not {name!r}; pass --name {key.name} "
+            "to use it, or give another reference for a new key",
+            err=True,
+        )
+        sys.exit(EXIT_FAILED)
     click.echo(str(key.public()))

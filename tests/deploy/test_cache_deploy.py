@@ -54,6 +54,17 @@ def test_converges_and_serves_every_host(deployed: Run, lab_dir: Path) -> None:
         assert "StoreDir: /nix/store" in response.text
 
 
+def test_nixcache_is_on_the_path_of_a_login_shell(deployed: Run, lab_dir: Path) -> None:
+    """The runbook's on-host commands call `nixcache` by name, as root in a login shell."""
+    host = hosts(lab_dir)[0]
+    assert on_host(lab_dir, host.name, "bash -lc 'command -v nixcache && nixcache --version'").split("\n")[
+        :2
+    ] == [
+        "/usr/local/bin/nixcache",
+        "nixcache, version 0.1.0",
+    ]
+
+
 def test_second_run_reports_no_changes(deployed: Run, lab_dir: Path) -> None:
     rerun = deploy(lab_dir)
     assert rerun.returncode == 0, rerun.output[-5000:]

@@ -198,3 +198,9 @@ def test_signing_key_command_generates_once(tmp_path, vault_env):
     assert stored.split(":")[1] not in first.stdout + first.stderr
     second = nixcache("secrets", "signing-key", ref, "--name", "cache-x", "--generate", cwd=tmp_path)
     assert second.stdout == first.stdout
+    other = nixcache("secrets", "signing-key", ref, "--name", "cache-y", "--generate", cwd=tmp_path)
+    assert other.returncode == 1 and other.stdout == ""
+    assert other.stderr == (
+        f"error: {ref}: holds the signing key 'cache-x', not 'cache-y'; pass --name cache-x to use it, "
+        "or give another reference for a new key\n"
+    )
