@@ -273,6 +273,8 @@ def run(limits: Limits, *, dry_run: bool = False, echo: Callable[[str], object] 
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
 
+    free_triggered = limits.min_free is not None and free_start < limits.min_free
+
     def too_big() -> bool:
         return limits.max_size is not None and total - result.freed_bytes > limits.max_size
 
@@ -284,7 +286,6 @@ def run(limits: Limits, *, dry_run: bool = False, echo: Callable[[str], object] 
         )
 
     entries.sort(key=lambda e: e.last_used)
-    free_triggered = limits.min_free is not None and free_start < limits.min_free
     kept_old = 0  # entries older than --older-than that had to stay
     for entry in entries:
         too_old = limits.older_than is not None and entry.last_used < now - limits.older_than
