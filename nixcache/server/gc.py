@@ -1,12 +1,21 @@
 """`nixcache gc`: delete least recently served entries until the size and free-space limits hold.
 
+An entry is a narinfo and the NAR it names. gc deletes entries whole: the narinfo together with
+its NAR, which stays only while another kept narinfo still names it. An entry whose NAR is
+younger than GRACE_SECONDS is kept whole whatever the limits say: its NAR cannot be freed yet,
+and deleting the narinfo alone would free almost nothing and lose the entry. So a limit gc
+cannot reach leaves every entry it did not free intact, and the summary line says what was
+freed, what is left and why the limit is not met (`run` docstring).
+
 Safe while the server runs, in another process:
-- a narinfo is deleted before the NAR it names, and a NAR only when no kept narinfo names it,
-  so no narinfo ever points at a missing NAR;
+- a narinfo is deleted before the NAR it names (both in one step under the exclusive lock on
+  `gc.lock`), and a NAR only when no kept narinfo names it, so no narinfo ever points at a
+  missing NAR;
 - the server refreshes a NAR's mtime when a narinfo naming it is uploaded (and on HEAD, which
   pushers send first), and does so under a shared lock on `gc.lock`; gc re-checks that mtime
-  under the exclusive lock just before unlinking, and spares NARs touched within GRACE_SECONDS.
-  An upload racing a collection therefore never ends up with a narinfo whose NAR is gone.
+  under the exclusive lock just before unlinking, and spares NARs touched within GRACE_SECONDS
+  (and the entries naming them). An upload racing a collection therefore never ends up with a
+  narinfo whose NAR is gone.
 "Last served" is the narinfo's atime (set explicitly by the server, see store.py) or its
 upload time, whichever is later.
 """
@@ -17,15 +26,16 @@ import contextlib
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from nixcache.server import config as configmod
 from nixcache.server.store import Store
-from nixcache.server.units import human_size, parse_duration, parse_size
+from nixcache.server.units import format_duration, human_size, parse_duration, parse_size
 
-GRACE_SECONDS = 3600  # an unreferenced NAR younger than this may be waiting for its narinfo
+GRACE_SECONDS = 3600  # a NAR this young may be waiting for a narinfo: kept, with every entry naming it
 PROGRESS_SECONDS = 2.0
 
 
@@ -59,6 +69,9 @@ class Result:
     store_bytes: int = 0
     free_bytes: int = 0
     deleted: list[str] = field(default_factory=list)
+    kept_young: int = 0  # entries a limit asked for, kept whole: their NAR is in the grace period
+    kept_changed: int = 0  # entries a limit asked for that were pushed again or removed meanwhile
+    shortfall: str | None = None  # the limits not met and why, as in the summary line; None: all met
 
 
 def limits_from(
@@ -133,11 +146,8 @@ def _free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def run(limits: Limits, *, dry_run: bool = False, echo: Callable[[str], object] = print) -> Result:
-    """Collect; returns what was (or, with dry_run, would be) deleted."""
-    store = Store(limits.store)
-    now = time.time()
-    entries: list[_Entry] = []
+def _scan_narinfos(store: Store) -> list[_Entry]:
+    entries = []
     for path in store.narinfo_dir.iterdir():
         if not path.name.endswith(".narinfo"):
             continue
@@ -154,30 +164,59 @@ def run(limits: Limits, *, dry_run: bool = False, echo: Callable[[str], object] 
                 (st.st_ino, st.st_mtime_ns),
             )
         )
-    refs: dict[str, int] = {}
-    for entry in entries:
-        if entry.nar_file:
-            refs[entry.nar_file] = refs.get(entry.nar_file, 0) + 1
-    nar_sizes: dict[str, int] = {}
-    nar_mtimes: dict[str, float] = {}
+    return entries
+
+
+def _scan_nars(store: Store) -> tuple[dict[str, int], dict[str, float]]:
+    """Bytes (NAR plus meta) and mtime of every NAR file."""
+    sizes: dict[str, int] = {}
+    mtimes: dict[str, float] = {}
     for path in store.nar_dir.iterdir():
         try:
             st = path.stat()
         except FileNotFoundError:
             continue
-        nar_sizes[path.name] = st.st_size + _size(store.meta_dir / path.name)
-        nar_mtimes[path.name] = st.st_mtime
+        sizes[path.name] = st.st_size + _size(store.meta_dir / path.name)
+        mtimes[path.name] = st.st_mtime
+    return sizes, mtimes
+
+
+# What deleting one entry did.
+_YOUNG = "young"  # nothing: its NAR is in the grace period
+_CHANGED = "changed"  # nothing: the narinfo was pushed again or removed since the scan
+_NARINFO = "narinfo"  # the narinfo (its NAR stays: another kept narinfo names it, or it was gone)
+_WHOLE = "whole"  # the narinfo, then its NAR and the NAR's meta
+
+
+def run(limits: Limits, *, dry_run: bool = False, echo: Callable[[str], object] = print) -> Result:
+    """Collect; returns what was (or, with dry_run, would be) deleted, and prints one summary line.
+
+    Entries go least recently served first while a limit asks for them, each one whole or not at
+    all. When a limit is still not met at the end, the summary line ends with
+    "; <limits> not met: <why>" (e.g. "12 entries have a NAR younger than the grace period of 1h")
+    and gc still succeeds: what it could not free is intact. A dry run walks the same plan on
+    what it scanned, so it prints what the real run does unless pushes come in between.
+    """
+    store = Store(limits.store)
+    now = time.time()
+    entries = _scan_narinfos(store)
+    refs = Counter(entry.nar_file for entry in entries if entry.nar_file)
+    nar_sizes, nar_mtimes = _scan_nars(store)
     total = sum(e.size for e in entries) + sum(nar_sizes.values())
     free_start = _free_bytes(store.root)
     result = Result()
     verb = "would delete" if dry_run else "deleted"
     last_progress = time.monotonic()
 
-    def delete_nar(name: str) -> int:
-        """Delete an unreferenced NAR and its meta unless it was touched recently (a dry run
-        only counts it); bytes freed."""
+    def in_grace(name: str) -> bool:
+        """Whether NAR `name`, as scanned, is too young to delete (a dry run's prediction)."""
+        return name in nar_mtimes and now - nar_mtimes[name] <= GRACE_SECONDS
+
+    def delete_orphan(name: str) -> int:
+        """Delete a NAR no narinfo names, and its meta, unless it was touched recently (a dry
+        run only counts it); bytes freed."""
         if dry_run:
-            if now - nar_mtimes.get(name, 0) <= GRACE_SECONDS:
+            if in_grace(name):
                 return 0
         else:
             with store.gc_lock(exclusive=True):
@@ -192,23 +231,41 @@ def run(limits: Limits, *, dry_run: bool = False, echo: Callable[[str], object] 
         result.deleted_nars += 1
         return nar_sizes.get(name, 0)
 
-    def delete_narinfo(entry: _Entry) -> bool:
-        """Delete the narinfo scanned as `entry`, unless it was replaced (pushed again) since."""
-        path = store.narinfo_path(entry.hash_part)
+    def delete_entry(entry: _Entry, with_nar: bool) -> str:
+        """Delete the narinfo scanned as `entry` and, `with_nar`, the NAR it names: one step
+        under the exclusive lock, narinfo first, nothing at all when the NAR is in the grace
+        period or the narinfo changed since the scan. One of _YOUNG _CHANGED _NARINFO _WHOLE."""
+        if dry_run:
+            if entry.nar_file and in_grace(entry.nar_file):
+                return _YOUNG
+            return _WHOLE if with_nar else _NARINFO
+        narinfo_path = store.narinfo_path(entry.hash_part)
+        nar_path = store.nar_path(entry.nar_file) if entry.nar_file else None
         with store.gc_lock(exclusive=True):
             try:
-                st = path.stat()
-                if (st.st_ino, st.st_mtime_ns) != entry.identity:
-                    return False
-                path.unlink()
+                st = narinfo_path.stat()
             except FileNotFoundError:
-                return False
-        return True
+                return _CHANGED
+            if (st.st_ino, st.st_mtime_ns) != entry.identity:
+                return _CHANGED
+            if nar_path is not None:
+                try:
+                    if time.time() - nar_path.stat().st_mtime <= GRACE_SECONDS:
+                        return _YOUNG  # a narinfo naming it was just uploaded, or a pusher HEADed it
+                except FileNotFoundError:
+                    nar_path = None  # a broken entry: only its narinfo is left to delete
+            narinfo_path.unlink()
+            if not (with_nar and nar_path is not None):
+                return _NARINFO
+            nar_path.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                (store.meta_dir / nar_path.name).unlink()
+        return _WHOLE
 
     # NARs no narinfo names: abandoned pushes. Old ones go whatever the limits.
     for name in list(nar_sizes):
         if name not in refs and now - nar_mtimes[name] > GRACE_SECONDS:
-            result.freed_bytes += delete_nar(name)
+            result.freed_bytes += delete_orphan(name)
     # Meta files whose NAR is gone (an upload killed between the two renames).
     if not dry_run:
         for path in store.meta_dir.iterdir():
@@ -216,41 +273,95 @@ def run(limits: Limits, *, dry_run: bool = False, echo: Callable[[str], object] 
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
 
-    entries.sort(key=lambda e: e.last_used)
     free_triggered = limits.min_free is not None and free_start < limits.min_free
+
+    def too_big() -> bool:
+        return limits.max_size is not None and total - result.freed_bytes > limits.max_size
+
+    def too_full() -> bool:
+        return (
+            free_triggered
+            and limits.max_free is not None
+            and free_start + result.freed_bytes < limits.max_free
+        )
+
+    entries.sort(key=lambda e: e.last_used)
+    kept_old = 0  # entries older than --older-than that had to stay
     for entry in entries:
-        size_now = total - result.freed_bytes
-        free_now = free_start + result.freed_bytes
         too_old = limits.older_than is not None and entry.last_used < now - limits.older_than
-        too_big = limits.max_size is not None and size_now > limits.max_size
-        too_full = free_triggered and limits.max_free is not None and free_now < limits.max_free
-        if not (too_old or too_big or too_full):
+        if not (too_old or too_big() or too_full()):
             break  # sorted by last use: later entries are newer, and the size limits hold
-        if not dry_run and not delete_narinfo(entry):
+        nar_file = entry.nar_file or ""
+        outcome = delete_entry(entry, with_nar=nar_file in nar_sizes and refs[nar_file] == 1)
+        if outcome == _YOUNG:
+            result.kept_young += 1
+            kept_old += too_old
+            continue  # a newer entry may still have an old NAR
+        if outcome == _CHANGED:
+            result.kept_changed += 1
             continue
         result.deleted_entries += 1
         result.deleted.append(entry.hash_part)
         result.freed_bytes += entry.size
         if entry.nar_file:
             refs[entry.nar_file] -= 1
-            if refs[entry.nar_file] == 0 and entry.nar_file in nar_sizes:
-                result.freed_bytes += delete_nar(entry.nar_file)
+        if outcome == _WHOLE:
+            result.deleted_nars += 1
+            result.freed_bytes += nar_sizes[nar_file]
         if time.monotonic() - last_progress > PROGRESS_SECONDS:
             last_progress = time.monotonic()
             echo(
                 f"gc: {verb} {result.deleted_entries} entries so far, {human_size(result.freed_bytes)} freed"
             )
 
+    unmet = []
+    if too_big():
+        unmet.append(f"max-size {human_size(limits.max_size or 0)}")
+    if too_full():
+        unmet.append(f"max-free {human_size(limits.max_free or 0)}")
+    if kept_old:
+        unmet.append(f"older-than {format_duration(limits.older_than or 0)}")
+    if unmet:
+        young_orphans = sum(1 for name in nar_sizes if name not in refs and in_grace(name))
+        result.shortfall = f"{' and '.join(unmet)} not met: " + _reasons(
+            result, young_orphans if (too_big() or too_full()) else 0
+        )
     result.store_bytes = total - result.freed_bytes
     result.free_bytes = _free_bytes(store.root) if not dry_run else free_start + result.freed_bytes
+    freed = "would free" if dry_run else "freed"
+    now_word = "would be" if dry_run else "now"
     echo(
         f"gc: {verb} {result.deleted_entries} narinfos and {result.deleted_nars} NAR files, "
-        f"freed {human_size(result.freed_bytes)} ({result.freed_bytes} bytes); "
-        f"store now {human_size(result.store_bytes)}, {human_size(result.free_bytes)} free"
+        f"{freed} {human_size(result.freed_bytes)} ({result.freed_bytes} bytes); "
+        f"store {now_word} {human_size(result.store_bytes)}, {human_size(result.free_bytes)} free"
+        + (f"; {result.shortfall}" if result.shortfall else "")
     )
     if not dry_run:
         _record(store, result)
     return result
+
+
+def _reasons(result: Result, young_orphans: int) -> str:
+    """Why limits are not met: what had to stay, and what nothing could free."""
+
+    def count(n: int, one: str, many: str) -> str:
+        return f"{n} {one if n == 1 else many}"
+
+    grace = format_duration(GRACE_SECONDS)
+    reasons = []
+    if result.kept_young:
+        reasons.append(
+            f"{count(result.kept_young, 'entry has a NAR', 'entries have a NAR')} younger than the "
+            f"grace period of {grace}, kept whole"
+        )
+    if young_orphans:
+        reasons.append(
+            f"{count(young_orphans, 'NAR file is', 'NAR files are')} still waiting for a narinfo "
+            f"(younger than {grace})"
+        )
+    if result.kept_changed:
+        reasons.append(f"{count(result.kept_changed, 'entry was', 'entries were')} pushed again during gc")
+    return ", ".join(reasons) or "nothing else in the store can be deleted"
 
 
 def _mtime(path: Path) -> float:

@@ -59,3 +59,16 @@ def parse_duration(value: str | int) -> float:
     if pos == 0 or text[pos:].strip():
         raise ValueError(f"{value!r} is not a duration; use e.g. 30d, 12h, 90m or a number of seconds")
     return total
+
+
+def format_duration(seconds: float) -> str:
+    """`seconds` the way people write it and `parse_duration` reads it back (1h, 1d12h, 0.2s);
+    in days at most, as retention is usually said (30d, not 4w2d)."""
+    if seconds < 1:
+        return f"{seconds:g}s"
+    parts, rest = [], round(seconds)
+    for unit in ("d", "h", "m", "s"):
+        count, rest = divmod(rest, _SECONDS[unit])
+        if count:
+            parts.append(f"{count}{unit}")
+    return "".join(parts)

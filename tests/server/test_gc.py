@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import require
 
+from nixcache.server.units import human_size
 from server.conftest import Cache, StartCache
 from server.helpers import Entry, make_entry, nixcache_cmd, push
 
@@ -95,23 +96,31 @@ def test_dry_run_deletes_nothing(cache: Cache, aged: list[Entry]) -> None:
 
 
 def test_dry_run_predicts_the_grace_period_of_nars(cache: Cache) -> None:
-    """An old narinfo whose NAR was touched recently (a pusher HEADed it): both runs delete the
-    narinfo and spare the NAR, and the dry run says so."""
+    """An old narinfo whose NAR was touched recently (a pusher HEADed it): both runs keep the
+    entry whole, narinfo and NAR, and say why; the dry run says so first."""
     entry = make_entry()
     push(cache.client, entry, cache.token)
     t = time.time() - 30 * DAY
     os.utime(cache.store / "narinfo" / f"{entry.hash_part}.narinfo", (t, t))
     dry = gc("--store", str(cache.store), "--older-than", "7d", "--dry-run")
-    assert "would delete 1 narinfos and 0 NAR files" in dry.stdout, dry.stdout
+    assert "would delete 0 narinfos and 0 NAR files" in dry.stdout, dry.stdout
     real = gc("--store", str(cache.store), "--older-than", "7d")
-    assert "deleted 1 narinfos and 0 NAR files" in real.stdout, real.stdout
-    assert (cache.store / "nar" / entry.nar_file).exists()
+    assert "deleted 0 narinfos and 0 NAR files" in real.stdout, real.stdout
+    reason = "older-than 7d not met: 1 entry has a NAR younger than the grace period of 1h"
+    assert reason in dry.stdout and reason in real.stdout
+    assert present(cache, entry) and (cache.store / "nar" / entry.nar_file).exists()
+
+
+def sharing(entry: Entry) -> Entry:
+    """Another store path whose NAR file is byte for byte `entry`'s (one file on the server)."""
+    other = make_entry(b"same bytes", compression=entry.compression)
+    other.nar, other.file_bytes, other.nar_file = entry.nar, entry.file_bytes, entry.nar_file
+    return other
 
 
 def test_a_nar_shared_by_a_kept_narinfo_stays(cache: Cache) -> None:
     old = make_entry(b"same bytes", compression="xz")
-    new = make_entry(b"same bytes", compression="xz")
-    new.file_bytes, new.nar_file = old.file_bytes, old.nar_file  # identical NAR file
+    new = sharing(old)
     push(cache.client, old, cache.token)
     push(cache.client, new, cache.token)
     age(cache, old, 30 * DAY)
@@ -121,6 +130,110 @@ def test_a_nar_shared_by_a_kept_narinfo_stays(cache: Cache) -> None:
     assert (cache.store / "nar" / old.nar_file).exists()
     assert_consistent(cache.store)
     assert cache.client.get(f"/nar/{new.nar_file}").content == new.file_bytes
+
+
+def test_a_shared_nar_goes_with_the_last_narinfo_naming_it(cache: Cache) -> None:
+    """max-size needs the shared NAR's bytes: both narinfos go (the older first), then the NAR."""
+    first = make_entry(os.urandom(20_000), compression="none")
+    second, other = sharing(first), make_entry(os.urandom(20_000), compression="none")
+    for entry, days in ((first, 30), (second, 20), (other, 10)):
+        push(cache.client, entry, cache.token)
+        age(cache, entry, days * DAY)
+    limit = store_bytes(cache.store) - 20_000
+    out = gc("--store", str(cache.store), "--max-size", str(limit))
+    assert out.returncode == 0, out.stderr
+    assert "deleted 2 narinfos and 1 NAR files" in out.stdout and "not met" not in out.stdout, out.stdout
+    assert [present(cache, e) for e in (first, second, other)] == [False, False, True]
+    assert not (cache.store / "nar" / first.nar_file).exists()
+    assert store_bytes(cache.store) <= limit
+    assert_consistent(cache.store)
+
+
+def test_a_shared_nar_in_its_grace_period_keeps_both_narinfos(cache: Cache) -> None:
+    """Two long unserved narinfos share a NAR that a pusher just HEADed: neither loses it."""
+    first = make_entry(os.urandom(20_000), compression="none")
+    second = sharing(first)
+    for entry in (first, second):
+        push(cache.client, entry, cache.token)
+        age(cache, entry, 30 * DAY)
+    assert cache.client.head(f"/nar/{first.nar_file}").status_code == 200
+    runs = [gc("--store", str(cache.store), "--max-size", "1", *dry) for dry in (["--dry-run"], [])]
+    for out in runs:
+        assert out.returncode == 0, out.stderr
+        assert " 0 narinfos and 0 NAR files" in out.stdout, out.stdout
+        assert "2 entries have a NAR younger than the grace period of 1h, kept whole" in out.stdout
+    assert present(cache, first) and present(cache, second)
+    assert cache.client.get(f"/nar/{second.nar_file}").content == second.file_bytes
+
+
+def files(store: Path) -> dict[str, tuple[int, int]]:
+    """Every file of the store's entries with its inode and mtime: what gc must not touch."""
+    return {
+        f"{d}/{p.name}": (p.stat().st_ino, p.stat().st_mtime_ns)
+        for d in ("narinfo", "nar", "nar-meta")
+        for p in (store / d).iterdir()
+    }
+
+
+def summary_tail(out: subprocess.CompletedProcess[str]) -> str:
+    """The summary line from the store's size on: the limits not met and why."""
+    (line,) = out.stdout.splitlines()
+    return line.split("; ", 1)[1].replace("would be", "now")
+
+
+def test_max_size_it_cannot_reach_keeps_fresh_entries_whole(cache: Cache) -> None:
+    """Issue 10: 1,000 entries just pushed, max-size half the store. Every NAR is in its grace
+    period, so nothing can be freed: gc deletes nothing (it used to delete all 1,000 narinfos
+    and no NAR), exits 0 and says why in its one line; the dry run prints the same plan."""
+    entries = [make_entry(os.urandom(2_000), compression="none") for _ in range(1000)]
+    for entry in entries:
+        push(cache.client, entry, cache.token)
+    before = files(cache.store)
+    limit = str(store_bytes(cache.store) // 2)
+    dry = gc("--store", str(cache.store), "--max-size", limit, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert files(cache.store) == before
+    real = gc("--store", str(cache.store), "--max-size", limit)
+    assert real.returncode == 0, real.stderr
+    assert files(cache.store) == before, "gc touched an entry younger than the grace period"
+    assert_consistent(cache.store)
+    assert "gc: would delete 0 narinfos and 0 NAR files, would free 0 B" in dry.stdout, dry.stdout
+    assert "gc: deleted 0 narinfos and 0 NAR files, freed 0 B" in real.stdout, real.stdout
+    reason = "not met: 1000 entries have a NAR younger than the grace period of 1h, kept whole"
+    assert f"max-size {human_size(int(limit))} {reason}" in real.stdout
+    assert summary_tail(dry) == summary_tail(real)
+    assert cache.client.get(f"/nar/{entries[0].nar_file}").content == entries[0].file_bytes
+
+
+def test_mixed_store_frees_old_entries_and_keeps_fresh_ones_whole(cache: Cache) -> None:
+    """Old entries, fresh ones, and two least recently served ones whose NAR a pusher just
+    HEADed: gc skips those two whole, frees the old ones and meets the limit; asked for more
+    than it can free, it frees nothing else and says why."""
+    headed = [make_entry(os.urandom(10_000), compression="none") for _ in range(2)]
+    old = [make_entry(os.urandom(10_000), compression="none") for _ in range(6)]
+    fresh = [make_entry(os.urandom(10_000), compression="none") for _ in range(4)]
+    for entry in headed + old + fresh:
+        push(cache.client, entry, cache.token)
+    for i, entry in enumerate(headed + old):
+        age(cache, entry, (20 - i) * DAY)
+    for entry in headed:
+        assert cache.client.head(f"/nar/{entry.nar_file}").status_code == 200
+    kept = headed + fresh
+    before = store_bytes(cache.store)
+    limit = before * len(kept) // (len(kept) + len(old))  # what the kept entries hold
+    out = gc("--store", str(cache.store), "--max-size", str(limit))
+    assert out.returncode == 0, out.stderr
+    assert "deleted 6 narinfos and 6 NAR files" in out.stdout and "not met" not in out.stdout, out.stdout
+    assert [present(cache, e) for e in old] == [False] * 6
+    assert all(present(cache, e) and (cache.store / "nar" / e.nar_file).exists() for e in kept)
+    assert store_bytes(cache.store) <= limit
+    assert_consistent(cache.store)
+    left = files(cache.store)
+    more = gc("--store", str(cache.store), "--max-size", str(limit // 2))
+    assert more.returncode == 0, more.stderr
+    assert "deleted 0 narinfos and 0 NAR files" in more.stdout, more.stdout
+    assert "not met: 6 entries have a NAR younger than the grace period of 1h" in more.stdout
+    assert files(cache.store) == left
 
 
 def test_serving_an_entry_protects_it(cache: Cache, aged: list[Entry]) -> None:

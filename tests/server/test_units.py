@@ -8,7 +8,7 @@ import os
 import pytest
 
 from nixcache.server import base32
-from nixcache.server.units import format_size, parse_duration, parse_size
+from nixcache.server.units import format_duration, format_size, parse_duration, parse_size
 
 # `nix hash to-base32 --type sha256 $(echo -n hello | sha256sum)` printed this (Nix 2.8).
 HELLO = "094qif9n4cq4fdg459qzbhg1c6wywawwaaivx0k0x8xhbyx4vwic"
@@ -53,6 +53,10 @@ def test_sizes_and_durations() -> None:
     assert parse_duration("1w2d") == 9 * 86400
     assert parse_duration("90m") == 5400
     assert parse_duration("3600") == 3600
+    shown = [format_duration(s) for s in (3600, 36 * 3600, 30 * 86400 + 90, 0.2)]
+    assert shown == ["1h", "1d12h", "30d1m30s", "0.2s"]
+    for seconds in (1, 59, 3601, 4 * 86400 + 43200, 30 * 86400):
+        assert parse_duration(format_duration(seconds)) == seconds
     for bad in ("lots", "-1"):
         with pytest.raises(ValueError, match="not a size"):
             parse_size(bad)
