@@ -1,4 +1,4 @@
-"""pyinfra inventory of the local lab (`nixcache lab up`): every running lab host, group `lab`.
+"""pyinfra inventory of the local lab (`nixcache lab up`): every lab host, group `lab`.
 
 Reads the lab state from $NIXCACHE_LAB_DIR (default ./.lab), so this works with no flag:
 
@@ -14,6 +14,8 @@ Group data for the deploys lives in inventories/group_data/lab.py.
 
 from __future__ import annotations
 
+import sys
+
 from nixcache.lab import Lab, LabError
 
 
@@ -28,6 +30,15 @@ def _hosts() -> list[tuple[str, dict]]:
         raise SystemExit(
             f"inventories/lab.py: no lab host runs in {lab.state_dir}; start them with `nixcache lab up`"
         )
+    # A stopped host stays in the inventory: pyinfra then fails to reach it and the run fails,
+    # instead of succeeding on the others as if the host did not exist.
+    for host in state.hosts:
+        if host.state != "running":
+            print(
+                f"inventories/lab.py: {host.name} is {host.state}; start it with `nixcache lab up`, "
+                f"or leave it out with --limit",
+                file=sys.stderr,
+            )
     return [
         (
             host.name,
@@ -46,7 +57,7 @@ def _hosts() -> list[tuple[str, dict]]:
                 "lab_state_dir": str(lab.state_dir),
             },
         )
-        for host in running
+        for host in state.hosts
     ]
 
 
