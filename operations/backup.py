@@ -201,7 +201,11 @@ def empty_start(
     """
     answer = everyone if mine and mine.get("readable") else mine
     if answer is None:
-        answer = {"readable": False, "kind": "failed", "error": "the nixcache command is not installed"}
+        answer = {
+            "readable": False,
+            "cause": "the host's nixcache command, which reads it, is not installed",
+            "fix": "see why the install step above failed",
+        }
     if not answer.get("readable") and answer.get("kind") != "missing":
         if answer.get("cause"):
             reason = f"{answer['cause']}; {answer.get('fix') or 'see restic output on the host'}"
