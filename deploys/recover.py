@@ -3,18 +3,23 @@
     pyinfra -y inventories/prod.py deploys/recover.py --limit cache-eu-central-1
 
 Steps: what the restore needs (packages, service user, the nixcache venv, restic with the
-repository's password) -> restore /etc/nixcache and the store from the latest snapshot, only
-onto an empty store and only when the repository answers -> the full cache deploy
-(deploys/cache.py) with key generation forced off, so a key missing from the secret store
-stops the run instead of minting a new one -> proof from the controller: /pubkey lists the
-stored key and a restored path is served with a signature that verifies with it.
+repository's password) -> restore /etc/nixcache and the store from this host's latest
+snapshot, only onto an empty store -> the full cache deploy (deploys/cache.py) with key
+generation forced off, so a key missing from the secret store stops the run instead of
+minting a new one -> proof from the controller: /pubkey lists the stored key and a restored
+path is served with a signature that verifies with it.
+
+A repository that cannot be read, or holds no snapshot of this host, stops the run for the
+host at the restore, before the backup timer exists: the next backup would otherwise record
+the empty store as the newest snapshot. Only a repository that holds no snapshot at all, or
+`recover_allow_empty = True` for a genuinely new host, lets it start empty.
 """
 
 from __future__ import annotations
 
 from pyinfra import host, local
 
-from deploys.parts.backup import BACKUP_CONFIG_FILE, BACKUP_PASSWORD_FILE, backup_timer
+from deploys.parts.backup import BACKUP_CONFIG_FILE, backup_timer
 from facts.nixcache import HostPython
 from nixcache.keys import SecretKey
 from nixcache.secrets import SecretError, resolve
@@ -52,9 +57,17 @@ if s.backup_repository:
         config_path=BACKUP_CONFIG_FILE,
         store_dir=s.store_dir,
         repository=s.backup_repository,
-        password_path=BACKUP_PASSWORD_FILE,
+        # Snapshots are recorded under the inventory name (deploys/parts/backup.py).
+        snapshot_host=host.name,
         owner=s.service_user,
         content_dir=f"{s.store_dir}/narinfo",
+        allow_empty=s.recover_allow_empty,
+    )
+elif not s.recover_allow_empty:
+    raise SettingsError(
+        f"{host.name}: recover: host data 'backup_repository' is not set, so there is nothing to restore"
+        " from; set it to the lost host's repository, or set recover_allow_empty = True for a host"
+        " that never had backups"
     )
 
 # --- the full cache deploy ------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -74,47 +75,76 @@ class DirectoryHasEntries(FactBase[bool]):
         return any(line.strip() for line in output)
 
 
-class ResticSnapshots(FactBase[dict[str, Any]]):
-    """The latest snapshot of a restic repository, read with the host's password file.
+class BackupSnapshots(FactBase[dict[str, Any] | None]):
+    """A host's snapshots in its backup repository, as the host's own `nixcache backup list` sees them.
 
-    `{"reachable": true, "latest": {"id": …, "time": …, "paths": […]}}`, `latest` is None for an
-    empty repository; `{"reachable": false, "error": "<restic's last line>"}` when restic cannot
-    open it (absent, unreachable, wrong password). The password never leaves the host: restic
-    reads it from the 0600 file.
+    The host's `nixcache` is the one restic client: it reads backup.toml, so the repository's
+    password file, env file (s3:/rest: credentials) and ssh settings are those of the backups
+    themselves. `snapshot_host` filters (restic `--host`); None lists every host's snapshots.
+
+    Answered: `{"readable": true, "latest": {"id", "short_id", "time", "host", "paths"} | None,
+    "hosts": [host names seen]}`; `latest` is None when there is no snapshot (of that host).
+    Not read: `{"readable": false, "kind": "unreachable", "error": "<one line: repository, cause,
+    fix>", "cause": …, "fix": …}`; `kind` is "missing" when no repository exists at that
+    location (nixcache.backup.restic.ResticError has the list); cause and fix are None when
+    nixcache itself failed. None while `nixcache` is not installed yet.
     """
 
-    def requires_command(self, repository: str, password_file: str) -> str:
-        return "restic"
+    def requires_command(self, nixcache_bin: str, config_path: str, snapshot_host: str | None = None) -> str:
+        return nixcache_bin
 
-    def command(self, repository: str, password_file: str) -> str:
-        restic = (
-            f"restic --no-cache --no-lock --repo {shlex.quote(repository)} "
-            f"--password-file {shlex.quote(password_file)} snapshots --json --latest 1"
-        )
-        # One line of JSON on success, "ERROR <message>" otherwise: the fact never fails the deploy.
-        return f'out=$({restic} 2>&1) && echo "$out" || echo "ERROR $(echo "$out" | tail -n 1)"'
+    def command(self, nixcache_bin: str, config_path: str, snapshot_host: str | None = None) -> str:
+        which = f"--host {shlex.quote(snapshot_host)}" if snapshot_host else "--all-hosts"
+        # A failure is a JSON error object on stdout: `|| true` keeps the fact from failing the
+        # deploy before the operation can say what it means; 2>&1 keeps a crash's last line.
+        nixcache = f"{shlex.quote(nixcache_bin)} backup list --config {shlex.quote(config_path)}"
+        return f"{nixcache} {which} --json 2>&1 || true"
 
     def process(self, output: list[str]) -> dict[str, Any]:
-        text = "\n".join(output).strip()
-        if text.startswith("ERROR"):
-            return {"reachable": False, "error": text[len("ERROR") :].strip()}
-        # ssh and restic may print notices (a host key learnt on first contact) before the JSON line.
-        json_lines = [line for line in text.splitlines() if line.startswith("[")]
+        # The JSON document starts a line; anything before it (a warning on stderr) is skipped.
+        starts = [i for i, line in enumerate(output) if line.startswith(("[", "{"))]
         try:
-            snapshots = json.loads(json_lines[-1] if json_lines else text or "[]")
+            text = "\n".join(output[starts[0] :]) if starts else ""
+            answer, _ = json.JSONDecoder().raw_decode(text)
         except json.JSONDecodeError:
-            return {"reachable": False, "error": text.splitlines()[-1] if text else "no output"}
+            answer = None
+        if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
+            error = answer["error"]
+            return {
+                "readable": False,
+                "kind": str(error.get("kind") or "failed"),
+                "error": str(error.get("message") or "nixcache backup list failed without a reason"),
+                "cause": error.get("cause"),
+                "fix": error.get("fix"),
+            }
+        if not isinstance(answer, list):
+            lines = [line.strip() for line in output if line.strip()]
+            said = lines[-1] if lines else "no output"
+            return {"readable": False, "kind": "failed", "error": f"nixcache backup list failed: {said}"}
+        snapshots = [row for row in answer if isinstance(row, dict) and row.get("id") and row.get("time")]
+        hosts = sorted({str(row.get("host", "")) for row in snapshots})
         if not snapshots:
-            return {"reachable": True, "latest": None}
-        latest = max(snapshots, key=lambda snapshot: snapshot.get("time", ""))
+            return {"readable": True, "latest": None, "hosts": hosts}
+        latest = max(snapshots, key=lambda row: _moment(row["time"]))
         return {
-            "reachable": True,
+            "readable": True,
             "latest": {
-                "id": latest.get("short_id") or latest.get("id", "")[:8],
-                "time": latest.get("time"),
-                "paths": latest.get("paths", []),
+                "id": latest["id"],
+                "short_id": latest.get("short_id") or latest["id"][:8],
+                "time": latest["time"],
+                "host": latest.get("host", ""),
+                "paths": latest.get("paths") or [],
             },
+            "hosts": hosts,
         }
+
+
+def _moment(rfc3339: str) -> datetime:
+    """restic's snapshot time (RFC 3339, nanoseconds, any offset) as a comparable datetime."""
+    try:
+        return datetime.fromisoformat(rfc3339)
+    except ValueError:
+        return datetime.min.replace(tzinfo=UTC)
 
 
 class NewestNarinfo(FactBase[str | None]):

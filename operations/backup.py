@@ -9,13 +9,16 @@ from __future__ import annotations
 import io
 import shlex
 from collections.abc import Iterable, Iterator
+from typing import Any
 
-from pyinfra import host
+from pyinfra import host, logger
 from pyinfra.api import HiddenValue, OperationValueError, operation
 from pyinfra.operations import files, systemd
 
-from facts.backup import DirectoryHasEntries, ResticSnapshots
+from facts.backup import BackupSnapshots, DirectoryHasEntries
+from nixcache.backup.restic import redact
 from operations import config as config_files
+from operations.health import failed_step
 from operations.settings import Settings
 
 SERVICE = "nixcache-backup.service"
@@ -167,41 +170,114 @@ def timer(
     yield from systemd.service._inner(TIMER, running=True, enabled=True)
 
 
+def _refused(host_name: str, problem: str) -> str:
+    return (
+        f"{host_name}: recover stopped before the restore: {problem}; nothing was restored"
+        " and no backup timer was installed, so the repository is as it was"
+    )
+
+
+def _new_host_fix(host_name: str) -> str:
+    return (
+        f"or, only if {host_name} is genuinely new and never had backups, set recover_allow_empty = True"
+        f" in its host data (--data recover_allow_empty=True) to start it with an empty store"
+    )
+
+
+def empty_start(
+    host_name: str,
+    repository: str,
+    mine: dict[str, Any] | None,
+    everyone: dict[str, Any] | None,
+    allow_empty: bool,
+) -> tuple[bool, str]:
+    """May `host_name` start with an empty store, given what its repository answered? (yes, why).
+
+    `mine` and `everyone` are BackupSnapshots facts (this host's snapshots, all hosts'); this
+    is asked only when `mine` holds no snapshot. "Could not read" never becomes "nothing to
+    restore": only a repository that answers and holds no snapshot at all may start a host
+    empty on its own; no repository at that address, or only other hosts' snapshots there,
+    needs `allow_empty` (a wrong address or host name looks exactly like that).
+    """
+    answer = everyone if mine and mine.get("readable") else mine
+    if answer is None:
+        answer = {
+            "readable": False,
+            "cause": "the host's nixcache command, which reads it, is not installed",
+            "fix": "see why the install step above failed",
+        }
+    if not answer.get("readable") and answer.get("kind") != "missing":
+        if answer.get("cause"):
+            reason = f"{answer['cause']}; {answer.get('fix') or 'see restic output on the host'}"
+        else:
+            reason = f"{answer.get('error')}; run `nixcache backup list` on the host to see why"
+        problem = f"backup repository {repository} cannot be read: {reason}"
+        return False, _refused(host_name, f"{problem}, then run deploys/recover.py again")
+    if not answer.get("readable"):
+        found = f"there is no backup repository at {repository}"
+        fix = "fix backup_repository if that address is wrong"
+    elif answer.get("hosts"):
+        others = ", ".join(answer["hosts"])
+        found = f"backup repository {repository} holds no snapshot of {host_name}, only of {others}"
+        fix = "fix backup_repository, or the inventory name if it changed (snapshots are recorded under it)"
+    else:
+        return True, f"backup repository {repository} holds no snapshot at all: {host_name} starts empty"
+    if allow_empty:
+        return True, f"{found}: starting with an empty store, as recover_allow_empty = True says"
+    return False, _refused(host_name, f"{found}; {fix}, {_new_host_fix(host_name)}")
+
+
 @operation()
 def restore(
     nixcache_bin: str,
     config_path: str,
     store_dir: str,
     repository: str,
-    password_path: str,
+    snapshot_host: str,
     owner: str,
     content_dir: str | None = None,
+    allow_empty: bool = Settings.recover_allow_empty,
 ) -> Iterator:
-    """Restore /etc/nixcache and the store from the latest snapshot, only onto an empty store.
+    """Restore /etc/nixcache and the store from `snapshot_host`'s latest snapshot, onto an empty store.
 
     A host that already holds store content is never overwritten (a restore onto a live cache
-    would mix two histories); an unreachable or empty repository leaves the host to start empty.
+    would mix two histories). The repository is read through the host's own `nixcache backup
+    list` (facts.backup.BackupSnapshots), with backup.toml's credentials. When it cannot be
+    read, or holds no snapshot of this host, the step fails (`empty_start` says when an empty
+    start is allowed), which stops the deploy before anything that would back up an empty store.
 
     + nixcache_bin: the `nixcache` command on the host
     + config_path: backup.toml
     + store_dir: the cache's store directory
-    + repository: restic repository (for the reachability fact)
-    + password_path: restic's password file on the host
+    + repository: the restic repository, for messages (a URL's password is masked)
+    + snapshot_host: the name snapshots are recorded under (the inventory name)
     + owner: the service user that must own the restored store
     + content_dir: where content shows (default store_dir); a server started on an empty store
       creates its empty subdirectories, so recover.py points this at <store>/narinfo
+    + allow_empty: recover_allow_empty: a genuinely new host may start empty (see empty_start)
     """
     content_dir = content_dir or store_dir
     if host.get_fact(DirectoryHasEntries, path=content_dir):
         host.noop(f"{content_dir} already holds content: not restoring over it")
         return
-    snapshots = host.get_fact(ResticSnapshots, repository=repository, password_file=password_path)
-    if not snapshots.get("reachable"):
-        host.noop(f"backup repository {repository} not readable ({snapshots.get('error')}): starting empty")
+    shown = redact(repository)
+    facts = {"nixcache_bin": nixcache_bin, "config_path": config_path}
+    mine = host.get_fact(BackupSnapshots, snapshot_host=snapshot_host, **facts)
+    if mine is None and not host.state.is_executing:
+        # Planning a fresh host: nixcache arrives with an earlier step; asked again when executing.
+        host.noop(f"backup repository {shown} is read once nixcache is installed")
         return
-    latest = snapshots.get("latest")
+    latest = (mine or {}).get("latest")
     if not latest:
-        host.noop(f"backup repository {repository} holds no snapshot yet: starting empty")
+        readable = bool(mine and mine.get("readable"))
+        everyone = host.get_fact(BackupSnapshots, snapshot_host=None, **facts) if readable else None
+        allowed, message = empty_start(snapshot_host, shown, mine, everyone, allow_empty)
+        if not allowed:
+            yield failed_step(message)
+            return
+        if host.state.is_executing:
+            logger.warning(f"{host.print_prefix}{message}")
+        host.noop(message)
         return
     restore = (
         f"{nixcache_bin} backup restore --config {shlex.quote(config_path)} "

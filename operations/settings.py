@@ -199,6 +199,12 @@ class Settings:
     # deploys/recover.py proves the restored host with this store path (its 32-char hash part
     # or full path). None = the newest narinfo found in the restored store.
     recover_probe_path: str | None = None
+    # deploys/recover.py stops when it finds no snapshot of the host to restore (no repository
+    # at backup_repository, or only other hosts' snapshots there): a wrong address or host name
+    # must not bring a host back empty, with a backup timer about to record the empty store as
+    # its newest snapshot. True = this host is genuinely new: start it with an empty store.
+    # An unreadable repository (unreachable, refused, wrong password) stops it even then.
+    recover_allow_empty: bool = False
     # Key rotation: the next key's secret ref and name. Set = servers sign with both keys and
     # clients trust both (deploys/rotate_key.py, phase introduce).
     signing_key_next_ref: str | None = None

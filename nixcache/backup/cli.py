@@ -2,7 +2,10 @@
 
 Exit codes: 0 success, 1 the backup/restore/check failed (the last line says why and how to
 fix it), 75 (EX_TEMPFAIL) another `backup run` is in progress, 78 (EX_CONFIG) the
-configuration file is missing or invalid.
+configuration file is missing or invalid. `list --json` reports a failure as one JSON object
+on stdout, `{"error": {"kind", "repository", "cause", "fix", "message", "detail"}}`, with the
+same exit code, so a program can tell "no snapshots" (`[]`) from "could not read" (deploys
+ask this way: facts/backup.py).
 A systemd oneshot unit runs `nixcache backup run --config /etc/nixcache/backup.toml`.
 """
 
@@ -84,17 +87,43 @@ def _when(snapshot: Snapshot) -> str:
     return snapshot.moment().astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _json_failure(kind: str, message: str, exit_code: int, error: ResticError | None = None) -> None:
+    """`list --json`'s failure: one JSON object on stdout (nothing on stderr), then exit."""
+    fields = {"kind": kind, "message": message}
+    if error is not None:
+        fields |= {
+            "repository": error.repository,
+            "cause": error.cause,
+            "fix": error.fix,
+            "detail": error.detail,
+        }
+    click.echo(json.dumps({"error": fields}, indent=2))
+    sys.exit(exit_code)
+
+
 @backup.command(name="list")
 @config_option
 @click.option("--all-hosts", is_flag=True, help="Show every host's snapshots, not only this host's.")
+@click.option("--host", "host_name", help="Show this host's snapshots instead (e.g. a lost host's name).")
 @click.option(
     "--sizes", is_flag=True, help="Ask restic for each snapshot's size (slower on big repositories)."
 )
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def list_snapshots(config_path: Path, all_hosts: bool, sizes: bool, as_json: bool) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table (errors too).")
+def list_snapshots(
+    config_path: Path, all_hosts: bool, host_name: str | None, sizes: bool, as_json: bool
+) -> None:
     """List the snapshots in the repository (this host's by default)."""
-    config = _config(config_path)
+    if all_hosts and host_name:
+        raise click.UsageError("--all-hosts and --host exclude each other; give one of them")
+    try:
+        config = _config(config_path)
+    except ConfigProblem as problem:
+        if as_json:
+            _json_failure("config", problem.message, EX_CONFIG)
+        raise
     restic = Restic(config)
+    if host_name:
+        restic.host = host_name
     state = load_state(Path(config.state_file), Path(config.metrics_file))
     try:
         snapshots = restic.snapshots(this_host=not all_hosts)
@@ -103,6 +132,8 @@ def list_snapshots(config_path: Path, all_hosts: bool, sizes: bool, as_json: boo
             for s in snapshots
         }
     except ResticError as error:
+        if as_json:
+            _json_failure(error.kind, str(error), 1, error)
         raise _failed(error) from None
     if as_json:
         rows = [

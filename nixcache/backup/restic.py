@@ -39,11 +39,17 @@ _SCRUBBED = (
 class ResticError(RuntimeError):
     """A restic step failed; `str()` is one line naming the repository, the cause and the fix."""
 
-    def __init__(self, repository: str, cause: str, fix: str, detail: list[str] | None = None):
+    def __init__(
+        self, repository: str, cause: str, fix: str, detail: list[str] | None = None, kind: str = "failed"
+    ):
         super().__init__(f"backup repository {repository}: {cause}; {fix}")
         self.repository = repository
         self.cause = cause
         self.fix = fix
+        # What kind of failure, for programs reading `--json` errors: "missing" (no repository
+        # at that location), "password", "unreachable", "locked", "permission", "no-space",
+        # "damaged", or "failed" for anything else.
+        self.kind = kind
         # restic's own last lines (credentials redacted), printed above the one-line error
         self.detail = detail or []
 
@@ -146,9 +152,9 @@ class Restic:
 
     # -- plumbing ---------------------------------------------------------------------------
 
-    def _fail(self, cause: str, fix: str, stderr: str = "") -> ResticError:
+    def _fail(self, cause: str, fix: str, stderr: str = "", kind: str = "failed") -> ResticError:
         detail = [redact(line, self.repository) for line in _meaningful_lines(stderr)[-10:]]
-        return ResticError(redact(self.repository), redact(cause, self.repository), fix, detail)
+        return ResticError(redact(self.repository), redact(cause, self.repository), fix, detail, kind)
 
     def environment(self) -> dict[str, str]:
         """The environment restic runs with: repository, password file, credentials, cache."""
@@ -189,18 +195,20 @@ class Restic:
         text = stderr.strip()
         lowered = text.lower()
 
-        def fail(cause: str, fix: str) -> ResticError:
-            return self._fail(cause, fix, text)
+        def fail(cause: str, fix: str, kind: str = "failed") -> ResticError:
+            return self._fail(cause, fix, text, kind)
 
         if "wrong password" in lowered:
             return fail(
                 f"the password in {self.config.password_file} does not open it",
                 "put the repository's password in that file (or point password_file at the right one)",
+                "password",
             )
         if "already locked" in lowered or "unable to create lock" in lowered:
             return fail(
                 "it is locked by another restic process",
                 "wait for it to finish; if none is running, run `restic unlock` against the repository",
+                "locked",
             )
         ssh = [line for line in text.splitlines() if line.startswith("subprocess ssh:")]
         if ssh:
@@ -211,21 +219,24 @@ class Restic:
                 fix = "install root's ssh public key for that user on the repository host"
             else:
                 fix = "check the host name, that sshd runs there, and the network between the hosts"
-            return fail(f"ssh to the repository host failed ({said})", fix)
+            return fail(f"ssh to the repository host failed ({said})", fix, "unreachable")
         if "permission denied" in lowered or "read-only file system" in lowered:
             return fail(
                 f"permission denied while trying to {action}",
                 "make the repository writable for the backup user (root) and mounted read-write",
+                "permission",
             )
         if "no space left" in lowered:
             return fail(
                 f"no space left on the repository's device while trying to {action}",
                 "free space there or lower the retention counts",
+                "no-space",
             )
         if "unable to open config file" in lowered and _says_missing(lowered):
             return fail(
                 "there is no repository there yet",
                 "run `nixcache backup run` (it initialises the repository) or fix 'repository' in the config",
+                "missing",
             )
         if (
             "is there a repository at the following location" in lowered
@@ -234,6 +245,7 @@ class Restic:
             return fail(
                 f"cannot reach it ({_last_fatal(text)})",
                 "check the URL/path, the network and the credentials in env_file",
+                "unreachable",
             )
         if "repository contains errors" in lowered:
             problems = [line for line in _meaningful_lines(text) if not line.startswith("Fatal:")]
@@ -242,6 +254,7 @@ class Restic:
                 f"restic check found damage{first}",
                 "see the restic lines above; run `restic rebuild-index` and `nixcache backup check` again,"
                 " and if it stays damaged start a new repository (the next run fills it)",
+                "damaged",
             )
         detail = _last_fatal(text) or f"restic exited with status {returncode}"
         return fail(f"{action} failed: {detail}", "see the restic lines above and fix their cause")

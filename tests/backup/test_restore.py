@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import stat
 import time
 from pathlib import Path
 
+from click.testing import CliRunner
+
 from nixcache.backup.progress import human_bytes
 from nixcache.backup.restic import Restic
+from nixcache.cli import main
 
 
 def tree(root: Path) -> dict[str, tuple[int, str]]:
@@ -136,6 +140,37 @@ def test_list_shows_snapshots_with_sizes_and_other_hosts_on_request(backup_env):
     assert result.stdout.strip() == (
         f"no snapshots of host cache-none (try --all-hosts) in {backup_env.config.repository}"
     )
+
+
+def test_list_json_tells_no_snapshots_from_could_not_read(backup_env):
+    """What deploys/recover.py relies on (facts/backup.py): `[]` means "answered, nothing there"."""
+    result = backup_env.cli("list", "--json")
+    assert result.exit_code == 1 and result.stderr == ""
+    error = json.loads(result.stdout)["error"]
+    assert error["kind"] == "missing"
+    assert error["repository"] == backup_env.config.repository
+    repository = backup_env.config.repository
+    assert error["message"] == f"backup repository {repository}: {error['cause']}; {error['fix']}"
+
+    assert backup_env.cli("run").exit_code == 0
+    [mine] = json.loads(backup_env.cli("list", "--json").stdout)
+    assert mine["host"] == "cache-test-1"
+    result = backup_env.cli("list", "--host", "cache-lost-9", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout) == []
+    [listed] = json.loads(backup_env.cli("list", "--host", "cache-test-1", "--json").stdout)
+    assert listed["id"] == mine["id"]
+
+    Path(backup_env.config.password_file).write_text("not-the-password")
+    result = backup_env.cli("list", "--json")
+    assert result.exit_code == 1
+    error = json.loads(result.stdout)["error"]
+    assert error["kind"] == "password"
+    assert "does not open it" in error["cause"]
+
+    absent = ["backup", "list", "--json", "--config", str(backup_env.root / "absent.toml")]
+    result = CliRunner().invoke(main, absent)
+    assert result.exit_code == 78
+    assert json.loads(result.stdout)["error"]["kind"] == "config"
 
 
 def test_check_records_its_time_and_catches_a_damaged_repository(backup_env):

@@ -11,6 +11,7 @@ from conftest import require
 from nixcache.drill import PhaseError, PhaseRunner
 from nixcache.keys import SecretKey, fingerprint
 from operations import rotation
+from operations.backup import empty_start
 from operations.recovery import check_served
 from operations.settings import SettingsError, from_data
 
@@ -156,3 +157,13 @@ def test_backup_ssh_key_is_stored_once_and_accepted_by_openssh(tmp_path) -> None
     argv = ["ssh-keygen", "-y", "-f", str(key_file)]
     derived = subprocess.run(argv, capture_output=True, text=True, check=True)
     assert derived.stdout.split()[:2] == public_key(first).split()[:2]
+
+
+def test_an_unanswered_repository_question_is_never_an_empty_start() -> None:
+    """No answer at all (nixcache missing while the deploy runs) stops the host, key or not."""
+    allowed, message = empty_start("cache-1", "sftp:backup@10.0.0.3:/srv/cache-1", None, None, True)
+    assert not allowed
+    assert message.startswith(
+        "cache-1: recover stopped before the restore: backup repository sftp:backup@10.0.0.3:/srv/cache-1"
+        " cannot be read: the host's nixcache command, which reads it, is not installed;"
+    )
