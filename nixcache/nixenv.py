@@ -61,11 +61,18 @@ def run(
     home: Path,
     extra: Mapping[str, str] | None = None,
     timeout: float = 300,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run a Nix command (`nix …`, `nix-build …`, `nix-store …`) with its own home and settings;
-    output captured as text, the exit status left to the caller."""
+    `env` adds variables that are not settings (NIX_SSL_CERT_FILE: Nix 2.8 has no ssl-cert-file
+    setting). Output captured as text, the exit status left to the caller."""
     return subprocess.run(
-        list(argv), env=environ(home, extra), capture_output=True, text=True, timeout=timeout, check=False
+        list(argv),
+        env={**environ(home, extra), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 

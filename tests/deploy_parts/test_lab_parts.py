@@ -70,17 +70,17 @@ def build_path(tmp_path: Path) -> str:
     )
 
 
-def nix(args: list[str], home: Path, settings: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return nixenv.run(["nix", *args], home, settings)
+def nix(args: list[str], home: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return nixenv.run(["nix", *args], home, env=env)
 
 
-def push(lab_dir: Path, tmp_path: Path, url: str, machine: str, path: str, settings=None) -> None:
+def push(lab_dir: Path, tmp_path: Path, url: str, machine: str, path: str, env=None) -> None:
     token = (lab_dir / "secrets" / "push-token").read_text().strip()
     netrc = tmp_path / "push-netrc"
     netrc.write_text(f"machine {machine}\nlogin ci\npassword {token}\n")
     netrc.chmod(0o600)
     pushed = nix(
-        ["copy", "--to", url, path, "--option", "netrc-file", str(netrc)], tmp_path / "home-push", settings
+        ["copy", "--to", url, path, "--option", "netrc-file", str(netrc)], tmp_path / "home-push", env
     )
     assert pushed.returncode == 0, pushed.stderr
 
@@ -321,7 +321,7 @@ def test_nginx_front_tls_http2_and_nar_bytes_from_disk(deployed: Run, lab_dir: P
         assert "StoreDir: /nix/store" in info.stdout and info.stdout.endswith("\n2")
 
         path = build_path(tmp_path)
-        ssl = {"ssl-cert-file": str(cert)}
+        ssl = {"NIX_SSL_CERT_FILE": str(cert)}
         push(lab_dir, tmp_path, base, host.address, path, ssl)
         narinfo = curl("--cacert", str(cert), f"{base}/{Path(path).name[:32]}.narinfo").stdout
         nar_url = re.search(r"^URL: (\S+)$", narinfo, re.M).group(1)
