@@ -17,10 +17,13 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 from deploy.conftest import Run, deploy, pyinfra
+from prometheus_client.parser import text_string_to_metric_families
 from support.webhook import Receiver
 
+from monitoring.test_dashboard import NODE_EXPORTER_NAMES
 from nixcache.lab import Lab
 from nixcache.lab.state import load
 from operations.prometheus import RULES_SOURCE
@@ -103,6 +106,15 @@ def test_prometheus_sees_every_cache_and_node_exporter_up(deployed: Run, lab_dir
     for other in hosts[1:]:
         code, _ = Lab(lab_dir).run(other.name, ["systemctl", "is-active", "prometheus"])
         assert code != 0, f"{other.name} runs Prometheus but is not in group monitoring"
+
+
+def test_node_exporter_exports_the_names_dashboard_and_rules_use(deployed: Run, lab_dir: Path) -> None:
+    host = running(lab_dir)[-1]
+    text = httpx.get(f"http://{host.address}:9100/metrics", timeout=10).text
+    names = {s.name for family in text_string_to_metric_families(text) for s in family.samples}
+    assert names >= NODE_EXPORTER_NAMES, sorted(NODE_EXPORTER_NAMES - names)
+    # The textfile collector serves what the deploy and the disk check wrote.
+    assert {"nixcache_signing_key_info", "nixcache_build_info"} <= names
 
 
 def notifications(receiver: Receiver, status: str, instance: str) -> list[dict]:
