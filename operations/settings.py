@@ -302,6 +302,11 @@ def _convert(host_name: str, key: str, value: Any, annotation: Any) -> Any:
         if not isinstance(items, list | tuple | set | frozenset):
             raise _fail(host_name, key, f"is {value!r}", "give a list of strings")
         return tuple(str(item).strip() for item in items if str(item).strip())
+    if origin is dict:
+        # From the CLI: --data 'monitoring_alert_for={"NixcacheDown": "10s"}' (pyinfra parses JSON).
+        if not isinstance(value, dict):
+            raise _fail(host_name, key, f"is {value!r}", 'give a mapping, e.g. {"name": "value"}')
+        return value
     if annotation is bool:
         if isinstance(value, bool):
             return value

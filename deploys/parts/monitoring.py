@@ -11,7 +11,9 @@ from operations.settings import NIXCACHE_BIN, Settings, host_secret, settings
 
 
 @deploy("nixcache monitoring: node exporter, journald, disk alert")
-def monitoring(config: Settings | None = None, public_keys: list[str] = (), build: str = "") -> None:
+def monitoring(
+    config: Settings | None = None, public_keys: tuple[str, ...] | list[str] = (), build: str = ""
+) -> None:
     """Node exporter with the textfile collector, journald retention, the disk alert timer, and
     the textfile of the deploy (``public_keys`` the server signs with, the installed ``build``).
 

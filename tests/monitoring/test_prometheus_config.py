@@ -118,3 +118,32 @@ def test_the_webhook_url_is_only_in_alertmanagers_file() -> None:
     ]
     assert "webhook_configs" not in prometheus.render_alertmanager_config(None, s)
     assert all(url not in text for text in prometheus.render_defaults(s).values())
+
+
+def test_monitoring_keys_are_checked_like_every_setting() -> None:
+    with pytest.raises(
+        SettingsError,
+        match=r"^mon: host data 'monitoring_retension' is not a nixcache setting; did you mean 'monitoring_r",
+    ):
+        from_data("mon", {"monitoring_retension": "90d"})
+    with pytest.raises(
+        SettingsError, match=r"^mon: host data 'monitoring_alert_for' is 'NixcacheDown=10s'; give a mapping"
+    ):
+        from_data("mon", {"monitoring_alert_for": "NixcacheDown=10s"})
+    assert from_data("mon", {"monitoring_alert_for": {"NixcacheDown": "10s"}}).monitoring_alert_for == {
+        "NixcacheDown": "10s"
+    }
+
+
+def test_bad_monitoring_durations_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(prometheus, "host", SimpleNamespace(name="mon"))
+    with pytest.raises(
+        SettingsError, match=r"^mon: host data 'monitoring_retention' is '30 days'; give a duration"
+    ):
+        prometheus.check_settings(from_data("mon", {"monitoring_retention": "30 days"}))
+    with pytest.raises(
+        SettingsError,
+        match=r"^mon: host data 'monitoring_prometheus_listen' is '9090'; give \[address\]:port$",
+    ):
+        prometheus.check_settings(from_data("mon", {"monitoring_prometheus_listen": "9090"}))
+    prometheus.check_settings(from_data("mon", {}))  # the defaults pass
