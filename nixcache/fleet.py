@@ -152,22 +152,22 @@ def _age(now: float, timestamp: float | None) -> float | None:
 def probe(endpoint: Endpoint, sample_seconds: float) -> Status:
     """Ask one host; never raises for network trouble (the row says what failed)."""
     metrics_url = endpoint.url(endpoint.cache_port, "/metrics")
+    node_url = endpoint.url(endpoint.node_exporter_port, "/metrics")
     with httpx.Client(timeout=TIMEOUT) as client:
         try:
-            pubkeys = _get(client, endpoint.url(endpoint.cache_port, "/pubkey")).split()
             started = time.monotonic()
             first = parse(_get(client, metrics_url))
+            pubkeys = _get(client, endpoint.url(endpoint.cache_port, "/pubkey")).split()
         except httpx.HTTPError as error:
-            return Status(endpoint.name, reachable=False, error=_reason(error, metrics_url))
+            return Status(endpoint.name, reachable=False, error=_reason(error, str(error.request.url)))
         except ValueError:
             return Status(endpoint.name, reachable=False, error=f"{metrics_url} is not Prometheus metrics")
-        node_url = endpoint.url(endpoint.node_exporter_port, "/metrics")
         node: Samples = []
         node_error = None
         try:
             node = parse(_get(client, node_url))
         except httpx.HTTPError as error:
-            node_error = _reason(error, node_url)
+            node_error = _reason(error, str(error.request.url))
         except ValueError:
             node_error = f"{node_url} is not Prometheus metrics"
         time.sleep(max(0.0, sample_seconds - (time.monotonic() - started)))
@@ -187,8 +187,9 @@ def probe(endpoint: Endpoint, sample_seconds: float) -> Status:
         total(second, "nixcache_http_requests_total"),
     )
     if before is not None and after is not None and elapsed > 0:
-        # The first scrape is counted once it is answered, so the second one sees it: leave it out.
-        status.requests_per_second = max(0.0, after - before - 1) / elapsed
+        # The first scrape and /pubkey are counted once answered, so the second scrape sees
+        # them: leave those two out.
+        status.requests_per_second = max(0.0, after - before - 2) / elapsed
     status.store_bytes = total(first, "nixcache_store_bytes")
     status.gc_age_seconds = _age(now, total(first, "nixcache_gc_last_run_timestamp_seconds"))
     versions = sorted({ls["version"] for n, ls, _ in node if n == "nixcache_build_info" and "version" in ls})

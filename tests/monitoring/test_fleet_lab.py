@@ -38,7 +38,7 @@ def test_fleet_status_of_the_lab_with_a_stopped_cache(deployed: Run, lab_dir: Pa
         # Free space comes from the disk check, whose first run is 2 minutes after boot: run it now.
         code, output = Lab(lab_dir).run(host.name, ["systemctl", "start", "nixcache-disk-alert.service"])
         assert code == 0, output
-    for _ in range(3):  # lookups of an absent path: the hit rate is 0 %, not unknown
+    for _ in range(3):  # lookups of an absent path: the hit rate is known (not "-"), and under 100 %
         assert httpx.get(f"http://{hosts[0].address}:5000/{'0' * 32}.narinfo").status_code == 404
 
     result = fleet_status(lab_dir, "inventories/lab.py", "--json")
@@ -52,7 +52,7 @@ def test_fleet_status_of_the_lab_with_a_stopped_cache(deployed: Run, lab_dir: Pa
         assert row["free_bytes"] > 0 and 0 < row["filesystem_used_ratio"] < 1
         assert row["store_bytes"] >= 0 and row["requests_per_second"] >= 0
         assert row["node_exporter_error"] is None
-    assert rows[hosts[0].name]["hit_rate"] == 0.0
+    assert 0.0 <= rows[hosts[0].name]["hit_rate"] < 1.0
 
     stopped = hosts[-1]
     code, output = Lab(lab_dir).run(stopped.name, ["systemctl", "stop", "nixcache"])
