@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 import shlex
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -155,6 +156,7 @@ def test_stopped_cache_alerts_the_webhook_and_resolves(deployed: Run, lab_dir: P
         )
 
         on_host(lab_dir, victim, "systemctl stop nixcache")
+        stopped = time.monotonic()
         firing = wait_for(
             f"NixcacheDown firing for {victim}", lambda: notifications(receiver, "firing", victim)
         )
@@ -164,8 +166,15 @@ def test_stopped_cache_alerts_the_webhook_and_resolves(deployed: Run, lab_dir: P
         assert f"--limit {victim}" in alert["annotations"]["description"]
         assert not notifications(receiver, "resolved", victim)
 
+        fired = time.monotonic()
         on_host(lab_dir, victim, "systemctl start nixcache")
         wait_for(f"NixcacheDown resolved for {victim}", lambda: notifications(receiver, "resolved", victim))
+        # With 5 s scrapes and evaluations, for: 10s and a 5 s group interval (the FAST data).
+        print(
+            f"\nNixcacheDown: webhook {fired - stopped:.0f} s after the stop, "
+            f"resolved {time.monotonic() - fired:.0f} s after the start",
+            file=sys.stderr,
+        )
     finally:
         Lab(lab_dir).run(victim, ["systemctl", "start", "nixcache"])
         receiver.close()
