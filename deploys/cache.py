@@ -3,7 +3,8 @@
     pyinfra -y inventories/lab.py deploys/cache.py
 
 Order: base (packages, admins, sshd, kernel, limits) -> storage -> install -> config and keys
--> service -> firewall -> gc -> backups -> monitoring -> nginx front -> health check.
+-> service -> firewall -> gc -> backups -> monitoring -> nginx front -> on hosts of group
+`monitoring`, the fleet's Prometheus and Alertmanager -> health check.
 Every step is an operation from operations/ that changes nothing on a converged host, so a
 second run reports no changes. Values come from host data (operations/settings.py).
 """
@@ -17,8 +18,10 @@ from pyinfra import host
 from deploys.parts.backup import backup_timer
 from deploys.parts.base import base
 from deploys.parts.monitoring import monitoring
+from deploys.parts.monitoring_server import MONITORING_GROUP, monitoring_server
 from deploys.parts.nginx_front import nginx_front
 from facts.nixcache import HostPython
+from nixcache.keys import SecretKey
 from nixcache.secrets import ensure_signing_key, ensure_token
 from operations import config, firewall, gc, health, install, rotation, service, storage
 from operations.render import sha256
@@ -132,8 +135,14 @@ gc.timer(name="nixcache-gc.timer", settings=s, depends_on=build)
 
 # --- backups, monitoring and nginx front --------------------------------------------------------
 backup_timer()
-monitoring(config=s)
+# The public keys the server signs with, in its order (one, or two during a rotation).
+key_values = {SIGNING_KEY_FILE: signing_key, rotation.NEXT_SIGNING_KEY_FILE: next_signing_key}
+public_keys = [str(SecretKey.parse(key_values[path].unmask()).public()) for path in rotation.key_files(s)]
+monitoring(config=s, public_keys=public_keys, build=build)
 nginx_front(config=s)
+# The Prometheus of the fleet, on the hosts of group `monitoring` (deploys/monitoring.py alone).
+if MONITORING_GROUP in host.groups:
+    monitoring_server(config=s)
 
 # --- last: the cache answers from the controller's side ----------------------------------------
 address = host.data.get("ssh_hostname") or host.name

@@ -9,7 +9,8 @@ Host names are the lab's (lab1, lab2, …); each host carries its SSH data and:
   lab_controller_address  the controller's address on that network (where pyinfra connects from)
   lab_address             the host's own address
   lab_state_dir           the lab's state directory (NIXCACHE_LAB_DIR resolved)
-Group data for the deploys lives in inventories/group_data/lab.py.
+Groups: `lab` (every host) and `monitoring` (the first host, which also runs the fleet's
+Prometheus). Group data for the deploys lives in inventories/group_data/lab.py.
 """
 
 from __future__ import annotations
@@ -62,3 +63,5 @@ def _hosts() -> list[tuple[str, dict]]:
 
 
 lab = _hosts()
+# The first host also runs the fleet's Prometheus and Alertmanager (deploys/cache.py does it).
+monitoring = [lab[0][0]]

@@ -1,7 +1,8 @@
 """`nixcache disk-alert`: warn before the cache's filesystem fills up.
 
 Run by a systemd timer on every cache host. It measures the filesystem holding the store the
-way `df` does, writes `nixcache_disk_usage_ratio` and `nixcache_disk_alert` for node
+way `df` does, writes `nixcache_disk_usage_ratio`, `nixcache_disk_available_bytes` and
+`nixcache_disk_alert` for node
 exporter's textfile collector (atomically: the collector never reads half a file), logs a
 warning to the journal when usage is at or above the threshold and, when a webhook URL file
 is given, POSTs a JSON message to it. The URL is a secret (it usually embeds a token), so it
@@ -68,6 +69,12 @@ def write_metrics(textfile: str, path: str, usage: Usage, threshold_percent: int
         ["path"],
         registry=registry,
     ).labels(**labels).set(1 if usage.ratio * 100 >= threshold_percent else 0)
+    Gauge(
+        "nixcache_disk_available_bytes",
+        "Bytes the service may still write on the store's filesystem, as df computes it",
+        ["path"],
+        registry=registry,
+    ).labels(**labels).set(usage.available)
     Gauge(
         "nixcache_disk_alert_threshold_ratio",
         "The alert threshold the last check used",

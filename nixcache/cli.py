@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, str] = {
     "backup": "nixcache.backup.cli:backup",
     "disk-alert": "nixcache.alerts:disk_alert",
     "drill": "nixcache.drill:drill",
+    "fleet": "nixcache.fleet:fleet",
 }
 
 

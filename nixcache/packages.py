@@ -26,4 +26,20 @@ NGINX_FRONT_PACKAGES: tuple[str, ...] = (
 # Hosts configured by deploys/client.py.
 NIX_CLIENT_PACKAGES: tuple[str, ...] = ("nix-bin",)
 
-ALL_PACKAGES: tuple[str, ...] = CACHE_HOST_PACKAGES + NGINX_FRONT_PACKAGES + NIX_CLIENT_PACKAGES
+# Hosts of the inventory group `monitoring` (deploys/monitoring.py): Debian's Prometheus 2.42,
+# Alertmanager 0.25, and the blackbox exporter that reads the nginx fronts' certificates.
+MONITORING_PACKAGES: tuple[str, ...] = (
+    "prometheus",
+    "prometheus-alertmanager",
+    "prometheus-blackbox-exporter",
+)
+# Their services, which the packages enable on install: only the monitoring deploy starts them.
+MONITORING_SERVICES: tuple[str, ...] = (
+    "prometheus.service",
+    "prometheus-alertmanager.service",
+    "prometheus-blackbox-exporter.service",
+)
+
+ALL_PACKAGES: tuple[str, ...] = (
+    CACHE_HOST_PACKAGES + NGINX_FRONT_PACKAGES + NIX_CLIENT_PACKAGES + MONITORING_PACKAGES
+)

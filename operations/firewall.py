@@ -53,11 +53,17 @@ def rules(settings: Settings, ssh_port: int = 22) -> list[Rule]:
     if settings.cache_nginx_front:
         # The server's own port stays open: the deploy's health check asks it directly.
         cache_ports.add(settings.nginx_https_port)
-    metrics_ports = (node_exporter_port(settings.node_exporter_listen),)
+    # The cache's own /metrics is served on its port: a Prometheus that may scrape node exporter
+    # may scrape the cache too, without being one of its clients (cache_allowed_sources).
+    metrics_ports = tuple(sorted({settings.cache_port, node_exporter_port(settings.node_exporter_listen)}))
     wanted = [
         (settings.ssh_sources, (ssh_port,), "SSH for admins and deploys (ssh_allowed_sources)"),
         (settings.cache_allowed_sources, tuple(sorted(cache_ports)), "the cache (cache_allowed_sources)"),
-        (settings.metrics_allowed_sources, metrics_ports, "node exporter (metrics_allowed_sources)"),
+        (
+            settings.metrics_allowed_sources,
+            metrics_ports,
+            "node exporter and the cache's /metrics (metrics_allowed_sources)",
+        ),
     ]
     out = []
     for sources, ports, why in wanted:

@@ -24,6 +24,8 @@ DISK_ALERT_NAME = "nixcache-disk-alert"
 DISK_ALERT_TEXTFILE = "nixcache_disk.prom"
 # Root-only: the URL usually embeds the receiver's token.
 DISK_ALERT_WEBHOOK_FILE = "/etc/nixcache/alert-webhook"
+# What the deploy put on the host, for node exporter's textfile collector.
+DEPLOY_INFO_TEXTFILE = "nixcache_deploy.prom"
 
 # systemd time spans ("2week", "30d", "1month 2d") and sizes ("1G", "500M", "10%" is not allowed).
 _TIMESPAN = re.compile(
@@ -164,3 +166,43 @@ def disk_alert(
         DISK_ALERT_WEBHOOK_FILE if webhook_url is not None else None,
     )
     yield from units_op.units._inner(DISK_ALERT_NAME, files, active=[f"{DISK_ALERT_NAME}.timer"])
+
+
+def render_deploy_info(public_keys: list[str], version: str, build: str) -> str:
+    """The textfile of what the deploy installed: one `nixcache_signing_key_info` series per key
+    the server signs with (alert NixcacheSigningKeyMismatch compares hosts) and the build.
+
+    The server itself does not export its keys or version; the deploy is what sets both, and it
+    rewrites this file whenever it changes either.
+    """
+    from prometheus_client import CollectorRegistry, Gauge, generate_latest
+
+    registry = CollectorRegistry()
+    keys = Gauge(
+        "nixcache_signing_key_info",
+        "A public key the cache signs with, as installed by the deploy (value 1)",
+        ["key_name", "public_key"],
+        registry=registry,
+    )
+    for public_key in public_keys:
+        keys.labels(key_name=public_key.split(":", 1)[0], public_key=public_key).set(1)
+    Gauge(
+        "nixcache_build_info",
+        "The nixcache version and build (source digest, Python) the deploy installed (value 1)",
+        ["version", "build"],
+        registry=registry,
+    ).labels(version=version, build=build).set(1)
+    return generate_latest(registry).decode()
+
+
+@operation()
+def deploy_info(
+    public_keys: list[str],
+    version: str,
+    build: str,
+    textfile_dir: str = Settings.node_exporter_textfile_dir,
+):
+    """`<textfile_dir>/nixcache_deploy.prom` names the signing keys and the build installed."""
+    path = f"{textfile_dir}/{DEPLOY_INFO_TEXTFILE}"
+    content = render_deploy_info(public_keys, version, build)
+    yield from config_files.file_changes(path, content, "root", "root", "0644")

@@ -60,8 +60,9 @@ class Settings:
     # Networks allowed to reach SSH. Empty = the same as cache_allowed_sources, so a host never
     # ends up reachable by clients but not by its admins.
     ssh_allowed_sources: tuple[str, ...] = ()
-    # Networks allowed to scrape node exporter (the port of node_exporter_listen). Empty = closed.
-    # The cache's own /metrics is on cache_port, open to cache_allowed_sources.
+    # Networks allowed to scrape: node exporter (the port of node_exporter_listen) and the cache's
+    # /metrics on cache_port. Empty = closed (cache_allowed_sources still reach /metrics). The
+    # monitoring deploy refuses a target whose list does not admit the monitoring host.
     metrics_allowed_sources: tuple[str, ...] = ()
     # Unprivileged user the service runs as; owns the store and the key file, nothing else.
     service_user: str = "nixcache"
@@ -166,6 +167,33 @@ class Settings:
     # Public keys clients trust besides those derived from the caches' signing_key_ref.
     trusted_public_keys: tuple[str, ...] = ()
 
+    # --- monitoring server: hosts of group `monitoring` (deploys/monitoring.py) --------------
+    # The `environment` label of this host's series; alerts compare hosts of one environment
+    # (one signing key each). Every inventory group file of an environment sets it.
+    monitoring_environment: str = "default"
+    # The fleet's Prometheus scrapes this host as a cache (its /metrics and node exporter). A
+    # dedicated monitoring host that runs no cache sets False.
+    monitoring_scrape: bool = True
+    # Prometheus keeps 30 days: a month of growth for capacity planning and the history of
+    # last month's incidents, a few hundred MB for a fleet of tens of hosts.
+    monitoring_retention: str = "30d"
+    # 30 s scrapes and evaluations: a down cache is seen within a minute, at a negligible load
+    # on the caches (one /metrics and one node exporter request per host each time).
+    monitoring_scrape_interval: str = "30s"
+    monitoring_evaluation_interval: str = "30s"
+    # Overrides of the rules' `for:` by alert name ({"NixcacheDown": "10s"}); the lab test uses it.
+    # Empty: the durations in monitoring/rules/nixcache.yml, each chosen with its rule.
+    monitoring_alert_for: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Alertmanager waits 30 s to batch alerts that start together (a region going down) and
+    # sends changes of a group (new or resolved alerts) at most every 5 minutes.
+    monitoring_alert_group_wait: str = "30s"
+    monitoring_alert_group_interval: str = "5m"
+    # Loopback only: Prometheus and Alertmanager have no authentication; operators reach the UIs
+    # through an SSH tunnel (`ssh -L 9090:127.0.0.1:9090 <monitoring host>`).
+    monitoring_prometheus_listen: str = "127.0.0.1:9090"
+    monitoring_alertmanager_listen: str = "127.0.0.1:9093"
+    monitoring_blackbox_listen: str = "127.0.0.1:9115"
+
     # --- backups, recovery, key rotation ---------------------------------------------------
     # restic repository (path, sftp:, s3:, rest:). None = no scheduled backups. A path on the
     # host itself dies with the host: use another machine (the lab: sftp to a second lab host).
@@ -245,6 +273,7 @@ CHECKED_PREFIXES: tuple[str, ...] = (
     "tls_",
     "nginx_",
     "client_",
+    "monitoring_",
     # backups, recovery, rotation
     "backup_",
     "recover_",
@@ -279,6 +308,11 @@ def _convert(host_name: str, key: str, value: Any, annotation: Any) -> Any:
         if not isinstance(items, list | tuple | set | frozenset):
             raise _fail(host_name, key, f"is {value!r}", "give a list of strings")
         return tuple(str(item).strip() for item in items if str(item).strip())
+    if origin is dict:
+        # From the CLI: --data 'monitoring_alert_for={"NixcacheDown": "10s"}' (pyinfra parses JSON).
+        if not isinstance(value, dict):
+            raise _fail(host_name, key, f"is {value!r}", 'give a mapping, e.g. {"name": "value"}')
+        return value
     if annotation is bool:
         if isinstance(value, bool):
             return value

@@ -1,16 +1,21 @@
-"""Monitoring of a cache host: node exporter, persistent journald, the disk-usage alert timer."""
+"""Monitoring of a cache host: node exporter, persistent journald, the disk-usage alert timer,
+and the textfile naming the signing keys and build the deploy installed."""
 
 from __future__ import annotations
 
 from pyinfra.api import deploy
 
+from nixcache import __version__
 from operations import monitoring as monitoring_ops
 from operations.settings import NIXCACHE_BIN, Settings, host_secret, settings
 
 
 @deploy("nixcache monitoring: node exporter, journald, disk alert")
-def monitoring(config: Settings | None = None) -> None:
-    """Node exporter with the textfile collector, journald retention, the disk alert timer.
+def monitoring(
+    config: Settings | None = None, public_keys: tuple[str, ...] | list[str] = (), build: str = ""
+) -> None:
+    """Node exporter with the textfile collector, journald retention, the disk alert timer, and
+    the textfile of the deploy (``public_keys`` the server signs with, the installed ``build``).
 
     Runs after the nixcache package is installed: the alert timer runs ``nixcache disk-alert``.
     """
@@ -38,4 +43,11 @@ def monitoring(config: Settings | None = None) -> None:
         textfile_dir=s.node_exporter_textfile_dir,
         schedule=s.disk_alert_schedule,
         webhook_url=webhook_url,
+    )
+    monitoring_ops.deploy_info(
+        name="Signing keys and build for node exporter",
+        public_keys=list(public_keys),
+        version=__version__,
+        build=build,
+        textfile_dir=s.node_exporter_textfile_dir,
     )

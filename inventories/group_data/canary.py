@@ -29,5 +29,7 @@ journald_max_retention = "4week"
 cache_allowed_sources = ["198.51.100.0/24"]  # placeholder: your CI networks
 ssh_allowed_sources = ["192.0.2.0/24"]  # placeholder: your operations network
 metrics_allowed_sources = ["192.0.2.0/24"]  # placeholder: your Prometheus
+# The `environment` label of this group's metrics: alerts compare hosts of one environment.
+monitoring_environment = "canary"
 
 admin_users = []

@@ -16,6 +16,7 @@ __all__ = [
     "gc_max_free",
     "gc_min_free",
     "metrics_allowed_sources",
+    "monitoring_environment",
     "push_token_generate",
     "push_token_ref",
     "signing_key_generate",
@@ -29,6 +30,8 @@ _state = load(_lab_dir) if _lab_dir.is_dir() else None
 # Only the lab network reaches SSH and the cache (the controller sits on it as the gateway).
 cache_allowed_sources = [_state.subnet] if _state and _state.subnet else []
 metrics_allowed_sources = list(cache_allowed_sources)
+# The `environment` label of the lab's metrics (one signing key for the whole lab).
+monitoring_environment = "lab"
 
 signing_key_ref = f"file://{_lab_dir / 'secrets' / 'signing-key'}"
 push_token_ref = f"file://{_lab_dir / 'secrets' / 'push-token'}"

@@ -38,6 +38,8 @@ journald_max_retention = "4week"
 cache_allowed_sources = ["198.51.100.0/24"]  # placeholder: your CI and developer networks
 ssh_allowed_sources = ["192.0.2.0/24"]  # placeholder: your operations network
 metrics_allowed_sources = ["192.0.2.0/24"]  # placeholder: your Prometheus
+# The `environment` label of this group's metrics: alerts compare hosts of one environment.
+monitoring_environment = "production"
 
 # Admins log in with their own keys; list them here, then set ssh_permit_root_login = "no"
 # (the deploy refuses "no" while no admin with sudo and a key is listed).

@@ -24,10 +24,10 @@ from pathlib import Path
 from nixcache.lab import rootfs
 from nixcache.lab.errors import LabError
 from nixcache.lab.lock import locked
-from nixcache.packages import ALL_PACKAGES
+from nixcache.packages import ALL_PACKAGES, MONITORING_SERVICES
 
 SUITE = "bookworm"
-RECIPE_VERSION = "2"  # bump when the build steps below change what lands in the image
+RECIPE_VERSION = "3"  # bump when the build steps below change what lands in the image
 
 # What a lab host needs to boot with systemd as PID 1 and be reached by pyinfra over SSH.
 BOOT_PACKAGES: tuple[str, ...] = (
@@ -154,7 +154,8 @@ def _generalise(root: Path) -> None:
         "timers.target.wants/apt-daily-upgrade.timer",
     ):
         (wants / unit).unlink(missing_ok=True)
-    for unit in ("e2scrub_reap.service", "systemd-pstore.service"):
+    # Every lab host carries the monitoring packages, but only the monitoring deploy starts them.
+    for unit in ("e2scrub_reap.service", "systemd-pstore.service", *MONITORING_SERVICES):
         (wants / "multi-user.target.wants" / unit).unlink(missing_ok=True)
         (wants / "sysinit.target.wants" / unit).unlink(missing_ok=True)
     (root / "root/.ssh").mkdir(mode=0o700, exist_ok=True)

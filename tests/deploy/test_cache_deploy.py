@@ -221,10 +221,13 @@ def test_firewall_refuses_the_cache_port_outside_allowed_sources(deployed: Run, 
         assert cache_info(host.address, local_address=outsider).status_code == 200  # allowed: lab network
 
         # The cache narrowed to the controller's own address; SSH stays open to the lab network.
+        # The cache port also admits metrics_allowed_sources (Prometheus reads /metrics there):
+        # narrowed too, to the controller and the lab's monitoring host (the first host).
         narrowed = deploy(
             lab_dir,
             "--limit", host.name,
             "--data", f"cache_allowed_sources={gateway}/32",
+            "--data", f"metrics_allowed_sources={gateway}/32,{hosts(lab_dir)[0].address}/32",
             "--data", f"ssh_allowed_sources={state.subnet}",
         )  # fmt: skip
         assert narrowed.returncode == 0, narrowed.output[-5000:]

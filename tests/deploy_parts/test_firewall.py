@@ -22,7 +22,8 @@ def test_the_open_ports_are_those_of_the_services():
         ("ip6", ("fd00::/64",), (2222,)),
         ("ip", ("10.0.0.0/24",), (5000, 8443)),
         ("ip6", ("fd00::/64",), (5000, 8443)),
-        ("ip", ("10.9.0.0/24",), (9200,)),
+        # /metrics is on the cache port: the scraping Prometheus needs both.
+        ("ip", ("10.9.0.0/24",), (5000, 9200)),
     ]
 
 

@@ -6,14 +6,11 @@ Runs after tests/deploy (same shared lab). Tests that change a host's data deplo
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -23,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from deploy.conftest import Run, deploy, pyinfra
 from support import nixbuild
+from support.webhook import Receiver
 
 from nixcache import nixenv
 from nixcache.keys import SecretKey
@@ -224,31 +222,6 @@ def test_node_exporter_textfile_metrics_and_persistent_journal(deployed: Run, la
     for unit in ("nixcache-disk-alert.service", "prometheus-node-exporter.service"):
         score = on_host(lab_dir, host.name, f"systemd-analyze security --no-pager {unit} | tail -1")
         assert float(re.search(r"exposure level for \S+: ([0-9.]+)", score).group(1)) <= 2.0, score
-
-
-class Receiver:
-    """A webhook receiver on the controller's lab address (the lab network only)."""
-
-    def __init__(self, address: str):
-        self.bodies: list[dict] = []
-        received = self.bodies
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer((address, 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def test_disk_alert_over_threshold_warns_in_journal_metric_and_webhook(
