@@ -6,7 +6,8 @@
 Builds a synthetic store (narinfos + NARs) in a temp dir, starts this server and nginx
 (Debian's nginx-light, temp config, loopback only) on it, then measures:
 - narinfo: time to fetch every narinfo over ONE keep-alive connection with curl (libcurl, as
-  Nix uses), median of several rounds after a warm-up, plus the first (cold) round;
+  Nix uses), median of several rounds after a warm-up, plus the first (cold) round, plus as many
+  absent narinfos (404 each: Nix clients ask for many);
 - NAR throughput with wrk on 1 and 16 connections;
 - peak RSS (VmHWM) of the server process.
 nginx serves the stored narinfo files as they are; this server signs each one on the fly (and
@@ -125,13 +126,23 @@ def wait_port(port: int, timeout: float = 15) -> None:
     raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
-def curl_round(base: str, hashes: list[str], work: Path) -> float:
-    """Seconds curl takes to GET every narinfo, all on one keep-alive connection."""
+def curl_round(base: str, hashes: list[str], work: Path, *, absent: bool = False) -> float:
+    """Seconds curl takes to GET every narinfo, all on one keep-alive connection (`absent`:
+    hashes that are not in the store, each answered 404, as Nix clients ask for many)."""
     config = work / "curl.cfg"
     config.write_text("".join(f'url = "{base}/{h}.narinfo"\noutput = "/dev/null"\n' for h in hashes))
     start = time.perf_counter()
     out = subprocess.run(
-        [*NICE, "curl", "-sS", "--fail", "--config", str(config), "-w", "%{num_connects}\n"],
+        [
+            *NICE,
+            "curl",
+            "-sS",
+            *([] if absent else ["--fail"]),
+            "--config",
+            str(config),
+            "-w",
+            "%{num_connects}\n",
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -175,9 +186,16 @@ def measure(
     for _ in range(rounds):
         for name, base in bases.items():
             results[name]["warm"].append(curl_round(base, hashes, work))
+    absent = [base32.encode(os.urandom(20)) for _ in hashes]
+    for name in bases:
+        results[name]["misses"] = []
+    for _ in range(max(3, rounds // 3)):
+        for name, base in bases.items():
+            results[name]["misses"].append(curl_round(base, absent, work, absent=True))
     for name in bases:
         results[name]["best"] = min(results[name]["warm"])
         results[name]["warm"] = statistics.median(results[name]["warm"])
+        results[name]["misses"] = statistics.median(results[name]["misses"])
     for connections, key in ((1, "one"), (16, "sixteen")) if seconds else ():
         for name, base in bases.items():
             results[name][key] = wrk(f"{base}/nar/{big}", connections, seconds)
@@ -251,6 +269,7 @@ def main() -> int:
         ("narinfo, warm (median of rounds)", ng["warm"] * 1000, us["warm"] * 1000, "ms", "<= 1.5x time"),
         ("narinfo, warm (best round)", ng["best"] * 1000, us["best"] * 1000, "ms", ""),
         ("narinfo, first round", ng["cold"] * 1000, us["cold"] * 1000, "ms", ""),
+        ("absent narinfos (404), median", ng["misses"] * 1000, us["misses"] * 1000, "ms", ""),
     ]
     if not args.narinfo_only:
         rows += [

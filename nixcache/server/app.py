@@ -1,63 +1,47 @@
-"""The WSGI application: routing of the Nix binary cache protocol over a `Store`.
+"""The Nix binary cache protocol over a `Store`: one route table, one handler per route and method.
 
-Pure WSGI (no gevent import): `nixcache.server.http` serves it, adds sendfile for `FileBody`
-responses, logs one line per request and counts it in the metrics.
+No gevent here: `nixcache.server.http` parses each request (llhttp), calls `App.handle` with a
+`wire.Request` and sends the `wire.Response` it returns (sendfile for a `FileBody`), then logs
+one line and counts it in the metrics from the request's `wire.Record`.
 """
 
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, BinaryIO
+from collections.abc import Callable, Sequence
 
 from nixcache.keys import SecretKey
-from nixcache.server import narinfo
+from nixcache.server import narinfo, wire
 from nixcache.server.auth import Tokens
 from nixcache.server.config import ServerConfig
 from nixcache.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from nixcache.server.metrics import Metrics
 from nixcache.server.narinfo import NarInfo, NarInfoError
+from nixcache.server.routes import Route, Router
 from nixcache.server.store import Store, UploadError
+from nixcache.server.wire import FileBody, Request, Response
 
-StartResponse = Callable[..., Any]
-_NARINFO = re.compile(r"^/([0-9a-df-np-sv-z]{32})\.narinfo$")
-_LS = re.compile(r"^/[0-9a-df-np-sv-z]{32}\.ls$")
+__all__ = ["App", "FileBody"]
+
+_HASH = "[0-9a-df-np-sv-z]{32}"  # a store path's hash part
+# A path segment under the extra prefixes: never "." or "..", never a NUL.
+_SEGMENT = r"(?!\.\.?(?:/|\Z))[^/\x00]+"
+NARINFO_PATH = rf"/({_HASH})\.narinfo"
+NAR_PATH = rf"/nar/({narinfo.NAR_NAME})"
 # Files newer clients upload that this cache accepts and discards.
-_EXTRA_PREFIXES = ("/log/", "/debuginfo/", "/build-trace-v2/", "/realisations/")
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
-# Unread request bodies up to this size are drained to keep the connection; larger ones close it.
-_DRAIN_LIMIT = 64 * 1024
+EXTRA_PATH = rf"/{_HASH}\.ls|/(?:log|debuginfo|build-trace-v2|realisations)(?:/{_SEGMENT})+"
 _NARINFO_CACHE_ENTRIES = 16384  # signed narinfos kept in memory, ~1 KiB each
 NARINFO_LIMIT = 4 * 1024 * 1024  # the largest narinfo accepted (thousands of references fit)
-_AUTH_HEADERS = [("WWW-Authenticate", 'Basic realm="nixcache"')]
+_AUTH_HEADERS = (("WWW-Authenticate", 'Basic realm="nixcache"'),)
 
 
-class FileBody:
-    """A (part of a) file as a response body; the HTTP layer sends it with sendfile(2)."""
-
-    def __init__(self, handle: BinaryIO, offset: int, count: int):
-        self.handle = handle
-        self.offset = offset
-        self.count = count
-
-    def __iter__(self) -> Iterator[bytes]:
-        # Fallback for WSGI servers without sendfile: bounded chunks.
-        self.handle.seek(self.offset)
-        remaining = self.count
-        while remaining > 0:
-            chunk = self.handle.read(min(remaining, 256 * 1024))
-            if not chunk:
-                raise OSError(f"{self.handle.name} shrank while being sent")
-            remaining -= len(chunk)
-            yield chunk
-
-    def close(self) -> None:
-        self.handle.close()
+def _error(status: int, reason: str, headers: Sequence[tuple[str, str]] = ()) -> Response:
+    """An error answer whose body is the reason, one line; the same reason goes to the log."""
+    return Response(status, f"{reason}\n".encode(), headers=headers, reason=reason)
 
 
 class App:
-    """The cache's WSGI application."""
+    """The cache's protocol: `handle(request)` answers one request."""
 
     def __init__(
         self,
@@ -81,157 +65,82 @@ class App:
         self._hit = metrics.narinfo.labels("hit")
         self._miss = metrics.narinfo.labels("miss")
         self._narinfo_prefix = f"{store.narinfo_dir}/"
-
-    # -- helpers ---------------------------------------------------------------------------------
-
-    @staticmethod
-    def _respond(
-        environ: dict[str, Any],
-        start_response: StartResponse,
-        status: str,
-        body: bytes,
-        content_type: str = "text/plain; charset=utf-8",
-        headers: Iterable[tuple[str, str]] = (),
-    ) -> list[bytes]:
-        out = [("Content-Type", content_type), ("Content-Length", str(len(body))), *headers]
-        start_response(status, out)
-        if environ["REQUEST_METHOD"] == "HEAD":
-            return []
-        if status[0] == "2" and environ["REQUEST_METHOD"] == "GET":
-            environ["nixcache.body_bytes"] = len(body)
-        return [body]
-
-    def _error(
-        self,
-        environ: dict[str, Any],
-        start_response: StartResponse,
-        status: int,
-        reason: str,
-        headers: Iterable[tuple[str, str]] = (),
-    ) -> list[bytes]:
-        environ["nixcache.reason"] = reason
-        extra = list(headers)
-        if _body_left(environ) > _DRAIN_LIMIT:
-            # Do not read gigabytes we refused: close instead of draining.
-            abandon = getattr(environ["wsgi.input"], "abandon", None)
-            if abandon:
-                abandon()
-            extra.append(("Connection", "close"))
-        return self._respond(environ, start_response, _STATUS[status], f"{reason}\n".encode(), headers=extra)
+        read = {"GET": None, "HEAD": None}
+        self.router = Router(
+            [
+                Route("narinfo", NARINFO_PATH, {**_all(read, self.get_narinfo), "PUT": self.put_narinfo}),
+                Route("nar", NAR_PATH, {**_all(read, self.get_nar), "PUT": self.put_nar}),
+                Route(
+                    "nix-cache-info",
+                    "/nix-cache-info",
+                    {**_all(read, self.get_cache_info), "PUT": self.put_extra},
+                ),
+                Route("healthz", "/healthz", _all(read, self.get_healthz)),
+                Route("metrics", "/metrics", _all(read, self.get_metrics)),
+                Route("pubkey", "/pubkey", _all(read, self.get_pubkey)),
+                Route("extra", EXTRA_PATH, {**_all(read, self.get_extra), "PUT": self.put_extra}),
+            ]
+        )
 
     # -- dispatch --------------------------------------------------------------------------------
 
-    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        method = environ["REQUEST_METHOD"]
-        path = environ.get("PATH_INFO", "")
-        match = _NARINFO.match(path)
-        if match:
-            environ["nixcache.route"] = "narinfo"
-            if method in ("GET", "HEAD"):
-                return self.get_narinfo(environ, start_response, match.group(1))
-            if method == "PUT":
-                return self.put(environ, start_response, "narinfo", match.group(1))
-        elif path.startswith("/nar/"):
-            environ["nixcache.route"] = "nar"
-            name = path[len("/nar/") :]
-            if narinfo.NAR_FILE.match(name) is None:
-                return self._bad_path(environ, start_response, path)
-            if method in ("GET", "HEAD"):
-                return self.get_nar(environ, start_response, name)
-            if method == "PUT":
-                return self.put(environ, start_response, "nar", name)
-        elif path == "/nix-cache-info":
-            environ["nixcache.route"] = "nix-cache-info"
-            if method in ("GET", "HEAD"):
-                if not self.tokens.may_read(environ.get("HTTP_AUTHORIZATION")):
-                    return self._unauthorized(environ, start_response, "read")
-                return self._respond(
-                    environ, start_response, "200 OK", self.cache_info, "text/x-nix-cache-info"
-                )
-            if method == "PUT":
-                return self.put(environ, start_response, "extra", path)
-        elif path in ("/healthz", "/metrics", "/pubkey"):
-            environ["nixcache.route"] = path[1:]
-            if method in ("GET", "HEAD"):
-                return getattr(self, "get_" + path[1:])(environ, start_response)
-        elif _LS.match(path) or path.startswith(_EXTRA_PREFIXES):
-            environ["nixcache.route"] = "extra"
-            if ".." in path.split("/") or "\0" in path:
-                return self._bad_path(environ, start_response, path)
-            if method == "PUT":
-                return self.put(environ, start_response, "extra", path)
-            if method in ("GET", "HEAD"):
-                return self._error(environ, start_response, 404, f"{path} is not kept by this cache")
-        else:
-            environ["nixcache.route"] = "other"
-            return self._bad_path(environ, start_response, path)
-        return self._error(
-            environ,
-            start_response,
-            405,
-            f"{method} is not supported on {path}",
-            [("Allow", "GET, HEAD, PUT")],
-        )
+    def handle(self, request: Request) -> Response:
+        """Answer one request; sets its record's route."""
+        found = self.router.resolve(request.method, request.path)
+        request.record.route = found.name
+        if found.handler is not None:
+            return found.handler(request, *found.groups)
+        if found.allow:  # RFC 9110 15.5.6: 405 names the methods the path has
+            return _error(
+                405, f"{request.method} is not supported on {found.name} paths", [("Allow", found.allow)]
+            )
+        return self._bad_path(request.path)
 
-    def _bad_path(self, environ: dict[str, Any], start_response: StartResponse, path: str) -> list[bytes]:
+    @staticmethod
+    def _bad_path(path: str) -> Response:
         shown = path[:120].encode("unicode_escape").decode()
         if ".." in path or "\0" in path or "//" in path or "\\" in path:
-            return self._error(
-                environ, start_response, 400, f"{shown}: path tries to leave the cache; refused"
-            )
-        if path.endswith(".narinfo"):
-            return self._error(
-                environ, start_response, 400, f"{shown}: a narinfo is /<32-char base32 store hash>.narinfo"
-            )
+            return _error(400, f"{shown}: path tries to leave the cache; refused")
+        if path.rstrip().endswith(".narinfo"):
+            return _error(400, f"{shown}: a narinfo is /<32-char base32 store hash>.narinfo")
         if path.startswith("/nar/"):
-            return self._error(
-                environ,
-                start_response,
-                400,
-                f"{shown}: a NAR is /nar/<52-char base32 sha256>.nar[.xz|.zst|.bz2]",
-            )
-        return self._error(environ, start_response, 404, f"{shown} is not a path this cache serves")
+            return _error(400, f"{shown}: a NAR is /nar/<52-char base32 sha256>.nar[.xz|.zst|.bz2]")
+        return _error(404, f"{shown} is not a path this cache serves")
 
-    def _unauthorized(self, environ: dict[str, Any], start_response: StartResponse, what: str) -> list[bytes]:
+    def _unauthorized(self, authorization: str | None, what: str) -> Response:
         if what == "push" and self.tokens.push is None:
             reason = "this cache accepts no pushes: no push_token_file is configured"
-        elif environ.get("HTTP_AUTHORIZATION"):
+        elif authorization:
             reason = f"wrong {what} token: check the password in the netrc (or the Bearer token)"
         else:
             reason = f"{what} token required: send it as the HTTP Basic password (netrc) or a Bearer token"
-        return self._error(environ, start_response, 401, reason, _AUTH_HEADERS)
+        return _error(401, reason, _AUTH_HEADERS)
 
     # -- reads -----------------------------------------------------------------------------------
 
-    def narinfo_hit(self, path: str, authorization: str | None) -> bytes | None:
-        """The signed narinfo for GET `path` when it is a narinfo that is here and may be read,
-        else None (the WSGI path then answers, with the right error). The HTTP layer's fast path."""
-        match = _NARINFO.match(path)
-        if match is None or not self.tokens.may_read(authorization):
-            return None
-        try:
-            body = self._signed_narinfo(match.group(1))
-        except _DamagedEntry:
-            return None
-        if body is not None:
-            self._hit.inc()
-        return body
+    def get_cache_info(self, request: Request) -> Response:
+        if not self.tokens.may_read(request.headers.get("authorization")):
+            return self._unauthorized(request.headers.get("authorization"), "read")
+        return Response(200, self.cache_info, "text/x-nix-cache-info")
 
-    def get_narinfo(
-        self, environ: dict[str, Any], start_response: StartResponse, hash_part: str
-    ) -> list[bytes]:
-        if not self.tokens.may_read(environ.get("HTTP_AUTHORIZATION")):
-            return self._unauthorized(environ, start_response, "read")
+    def get_narinfo(self, request: Request, hash_part: str) -> Response:
+        return self.narinfo(hash_part, request.headers.get("authorization"))
+
+    def narinfo(self, hash_part: str, authorization: str | None) -> Response:
+        """The answer to GET /<hash_part>.narinfo: also called by the HTTP layer's fast path, so
+        hits and misses alike cost a stat and a dict lookup (Nix clients ask for many absent paths)."""
+        if not self.tokens.may_read(authorization):
+            return self._unauthorized(authorization, "read")
         try:
             body = self._signed_narinfo(hash_part)
         except _DamagedEntry as error:
             self._miss.inc()
-            return self._error(environ, start_response, 404, str(error))
+            return _error(404, str(error))
         if body is None:
             self._miss.inc()
-            return self._error(environ, start_response, 404, f"{hash_part}.narinfo is not in this cache")
+            return _error(404, f"{hash_part}.narinfo is not in this cache")
         self._hit.inc()
-        return self._respond(environ, start_response, "200 OK", body, "text/x-nix-narinfo")
+        return Response(200, body, "text/x-nix-narinfo")
 
     def _signed_narinfo(self, hash_part: str) -> bytes | None:
         path = self._narinfo_prefix + hash_part + ".narinfo"  # str, not Path: this runs per request
@@ -270,157 +179,107 @@ class App:
         self._narinfo_cache[hash_part] = (key, body)
         return body
 
-    def get_nar(self, environ: dict[str, Any], start_response: StartResponse, name: str) -> Iterable[bytes]:
-        if not self.tokens.may_read(environ.get("HTTP_AUTHORIZATION")):
-            return self._unauthorized(environ, start_response, "read")
+    def get_nar(self, request: Request, name: str) -> Response:
+        if not self.tokens.may_read(request.headers.get("authorization")):
+            return self._unauthorized(request.headers.get("authorization"), "read")
         prefix = self.config.accel_redirect_prefix
-        if prefix and environ["REQUEST_METHOD"] == "GET":
+        if prefix and request.method == "GET":
             if not self.store.nar_path(name).is_file():
-                return self._error(environ, start_response, 404, f"nar/{name} is not in this cache")
-            start_response(
-                "200 OK",
-                [
-                    ("Content-Type", "application/x-nix-nar"),
-                    ("X-Accel-Redirect", f"{prefix.rstrip('/')}/{name}"),
-                    ("Content-Length", "0"),
-                ],
-            )
-            return []
-        if environ["REQUEST_METHOD"] == "HEAD":
+                return _error(404, f"nar/{name} is not in this cache")
+            accel = [("X-Accel-Redirect", f"{prefix.rstrip('/')}/{name}")]
+            return Response(200, b"", "application/x-nix-nar", accel)
+        if request.method == "HEAD":
             # Pushers HEAD a NAR before uploading it: keep it safe from gc until its narinfo lands.
             self.store.touch_nar(name)
         nar = self.store.open_nar(name)
         if nar is None:
-            return self._error(environ, start_response, 404, f"nar/{name} is not in this cache")
+            return _error(404, f"nar/{name} is not in this cache")
         size = nar.size
-        headers = [("Content-Type", "application/x-nix-nar"), ("Accept-Ranges", "bytes")]
-        status, offset, count = "200 OK", 0, size
-        range_header = environ.get("HTTP_RANGE")
-        if range_header:
-            parsed = _parse_range(range_header, size)
-            if parsed is None:
-                nar.handle.close()
-                return self._error(
-                    environ,
-                    start_response,
-                    416,
-                    f"Range {range_header[:60]!r} is not satisfiable for {size} bytes",
-                    [("Content-Range", f"bytes */{size}")],
-                )
-            if parsed != (0, size):
-                offset, count = parsed
-                status = "206 Partial Content"
-                headers.append(("Content-Range", f"bytes {offset}-{offset + count - 1}/{size}"))
-        headers.append(("Content-Length", str(count)))
-        start_response(status, headers)
-        if environ["REQUEST_METHOD"] == "HEAD" or count == 0:
+        try:
+            part = wire.parse_range(request.headers.get("range"), size)
+        except wire.Refusal as refusal:
             nar.handle.close()
-            return []
-        environ["nixcache.body_bytes"] = count
-        return FileBody(nar.handle, offset, count)
+            return _error(refusal.status, refusal.reason, refusal.headers)
+        headers = [("Accept-Ranges", "bytes")]
+        if part is None:
+            return Response(200, FileBody(nar.handle, 0, size), "application/x-nix-nar", headers)
+        offset, count = part
+        headers.append(("Content-Range", f"bytes {offset}-{offset + count - 1}/{size}"))
+        return Response(206, FileBody(nar.handle, offset, count), "application/x-nix-nar", headers)
 
-    def get_healthz(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+    def get_healthz(self, request: Request) -> Response:
         if self.store.writable():
-            return self._respond(environ, start_response, "200 OK", b"ok\n")
-        return self._error(environ, start_response, 503, f"store {self.store.root} is not writable")
+            return Response(200, b"ok\n")
+        return _error(503, f"store {self.store.root} is not writable")
 
-    def get_metrics(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
-        return self._respond(environ, start_response, "200 OK", self.metrics.render(), METRICS_CONTENT_TYPE)
+    def get_metrics(self, request: Request) -> Response:
+        return Response(200, self.metrics.render(), METRICS_CONTENT_TYPE)
 
-    def get_pubkey(self, environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
-        return self._respond(environ, start_response, "200 OK", self.pubkeys)
+    def get_pubkey(self, request: Request) -> Response:
+        return Response(200, self.pubkeys)
+
+    def get_extra(self, request: Request) -> Response:
+        return _error(404, f"{request.path} is not kept by this cache")
 
     # -- uploads ---------------------------------------------------------------------------------
 
-    def put(
-        self, environ: dict[str, Any], start_response: StartResponse, kind: str, name: str
-    ) -> list[bytes]:
-        if not self.tokens.may_push(environ.get("HTTP_AUTHORIZATION")):
+    def _upload(self, request: Request, kind: str, receive: Callable[[int], Response]) -> Response:
+        """Check the push token, then `receive(limit)`; counts the upload as accepted or rejected."""
+        if not self.tokens.may_push(request.headers.get("authorization")):
             self.metrics.uploads.labels(kind, "rejected").inc()
-            return self._unauthorized(environ, start_response, "push")
-        body = environ["wsgi.input"]
-        length = _content_length(environ)
-        if length == -1:
-            self.metrics.uploads.labels(kind, "rejected").inc()
-            return self._error(environ, start_response, 400, "Content-Length is not a number")
-        limit = self.config.max_upload_size
+            return self._unauthorized(request.headers.get("authorization"), "push")
         try:
-            if kind == "nar":
-                if self.store.keep_nar(name):
-                    self.store.drain(body, length, limit)  # same name, same bytes: already here
-                else:
-                    self.store.put_nar(name, body, length, limit)
-                    size = length or 0
-                    self.metrics.upload_bytes.inc(size)
-                    self.metrics.usage.add_nar(size)
-            elif kind == "narinfo":
-                existed = os.path.exists(self._narinfo_prefix + name + ".narinfo")
-                info, published = self.store.put_narinfo(name, body, length, min(limit, NARINFO_LIMIT))
-                # Signed now, while it is at hand: clients usually fetch what CI just pushed, and
-                # their first fetch then costs no parse and no signature.
-                self._cache_signed(name, (published.st_ino, published.st_mtime_ns, published.st_size), info)
-                if not existed:
-                    self.metrics.usage.add_entry(length or 0)
-            else:
-                self.store.drain(body, length, limit)
-                self.metrics.uploads.labels(kind, "accepted").inc()
-                start_response("204 No Content", [])
-                return []
+            response = receive(self.config.max_upload_size)
         except UploadError as error:
             self.metrics.uploads.labels(kind, "rejected").inc()
-            return self._error(environ, start_response, error.status, error.reason)
+            return _error(error.status, error.reason)
         self.metrics.uploads.labels(kind, "accepted").inc()
-        return self._respond(environ, start_response, "201 Created", b"stored\n")
+        return response
+
+    def put_nar(self, request: Request, name: str) -> Response:
+        body = request.body
+
+        def receive(limit: int) -> Response:
+            if self.store.keep_nar(name):
+                self.store.drain(body, body.length, limit)  # same name, same bytes: already here
+            else:
+                self.store.put_nar(name, body, body.length, limit)
+                size = request.record.received
+                self.metrics.upload_bytes.inc(size)
+                self.metrics.usage.add_nar(size)
+            return Response(201, b"stored\n")
+
+        return self._upload(request, "nar", receive)
+
+    def put_narinfo(self, request: Request, hash_part: str) -> Response:
+        body = request.body
+
+        def receive(limit: int) -> Response:
+            existed = os.path.exists(self._narinfo_prefix + hash_part + ".narinfo")
+            info, published = self.store.put_narinfo(hash_part, body, body.length, min(limit, NARINFO_LIMIT))
+            # Signed now, while it is at hand: clients usually fetch what CI just pushed, and
+            # their first fetch then costs no parse and no signature.
+            self._cache_signed(hash_part, (published.st_ino, published.st_mtime_ns, published.st_size), info)
+            if not existed:
+                self.metrics.usage.add_entry(request.record.received)
+            return Response(201, b"stored\n")
+
+        return self._upload(request, "narinfo", receive)
+
+    def put_extra(self, request: Request, *_: str) -> Response:
+        body = request.body
+
+        def receive(limit: int) -> Response:
+            self.store.drain(body, body.length, limit)
+            return Response(204, b"", None)  # RFC 9110 15.3.5: no content, no Content-Length
+
+        return self._upload(request, "extra", receive)
 
 
 class _DamagedEntry(Exception):
     """A stored narinfo failed to parse (disk damage or manual edits)."""
 
 
-def _content_length(environ: dict[str, Any]) -> int | None:
-    raw = environ.get("CONTENT_LENGTH")
-    if not raw:
-        return None
-    return int(raw) if raw.isascii() and raw.isdigit() else -1
-
-
-def _body_left(environ: dict[str, Any]) -> int:
-    """Bytes of the request body not read yet (a large number when unknown)."""
-    body = environ.get("wsgi.input")
-    length = getattr(body, "content_length", None)
-    if getattr(body, "chunked_input", False):
-        return 1 << 62
-    if length is None:
-        length = _content_length(environ) or 0
-    return max(0, length - getattr(body, "position", 0))
-
-
-def _parse_range(header: str, size: int) -> tuple[int, int] | None:
-    """(offset, count) of a single `bytes=` range, the whole file for forms we do not serve
-    (several ranges), or None when unsatisfiable."""
-    match = _RANGE.match(header.strip())
-    if not match:
-        return (0, size)  # RFC 9110: a server may ignore a Range it does not support
-    first, last = match.groups()
-    if not first and not last:
-        return (0, size)
-    if not first:  # suffix: the last N bytes
-        count = min(int(last), size)
-        return (size - count, count) if count > 0 else None
-    start = int(first)
-    end = min(int(last), size - 1) if last else size - 1
-    if start >= size or end < start:
-        return None
-    return (start, end - start + 1)
-
-
-_STATUS = {
-    400: "400 Bad Request",
-    401: "401 Unauthorized",
-    404: "404 Not Found",
-    405: "405 Method Not Allowed",
-    413: "413 Content Too Large",
-    416: "416 Range Not Satisfiable",
-    503: "503 Service Unavailable",
-    507: "507 Insufficient Storage",
-}
+def _all(methods: dict[str, None], handler: Callable[..., Response]) -> dict[str, Callable[..., Response]]:
+    """`handler` for each of `methods` (GET and HEAD share their handlers: the server drops the body)."""
+    return dict.fromkeys(methods, handler)

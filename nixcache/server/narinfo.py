@@ -15,11 +15,16 @@ from nixcache.server import base32
 
 HASH_LEN = 32  # characters of a store path's hash part
 # Store path names: Nix allows letters, digits and +-._?= and never a leading dot.
-_NAME = re.compile(r"^[A-Za-z0-9+\-_?=][A-Za-z0-9+\-._?=]{0,210}$")
+_NAME = re.compile(r"\A[A-Za-z0-9+\-_?=][A-Za-z0-9+\-._?=]{0,210}\Z")
 COMPRESSIONS = {"none": ".nar", "xz": ".nar.xz", "zstd": ".nar.zst", "bzip2": ".nar.bz2"}
 # The NAR file names this server stores: nar/<base32 sha256 of the file><extension>.
-NAR_FILE = re.compile(r"^([0-9a-df-np-sv-z]{52})(\.nar(?:\.xz|\.zst|\.bz2)?)$")
-_SIG = re.compile(r"^[^:\s]+:[A-Za-z0-9+/]+={0,2}$")
+# Every pattern is anchored with \A and \Z: `$` also matches before a final newline.
+_BASE32 = "[0-9a-df-np-sv-z]"
+NAR_EXTENSION = r"\.nar(?:\.xz|\.zst|\.bz2)?"
+NAR_NAME = rf"{_BASE32}{{52}}{NAR_EXTENSION}"  # for patterns that embed it (the route table)
+NAR_FILE = re.compile(rf"\A({_BASE32}{{52}})({NAR_EXTENSION})\Z")
+_SIG = re.compile(r"\A[^:\s]+:[A-Za-z0-9+/]+={0,2}\Z")
+MAX_DIGITS = 19  # NarSize and FileSize: 10**19 bytes is past any NAR; int() refuses > 4300 digits
 
 
 class NarInfoError(ValueError):
@@ -108,8 +113,11 @@ class NarInfo:
 
 
 def _int_field(name: str, value: str) -> int:
-    if not (value.isascii() and value.isdigit()):  # isdigit() alone admits "²", which int() refuses
-        raise NarInfoError(name, f"{value!r} is not a non-negative integer")
+    # isdigit() alone admits "²", which int() refuses; and int() stalls or refuses on thousands of digits
+    if not (value.isascii() and value.isdigit()) or len(value) > MAX_DIGITS:
+        raise NarInfoError(
+            name, f"{value[:40]!r} is not a non-negative integer of at most {MAX_DIGITS} digits"
+        )
     return int(value)
 
 

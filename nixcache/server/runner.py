@@ -21,6 +21,7 @@ from nixcache.server.config import ServerConfig
 from nixcache.server.http import Server
 from nixcache.server.metrics import Metrics, scan
 from nixcache.server.store import Store
+from nixcache.server.workers import offload_to
 
 log = logging.getLogger("nixcache.server")
 SERVED_FLUSH_SECONDS = 30
@@ -75,7 +76,7 @@ def build(config: ServerConfig) -> Server:
     except TokenError as error:
         raise StartupError(str(error)) from None
     threadpool = gevent.get_hub().threadpool
-    store = Store(config.store, config.store_dir, offload=lambda fn, args: threadpool.apply(fn, args))
+    store = Store(config.store, config.store_dir, offload=offload_to(threadpool))
     try:
         store.create()
     except OSError as error:
