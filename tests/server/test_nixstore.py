@@ -1,0 +1,332 @@
+"""Serving this host's own Nix store (nixcache.server.nixstore) against Debian's real Nix: paths
+built with nix-build, compared with what `nix-store --dump`, `nix copy --to file://…` and
+`nix-store -l` give for the same paths."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sqlite3
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import require
+from support import nixbuild
+
+from nixcache import nixenv
+from nixcache.server import base32, narinfo
+from nixcache.server.config import NixStoreConfig
+from nixcache.server.nixstore import dump
+from nixcache.server.nixstore.db import NixDatabase, NixDbError
+from nixcache.server.nixstore.store import LocalNixStore
+from server.helpers import write_key
+
+STATE_DIR = Path("/nix/var/nix")
+BIG = 5 * 1024 * 1024 + 3  # a large file, not a multiple of 8 (its padding is framing)
+
+# A tree with every kind of NAR node, depending on a second path; the build prints a log line.
+CLOSURE = r"""
+let
+  salt = "@SALT@";
+  dep = derivation {
+    name = "nixstore-dep";
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" "echo dep ${salt} > $out" ];
+  };
+in derivation {
+  name = "nixstore-tree";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" ''
+    set -e
+    echo "building the tree ${salt}"
+    /bin/mkdir -p $out/bin $out/share/deep/er/est $out/empty-dir
+    echo ${dep} > $out/dep-path
+    printf '#!/bin/sh\necho hi\n' > $out/bin/hello
+    /bin/chmod 555 $out/bin/hello
+    : > $out/empty-file
+    /bin/ln -s ../dep-path $out/share/link
+    /bin/ln -s /nonexistent/target $out/dangling
+    printf 'abc' > $out/share/deep/er/est/seven
+    printf 'x' > $out/share/caf\xc3\xa9
+    /usr/bin/head -c @BIG@ /dev/urandom > $out/share/big.bin
+    /usr/bin/head -c 70000 /dev/urandom > $out/share/medium.bin
+  '' ];
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> str:
+    require(os.geteuid() == 0, "building into /nix/store needs root")
+    expression = CLOSURE.replace("@SALT@", uuid.uuid4().hex).replace("@BIG@", str(BIG))
+    return nixbuild.build(expression, tmp_path_factory.mktemp("nixstore-tree"))
+
+
+@pytest.fixture
+def local(tmp_path: Path) -> LocalNixStore:
+    _, key = write_key(tmp_path)
+    store = LocalNixStore(NixStoreConfig(serve_nix_store=True), "/nix/store", [key])
+    yield store
+    store.close()
+
+
+def nix_dump(path: str) -> bytes:
+    return subprocess.run(["nix-store", "--dump", path], capture_output=True, check=True).stdout
+
+
+def closure_of(path: str) -> list[str]:
+    out = subprocess.run(["nix-store", "-qR", path], capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+def generated(path: str, size: int, offset: int = 0, count: int | None = None) -> bytes:
+    return b"".join(dump.iter_bytes(dump.generate(path, size, offset, count)))
+
+
+def test_nar_is_byte_identical_to_nix_store_dump(tree: str, local: LocalNixStore) -> None:
+    for path in closure_of(tree):
+        expected = nix_dump(path)
+        info = local.db.path_info(Path(path).name[:32])
+        assert info is not None and info.nar_size == len(expected)
+        assert info.nar_hash == base32.format_sha256(hashlib.sha256(expected).digest())
+        assert generated(path, info.nar_size) == expected, path
+
+
+def test_large_files_go_out_as_file_regions_and_chunks_stay_bounded(tree: str) -> None:
+    size = len(nix_dump(tree))
+    regions = []
+    for item in dump.generate(tree, size):
+        if isinstance(item, dump.FileRegion):
+            regions.append((os.path.basename(item.handle.name), item.count))
+        else:
+            assert len(item) <= dump.CHUNK + dump.SMALL_FILE + 4096
+    assert regions == [(b"big.bin", BIG), (b"medium.bin", 70000)]
+
+
+@pytest.mark.parametrize("where", ["start", "inside-big", "after-big", "last-byte", "suffix-to-end"])
+def test_range_gives_the_bytes_of_nix_store_dump(tree: str, where: str, monkeypatch) -> None:
+    expected = nix_dump(tree)
+    big_at = expected.index(b"big.bin")
+    offsets = {
+        "start": (0, 100),
+        "inside-big": (big_at + 4096, 1 << 20),
+        "after-big": (big_at + BIG + 400, 5000),
+        "last-byte": (len(expected) - 1, 1),
+        "suffix-to-end": (len(expected) - 70500, None),
+    }
+    offset, count = offsets[where]
+    opened: list[bytes] = []
+    real_open = open
+    monkeypatch.setattr(dump, "open", lambda p, *a: opened.append(p) or real_open(p, *a), raising=False)
+    got = generated(tree, len(expected), offset, count)
+    assert got == expected[offset : offset + count if count else None]
+    if where in ("after-big", "last-byte", "suffix-to-end"):
+        # A range after a file does not read it: generating from an offset skips, not discards.
+        assert not any(p.endswith(b"/big.bin") for p in opened)
+
+
+def copy_tree(tree: str, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(tree, copy, symlinks=True)
+    return copy
+
+
+def test_a_file_that_vanishes_mid_dump_raises(tree: str, tmp_path: Path) -> None:
+    copy = copy_tree(tree, tmp_path)
+    size = len(nix_dump(tree))
+    body = dump.generate(str(copy), size)
+    sent = 0
+    with pytest.raises(dump.PathChanged, match=r"medium\.bin"):
+        for item in body:
+            if isinstance(item, dump.FileRegion) and item.handle.name.endswith(b"big.bin"):
+                os.chmod(copy / "share", 0o700)  # store dirs are read-only
+                os.unlink(copy / "share" / "medium.bin")  # later in the walk than big.bin
+            sent += item.count if isinstance(item, dump.FileRegion) else len(item)
+    assert sent < size
+
+
+def test_a_file_that_shrinks_mid_send_raises(tree: str, tmp_path: Path) -> None:
+    copy = copy_tree(tree, tmp_path)
+    size = len(nix_dump(tree))
+    with pytest.raises(dump.PathChanged, match="shrank"):
+        for item in dump.generate(str(copy), size):
+            if isinstance(item, dump.FileRegion):
+                os.chmod(copy / "share" / "big.bin", 0o644)
+                os.truncate(copy / "share" / "big.bin", 1000)
+                b"".join(item)
+
+
+@pytest.mark.parametrize("delta", [-1, +1, -8])
+def test_a_nar_not_of_nar_size_never_completes(tree: str, delta: int) -> None:
+    size = len(nix_dump(tree))
+    sent = 0
+    with pytest.raises(dump.PathChanged, match="NarSize"):
+        for chunk in dump.iter_bytes(dump.generate(tree, size + delta)):
+            sent += len(chunk)
+    assert sent < size + delta  # the client never gets a body as long as Content-Length said
+
+
+def nix_copy_to_file(path: str, tmp_path: Path) -> Path:
+    dest = tmp_path / "file-cache"
+    copied = nixenv.run(
+        ["nix", "copy", "--to", f"file://{dest}?write-nar-listing=true&compression=none", path],
+        home=tmp_path / "home-copy",
+    )
+    assert copied.returncode == 0, copied.stderr
+    return dest
+
+
+def test_narinfo_and_listing_match_what_nix_writes(tree: str, local: LocalNixStore, tmp_path: Path) -> None:
+    dest = nix_copy_to_file(tree, tmp_path)
+    for path in closure_of(tree):
+        hash_part = Path(path).name[:32]
+        body = local.narinfo(hash_part)
+        assert body is not None
+        ours = narinfo.parse(body.decode())
+        nix = narinfo.parse((dest / f"{hash_part}.narinfo").read_text())
+        for name in ("store_path", "nar_hash", "nar_size", "references", "deriver", "ca", "compression"):
+            assert getattr(ours, name) == getattr(nix, name), name
+        assert ours.url == f"nar/{ours.nar_hash[7:]}.nar"
+        (sig,) = ours.sigs
+        assert local.keys[0].public().verify(sig, ours.fingerprint("/nix/store"))
+        assert local.listing(hash_part) == (dest / f"{hash_part}.ls").read_bytes()
+    assert b"dep-path" in local.listing(Path(tree).name[:32])
+
+
+def test_narinfo_is_signed_by_every_key(tree: str, tmp_path: Path) -> None:
+    keys = [write_key(tmp_path, name)[1] for name in ("new-key-2", "old-key-1")]
+    store = LocalNixStore(NixStoreConfig(serve_nix_store=True), "/nix/store", keys)
+    info = narinfo.parse(store.narinfo(Path(tree).name[:32]).decode())
+    assert [sig.split(":")[0] for sig in info.sigs] == ["new-key-2", "old-key-1"]
+    for key, sig in zip(keys, info.sigs, strict=True):
+        assert key.public().verify(sig, info.fingerprint("/nix/store"))
+
+
+def test_nar_found_by_its_url_with_or_without_the_narinfo_first(tree: str, local: LocalNixStore) -> None:
+    expected = nix_dump(tree)
+    name = f"{base32.sha256_b32(expected)}.nar"
+    cold = local.open_nar(name)  # a client's cached narinfo: found by scanning the database
+    assert cold is not None and cold.size == len(expected)
+    local.narinfo(Path(tree).name[:32])
+    warm = local.open_nar(name)
+    assert warm == cold
+    assert b"".join(dump.iter_bytes(warm.body(10, 20))) == expected[10:30]
+    assert local.open_nar(f"{base32.sha256_b32(b'nothing')}.nar") is None
+    assert local.open_nar(f"{base32.sha256_b32(expected)}.nar.xz") is None
+    assert local.narinfo("0" * 32) is None
+    assert local.narinfo("not a hash") is None
+
+
+def test_build_log_is_what_nix_store_l_prints(tree: str, local: LocalNixStore, tmp_path: Path) -> None:
+    drv = local.db.path_info(Path(tree).name[:32]).deriver
+    expected = nixenv.run(["nix-store", "-l", f"/nix/store/{drv}"], home=tmp_path / "home-log")
+    assert expected.returncode == 0, expected.stderr
+    assert "building the tree" in expected.stdout
+    log = local.log(drv)
+    assert log is not None
+    with log.handle:
+        assert log.handle.read().decode() == expected.stdout
+        assert log.size == len(expected.stdout.encode())
+    assert local.log("0" * 32 + "-missing.drv") is None
+    assert local.log("../../etc/passwd") is None
+
+
+# -- the database --------------------------------------------------------------------------------
+
+
+def copy_state(tmp_path: Path) -> Path:
+    """A copy of Nix's database to break or write to (the machine's is never written)."""
+    state = tmp_path / "state"
+    (state / "db").mkdir(parents=True)
+    state.chmod(0o755)
+    source = sqlite3.connect(f"file:{STATE_DIR}/db/db.sqlite?mode=ro", uri=True)
+    target = sqlite3.connect(state / "db" / "db.sqlite")
+    source.backup(target)
+    source.close()
+    target.execute("PRAGMA journal_mode = wal")  # as Nix runs it
+    target.close()
+    shutil.copy(STATE_DIR / "db" / "schema", state / "db" / "schema")
+    return state
+
+
+def test_unknown_schema_version_is_a_one_line_error(tmp_path: Path) -> None:
+    require(STATE_DIR.joinpath("db", "db.sqlite").exists(), "no Nix database (apt-get install nix-bin)")
+    state = copy_state(tmp_path)
+    (state / "db" / "schema").write_text("11")
+    fix = "upgrade nixcache, or set serve_nix_store = false"
+    with pytest.raises(NixDbError, match=rf"schema version '11'.*{fix}"):
+        NixDatabase(state)
+
+
+def test_missing_column_is_a_one_line_error(tmp_path: Path) -> None:
+    require(STATE_DIR.joinpath("db", "db.sqlite").exists(), "no Nix database (apt-get install nix-bin)")
+    state = copy_state(tmp_path)
+    db = sqlite3.connect(state / "db" / "db.sqlite")
+    db.execute("ALTER TABLE ValidPaths RENAME COLUMN narSize TO size")
+    db.close()
+    with pytest.raises(NixDbError, match="table ValidPaths lacks narSize") as error:
+        NixDatabase(state)
+    assert "\n" not in str(error.value)
+
+
+def test_no_database_is_a_one_line_error(tmp_path: Path) -> None:
+    with pytest.raises(NixDbError, match=f"no Nix database at {tmp_path}/db.*nix_store.state_dir"):
+        NixDatabase(tmp_path)
+
+
+def test_reader_never_blocks_the_daemon_and_sees_its_writes(tree: str, tmp_path: Path) -> None:
+    state = copy_state(tmp_path)
+    reader = NixDatabase(state)
+    hash_part = Path(tree).name[:32]
+    assert reader.path_info(hash_part) is not None
+    daemon = sqlite3.connect(state / "db" / "db.sqlite", timeout=0)  # fails at once if blocked
+    new = "/nix/store/" + "1" * 32 + "-registered-later"
+    with daemon:
+        daemon.execute(
+            "INSERT INTO ValidPaths (path, hash, registrationTime, narSize) VALUES (?, ?, 0, 8)",
+            (new, "sha256:" + "ab" * 32),
+        )
+    info = reader.path_info("1" * 32)
+    assert info is not None and info.path == new  # not a stale snapshot (no immutable=1)
+    with daemon:
+        daemon.execute("DELETE FROM ValidPaths WHERE path = ?", (new,))
+    # No read transaction outlives a lookup, so the daemon's checkpoint is never held back.
+    assert daemon.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+    assert reader.path_info("1" * 32) is None  # a collected path stops being served
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        reader._db.execute("DELETE FROM ValidPaths")
+    daemon.close()
+    reader.close()
+
+
+def test_reads_as_a_user_without_write_access(tree: str, tmp_path: Path) -> None:
+    """The service's sandbox: the database and its -shm are root's and read-only to it."""
+    require(shutil.which("setpriv") is not None, "setpriv missing (util-linux)")
+    # Under /tmp itself: pytest's own temporary directories are private to root.
+    scratch = Path(tempfile.mkdtemp(prefix="nixcache-nixdb-"))
+    scratch.chmod(0o755)
+    state = copy_state(scratch)
+    hold = sqlite3.connect(state / "db" / "db.sqlite")  # the daemon, holding -wal and -shm open
+    hold.execute("SELECT count(*) FROM ValidPaths").fetchall()
+    script = (
+        "import sys; from nixcache.server.nixstore.db import NixDatabase;"
+        f"print(NixDatabase(sys.argv[1]).path_info({Path(tree).name[:32]!r}).path)"
+    )
+    out = subprocess.run(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "python3", "-c", script, state],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[2],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
+        check=False,
+    )
+    hold.close()
+    shutil.rmtree(scratch)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == tree
