@@ -22,7 +22,7 @@ from nixcache.server import base32, narinfo
 from nixcache.server.config import NixStoreConfig
 from nixcache.server.nixstore import dump
 from nixcache.server.nixstore.db import NixDatabase, NixDbError
-from nixcache.server.nixstore.store import LocalNixStore
+from nixcache.server.nixstore.store import LocalNar, LocalNixStore
 from server.helpers import write_key
 
 STATE_DIR = Path("/nix/var/nix")
@@ -330,3 +330,31 @@ def test_reads_as_a_user_without_write_access(tree: str, tmp_path: Path) -> None
     shutil.rmtree(scratch)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == tree
+
+
+def test_a_nar_scanned_absent_is_found_once_its_narinfo_is_served(tmp_path: Path) -> None:
+    require(STATE_DIR.joinpath("db", "db.sqlite").exists(), "no Nix database (apt-get install nix-bin)")
+    state = copy_state(tmp_path)
+    offloaded: list[str] = []
+
+    def offload(fn, args):
+        offloaded.append(fn.__name__)
+        return fn(*args)
+
+    _, key = write_key(tmp_path)
+    local = LocalNixStore(NixStoreConfig(serve_nix_store=True, state_dir=state), "/nix/store", [key], offload)
+    nar_hash = base32.sha256_b32(b"registered later")
+    assert local.open_nar(f"{nar_hash}.nar") is None
+    assert offloaded == ["_scan"]  # the table scan runs off the event loop
+    daemon = sqlite3.connect(state / "db" / "db.sqlite", timeout=0)
+    with daemon:
+        daemon.execute(
+            "INSERT INTO ValidPaths (path, hash, registrationTime, narSize) VALUES (?, ?, 0, 112)",
+            ("/nix/store/" + "2" * 32 + "-later", "sha256:" + base32.decode(nar_hash, 32).hex()),
+        )
+    daemon.close()
+    assert local.open_nar(f"{nar_hash}.nar") is None  # remembered as absent: no second scan
+    assert offloaded == ["_scan"]
+    assert b"StorePath: /nix/store/" + b"2" * 32 + b"-later\n" in local.narinfo("2" * 32)
+    assert local.open_nar(f"{nar_hash}.nar") == LocalNar("/nix/store/" + "2" * 32 + "-later", 112)
+    local.close()

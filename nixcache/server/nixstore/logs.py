@@ -4,7 +4,7 @@ Nix keeps the log of `/nix/store/<hash>-<name>.drv` at `<log dir>/drvs/<2 first 
 bzip2-compressed with a `.bz2` suffix unless `compress-build-log = false`. Clients want the text
 (Nix sends no Accept-Encoding that covers bzip2), and the response needs its length before the
 first byte, so a compressed log is decompressed into an anonymous temporary file first: memory
-stays flat, and the body is then sent like any file.
+stays flat, and the body is then sent like any file. The server runs this in its thread pool.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import bz2
 import os
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -60,7 +59,6 @@ def _decompressed(compressed: BinaryIO) -> BuildLog:
         with bz2.open(compressed) as text:
             while chunk := text.read(_CHUNK):
                 out.write(chunk)
-                time.sleep(0)  # let other connections run between chunks (gevent)
         size = out.tell()
         out.seek(0)
     except BaseException:
