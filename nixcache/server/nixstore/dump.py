@@ -107,7 +107,7 @@ def _read_exactly(handle: BinaryIO, offset: int, count: int) -> Iterator[bytes]:
 
 
 def _vanished(path: bytes, error: OSError) -> PathChanged:
-    return PathChanged(f"{os.fsdecode(path)} changed while its NAR was being sent: {error.strerror}")
+    return PathChanged(f"{os.fsdecode(path)} changed or became unreadable under its NAR: {error.strerror}")
 
 
 def walk(root: str | bytes) -> Iterator[bytes | Entry | Contents]:

@@ -40,7 +40,8 @@ def listing(root: str | bytes, nar_size: int) -> bytes:
                 tree = node
     if pos != nar_size:
         raise PathChanged(f"{os.fsdecode(root)} gives a NAR of {pos} bytes, not its NarSize of {nar_size}")
-    return json.dumps({"version": 1, "root": tree}, separators=(",", ":"), ensure_ascii=False).encode()
+    text = json.dumps({"version": 1, "root": tree}, separators=(",", ":"), ensure_ascii=False)
+    return text.encode("utf-8", "surrogateescape")  # names that are not UTF-8 go out as they are
 
 
 def _node(entry: Entry) -> dict[str, Any]:

@@ -144,7 +144,8 @@ class LocalNixStore:
         info = self._info(hash_part)
         if info is None:
             return None
-        return listing.listing(self._on_disk(info.path), info.nar_size)
+        # A walk of the whole tree (tens of ms for tens of thousands of files): off the loop.
+        return self.offload(listing.listing, (self._on_disk(info.path), info.nar_size))
 
     def log(self, drv: str) -> logs.BuildLog | None:
         """The build log of the derivation base name `drv`, or None."""
