@@ -305,31 +305,64 @@ def test_reader_never_blocks_the_daemon_and_sees_its_writes(tree: str, tmp_path:
     reader.close()
 
 
-def test_reads_as_a_user_without_write_access(tree: str, tmp_path: Path) -> None:
-    """The service's sandbox: the database and its -shm are root's and read-only to it."""
+# Run as `nobody`: look up each hash part read from stdin, print the path or "-".
+READER = """
+import sys
+from nixcache.server.nixstore.db import NixDatabase
+db = NixDatabase(sys.argv[1])
+for line in sys.stdin:
+    info = db.path_info(line.strip())
+    print(info.path if info else "-", flush=True)
+"""
+
+
+def test_reads_as_a_user_without_write_access(tree: str) -> None:
+    """The service's sandbox: the database is root's and read-only to it, first closed (no Nix
+    process has it open, so SQLite deleted its WAL files), then opened by Nix and written."""
     require(shutil.which("setpriv") is not None, "setpriv missing (util-linux)")
+    python = "/usr/bin/python3"  # the test's own interpreter may sit under root's home
+    require(Path(python).exists(), f"{python} missing")
     # Under /tmp itself: pytest's own temporary directories are private to root.
     scratch = Path(tempfile.mkdtemp(prefix="nixcache-nixdb-"))
-    scratch.chmod(0o755)
-    state = copy_state(scratch)
-    hold = sqlite3.connect(state / "db" / "db.sqlite")  # the daemon, holding -wal and -shm open
-    hold.execute("SELECT count(*) FROM ValidPaths").fetchall()
-    script = (
-        "import sys; from nixcache.server.nixstore.db import NixDatabase;"
-        f"print(NixDatabase(sys.argv[1]).path_info({Path(tree).name[:32]!r}).path)"
-    )
-    out = subprocess.run(
-        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "python3", "-c", script, state],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).parents[2],
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])},
-        check=False,
-    )
-    hold.close()
-    shutil.rmtree(scratch)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == tree
+    try:
+        scratch.chmod(0o755)
+        state = copy_state(scratch)
+        assert not Path(f"{state}/db/db.sqlite-wal").exists()  # closed, as when the daemon is idle
+        root = Path(__file__).parents[2]
+        reader = subprocess.Popen(
+            ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", python, "-c", READER, state],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=root,
+            env={**os.environ, "PYTHONPATH": str(root)},
+        )
+
+        def ask(hash_part: str) -> str:
+            reader.stdin.write(hash_part + "\n")
+            reader.stdin.flush()
+            return reader.stdout.readline().strip()
+
+        try:
+            assert ask(Path(tree).name[:32]) == tree, reader.stderr.read() if reader.poll() else ""
+            daemon = sqlite3.connect(state / "db" / "db.sqlite", timeout=0)
+            daemon.execute("PRAGMA journal_mode = wal")
+            new = "/nix/store/" + "3" * 32 + "-registered-while-open"
+            with daemon:
+                daemon.execute(
+                    "INSERT INTO ValidPaths (path, hash, registrationTime, narSize) VALUES (?, ?, 0, 8)",
+                    (new, "sha256:" + "cd" * 32),
+                )
+            # The commit is in the WAL only (the daemon still has the database open): seen live.
+            assert ask("3" * 32) == new
+            daemon.close()
+        finally:
+            reader.stdin.close()
+            reader.wait(10)
+        assert reader.returncode == 0, reader.stderr.read()
+    finally:
+        shutil.rmtree(scratch)
 
 
 def test_a_nar_scanned_absent_is_found_once_its_narinfo_is_served(tmp_path: Path) -> None:

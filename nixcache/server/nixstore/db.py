@@ -3,8 +3,8 @@
 Why this is safe beside a running nix-daemon (docs/decisions/0005-…):
 
 - opened with `mode=ro` and `PRAGMA query_only`: SQLite itself refuses any write;
-- not `immutable=1`: that tells SQLite the file never changes, so it would skip locking and serve
-  stale or torn pages while the daemon registers and collects paths;
+- not `immutable=1` (but see `_execute`): that tells SQLite the file never changes, so it would
+  skip locking and serve stale or torn pages while the daemon registers and collects paths;
 - every lookup is one SELECT in autocommit mode, a read transaction of microseconds. Nix runs the
   database in WAL mode, where readers never block its writes; a read snapshot only holds back the
   WAL checkpoint while it lasts, and none lasts past one query (NARs are streamed after it ended);
@@ -13,11 +13,15 @@ Why this is safe beside a running nix-daemon (docs/decisions/0005-…):
   then reported as `NixDbError`.
 
 In the service's sandbox the database is read-only, so SQLite keeps its WAL index in memory
-instead of sharing `db.sqlite-shm`; reads still see every committed transaction.
+instead of sharing `db.sqlite-shm`; reads still see every committed transaction. When no Nix
+process has the database open there is no WAL to read at all, and a read-only user cannot open
+one: see `_execute` for the snapshot read used until Nix opens it again.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sqlite3
 import time
 import urllib.parse
@@ -25,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nixcache.server import base32
+
+log = logging.getLogger("nixcache.server")
 
 # Nix's schema version (the `schema` file beside db.sqlite): 10 from Nix 2.0 to today's 2.3x and Lix.
 KNOWN_SCHEMAS = frozenset({10})
@@ -72,19 +78,57 @@ class NixDatabase:
         self.path = Path(state_dir) / "db" / "db.sqlite"
         self.store_dir = store_dir
         self._check_schema_file()
-        uri = f"file:{urllib.parse.quote(str(self.path))}?mode=ro"
+        quoted = urllib.parse.quote(str(self.path))
+        self._live_uri = f"file:{quoted}?mode=ro"
+        self._snapshot_uri = f"file:{quoted}?mode=ro&immutable=1"
+        self._wal = Path(f"{self.path}-wal")
+        self._db: sqlite3.Connection | None = None
+        self._snapshot_logged = False
         try:
-            # timeout=0: no busy handler in C (see the module docstring); retries are ours.
-            self._db = sqlite3.connect(
-                uri, uri=True, timeout=0, isolation_level=None, check_same_thread=False
-            )
-            self._db.execute("PRAGMA query_only = 1")
             self._check_columns()
         except sqlite3.Error as error:
             raise NixDbError(
                 f"Nix database {self.path} cannot be read ({error}); the service needs read access to it"
                 f" and to {self.path.parent}"
             ) from None
+
+    def _connect(self, uri: str) -> sqlite3.Connection:
+        # timeout=0: no busy handler in C (see the module docstring); retries are ours.
+        db = sqlite3.connect(uri, uri=True, timeout=0, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA query_only = 1")
+        return db
+
+    def _execute(self, sql: str, params: tuple[str, ...] = ()) -> list[tuple]:
+        """Rows of one statement, run to completion (`fetchall`: a statement left unfinished would
+        keep its read transaction, and the daemon's checkpoint, waiting until garbage-collected).
+
+        Through the live read-only connection when it can be had; when it cannot (a read-only user
+        and no Nix process has the database open: SQLite deleted `-wal` and `-shm` at the last
+        close and this user may not create them), through a one-query `immutable` snapshot. Without
+        a WAL the database file is complete, and a writer that starts meanwhile writes its WAL, not
+        the file, until a checkpoint far longer than one query away. Once Nix opens the database
+        again the live connection takes over, and while it is open SQLite keeps the WAL files."""
+        if self._db is None and (self._wal.exists() or os.access(self.path.parent, os.W_OK)):
+            self._db = self._connect(self._live_uri)
+        if self._db is not None:
+            try:
+                return self._db.execute(sql, params).fetchall()
+            except sqlite3.OperationalError as error:
+                if "readonly" not in str(error):
+                    raise
+                self._db.close()  # it may not create the WAL index: fall back to a snapshot
+                self._db = None
+        if not self._snapshot_logged:
+            self._snapshot_logged = True
+            log.info(
+                "Nix database %s is closed and read-only here: reading snapshots until Nix opens it",
+                self.path,
+            )
+        snapshot = self._connect(self._snapshot_uri)
+        try:
+            return snapshot.execute(sql, params).fetchall()
+        finally:
+            snapshot.close()
 
     def _check_schema_file(self) -> None:
         schema_file = self.path.parent / "schema"
@@ -106,7 +150,7 @@ class NixDatabase:
 
     def _check_columns(self) -> None:
         for table, wanted in _COLUMNS.items():
-            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            have = {row[1] for row in self._execute(f"PRAGMA table_info({table})")}
             missing = wanted - have
             if missing:
                 raise NixDbError(
@@ -120,12 +164,12 @@ class NixDatabase:
         delay = 0.001
         while True:
             try:
-                # fetchall, not fetchone: a statement left unfinished would keep its read
-                # transaction (and the daemon's checkpoint) waiting until it is garbage-collected.
-                rows = self._db.execute(sql, params).fetchall()
+                rows = self._execute(sql, params)
                 return rows[0] if rows else None
-            except sqlite3.OperationalError as error:
-                busy = "locked" in str(error) or "busy" in str(error)
+            except sqlite3.Error as error:
+                busy = isinstance(error, sqlite3.OperationalError) and (
+                    "locked" in str(error) or "busy" in str(error)
+                )
                 if not busy or time.monotonic() > deadline:
                     raise NixDbError(f"Nix database {self.path}: {error}") from None
             time.sleep(delay)  # gevent's sleep once the server has monkey-patched
@@ -166,4 +210,6 @@ class NixDatabase:
             raise NixDbError(f"Nix database {self.path}: hash of {path} is not sha256 ({error})") from None
 
     def close(self) -> None:
-        self._db.close()
+        if self._db is not None:
+            self._db.close()
+            self._db = None
