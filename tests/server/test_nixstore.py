@@ -275,6 +275,14 @@ def test_missing_column_is_a_one_line_error(tmp_path: Path) -> None:
     assert "\n" not in str(error.value)
 
 
+def test_a_store_dir_other_than_the_databases_is_a_one_line_error(tmp_path: Path) -> None:
+    require(STATE_DIR.joinpath("db", "db.sqlite").exists(), "no Nix database (apt-get install nix-bin)")
+    with pytest.raises(NixDbError, match="holds paths under /nix/store, not under store_dir = '/srv/store'"):
+        NixDatabase(STATE_DIR, "/srv/store")
+    with pytest.raises(NixDbError, match=f"nix_store.store_dir {tmp_path}/none is not a directory"):
+        LocalNixStore(NixStoreConfig(store_dir=str(tmp_path / "none")), "/nix/store", [])
+
+
 def test_no_database_is_a_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(NixDbError, match=f"no Nix database at {tmp_path}/db.*nix_store.state_dir"):
         NixDatabase(tmp_path)

@@ -55,7 +55,7 @@ _BY_NAR_HASH = "SELECT path, narSize FROM ValidPaths WHERE hash IN (?, ?) LIMIT 
 
 
 class NixDbError(Exception):
-    """Nix's database cannot be read, or has a schema this version does not know."""
+    """Nix's database (or store) cannot be read, or has a schema this version does not know."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,7 @@ class NixDatabase:
         self._snapshot_logged = False
         try:
             self._check_columns()
+            self._check_store_dir()
         except sqlite3.Error as error:
             raise NixDbError(
                 f"Nix database {self.path} cannot be read ({error}); the service needs read access to it"
@@ -158,6 +159,17 @@ class NixDatabase:
                     " this Nix's schema is not one nixcache knows: upgrade nixcache, or set"
                     " serve_nix_store = false"
                 )
+
+    def _check_store_dir(self) -> None:
+        """The paths in the database must be under `store_dir`, or nothing would ever be found."""
+        rows = self._execute("SELECT path FROM ValidPaths LIMIT 1")
+        if rows and rows[0][0].rpartition("/")[0] != self.store_dir:
+            found = rows[0][0].rpartition("/")[0]
+            raise NixDbError(
+                f"Nix database {self.path} holds paths under {found}, not under store_dir ="
+                f" {self.store_dir!r}: set store_dir = {found!r} (the clients' StoreDir), or point"
+                " nix_store.state_dir elsewhere"
+            )
 
     def _query(self, sql: str, params: tuple[str, ...]) -> tuple | None:
         deadline = time.monotonic() + _BUSY_RETRY_FOR

@@ -22,6 +22,7 @@ the same bytes for it, and a push-store NAR then costs no scan.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +31,7 @@ from nixcache.keys import SecretKey
 from nixcache.server.config import NixStoreConfig
 from nixcache.server.narinfo import NAR_FILE, NarInfo, is_hash_part
 from nixcache.server.nixstore import dump, listing, logs
-from nixcache.server.nixstore.db import NixDatabase, PathInfo
+from nixcache.server.nixstore.db import NixDatabase, NixDbError, PathInfo
 
 _REMEMBERED = 65536  # NarHash -> hash part entries, ~150 bytes each
 _SIGNED = 16384  # signed narinfos kept, ~1 KiB each
@@ -65,6 +66,11 @@ class LocalNixStore:
         self.store_dir = store_dir  # the clients' StoreDir, under which the database names paths
         self.keys = keys
         self.offload = offload  # runs slow work (a table scan, a log's decompression) off the loop
+        if not os.path.isdir(config.store_dir):
+            raise NixDbError(
+                f"nix_store.store_dir {config.store_dir} is not a directory: install Nix, or point it at"
+                " the store's files, or set serve_nix_store = false"
+            )
         self.db = NixDatabase(config.state_dir, store_dir)
         self._hash_part_of: dict[str, str] = {}  # NarHash base32 -> store hash part
         self._signed: dict[str, tuple[PathInfo, bytes]] = {}
