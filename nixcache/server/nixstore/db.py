@@ -1,6 +1,6 @@
 """Nix's own database of valid store paths (`<state dir>/db/db.sqlite`), read, never written.
 
-Why this is safe beside a running nix-daemon (docs/decisions/0005-…):
+Why this is safe beside a running nix-daemon (docs/decisions/0006-read-nix-database-directly.md):
 
 - opened with `mode=ro` and `PRAGMA query_only`: SQLite itself refuses any write;
 - not `immutable=1` (but see `_execute`): that tells SQLite the file never changes, so it would
