@@ -10,9 +10,11 @@ import shutil
 import sqlite3
 import subprocess
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import require
 from support import nixbuild
@@ -23,7 +25,7 @@ from nixcache.server.config import NixStoreConfig
 from nixcache.server.nixstore import dump
 from nixcache.server.nixstore.db import NixDatabase, NixDbError
 from nixcache.server.nixstore.store import LocalNar, LocalNixStore
-from server.helpers import write_key
+from server.helpers import make_entry, push, write_key
 
 STATE_DIR = Path("/nix/var/nix")
 BIG = 5 * 1024 * 1024 + 3  # a large file, not a multiple of 8 (its padding is framing)
@@ -399,3 +401,123 @@ def test_a_nar_scanned_absent_is_found_once_its_narinfo_is_served(tmp_path: Path
     assert b"StorePath: /nix/store/" + b"2" * 32 + b"-later\n" in local.narinfo("2" * 32)
     assert local.open_nar(f"{nar_hash}.nar") == LocalNar("/nix/store/" + "2" * 32 + "-later", 112)
     local.close()
+
+
+# -- served by `nixcache serve` ------------------------------------------------------------------
+
+
+@pytest.fixture
+def served(start_cache, tmp_path: Path):
+    """A running server with [nix_store] serve_nix_store = true beside its (empty) push store."""
+    config = tmp_path / "config.toml"
+    config.write_text("[nix_store]\nserve_nix_store = true\n")
+    return start_cache("--config", str(config))
+
+
+def nix_as_client(args: list[str], tmp_path: Path, name: str) -> subprocess.CompletedProcess[str]:
+    return nixenv.run(["nix", *args], home=tmp_path / f"home-{name}")
+
+
+def test_nix_copy_from_the_local_store_with_only_the_cache_key_trusted(
+    tree: str, served, tmp_path: Path
+) -> None:
+    def copy_from(trusted: str, name: str) -> subprocess.CompletedProcess[str]:
+        return nix_as_client(
+            [
+                "copy", "--from", served.url, "--to", str(tmp_path / name), tree,
+                "--option", "require-sigs", "true",
+                "--option", "trusted-public-keys", trusted,
+            ],
+            tmp_path,
+            name,
+        )  # fmt: skip
+
+    copied = copy_from(str(served.key.public()), "trusted")
+    assert copied.returncode == 0, copied.stderr
+    for path in closure_of(tree):
+        there = tmp_path / "trusted" / path.lstrip("/")
+        dumped = subprocess.run(["nix-store", "--dump", str(there)], capture_output=True, check=True)
+        assert dumped.stdout == nix_dump(path)
+    _, other = write_key(tmp_path, "someone-else-1")
+    refused = copy_from(str(other.public()), "untrusted")
+    assert refused.returncode != 0
+    assert "lacks a valid signature" in refused.stderr
+
+
+def test_served_narinfo_nar_range_listing_and_log(tree: str, served, tmp_path: Path) -> None:
+    hash_part = Path(tree).name[:32]
+    answer = served.client.get(f"/{hash_part}.narinfo")
+    assert answer.status_code == 200
+    assert answer.headers["content-type"] == "text/x-nix-narinfo"
+    info = narinfo.parse(answer.text)
+    expected = nix_dump(tree)
+    head = served.client.head(f"/{info.url}")
+    assert head.status_code == 200 and head.headers["content-length"] == str(len(expected))
+    assert head.headers["accept-ranges"] == "bytes"
+    whole = served.client.get(f"/{info.url}")
+    assert whole.status_code == 200 and whole.content == expected
+    start = expected.index(b"big.bin") + 1000
+    part = served.client.get(f"/{info.url}", headers={"Range": f"bytes={start}-{start + 99999}"})
+    assert part.status_code == 206
+    assert part.headers["content-range"] == f"bytes {start}-{start + 99999}/{len(expected)}"
+    assert part.content == expected[start : start + 100000]
+    tail = served.client.get(f"/{info.url}", headers={"Range": "bytes=-10"})
+    assert tail.status_code == 206 and tail.content == expected[-10:]
+    beyond = served.client.get(f"/{info.url}", headers={"Range": f"bytes={len(expected)}-"})
+    assert beyond.status_code == 416
+
+    dest = nix_copy_to_file(tree, tmp_path)
+    listing = served.client.get(f"/{hash_part}.ls")
+    assert listing.status_code == 200 and listing.headers["content-type"] == "application/json"
+    assert listing.content == (dest / f"{hash_part}.ls").read_bytes()
+
+    drv = f"/nix/store/{info.deriver}"
+    log = nix_as_client(["log", "--store", served.url, drv], tmp_path, "log")
+    assert log.returncode == 0, log.stderr
+    assert "building the tree" in log.stdout
+    assert served.client.get("/log/" + "0" * 32 + "-absent.drv").status_code == 404
+    assert served.client.get("/" + "0" * 32 + ".narinfo").status_code == 404
+
+
+def test_a_path_not_as_registered_closes_the_connection(start_cache, tmp_path: Path) -> None:
+    """A store path whose files are not what Nix registered (the database says 8 bytes more than
+    the tree gives): the server sends its head, then hangs up before the body is complete."""
+    state = copy_state(tmp_path)
+    store = tmp_path / "fake-store"
+    base = "4" * 32 + "-changed"
+    (store / base).mkdir(parents=True)
+    (store / base / "file").write_bytes(os.urandom(300000))
+    items = [i for i in dump.walk(str(store / base)) if not isinstance(i, dump.Entry)]
+    size = sum(len(i) if isinstance(i, bytes) else i.size for i in items)
+    nar = generated(str(store / base), size)
+    daemon = sqlite3.connect(state / "db" / "db.sqlite")
+    with daemon:
+        daemon.execute(
+            "INSERT INTO ValidPaths (path, hash, registrationTime, narSize) VALUES (?, ?, 0, ?)",
+            (f"/nix/store/{base}", "sha256:" + hashlib.sha256(nar).hexdigest(), len(nar) + 8),
+        )
+    daemon.close()
+    config = tmp_path / "config.toml"
+    config.write_text(f'[nix_store]\nserve_nix_store = true\nstore_dir = "{store}"\nstate_dir = "{state}"\n')
+    cache = start_cache("--config", str(config))
+    info = narinfo.parse(cache.client.get(f"/{'4' * 32}.narinfo").text)
+    with cache.client.stream("GET", f"/{info.url}") as answer:
+        assert answer.status_code == 200
+        assert answer.headers["content-length"] == str(len(nar) + 8)
+        with pytest.raises(httpx.RemoteProtocolError):
+            b"".join(answer.iter_bytes())
+    deadline = time.monotonic() + 10  # the server writes its request log in batches
+    while "NarSize" not in cache.server.log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "not its NarSize" in cache.server.log.read_text()  # the reason, for the operator
+
+
+def test_the_push_store_still_serves_beside_the_local_store(tree: str, served) -> None:
+    entry = make_entry(b"pushed, not built here", "xz")
+    push(served.client, entry, served.token)
+    pushed = served.client.get(f"/{entry.hash_part}.narinfo")
+    assert pushed.status_code == 200 and f"StorePath: {entry.store_path}\n" in pushed.text
+    assert served.client.get(f"/nar/{entry.nar_file}").content == entry.file_bytes
+    local = served.client.get(f"/{Path(tree).name[:32]}.narinfo")
+    assert local.status_code == 200 and f"StorePath: {tree}\n" in local.text
+    assert served.client.get(f"/{entry.hash_part}.ls").status_code == 404  # not a local path
