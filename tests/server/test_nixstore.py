@@ -25,7 +25,7 @@ from nixcache.server.config import NixStoreConfig
 from nixcache.server.nixstore import dump
 from nixcache.server.nixstore.db import NixDatabase, NixDbError
 from nixcache.server.nixstore.store import LocalNar, LocalNixStore
-from server.helpers import make_entry, push, write_key
+from server.helpers import SERVE, make_entry, push, write_key
 
 STATE_DIR = Path("/nix/var/nix")
 BIG = 5 * 1024 * 1024 + 3  # a large file, not a multiple of 8 (its padding is framing)
@@ -521,3 +521,20 @@ def test_the_push_store_still_serves_beside_the_local_store(tree: str, served) -
     local = served.client.get(f"/{Path(tree).name[:32]}.narinfo")
     assert local.status_code == 200 and f"StorePath: {tree}\n" in local.text
     assert served.client.get(f"/{entry.hash_part}.ls").status_code == 404  # not a local path
+
+
+def test_serve_refuses_to_start_on_a_database_it_does_not_know(tmp_path: Path) -> None:
+    require(STATE_DIR.joinpath("db", "db.sqlite").exists(), "no Nix database (apt-get install nix-bin)")
+    state = copy_state(tmp_path)
+    (state / "db" / "schema").write_text("11")
+    config = tmp_path / "config.toml"
+    config.write_text(f'[nix_store]\nserve_nix_store = true\nstate_dir = "{state}"\n')
+    key_file, _ = write_key(tmp_path)
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "data")}
+    args = ["--config", str(config), "--listen", "127.0.0.1:0", "--store", str(tmp_path / "s")]
+    out = subprocess.run(
+        [*SERVE, *args, "--signing-key", str(key_file)], capture_output=True, text=True, timeout=30, env=env
+    )
+    assert out.returncode == 1
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert "schema version '11'" in out.stderr and "serve_nix_store = false" in out.stderr
