@@ -39,6 +39,7 @@ _COLUMNS = {
     "ValidPaths": {"id", "path", "hash", "deriver", "narSize", "sigs", "ca"},
     "Refs": {"referrer", "reference"},
 }
+_INFOS = 16384  # rows whose PathInfo is kept (a few hundred bytes each)
 _BUSY_RETRY_FOR = 2.0  # seconds of cooperative retries before a busy database is an error
 
 # Paths of one hash part sort between "<dir>/<hash>-" and "<dir>/<hash>." ('-' < '.'): a range
@@ -84,6 +85,7 @@ class NixDatabase:
         self._wal = Path(f"{self.path}-wal")
         self._db: sqlite3.Connection | None = None
         self._snapshot_logged = False
+        self._infos: dict[tuple, PathInfo] = {}  # database row -> its PathInfo
         try:
             self._check_columns()
             self._check_store_dir()
@@ -172,7 +174,7 @@ class NixDatabase:
             )
 
     def _query(self, sql: str, params: tuple[str, ...]) -> tuple | None:
-        deadline = time.monotonic() + _BUSY_RETRY_FOR
+        deadline = None  # set at the first busy answer: the usual lookup pays for no clock
         delay = 0.001
         while True:
             try:
@@ -182,7 +184,9 @@ class NixDatabase:
                 busy = isinstance(error, sqlite3.OperationalError) and (
                     "locked" in str(error) or "busy" in str(error)
                 )
-                if not busy or time.monotonic() > deadline:
+                now = time.monotonic()
+                deadline = deadline or now + _BUSY_RETRY_FOR
+                if not busy or now > deadline:
                     raise NixDbError(f"Nix database {self.path}: {error}") from None
             time.sleep(delay)  # gevent's sleep once the server has monkey-patched
             delay = min(delay * 2, 0.05)
@@ -193,18 +197,27 @@ class NixDatabase:
         row = self._query(_BY_HASH_PART, (prefix + "-", prefix + "."))
         if row is None:
             return None
-        path, nar_hash, nar_size, deriver, sigs, ca, refs = row
-        if not nar_size:
-            return None  # databases older than Nix 1.x lacked sizes; a narinfo needs one
-        return PathInfo(
-            path=path,
-            nar_hash=self._nar_hash(path, nar_hash),
-            nar_size=nar_size,
-            references=tuple(sorted(ref.rpartition("/")[2] for ref in (refs or "").split())),
-            deriver=deriver.rpartition("/")[2] if deriver else None,
-            sigs=tuple((sigs or "").split()),
-            ca=ca or None,
-        )
+        # The same row gives the same PathInfo object: converting the hash to base32 costs more
+        # than the query, and callers that keep a signed narinfo per PathInfo compare by identity.
+        info = self._infos.get(row)
+        if info is None:
+            path, nar_hash, nar_size, deriver, sigs, ca, refs = row
+            if not nar_size:
+                return None  # databases older than Nix 1.x lacked sizes; a narinfo needs one
+            info = PathInfo(
+                path=path,
+                nar_hash=self._nar_hash(path, nar_hash),
+                nar_size=nar_size,
+                references=tuple(sorted(ref.rpartition("/")[2] for ref in (refs or "").split())),
+                deriver=deriver.rpartition("/")[2] if deriver else None,
+                sigs=tuple((sigs or "").split()),
+                ca=ca or None,
+            )
+            if len(self._infos) >= _INFOS:
+                for old in list(self._infos)[: _INFOS // 2]:  # drop the older half
+                    del self._infos[old]
+            self._infos[row] = info
+        return info
 
     def path_for_nar_hash(self, nar_hash: str) -> tuple[str, int] | None:
         """(store path, NarSize) of a valid path whose NAR hashes to `nar_hash`, or None.

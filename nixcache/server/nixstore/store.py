@@ -93,7 +93,7 @@ class LocalNixStore:
         if info is None:
             return None
         cached = self._signed.get(hash_part)
-        if cached is not None and cached[0] == info:
+        if cached is not None and cached[0] is info:  # the database's row has not changed
             return cached[1]
         body = self._render(info).signed(self.keys, self.store_dir).encode()
         _remember(self._signed, hash_part, (info, body), _SIGNED)
