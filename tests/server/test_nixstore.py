@@ -506,6 +506,8 @@ def test_a_path_not_as_registered_closes_the_connection(start_cache, tmp_path: P
         assert answer.headers["content-length"] == str(len(nar) + 8)
         with pytest.raises(httpx.RemoteProtocolError):
             b"".join(answer.iter_bytes())
+    # Its listing walks the same tree before answering: a miss, not a 5xx.
+    assert cache.client.get(f"/{'4' * 32}.ls").status_code == 404
     deadline = time.monotonic() + 10  # the server writes its request log in batches
     while "NarSize" not in cache.server.log.read_text() and time.monotonic() < deadline:
         time.sleep(0.1)
