@@ -1,14 +1,20 @@
 """The Nix binary cache protocol over a `Store`: one route table, one handler per route and method.
 
 No gevent here: `nixcache.server.http` parses each request (llhttp), calls `App.handle` with a
-`wire.Request` and sends the `wire.Response` it returns (sendfile for a `FileBody`), then logs
-one line and counts it in the metrics from the request's `wire.Record`.
+`wire.Request` and sends the `wire.Response` it returns (sendfile for a `FileBody`, chunks and
+sendfile for a `StreamBody`), then logs one line and counts it in the metrics from the
+request's `wire.Record`.
+
+With `[nix_store] serve_nix_store` the host's own Nix store (`nixcache.server.nixstore`) answers
+narinfos, `.ls` listings and build logs before the push store, and NARs after it (see get_nar).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from nixcache.keys import SecretKey
 from nixcache.server import narinfo, wire
@@ -17,11 +23,16 @@ from nixcache.server.config import ServerConfig
 from nixcache.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from nixcache.server.metrics import Metrics
 from nixcache.server.narinfo import NarInfo, NarInfoError
+from nixcache.server.nixstore.db import NixDbError
+from nixcache.server.nixstore.dump import PathChanged
+from nixcache.server.nixstore.store import LocalNixStore
 from nixcache.server.routes import Route, Router
 from nixcache.server.store import Store, UploadError
-from nixcache.server.wire import FileBody, Request, Response
+from nixcache.server.wire import FileBody, Request, Response, StreamBody
 
 __all__ = ["App", "FileBody"]
+
+log = logging.getLogger("nixcache.server")
 
 _HASH = "[0-9a-df-np-sv-z]{32}"  # a store path's hash part
 # A path segment under the extra prefixes: never "." or "..", never a NUL.
@@ -50,9 +61,11 @@ class App:
         keys: list[SecretKey],
         tokens: Tokens,
         metrics: Metrics,
+        nix_store: LocalNixStore | None = None,
     ):
         self.config = config
         self.store = store
+        self.nix_store = nix_store  # this host's own Nix store, asked before the push store
         self.keys = keys
         self.tokens = tokens
         self.metrics = metrics
@@ -131,8 +144,11 @@ class App:
         hits and misses alike cost a stat and a dict lookup (Nix clients ask for many absent paths)."""
         if not self.tokens.may_read(authorization):
             return self._unauthorized(authorization, "read")
+        # This host's own Nix store first (when served), then the push store.
+        body = self._local(self.nix_store.narinfo, hash_part) if self.nix_store else None
         try:
-            body = self._signed_narinfo(hash_part)
+            if body is None:
+                body = self._signed_narinfo(hash_part)
         except _DamagedEntry as error:
             self._miss.inc()
             return _error(404, str(error))
@@ -180,32 +196,30 @@ class App:
         return body
 
     def get_nar(self, request: Request, name: str) -> Response:
+        """The push store first: a NAR's name is the sha256 of its bytes, so either store serves the
+        same bytes for it, and the push store's answer costs a stat where the local Nix store's may
+        cost a scan of Nix's database (nixcache.server.nixstore.store)."""
         if not self.tokens.may_read(request.headers.get("authorization")):
             return self._unauthorized(request.headers.get("authorization"), "read")
         prefix = self.config.accel_redirect_prefix
-        if prefix and request.method == "GET":
-            if not self.store.nar_path(name).is_file():
-                return _error(404, f"nar/{name} is not in this cache")
+        if prefix and request.method == "GET" and self.store.nar_path(name).is_file():
             accel = [("X-Accel-Redirect", f"{prefix.rstrip('/')}/{name}")]
             return Response(200, b"", "application/x-nix-nar", accel)
         if request.method == "HEAD":
             # Pushers HEAD a NAR before uploading it: keep it safe from gc until its narinfo lands.
             self.store.touch_nar(name)
         nar = self.store.open_nar(name)
-        if nar is None:
+        if nar is not None:
+            return _ranged(
+                request, nar.size, lambda offset, count: FileBody(nar.handle, offset, count), nar.handle
+            )
+        local = self._local(self.nix_store.open_nar, name) if self.nix_store else None
+        if local is None:
             return _error(404, f"nar/{name} is not in this cache")
-        size = nar.size
-        try:
-            part = wire.parse_range(request.headers.get("range"), size)
-        except wire.Refusal as refusal:
-            nar.handle.close()
-            return _error(refusal.status, refusal.reason, refusal.headers)
-        headers = [("Accept-Ranges", "bytes")]
-        if part is None:
-            return Response(200, FileBody(nar.handle, 0, size), "application/x-nix-nar", headers)
-        offset, count = part
-        headers.append(("Content-Range", f"bytes {offset}-{offset + count - 1}/{size}"))
-        return Response(206, FileBody(nar.handle, offset, count), "application/x-nix-nar", headers)
+        # Generated while it is sent (nixcache.server.nixstore.dump); HEAD never starts it.
+        return _ranged(
+            request, local.size, lambda offset, count: StreamBody(local.body(offset, count), count)
+        )
 
     def get_healthz(self, request: Request) -> Response:
         if self.store.writable():
@@ -219,7 +233,31 @@ class App:
         return Response(200, self.pubkeys)
 
     def get_extra(self, request: Request) -> Response:
-        return _error(404, f"{request.path} is not kept by this cache")
+        """`<hash>.ls` and `log/<drv>` of the local Nix store; what pushers upload there is not kept."""
+        path = request.path
+        if self.nix_store is not None and (path.endswith(".ls") or path.startswith("/log/")):
+            if not self.tokens.may_read(request.headers.get("authorization")):
+                return self._unauthorized(request.headers.get("authorization"), "read")
+            if path.endswith(".ls"):
+                listing = self._local(self.nix_store.listing, path[1:-3])
+                if listing is not None:
+                    return Response(200, listing, "application/json")
+            else:
+                build_log = self._local(self.nix_store.log, path[len("/log/") :])
+                if build_log is not None:
+                    body = FileBody(build_log.handle, 0, build_log.size)
+                    return Response(200, body, "text/plain; charset=utf-8")
+        return _error(404, f"{path} is not kept by this cache")
+
+    @staticmethod
+    def _local(lookup: Callable[[str], Any], name: str) -> Any:
+        """`lookup(name)` in the local Nix store; None (a miss, logged) when Nix's database cannot
+        answer or the path is damaged: a read never becomes a 5xx."""
+        try:
+            return lookup(name)
+        except (NixDbError, PathChanged) as error:
+            log.warning("local Nix store: %s", error)
+            return None
 
     # -- uploads ---------------------------------------------------------------------------------
 
@@ -274,6 +312,25 @@ class App:
             return Response(204, b"", None)  # RFC 9110 15.3.5: no content, no Content-Length
 
         return self._upload(request, "extra", receive)
+
+
+def _ranged(
+    request: Request, size: int, body: Callable[[int, int], FileBody | StreamBody], handle: Any = None
+) -> Response:
+    """A NAR answer of `size` bytes: 200 whole, 206 for a satisfiable Range, 416 otherwise
+    (`handle` is closed then); `body(offset, count)` makes the body."""
+    try:
+        part = wire.parse_range(request.headers.get("range"), size)
+    except wire.Refusal as refusal:
+        if handle is not None:
+            handle.close()
+        return _error(refusal.status, refusal.reason, refusal.headers)
+    headers = [("Accept-Ranges", "bytes")]
+    if part is None:
+        return Response(200, body(0, size), "application/x-nix-nar", headers)
+    offset, count = part
+    headers.append(("Content-Range", f"bytes {offset}-{offset + count - 1}/{size}"))
+    return Response(206, body(offset, count), "application/x-nix-nar", headers)
 
 
 class _DamagedEntry(Exception):

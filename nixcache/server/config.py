@@ -34,6 +34,27 @@ def default_store() -> Path:
 
 
 @dataclass
+class NixStoreConfig:
+    """The `[nix_store]` table: serving this host's own Nix store (nixcache.server.nixstore)."""
+
+    serve_nix_store: bool = False
+    store_dir: str = "/nix/store"
+    state_dir: Path = Path("/nix/var/nix")
+    log_dir: Path = Path("/nix/var/log/nix")
+
+
+_NIX_STORE_COMMENTS: dict[str, str] = {
+    "serve_nix_store": "Serve the paths of this host's Nix store (narinfo from Nix's database, NARs "
+    "generated on the fly, signed with every signing key), tried before the store above. Needs "
+    "read access to the Nix store and database only.",
+    "store_dir": "Where the Nix store's files are on this host (the paths in Nix's database are under "
+    "the top-level store_dir).",
+    "state_dir": "Nix's state directory: its database is db/db.sqlite there, opened read-only.",
+    "log_dir": "Nix's log directory: build logs under drvs/, served at /log/<drv>.",
+}
+
+
+@dataclass
 class ServerConfig:
     """Everything `nixcache serve` and `nixcache gc` need. Sizes are bytes, durations seconds."""
 
@@ -52,6 +73,7 @@ class ServerConfig:
     gc_older_than: float | None = None
     gc_min_free: int | None = None
     gc_max_free: int | None = None
+    nix_store: NixStoreConfig = field(default_factory=NixStoreConfig)
 
     def host_port(self) -> tuple[str, int]:
         """`listen` split into host and port; ConfigError when it is not HOST:PORT."""
@@ -142,10 +164,33 @@ def from_mapping(data: dict[str, Any], *, base: ServerConfig | None = None) -> S
     config = dataclasses.replace(base) if base else ServerConfig()
     known = {f.name for f in dataclasses.fields(ServerConfig)}
     for name, value in data.items():
+        if name == "nix_store":
+            config.nix_store = _nix_store(value, config.nix_store)
+            continue
         if name not in known:
             raise ConfigError(f"unknown key {name!r}; known keys: {', '.join(sorted(known))}")
         setattr(config, name, _convert(name, value))
     return config
+
+
+def _nix_store(data: Any, base: NixStoreConfig) -> NixStoreConfig:
+    """The `[nix_store]` table laid over `base`; ConfigError naming `nix_store.<key>`."""
+    if not isinstance(data, dict):
+        raise ConfigError("nix_store must be a table: [nix_store] with serve_nix_store = true …")
+    section = dataclasses.replace(base)
+    for name, value in data.items():
+        if name == "serve_nix_store":
+            if not isinstance(value, bool):
+                raise ConfigError(f"nix_store.serve_nix_store = {value!r} must be true or false")
+        elif name in ("store_dir", "state_dir", "log_dir"):
+            if not isinstance(value, str) or not value.startswith("/"):
+                raise ConfigError(f"nix_store.{name} = {value!r} must be an absolute path")
+            value = value.rstrip("/") if name == "store_dir" else Path(value)
+        else:
+            known = ", ".join(_NIX_STORE_COMMENTS)
+            raise ConfigError(f"unknown key nix_store.{name!r}; known keys: {known}")
+        setattr(section, name, value)
+    return section
 
 
 def load(path: Path | str) -> ServerConfig:
@@ -191,6 +236,8 @@ def dump(config: ServerConfig) -> str:
     """
     lines = ["# nixcache server configuration (rendered by nixcache.server.config.dump)", ""]
     for f in dataclasses.fields(ServerConfig):
+        if f.name == "nix_store":
+            continue  # a table: after every top-level key, as TOML requires
         for comment_line in _wrap(_COMMENTS[f.name]):
             lines.append(f"# {comment_line}")
         value = getattr(config, f.name)
@@ -198,6 +245,12 @@ def dump(config: ServerConfig) -> str:
             lines.append(f"# {f.name} =")
         else:
             lines.append(f"{f.name} = {_toml_value(f.name, value)}")
+        lines.append("")
+    lines += ["[nix_store]", ""]
+    for f in dataclasses.fields(NixStoreConfig):
+        for comment_line in _wrap(_NIX_STORE_COMMENTS[f.name]):
+            lines.append(f"# {comment_line}")
+        lines.append(f"{f.name} = {_toml_value(f.name, getattr(config.nix_store, f.name))}")
         lines.append("")
     return "\n".join(lines)
 

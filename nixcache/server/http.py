@@ -31,7 +31,7 @@ from gevent.socket import wait_write
 
 from nixcache.server import wire
 from nixcache.server.app import NARINFO_PATH, App
-from nixcache.server.wire import FileBody, Framing, Record, Refusal, Request, Response
+from nixcache.server.wire import FileBody, Framing, Record, Refusal, Request, Response, StreamBody
 
 log = logging.getLogger("nixcache.server")
 IDLE_TIMEOUT = 75.0  # seconds a keep-alive connection may sit idle (nginx's default)
@@ -332,6 +332,26 @@ def sendfile(sock: socket.socket, body: FileBody, record: Record) -> None:
         record.sent += sent
 
 
+def send_stream(sock: socket.socket, body: StreamBody, record: Record) -> None:
+    """Send a generated body: bytes with sendall, file regions with sendfile. When the generator
+    raises (the path changed under it) or comes up short, the reason goes to the log and the
+    OSError closes the connection: the client sees a short body, never a wrong complete one."""
+    start = record.sent
+    try:
+        for item in body.items:
+            if isinstance(item, bytes):
+                sock.sendall(item)
+                record.sent += len(item)
+            else:
+                sendfile(sock, item, record)
+    except OSError as error:
+        record.reason = str(error)
+        raise
+    if record.sent - start != body.count:
+        record.reason = f"generated {record.sent - start} of {body.count} body bytes"
+        raise OSError(record.reason)
+
+
 _js = encode_basestring_ascii  # a str as a JSON string literal, quotes included
 
 
@@ -455,14 +475,17 @@ class Server(StreamServer):
         )
         out = response.body
         try:
-            if isinstance(out, FileBody):
+            if isinstance(out, (FileBody, StreamBody)):
                 try:
                     if message.method == "HEAD":
                         send_small(sock, head)
                     else:
                         self._timed(conn)
                         sock.sendall(head)
-                        sendfile(sock, out, record)
+                        if isinstance(out, FileBody):
+                            sendfile(sock, out, record)
+                        else:
+                            send_stream(sock, out, record)
                 finally:
                     out.close()
             elif message.method == "HEAD":

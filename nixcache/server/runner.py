@@ -20,6 +20,8 @@ from nixcache.server.auth import TokenError, Tokens
 from nixcache.server.config import ServerConfig
 from nixcache.server.http import Server
 from nixcache.server.metrics import Metrics, scan
+from nixcache.server.nixstore.db import NixDbError
+from nixcache.server.nixstore.store import LocalNixStore
 from nixcache.server.store import Store
 from nixcache.server.workers import offload_to
 
@@ -84,7 +86,15 @@ def build(config: ServerConfig) -> Server:
             f"cannot create store {config.store}: {error.strerror}; create it and give it to the service user"
         ) from None
     metrics = Metrics(store)
-    app = App(config, store, keys, tokens, metrics)
+    nix_store = None
+    if config.nix_store.serve_nix_store:
+        try:
+            nix_store = LocalNixStore(
+                config.nix_store, config.store_dir, keys, offload=offload_to(threadpool)
+            )
+        except NixDbError as error:
+            raise StartupError(str(error)) from None
+    app = App(config, store, keys, tokens, metrics, nix_store)
     host, port = config.host_port()
     server = Server((host, port), app, level=config.log_level, idle_timeout=config.keepalive_timeout)
     try:

@@ -22,7 +22,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote
 
 MAX_DIGITS = 19  # 10**19 > 2**63: more digits than any size this server handles, far below int()'s limit
@@ -187,19 +187,37 @@ class FileBody:
         self.handle.close()
 
 
+class StreamBody:
+    """A body generated while it is sent, whose length is known first (a NAR of the local Nix
+    store): `items` yields bytes and file regions (objects with a FileBody's handle, offset and
+    count, sent with sendfile) adding up to `count`. An OSError from it closes the connection,
+    so a body that went wrong never arrives complete under its status."""
+
+    __slots__ = ("count", "items")
+
+    def __init__(self, items: Iterator[Any], count: int):
+        self.items = items
+        self.count = count
+
+    def close(self) -> None:
+        close = getattr(self.items, "close", None)
+        if close is not None:
+            close()
+
+
 @dataclass(slots=True)
 class Response:
     """An answer: status, body, extra header fields, and the reason logged for it (not sent)."""
 
     status: int
-    body: bytes | FileBody = b""
+    body: bytes | FileBody | StreamBody = b""
     content_type: str | None = "text/plain; charset=utf-8"
     headers: Sequence[tuple[str, str]] = ()
     reason: str | None = None
 
     @property
     def length(self) -> int:
-        return self.body.count if isinstance(self.body, FileBody) else len(self.body)
+        return self.body.count if isinstance(self.body, (FileBody, StreamBody)) else len(self.body)
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:

@@ -76,21 +76,29 @@ def test_dump_load_round_trip_with_a_comment_per_key(tmp_path: Path) -> None:
         gc_older_than=30 * 86400.0,
         gc_min_free=10 * 1024**3,
         gc_max_free=25 * 1024**3,
+        nix_store=configmod.NixStoreConfig(serve_nix_store=True, state_dir=Path("/srv/nix/var/nix")),
     )
     text = configmod.dump(config)
     path = tmp_path / "config.toml"
     path.write_text(text)
     assert configmod.load(path) == config
     assert 'max_upload_size = "2G"' in text
-    keys = [line.split(" =")[0] for line in text.splitlines() if line and not line.startswith("# ")]
-    unset = [
-        line[2:].split(" =")[0] for line in text.splitlines() if line.startswith("# ") and line.endswith(" =")
-    ]
-    lines = text.splitlines()
-    for key in keys:
-        index = next(i for i, line in enumerate(lines) if line.startswith(f"{key} ="))
-        assert lines[index - 1].startswith("# "), f"{key} has no comment"
-    assert set(keys) | set(unset) == {f.name for f in configmod.dataclasses.fields(configmod.ServerConfig)}
+    top, table = text.split("\n[nix_store]\n")
+    for part, fields in (
+        (top, {f.name for f in configmod.dataclasses.fields(configmod.ServerConfig)} - {"nix_store"}),
+        (table, {f.name for f in configmod.dataclasses.fields(configmod.NixStoreConfig)}),
+    ):
+        keys = [line.split(" =")[0] for line in part.splitlines() if line and not line.startswith("# ")]
+        unset = [
+            line[2:].split(" =")[0]
+            for line in part.splitlines()
+            if line.startswith("# ") and line.endswith(" =")
+        ]
+        lines = part.splitlines()
+        for key in keys:
+            index = next(i for i, line in enumerate(lines) if line.startswith(f"{key} ="))
+            assert lines[index - 1].startswith("# "), f"{key} has no comment"
+        assert set(keys) | set(unset) == fields
     tomllib.loads(text)
     # defaults round-trip too (unset optional keys are commented out)
     path.write_text(configmod.dump(configmod.ServerConfig()))
@@ -107,6 +115,8 @@ def test_dump_load_round_trip_with_a_comment_per_key(tmp_path: Path) -> None:
         ('max_upload_size = "big"', "max_upload_size"),
         ('signing_key_files = "/etc/key"', "signing_key_files"),
         ('log_level = "loud"', "log_level"),
+        ("[nix_store]\nserve = true", "unknown key nix_store.'serve'"),
+        ('[nix_store]\nserve_nix_store = "yes"', "nix_store.serve_nix_store"),
         ("listen = ", "not valid TOML"),
     ],
 )
