@@ -56,8 +56,27 @@ class FileBody:
         self.handle.close()
 
 
+class StreamBody:
+    """A body of known length produced while it is sent (a NAR pulled through from another
+    tier). The HTTP layer sends each chunk as it comes; an OSError from the iterator cuts the
+    connection, so a client never takes a short body for a complete one."""
+
+    def __init__(self, chunks: Iterator[bytes], count: int):
+        self.chunks = chunks
+        self.count = count
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self.chunks
+
+    def close(self) -> None:
+        close = getattr(self.chunks, "close", None)
+        if close is not None:
+            close()
+
+
 class App:
-    """The cache's WSGI application."""
+    """The cache's WSGI application. `tiers` (nixcache.server.tiers) is asked on a local miss
+    and written through on a push; None: this cache is an island."""
 
     def __init__(
         self,
@@ -66,8 +85,10 @@ class App:
         keys: list[SecretKey],
         tokens: Tokens,
         metrics: Metrics,
+        tiers: Any = None,
     ):
         self.config = config
+        self.tiers = tiers
         self.store = store
         self.keys = keys
         self.tokens = tokens
@@ -227,6 +248,14 @@ class App:
         except _DamagedEntry as error:
             self._miss.inc()
             return self._error(environ, start_response, 404, str(error))
+        if body is None and self.tiers is not None:
+            self._miss.inc()  # a local miss, whatever the other tiers say
+            info = self.tiers.pull.narinfo(hash_part)
+            if info is not None:
+                body = info.signed(self.keys, self.config.store_dir).encode()
+                return self._respond(environ, start_response, "200 OK", body, "text/x-nix-narinfo")
+            reason = f"{hash_part}.narinfo is in no tier of this cache"
+            return self._error(environ, start_response, 404, reason)
         if body is None:
             self._miss.inc()
             return self._error(environ, start_response, 404, f"{hash_part}.narinfo is not in this cache")
@@ -274,8 +303,10 @@ class App:
         if not self.tokens.may_read(environ.get("HTTP_AUTHORIZATION")):
             return self._unauthorized(environ, start_response, "read")
         prefix = self.config.accel_redirect_prefix
-        if prefix and environ["REQUEST_METHOD"] == "GET":
-            if not self.store.nar_path(name).is_file():
+        here = prefix and self.store.nar_path(name).is_file()
+        # A NAR that is not here is pulled through by this process (streamed), not by nginx.
+        if prefix and environ["REQUEST_METHOD"] == "GET" and (here or self.tiers is None):
+            if not here:
                 return self._error(environ, start_response, 404, f"nar/{name} is not in this cache")
             start_response(
                 "200 OK",
@@ -290,6 +321,15 @@ class App:
             # Pushers HEAD a NAR before uploading it: keep it safe from gc until its narinfo lands.
             self.store.touch_nar(name)
         nar = self.store.open_nar(name)
+        if nar is None and self.tiers is not None and environ["REQUEST_METHOD"] == "GET":
+            # Not on HEAD: pushers HEAD a NAR to learn whether to upload it here.
+            stream = self.tiers.pull.nar(name)
+            if stream is not None:
+                headers = [("Content-Type", "application/x-nix-nar"), ("Content-Length", str(stream.count))]
+                start_response("200 OK", headers)
+                environ["nixcache.body_bytes"] = stream.count
+                return stream
+            nar = self.store.open_nar(name)  # fetched and published meanwhile, or absent
         if nar is None:
             return self._error(environ, start_response, 404, f"nar/{name} is not in this cache")
         size = nar.size
@@ -345,17 +385,24 @@ class App:
             return self._error(environ, start_response, 400, "Content-Length is not a number")
         limit = self.config.max_upload_size
         try:
+            push = self.tiers.push if self.tiers is not None else None
             if kind == "nar":
                 if self.store.keep_nar(name):
                     self.store.drain(body, length, limit)  # same name, same bytes: already here
+                    if push is not None:
+                        push.nar_present(name)
                 else:
-                    self.store.put_nar(name, body, length, limit)
+                    self.store.put_nar(
+                        name, body, length, limit, before_publish=push.nar_verified if push else None
+                    )
                     size = length or 0
                     self.metrics.upload_bytes.inc(size)
                     self.metrics.usage.add_nar(size)
             elif kind == "narinfo":
                 existed = os.path.exists(self._narinfo_prefix + name + ".narinfo")
-                info, published = self.store.put_narinfo(name, body, length, min(limit, NARINFO_LIMIT))
+                info, published = self.store.put_narinfo(
+                    name, body, length, min(limit, NARINFO_LIMIT), push.narinfo_valid if push else None
+                )
                 # Signed now, while it is at hand: clients usually fetch what CI just pushed, and
                 # their first fetch then costs no parse and no signature.
                 self._cache_signed(name, (published.st_ino, published.st_mtime_ns, published.st_size), info)
@@ -368,7 +415,8 @@ class App:
                 return []
         except UploadError as error:
             self.metrics.uploads.labels(kind, "rejected").inc()
-            return self._error(environ, start_response, error.status, error.reason)
+            retry = [("Retry-After", str(error.retry_after))] if getattr(error, "retry_after", None) else []
+            return self._error(environ, start_response, error.status, error.reason, retry)
         self.metrics.uploads.labels(kind, "accepted").inc()
         return self._respond(environ, start_response, "201 Created", b"stored\n")
 

@@ -22,7 +22,7 @@ from gevent.pywsgi import _InvalidClientInput
 from gevent.server import StreamServer
 from gevent.socket import wait_write
 
-from nixcache.server.app import App, FileBody
+from nixcache.server.app import App, FileBody, StreamBody
 
 log = logging.getLogger("nixcache.server")
 IDLE_TIMEOUT = 75.0  # seconds a keep-alive connection may sit idle (nginx's default)
@@ -405,7 +405,7 @@ class Server(StreamServer):
         data = b""
         try:
             result = self.app(env, response.start)
-            if not isinstance(result, FileBody):
+            if not isinstance(result, FileBody | StreamBody):
                 data = b"".join(result)
                 if response.length is None:
                     response.head += f"Content-Length: {len(data)}\r\n".encode()
@@ -424,6 +424,12 @@ class Server(StreamServer):
             if isinstance(result, FileBody):
                 sock.sendall(head)
                 sent = sendfile(sock, result)
+            elif isinstance(result, StreamBody):
+                # Sent as produced; an OSError from it (a failed pull-through) cuts the connection.
+                sock.sendall(head)
+                for chunk in result:
+                    sock.sendall(chunk)
+                    sent += len(chunk)
             else:
                 send_small(sock, head + data)
                 sent = len(data)

@@ -227,6 +227,36 @@ class Metrics:
             ("kind", "result"),
         )
         self.upload_bytes = LabeledCounter("nixcache_upload_bytes", "Bytes of accepted NAR uploads")
+        # Per tier (local, origin, upstream:<name>); see nixcache.server.tiers and docs/metrics.md.
+        self.tier_lookups = LabeledCounter(
+            "nixcache_tier_lookups",
+            "Lookups per tier by kind (narinfo, nar) and result (hit, miss, error)",
+            ("tier", "kind", "result"),
+        )
+        self.tier_bytes = LabeledCounter(
+            "nixcache_tier_bytes",
+            "NAR bytes read from a tier (pull-through) or written to it (write-through)",
+            ("tier", "direction"),
+        )
+        self.tier_duration = LabeledHistogram(
+            "nixcache_tier_request_duration_seconds",
+            "Time a tier took to answer a narinfo lookup, to start a NAR, or to take a write",
+            ("tier", "kind"),
+            (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 30),
+        )
+        self.tier_errors = LabeledCounter(
+            "nixcache_tier_errors",
+            "Tier failures by reason (timeout, unavailable, untrusted, corrupt, malformed)",
+            ("tier", "reason"),
+        )
+        self.tier_writes = LabeledCounter(
+            "nixcache_tier_writes",
+            "Write-throughs by kind and result (stored, failed)",
+            ("tier", "kind", "result"),
+        )
+        self.negative_hits = LabeledCounter(
+            "nixcache_negative_cache_hits", "Narinfo misses answered from the negative cache"
+        )
         self.all = (
             self.requests,
             self.duration,
@@ -234,6 +264,12 @@ class Metrics:
             self.served_bytes,
             self.uploads,
             self.upload_bytes,
+            self.tier_lookups,
+            self.tier_bytes,
+            self.tier_duration,
+            self.tier_errors,
+            self.tier_writes,
+            self.negative_hits,
         )
         self.registry.register(_CounterCollector(self))
         self.registry.register(_DiskCollector(self))

@@ -82,15 +82,23 @@ def test_dump_load_round_trip_with_a_comment_per_key(tmp_path: Path) -> None:
     path.write_text(text)
     assert configmod.load(path) == config
     assert 'max_upload_size = "2G"' in text
-    keys = [line.split(" =")[0] for line in text.splitlines() if line and not line.startswith("# ")]
-    unset = [
-        line[2:].split(" =")[0] for line in text.splitlines() if line.startswith("# ") and line.endswith(" =")
-    ]
+    # Top-level keys come before the tables ([origin], [[upstreams]]), which are written commented out.
     lines = text.splitlines()
+    first_table = next(i for i, line in enumerate(lines) if line.lstrip("# ").startswith("["))
+    assert "# [origin]" in lines and "# [[upstreams]]" in lines
+    keys = [line.split(" =")[0] for line in lines[:first_table] if line and not line.startswith("# ")]
+    unset = [
+        line[2:].split(" =")[0]
+        for line in lines[:first_table]
+        if line.startswith("# ") and line.endswith(" =")
+    ]
     for key in keys:
         index = next(i for i, line in enumerate(lines) if line.startswith(f"{key} ="))
         assert lines[index - 1].startswith("# "), f"{key} has no comment"
-    assert set(keys) | set(unset) == {f.name for f in configmod.dataclasses.fields(configmod.ServerConfig)}
+    tables = {"origin", "upstreams"}
+    assert set(keys) | set(unset) | tables == {
+        f.name for f in configmod.dataclasses.fields(configmod.ServerConfig)
+    }
     tomllib.loads(text)
     # defaults round-trip too (unset optional keys are commented out)
     path.write_text(configmod.dump(configmod.ServerConfig()))
