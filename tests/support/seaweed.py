@@ -8,6 +8,7 @@ answers. Stopped with SIGTERM, then SIGKILL: its own shutdown can hang.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import secrets as random_secrets
@@ -24,6 +25,7 @@ import pytest
 from conftest import require
 
 READY_TIMEOUT = 60.0
+_PROBE_BUCKET = "readiness-probe"
 STOP_GRACE = 5.0
 # -master.port, -volume.port, -filer.port, -s3.port, -admin.port and their gRPC ports.
 _PORT_FLAGS = (
@@ -160,6 +162,10 @@ class Seaweed:
                 pytest.fail(f"weed mini exited with {self.process.returncode}: {tail}")
             try:
                 client.list_buckets()  # SigV4-signed: proves the S3 gateway and the identity
+                # ... and a write: the volume server may register with the master later.
+                if not client.bucket_exists(_PROBE_BUCKET):
+                    client.make_bucket(_PROBE_BUCKET)
+                client.put_object(_PROBE_BUCKET, "ready", io.BytesIO(b"ok"), 2)
                 return
             except (urllib3.exceptions.HTTPError, minio.error.MinioException, OSError):
                 time.sleep(0.2)

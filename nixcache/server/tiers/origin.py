@@ -43,7 +43,8 @@ class ObjectStat:
 
 
 class Source:
-    """A NAR being read from a tier: `read(n)`, `size` (None when unknown), `close()`."""
+    """A NAR being read from a tier (a urllib3 response): `read(n)`, `size` (None when unknown),
+    `close()`."""
 
     def __init__(self, response: Any, size: int | None):
         self._response = response
@@ -51,9 +52,9 @@ class Source:
 
     def read(self, amount: int) -> bytes:
         try:
-            return self._response.read(amount)
+            return self._response.read(amount, decode_content=False)
         except (urllib3.exceptions.HTTPError, OSError) as error:
-            raise OSError(f"reading from the origin failed: {error}") from None
+            raise OSError(f"reading the NAR failed: {error}") from None
 
     def close(self) -> None:
         self._response.close()

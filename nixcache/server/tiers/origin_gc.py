@@ -66,10 +66,11 @@ def run(
     dry_run: bool = False,
     echo: Callable[[str], object] = print,
     grace: float = GRACE_SECONDS,
+    clock: Callable[[], float] = time.time,
 ) -> OriginResult:
     if max_size is None and older_than is None:
         raise OriginGcError("no limit given: pass --max-size or --older-than (or origin.gc_* in the config)")
-    now = time.time()
+    now = clock()
     entries = []
     for found in origin.list(""):
         if found.key.endswith(".narinfo") and "/" not in found.key:
@@ -91,7 +92,7 @@ def run(
                 return 0
         else:
             current = origin.stat(f"nar/{name}")
-            if current is None or _age(current.modified, time.time()) <= grace:
+            if current is None or _age(current.modified, clock()) <= grace:
                 return 0  # gone already, or uploaded again by a push that relies on it
             origin.delete(f"nar/{name}")
         result.deleted_nars += 1

@@ -2,44 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import httpx
+import urllib3
 
 from nixcache.keys import PublicKey
 from nixcache.server import narinfo
 from nixcache.server.config import UpstreamConfig
 from nixcache.server.narinfo import NarInfo, NarInfoError
 from nixcache.server.tiers.errors import TierRefused, TierUnavailable
+from nixcache.server.tiers.origin import Source
 
 NARINFO_LIMIT = 4 * 1024 * 1024
 _ABSENT = (404, 403, 410)  # what Nix itself takes for "not there"
-
-
-class _StreamSource:
-    """The raw bytes of a streamed response as `read(n)` (no Content-Encoding decoding: a NAR
-    is checked byte for byte against its FileHash)."""
-
-    def __init__(self, response: httpx.Response, size: int | None):
-        self._response = response
-        self._chunks: Iterator[bytes] = response.iter_raw(256 * 1024)
-        self._buffer = b""
-        self.size = size
-
-    def read(self, amount: int) -> bytes:
-        while len(self._buffer) < amount:
-            try:
-                chunk = next(self._chunks, b"")
-            except httpx.HTTPError as error:
-                raise OSError(f"reading from the upstream failed: {error}") from None
-            if not chunk:
-                break
-            self._buffer += chunk
-        data, self._buffer = self._buffer[:amount], self._buffer[amount:]
-        return data
-
-    def close(self) -> None:
-        self._response.close()
+# Redirects followed; nothing retried: the deadline decides how long a client waits.
+_RETRIES = urllib3.Retry(total=None, connect=0, read=0, redirect=5, status=0, other=0)
 
 
 class Upstream:
@@ -54,28 +29,43 @@ class Upstream:
         self.keys = [PublicKey.parse(text) for text in config.public_keys]
         self.narinfo_deadline = config.narinfo_deadline
         self.nar_deadline = config.nar_deadline
-        self._client = httpx.Client(
-            base_url=config.url,
-            timeout=httpx.Timeout(config.nar_deadline, connect=min(config.nar_deadline, 5.0)),
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
-            follow_redirects=True,
-            headers={"User-Agent": "nixcache pull-through"},
+        # urllib3, as the origin's minio client: one HTTP client library in the server process.
+        self._pool = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=min(config.nar_deadline, 5.0), read=config.nar_deadline),
+            retries=_RETRIES,
+            maxsize=32,
+            block=False,
         )
+
+    def _get(self, path: str, where: str, **headers: str) -> urllib3.BaseHTTPResponse:
+        try:
+            return self._pool.request(
+                "GET",
+                self.config.url + path,
+                headers={"User-Agent": "nixcache pull-through", **headers},
+                preload_content=False,
+                decode_content=False,
+            )
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise TierUnavailable(f"{where}: {type(error).__name__}") from None
 
     def get_narinfo(self, hash_part: str) -> NarInfo | None:
         where = f"{self.name} {hash_part}.narinfo"
+        response = self._get(f"/{hash_part}.narinfo", where)
         try:
-            response = self._client.get(f"/{hash_part}.narinfo")
-        except httpx.HTTPError as error:
+            if response.status in _ABSENT:
+                return None
+            if response.status != 200:
+                raise TierUnavailable(f"{where}: HTTP {response.status}")
+            data = response.read(NARINFO_LIMIT + 1, decode_content=True)
+        except (urllib3.exceptions.HTTPError, OSError) as error:
             raise TierUnavailable(f"{where}: {type(error).__name__}") from None
-        if response.status_code in _ABSENT:
-            return None
-        if response.status_code != 200:
-            raise TierUnavailable(f"{where}: HTTP {response.status_code}")
-        if len(response.content) > NARINFO_LIMIT:
+        finally:
+            response.release_conn()
+        if len(data) > NARINFO_LIMIT:
             raise TierRefused(f"{where}: larger than {NARINFO_LIMIT} bytes", "malformed")
         try:
-            info = narinfo.parse(response.content.decode("utf-8"), self.store_dir)
+            info = narinfo.parse(data.decode("utf-8"), self.store_dir)
         except (UnicodeDecodeError, NarInfoError) as error:
             raise TierRefused(f"{where}: malformed: {error}", "malformed") from None
         if info.hash_part != hash_part:
@@ -89,17 +79,14 @@ class Upstream:
             )
         return info
 
-    def open_nar(self, name: str) -> _StreamSource | None:
+    def open_nar(self, name: str) -> Source | None:
         where = f"{self.name} nar/{name}"
-        request = self._client.build_request("GET", f"/nar/{name}", headers={"Accept-Encoding": "identity"})
-        try:
-            response = self._client.send(request, stream=True)
-        except httpx.HTTPError as error:
-            raise TierUnavailable(f"{where}: {type(error).__name__}") from None
-        if response.status_code != 200:
-            response.close()
-            if response.status_code in _ABSENT:
+        # Raw bytes, no Content-Encoding decoding: the NAR is checked byte for byte (FileHash).
+        response = self._get(f"/nar/{name}", where, **{"Accept-Encoding": "identity"})
+        if response.status != 200:
+            response.release_conn()
+            if response.status in _ABSENT:
                 return None
-            raise TierUnavailable(f"{where}: HTTP {response.status_code}")
+            raise TierUnavailable(f"{where}: HTTP {response.status}")
         length = response.headers.get("Content-Length")
-        return _StreamSource(response, int(length) if length and length.isdigit() else None)
+        return Source(response, int(length) if length and length.isdigit() else None)
