@@ -400,3 +400,18 @@ def test_gc_origin_command(
         nixcache_cmd("gc", "--origin", "--store", str(tmp_path)), capture_output=True, text=True, timeout=60
     )
     assert bad.returncode != 0 and "[origin]" in bad.stderr
+
+
+def test_a_miss_in_every_tier_is_remembered(
+    start_cache: StartCache,
+    tmp_path: Path,
+    seaweed: Seaweed,  # noqa: F811
+    bucket: str,
+) -> None:
+    """A client walking a closure asks for absent paths again and again: the origin once."""
+    (eu,) = fleet(start_cache, tmp_path, seaweed, bucket, "eu")
+    absent = make_entry()
+    for _ in range(3):
+        assert eu.client.get(f"/{absent.hash_part}.narinfo").status_code == 404
+    assert metric(eu.client, "nixcache_tier_lookups_total", tier="origin", kind="narinfo", result="miss") == 1
+    assert metric(eu.client, "nixcache_negative_cache_hits_total") == 2

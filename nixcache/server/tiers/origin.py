@@ -31,7 +31,7 @@ from nixcache.server.tiers.errors import TierError, TierRefused, TierUnavailable
 
 _ABSENT = ("NoSuchKey", "NoSuchObject", "ResourceNotFound")
 _DENIED = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch")
-PART_SIZE = 64 * 1024 * 1024  # multipart above this: bounded memory per upload
+PART_SIZE = 8 * 1024 * 1024  # minio holds one part in memory: multipart above this bounds it
 _POOL_SIZE = 32  # connections per client: concurrent misses and pushes share them
 
 
