@@ -136,7 +136,8 @@ _ORIGIN_COMMENTS: dict[str, str] = {
     "narinfo_deadline": "Seconds a narinfo lookup in the origin may take before the answer is 404 "
     "(counted as an error): a read never becomes a 5xx.",
     "nar_deadline": "Seconds the origin may take to connect or to send the next bytes of a NAR.",
-    "write_timeout": "Seconds a write-through (NAR or narinfo PUT) may take before the push gets 503.",
+    "write_timeout": "Seconds a narinfo write-through may take, or a NAR upload may stall, before "
+    "the push gets 503 (and nothing is published here).",
     "gc_max_size": "nixcache gc --origin: delete the oldest paths until the bucket is below this size.",
     "gc_older_than": "nixcache gc --origin: delete paths uploaded longer ago than this (seconds, 90d).",
 }

@@ -188,6 +188,26 @@ class LabeledHistogram:
         return family
 
 
+class _TierLookups(LabeledCounter):
+    """nixcache_tier_lookups with the local tier's rows derived at scrape time from the narinfo
+    hit/miss counter, so the hot path counts once and every tier reads alike in one family."""
+
+    def __init__(self, local: LabeledCounter):
+        super().__init__(
+            "nixcache_tier_lookups",
+            "Lookups per tier (local, origin, upstream:<name>) by kind (narinfo, nar) and result "
+            "(hit, miss, error)",
+            ("tier", "kind", "result"),
+        )
+        self.local = local
+
+    def family(self) -> CounterMetricFamily:
+        family = super().family()
+        for (result,), child in sorted(self.local.children.items()):
+            family.add_metric(["local", "narinfo", result], child.value)
+        return family
+
+
 class _CounterCollector(Collector):
     def __init__(self, metrics: Metrics):
         self.metrics = metrics
@@ -228,11 +248,7 @@ class Metrics:
         )
         self.upload_bytes = LabeledCounter("nixcache_upload_bytes", "Bytes of accepted NAR uploads")
         # Per tier (local, origin, upstream:<name>); see nixcache.server.tiers and docs/metrics.md.
-        self.tier_lookups = LabeledCounter(
-            "nixcache_tier_lookups",
-            "Lookups per tier by kind (narinfo, nar) and result (hit, miss, error)",
-            ("tier", "kind", "result"),
-        )
+        self.tier_lookups = _TierLookups(self.narinfo)
         self.tier_bytes = LabeledCounter(
             "nixcache_tier_bytes",
             "NAR bytes read from a tier (pull-through) or written to it (write-through)",

@@ -74,6 +74,7 @@ def test_push_is_written_through_and_pulled_by_another_region(
     again = us.client.get(f"/{entry.hash_part}.narinfo")
     assert again.status_code == 200 and verify_sig(us, again.text)
     assert metric(us.client, "nixcache_narinfo_lookups_total", result="hit") == local_hits + 1
+    assert metric(us.client, "nixcache_tier_lookups_total", tier="local", result="hit") == local_hits + 1
     assert metric(us.client, "nixcache_tier_lookups_total", tier="origin", kind="narinfo", result="hit") == 1
 
 

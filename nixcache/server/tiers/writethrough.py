@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
 from nixcache.server.metrics import Metrics
 from nixcache.server.narinfo import NarInfo
@@ -28,6 +30,7 @@ from nixcache.server.tiers.origin_gc import GRACE_SECONDS
 
 log = logging.getLogger("nixcache.server.tiers")
 RETRY_AFTER = 10  # seconds; Nix honours Retry-After on a 503
+T = TypeVar("T")
 
 
 class OriginUnavailable(UploadError):
@@ -61,20 +64,25 @@ class WriteThrough:
         self.metrics.tier_bytes.labels(self.origin.name, "write").inc(size)
         self.metrics.tier_writes.labels(self.origin.name, "nar", "stored").inc()
 
+    def _small(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """A request with a small body (stat, narinfo, nix-cache-info): within write_timeout.
+        NAR uploads have no overall deadline (a big NAR takes its time); the socket timeout of
+        the origin's write client (also write_timeout) ends one that stalls."""
+        with within(self._deadline, f"{self.origin.where} {what}"):
+            return fn(*args)
+
     def nar_verified(self, name: str, tmp: Path) -> None:
         """A pushed NAR verified in tmp/: into the origin before it is renamed into place."""
         try:
-            with within(self._deadline, f"{self.origin.where} PUT nar/{name}"):
-                self._upload_nar(name, tmp)
+            self._upload_nar(name, tmp)
         except TierError as error:
             raise self._fail("nar", error) from None
 
     def nar_present(self, name: str) -> None:
         """A pushed NAR that was here already: make sure the origin has it too."""
         try:
-            with within(self._deadline, f"{self.origin.where} nar/{name}"):
-                if self.origin.stat(f"nar/{name}") is None:
-                    self._upload_nar(name, self.store.nar_path(name))
+            if self._small(f"HEAD nar/{name}", self.origin.stat, f"nar/{name}") is None:
+                self._upload_nar(name, self.store.nar_path(name))
         except TierError as error:
             raise self._fail("nar", error) from None
 
@@ -82,24 +90,32 @@ class WriteThrough:
         """A pushed narinfo passed validation: store its NAR's and its own copy in the origin."""
         key = f"{info.hash_part}.narinfo"
         nar_key = f"nar/{info.nar_file}"
+        local_nar = self.store.nar_path(info.nar_file)
         try:
-            with within(self._deadline, f"{self.origin.where} PUT {key}"):
-                if not self._cache_info_written:
-                    if self.origin.stat("nix-cache-info") is None:
-                        self.origin.put_bytes("nix-cache-info", self.cache_info, "text/x-nix-cache-info")
-                    self._cache_info_written = True
-                nar = self.origin.stat(nar_key)
-                # A NAR old enough that the origin's gc may hold it unreferenced is uploaded
-                # again: the fresh copy is inside gc's grace period while this narinfo lands.
-                if nar is None or _age(nar.modified) > GRACE_SECONDS / 2:
-                    self._upload_nar(info.nar_file, self.store.nar_path(info.nar_file))
-                start = time.perf_counter()
-                self.origin.put_bytes(key, info.render().encode(), "text/x-nix-narinfo")
-                self.metrics.tier_duration.labels(self.origin.name, "narinfo_write").observe(
-                    time.perf_counter() - start
-                )
-                if self.origin.stat(nar_key) is None:  # an origin gc raced us after all
-                    self._upload_nar(info.nar_file, self.store.nar_path(info.nar_file))
+            if not self._cache_info_written:
+                if self._small("HEAD nix-cache-info", self.origin.stat, "nix-cache-info") is None:
+                    self._small(
+                        "PUT nix-cache-info",
+                        self.origin.put_bytes,
+                        "nix-cache-info",
+                        self.cache_info,
+                        "text/x-nix-cache-info",
+                    )
+                self._cache_info_written = True
+            nar = self._small(f"HEAD {nar_key}", self.origin.stat, nar_key)
+            # A NAR old enough that the origin's gc may hold it unreferenced is uploaded again:
+            # the fresh copy is inside gc's grace period while this narinfo lands.
+            if nar is None or _age(nar.modified) > GRACE_SECONDS / 2:
+                self._upload_nar(info.nar_file, local_nar)
+            start = time.perf_counter()
+            self._small(
+                f"PUT {key}", self.origin.put_bytes, key, info.render().encode(), "text/x-nix-narinfo"
+            )
+            self.metrics.tier_duration.labels(self.origin.name, "narinfo_write").observe(
+                time.perf_counter() - start
+            )
+            if self._small(f"HEAD {nar_key}", self.origin.stat, nar_key) is None:
+                self._upload_nar(info.nar_file, local_nar)  # an origin gc raced us after all
         except TierError as error:
             raise self._fail("narinfo", error) from None
         except FileNotFoundError:
