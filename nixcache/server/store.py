@@ -222,8 +222,9 @@ class Store:
 
         `progress(tmp path, bytes so far)` runs after each chunk is written to the temp file,
         so a pull-through can stream the bytes to clients while they are stored;
-        `before_publish(name, tmp path)` runs once it verified and before it is visible (the
-        write-through to the origin); what it raises leaves nothing published."""
+        `before_publish(name, tmp path)` runs once it verified, before it is made durable and
+        visible (the write-through to the origin; a pull-through releases its clients' last
+        bytes); what it raises leaves nothing published."""
         compression = narinfo.compression_of(name)
         if compression is None:
             raise UploadError(400, f"nar/{name}: expected nar/<52-char base32 sha256>.nar[.xz|.zst|.bz2]")
@@ -234,7 +235,7 @@ class Store:
         with self._tmp_file(name) as (handle, tmp):
             sha = hashlib.sha256()
             out: BinaryIO = handle if progress is None else _Progress(handle, tmp, progress)  # type: ignore[assignment]
-            _copy(body, length, limit, out, sha.update)
+            size = _copy(body, length, limit, out, sha.update)
             handle.flush()
             if sha.digest() != file_sha:
                 raise UploadError(
@@ -242,7 +243,10 @@ class Store:
                     f"nar/{name}: the body hashes to {base32.encode(sha.digest())}, not to its name",
                 )
             try:
-                digest = self._offload(nar.digest, (tmp, compression))
+                if compression == "none":  # the file is the NAR: its sha256 is the NarHash
+                    digest = nar.plain_digest(tmp, sha.digest(), size)
+                else:
+                    digest = self._offload(nar.digest, (tmp, compression))
             except nar.NarError as error:
                 raise UploadError(400, f"nar/{name}: {error}") from None
             if expected is not None and digest != expected:
@@ -251,9 +255,9 @@ class Store:
                     f"nar/{name}: holds NarHash {digest.nar_hash} NarSize {digest.nar_size}, "
                     f"not {expected.nar_hash} {expected.nar_size} as its narinfo says",
                 )
-            os.fsync(handle.fileno())
             if before_publish is not None:
                 before_publish(name, tmp)
+            os.fsync(handle.fileno())
             # Under the shared gc lock: gc deletes a NAR and its meta as one step under the
             # exclusive lock, so it can never remove the meta we just wrote for a new copy.
             with self.gc_lock(exclusive=False):

@@ -11,6 +11,7 @@ through `Store.put_nar` (the upload verification: FileHash is the file name, Fil
 and NarSize of the narinfo), while every waiting client reads the temp file as it grows. The
 last byte is held back until the NAR verified and was published, so a corrupted NAR never
 reaches a client as a complete response: its connection is cut short instead (and Nix retries).
+(The last byte goes out once the NAR verified, while it is made durable and renamed into place.)
 Once the NAR is published, the narinfo that named it is published locally too: the next
 request is a local hit.
 """
@@ -77,6 +78,7 @@ class _Flight:
         self.ready = Event()  # first bytes are in the temp file, or the flight ended
         self.done = False
         self.ok = False
+        self.verified = False  # every byte checked: clients may have the last one
         self.found = True
         self._tick = Event()
 
@@ -86,6 +88,12 @@ class _Flight:
             if self.size is not None:
                 self.ready.set()
         self.written = written
+        self._tick, tick = Event(), self._tick
+        tick.set()
+
+    def verify(self, name: str, path: Path) -> None:
+        """Store.put_nar's before_publish: the NAR verified (it is made durable next)."""
+        self.verified = True
         self._tick, tick = Event(), self._tick
         tick.set()
 
@@ -99,10 +107,10 @@ class _Flight:
 
     def readable(self) -> int:
         """How far a client may read: all of it once verified, one byte short until then."""
-        if self.done and not self.ok:
+        if self.done and not self.ok and not self.verified:
             raise FetchAborted(f"nar/{self.name}: the fetch failed or did not verify; see the server log")
         assert self.size is not None
-        return self.size if self.ok else min(self.written, self.size - 1)
+        return self.size if self.verified else min(self.written, self.size - 1)
 
     def wait(self, timeout: float) -> None:
         self._tick.wait(timeout)
@@ -254,7 +262,15 @@ class PullThrough:
             flight.size = size
             expected = NarDigest(info.nar_hash, info.nar_size) if info is not None else None
             try:
-                self.store.put_nar(name, source, size, self.max_size, expected, progress=flight.progress)
+                self.store.put_nar(
+                    name,
+                    source,
+                    size,
+                    self.max_size,
+                    expected,
+                    progress=flight.progress,
+                    before_publish=flight.verify,
+                )
             except OSError as error:  # the tier broke off while sending
                 raise TierUnavailable(f"{tier.name} nar/{name}: {error}") from None
             self.metrics.tier_lookups.labels(tier.name, "nar", "hit").inc()
@@ -265,8 +281,8 @@ class PullThrough:
             flight.finish(ok=True)
         except UploadError as error:
             # FileHash, FileSize, NarHash or NarSize did not match: never served, never stored.
-            log.warning("%s: nar/%s refused: %s", tier.name, name, error.reason)
-            self._error(tier.name, "nar", TierError(error.reason, "corrupt"))
+            log.warning("%s: nar/%s not stored: %s", tier.name, name, error.reason)
+            self._error(tier.name, "nar", TierError(error.reason, "store" if flight.verified else "corrupt"))
             if hash_part is not None:
                 self._forget(hash_part)
             flight.finish(ok=False)
