@@ -41,7 +41,7 @@ from nixcache.server.tiers.negative import NegativeCache
 
 log = logging.getLogger("nixcache.server.tiers")
 FOUND_TTL = 600.0  # a narinfo found in another tier waits this long for its NAR to be asked for
-FOUND_ENTRIES = 16384
+FOUND_ENTRIES = 4096  # NarInfos of a few KiB (references): a bounded few MiB
 READ_CHUNK = 256 * 1024
 
 
