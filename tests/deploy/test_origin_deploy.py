@@ -1,0 +1,72 @@
+"""deploys/origin.py end to end: SeaweedFS as seaweedfs.service on a lab host, checked from outside."""
+
+from __future__ import annotations
+
+import io
+import uuid
+from pathlib import Path
+
+import pytest
+
+from deploy.conftest import pyinfra
+from deploy.test_cache_deploy import hosts, on_host
+
+pytestmark = pytest.mark.lab
+
+S3_PORT = 8333
+
+
+@pytest.fixture(scope="module")
+def origin_deployed(lab, lab_dir: Path):
+    host = hosts(lab_dir)[0]
+    run = pyinfra(lab_dir, "-y", "--limit", host.name, "inventories/lab.py", "deploys/origin.py")
+    assert run.returncode == 0, run.output[-4000:]
+    return host, run
+
+
+def _client(lab_dir: Path, address: str):
+    import minio
+    import urllib3
+
+    secrets = lab_dir / "secrets"
+    return minio.Minio(
+        f"{address}:{S3_PORT}",
+        access_key=(secrets / "origin-access-key").read_text().strip(),
+        secret_key=(secrets / "origin-secret-key").read_text().strip(),
+        secure=False,
+        http_client=urllib3.PoolManager(timeout=10, retries=False),
+    )
+
+
+def test_origin_answers_s3_from_the_controller_with_its_bucket(origin_deployed, lab_dir: Path) -> None:
+    host, run = origin_deployed
+    client = _client(lab_dir, host.address)
+    assert client.bucket_exists("nixcache")
+    key = f"probe/{uuid.uuid4().hex}"
+    client.put_object("nixcache", key, io.BytesIO(b"hello"), 5)
+    assert client.get_object("nixcache", key).read() == b"hello"
+    client.remove_object("nixcache", key)
+    for name in ("origin-access-key", "origin-secret-key"):
+        assert (lab_dir / "secrets" / name).read_text().strip() not in run.output
+
+
+def test_second_run_reports_no_changes(origin_deployed, lab_dir: Path) -> None:
+    host, _ = origin_deployed
+    again = pyinfra(lab_dir, "-y", "--limit", host.name, "inventories/lab.py", "deploys/origin.py")
+    assert again.returncode == 0, again.output[-3000:]
+    assert again.totals()["changed"] == 0, again.changed_operations()
+
+
+def test_binds_the_lab_address_only_telemetry_off_sandboxed(origin_deployed, lab_dir: Path) -> None:
+    host, _ = origin_deployed
+    listening = on_host(lab_dir, host.name, "ss -ltnpH | grep weed")
+    addresses = {line.split()[3].rsplit(":", 1)[0] for line in listening.splitlines()}
+    # SeaweedFS adds a loopback listener beside every HTTP port bound to a specific address
+    # (util.NewIpAndLocalListeners); nothing else, and never a wildcard.
+    assert addresses <= {host.address, "127.0.0.1"} and host.address in addresses, listening
+    unit = on_host(lab_dir, host.name, "systemctl cat seaweedfs.service")
+    assert "-master.telemetry=false" in unit
+    identities = on_host(lab_dir, host.name, "stat -c '%a %U' /etc/seaweedfs/s3.json")
+    assert identities.split() == ["600", "seaweedfs"]
+    score = on_host(lab_dir, host.name, "systemd-analyze security seaweedfs.service | tail -1")
+    assert float(score.split("exposure level for seaweedfs.service:")[1].split()[0]) <= 2.0, score
