@@ -36,6 +36,9 @@ CONFIG_FILE = f"{CONFIG_DIR}/config.toml"
 SIGNING_KEY_FILE = f"{CONFIG_DIR}/signing-key"
 PUSH_TOKEN_FILE = f"{CONFIG_DIR}/push-token"
 READ_TOKEN_FILE = f"{CONFIG_DIR}/read-token"
+# The origin's S3 credentials, read by the server (config.toml names these files, never the keys).
+S3_ACCESS_KEY_FILE = f"{CONFIG_DIR}/s3-access-key"
+S3_SECRET_KEY_FILE = f"{CONFIG_DIR}/s3-secret-key"
 # What the service last started with (hash of unit, config, key, venv): restart only on change.
 SERVICE_STAMP = f"{CONFIG_DIR}/.applied"
 NFTABLES_FILE = "/etc/nftables.conf"
@@ -203,6 +206,14 @@ class Settings:
     signing_key_next_name: str | None = None
     # deploys/rotate_key.py phase: "introduce" (next key alongside) or "retire" (next key only).
     rotate_phase: str = "introduce"
+
+    # --- the caches' origin tier (nixcache.server.tiers) ---------------------------------------
+    # S3 endpoint of the environment's origin (http(s)://host:port). None = no origin: the cache
+    # is an island. With it, pushes are written through and misses pulled through.
+    origin_endpoint: str | None = None
+    # SigV4 region and addressing (path: MinIO, SeaweedFS, Ceph, Garage; virtual: AWS, R2).
+    origin_region: str = "us-east-1"
+    origin_addressing: str = "path"
 
     # --- origin (deploys/origin.py): SeaweedFS as the environment's S3 origin -----------------
     # Where the S3 gateway listens: SeaweedFS's own default port.

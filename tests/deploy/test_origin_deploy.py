@@ -70,3 +70,66 @@ def test_binds_the_lab_address_only_telemetry_off_sandboxed(origin_deployed, lab
     assert identities.split() == ["600", "seaweedfs"]
     score = on_host(lab_dir, host.name, "systemd-analyze security seaweedfs.service | tail -1")
     assert float(score.split("exposure level for seaweedfs.service:")[1].split()[0]) <= 2.0, score
+
+
+def test_a_path_pushed_to_one_cache_is_substituted_from_another(
+    origin_deployed, lab_dir: Path, tmp_path: Path
+) -> None:
+    """The caches of the lab behind lab1's origin: push to lab2, then a fresh store substitutes
+    from lab1 with require-sigs and only the lab's key trusted; a second lookup is a local hit."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+    from support import nixbuild
+
+    from deploy.test_cache_deploy import CLOSURE, PORT, nix
+    from nixcache.keys import SecretKey
+
+    origin_host, *others = hosts(lab_dir)
+    pusher = others[0] if others else origin_host
+    endpoint = f"http://{origin_host.address}:{S3_PORT}"
+    run = pyinfra(
+        lab_dir, "-y", "--data", f"origin_endpoint={endpoint}", "inventories/lab.py", "deploys/cache.py"
+    )
+    assert run.returncode == 0, run.output[-4000:]
+
+    top = nixbuild.build(CLOSURE.replace("@SALT@", uuid.uuid4().hex), tmp_path / "build")
+    token = (lab_dir / "secrets" / "push-token").read_text().strip()
+    netrc = tmp_path / "netrc"
+    netrc.write_text(f"machine {pusher.address}\nlogin nix\npassword {token}\n")
+    netrc.chmod(0o600)
+    pushed = nix(["copy", "--to", f"http://{pusher.address}:{PORT}", top], tmp_path / "home-push", netrc)
+    assert pushed.returncode == 0, pushed.stderr
+    assert f"{Path(top).name[:32]}.narinfo" in {
+        o.object_name for o in _client(lab_dir, origin_host.address).list_objects("nixcache")
+    }
+
+    reader = f"http://{origin_host.address}:{PORT}"
+    key = str(SecretKey.parse((lab_dir / "secrets" / "signing-key").read_text()).public())
+    fetched = nix(
+        [
+            "copy", "--from", reader, "--to", str(tmp_path / "fresh"), top,
+            "--option", "require-sigs", "true",
+            "--option", "trusted-public-keys", key,
+            "--option", "substituters", "",
+        ],
+        tmp_path / "home-fetch",
+    )  # fmt: skip
+    assert fetched.returncode == 0, fetched.stderr
+    assert (tmp_path / "fresh" / "nix" / "store" / Path(top).name).read_bytes() == Path(top).read_bytes()
+
+    def lookups(tier: str, result: str) -> float:
+        text = httpx.get(f"{reader}/metrics", timeout=5).text
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "nixcache_tier_lookups_total"
+            and sample.labels.get("tier") == tier
+            and sample.labels.get("result") == result
+        )
+
+    if pusher is not origin_host:
+        assert lookups("origin", "hit") >= 1
+    before = lookups("local", "hit")
+    assert httpx.get(f"{reader}/{Path(top).name[:32]}.narinfo", timeout=5).status_code == 200
+    assert lookups("local", "hit") == before + 1
