@@ -24,6 +24,16 @@ def origin_deployed(lab, lab_dir: Path):
     return host, run
 
 
+@pytest.fixture(scope="module")
+def caches_behind_origin(origin_deployed, lab_dir: Path):
+    """Every lab host a cache whose origin is lab1's SeaweedFS: (origin host, other hosts)."""
+    origin_host, *others = hosts(lab_dir)
+    data = f"origin_endpoint=http://{origin_host.address}:{S3_PORT}"
+    run = pyinfra(lab_dir, "-y", "--data", data, "inventories/lab.py", "deploys/cache.py")
+    assert run.returncode == 0, run.output[-4000:]
+    return origin_host, others
+
+
 def _client(lab_dir: Path, address: str):
     import minio
     import urllib3
@@ -73,7 +83,7 @@ def test_binds_the_lab_address_only_telemetry_off_sandboxed(origin_deployed, lab
 
 
 def test_a_path_pushed_to_one_cache_is_substituted_from_another(
-    origin_deployed, lab_dir: Path, tmp_path: Path
+    caches_behind_origin, lab_dir: Path, tmp_path: Path
 ) -> None:
     """The caches of the lab behind lab1's origin: push to lab2, then a fresh store substitutes
     from lab1 with require-sigs and only the lab's key trusted; a second lookup is a local hit."""
@@ -84,13 +94,8 @@ def test_a_path_pushed_to_one_cache_is_substituted_from_another(
     from deploy.test_cache_deploy import CLOSURE, PORT, nix
     from nixcache.keys import SecretKey
 
-    origin_host, *others = hosts(lab_dir)
+    origin_host, others = caches_behind_origin
     pusher = others[0] if others else origin_host
-    endpoint = f"http://{origin_host.address}:{S3_PORT}"
-    run = pyinfra(
-        lab_dir, "-y", "--data", f"origin_endpoint={endpoint}", "inventories/lab.py", "deploys/cache.py"
-    )
-    assert run.returncode == 0, run.output[-4000:]
 
     top = nixbuild.build(CLOSURE.replace("@SALT@", uuid.uuid4().hex), tmp_path / "build")
     token = (lab_dir / "secrets" / "push-token").read_text().strip()
@@ -133,3 +138,47 @@ def test_a_path_pushed_to_one_cache_is_substituted_from_another(
     before = lookups("local", "hit")
     assert httpx.get(f"{reader}/{Path(top).name[:32]}.narinfo", timeout=5).status_code == 200
     assert lookups("local", "hit") == before + 1
+
+
+def test_origin_outage_local_hits_served_misses_404_pushes_503(caches_behind_origin, lab_dir: Path) -> None:
+    """Stop seaweedfs.service: lab1 still serves what it holds, a path it lacks is 404 within
+    3 s, a push to lab2 is 503 and leaves nothing visible; started again, the push succeeds."""
+    import time
+
+    import httpx
+    from server.helpers import make_entry, push
+
+    from deploy.test_cache_deploy import PORT
+
+    origin_host, others = caches_behind_origin
+    pusher_host = others[0] if others else origin_host
+    token = (lab_dir / "secrets" / "push-token").read_text().strip()
+    auth = ("nix", token)
+    reader = httpx.Client(base_url=f"http://{origin_host.address}:{PORT}", timeout=30)
+    pusher = httpx.Client(base_url=f"http://{pusher_host.address}:{PORT}", timeout=30)
+    held, late = make_entry(), make_entry()
+    push(pusher, held, token)
+    assert reader.get(f"/{held.hash_part}.narinfo").status_code == 200
+    assert reader.get(f"/nar/{held.nar_file}").content == held.file_bytes
+
+    on_host(lab_dir, origin_host.name, "systemctl stop seaweedfs.service")
+    try:
+        assert reader.get(f"/{held.hash_part}.narinfo").status_code == 200
+        assert reader.get(f"/nar/{held.nar_file}").content == held.file_bytes
+        start = time.monotonic()
+        assert reader.get(f"/{make_entry().hash_part}.narinfo").status_code == 404
+        assert time.monotonic() - start < 3
+        nar = pusher.put(f"/nar/{late.nar_file}", content=late.file_bytes, auth=auth)
+        assert nar.status_code == 503 and "Retry-After" in nar.headers, nar.text
+        assert pusher.head(f"/nar/{late.nar_file}").status_code == 404
+        info = pusher.put(f"/{late.hash_part}.narinfo", content=late.narinfo(), auth=auth)
+        assert info.status_code == 400, info.text  # its NAR was never stored
+        assert pusher.head(f"/{late.hash_part}.narinfo").status_code == 404
+    finally:
+        on_host(lab_dir, origin_host.name, "systemctl start seaweedfs.service")
+    deadline = time.monotonic() + 60
+    while pusher.put(f"/nar/{late.nar_file}", content=late.file_bytes, auth=auth).status_code != 201:
+        assert time.monotonic() < deadline, "the origin took writes again only after 60 s"
+        time.sleep(1)  # the gateway takes writes a few seconds after its start
+    push(pusher, late, token)
+    assert reader.get(f"/{late.hash_part}.narinfo").status_code == 200
