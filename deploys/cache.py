@@ -147,6 +147,7 @@ firewall.ruleset(
 
 # --- garbage collection ------------------------------------------------------------------------
 gc.timer(name="nixcache-gc.timer", settings=s, depends_on=build)
+gc.origin_timer(name="nixcache-gc-origin.timer", settings=s, host_name=host.name, depends_on=build)
 
 # --- backups, monitoring and nginx front --------------------------------------------------------
 backup_timer()

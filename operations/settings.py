@@ -214,6 +214,17 @@ class Settings:
     # SigV4 region and addressing (path: MinIO, SeaweedFS, Ceph, Garage; virtual: AWS, R2).
     origin_region: str = "us-east-1"
     origin_addressing: str = "path"
+    # The one host (inventory name) of the environment that runs `nixcache gc --origin` on the
+    # bucket (S3 offers no lock to share between hosts). None = nobody: the bucket only grows.
+    origin_gc_host: str | None = None
+    # Retention on the bucket: paths uploaded longer ago than this go (the origin is the
+    # fleet's memory: longer than a host's 30d), and/or the oldest go above a total size.
+    origin_gc_older_than: str | None = "180d"
+    origin_gc_max_size: str | None = None
+    # HTTP binary caches the caches pull through from after the origin, in order:
+    # [{"url": "https://cache.example.org", "public_keys": ["cache.example.org-1:…"]}]. Empty on
+    # purpose (the repository names no third-party hosts).
+    origin_upstreams: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
     # --- origin (deploys/origin.py): SeaweedFS as the environment's S3 origin -----------------
     # Where the S3 gateway listens: SeaweedFS's own default port.
