@@ -10,6 +10,7 @@ import pytest
 
 from deploy.conftest import pyinfra
 from deploy.test_cache_deploy import hosts, on_host
+from nixcache.lab import Lab
 
 pytestmark = pytest.mark.lab
 
@@ -28,8 +29,11 @@ def origin_deployed(lab, lab_dir: Path):
 def caches_behind_origin(origin_deployed, lab_dir: Path):
     """Every lab host a cache whose origin is lab1's SeaweedFS: (origin host, other hosts)."""
     origin_host, *others = hosts(lab_dir)
-    data = f"origin_endpoint=http://{origin_host.address}:{S3_PORT}"
-    run = pyinfra(lab_dir, "-y", "--data", data, "inventories/lab.py", "deploys/cache.py")
+    endpoint = f"origin_endpoint=http://{origin_host.address}:{S3_PORT}"
+    gc_host = f"origin_gc_host={origin_host.name}"
+    run = pyinfra(
+        lab_dir, "-y", "--data", endpoint, "--data", gc_host, "inventories/lab.py", "deploys/cache.py"
+    )
     assert run.returncode == 0, run.output[-4000:]
     return origin_host, others
 
@@ -182,3 +186,17 @@ def test_origin_outage_local_hits_served_misses_404_pushes_503(caches_behind_ori
         time.sleep(1)  # the gateway takes writes a few seconds after its start
     push(pusher, late, token)
     assert reader.get(f"/{late.hash_part}.narinfo").status_code == 200
+
+
+def test_the_origin_gc_runs_on_the_designated_host_only(caches_behind_origin, lab_dir: Path) -> None:
+    origin_host, others = caches_behind_origin
+    on_host(lab_dir, origin_host.name, "systemctl start nixcache-gc-origin.service")
+    journal = on_host(lab_dir, origin_host.name, "journalctl -u nixcache-gc-origin.service --no-pager")
+    assert "gc --origin: deleted" in journal and "bucket now" in journal, journal[-2000:]
+    assert (
+        on_host(lab_dir, origin_host.name, "systemctl is-enabled nixcache-gc-origin.timer").strip()
+        == "enabled"
+    )
+    for other in others:
+        code, _ = Lab(lab_dir).run(other.name, ["test", "-e", "/etc/systemd/system/nixcache-gc-origin.timer"])
+        assert code != 0, f"{other.name} must not collect the origin"
