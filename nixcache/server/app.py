@@ -58,14 +58,15 @@ class FileBody:
 
 class StreamBody:
     """A body of known length produced while it is sent (a NAR pulled through from another
-    tier). The HTTP layer sends each chunk as it comes; an OSError from the iterator cuts the
-    connection, so a client never takes a short body for a complete one."""
+    tier): bytes, or FileBody segments of a growing file. The HTTP layer sends each part as it
+    comes (segments with sendfile); an OSError from the iterator cuts the connection, so a
+    client never takes a short body for a complete one."""
 
-    def __init__(self, chunks: Iterator[bytes], count: int):
+    def __init__(self, chunks: Iterator[bytes | FileBody], count: int):
         self.chunks = chunks
         self.count = count
 
-    def __iter__(self) -> Iterator[bytes]:
+    def __iter__(self) -> Iterator[bytes | FileBody]:
         return self.chunks
 
     def close(self) -> None:

@@ -425,11 +425,15 @@ class Server(StreamServer):
                 sock.sendall(head)
                 sent = sendfile(sock, result)
             elif isinstance(result, StreamBody):
-                # Sent as produced; an OSError from it (a failed pull-through) cuts the connection.
+                # Sent as produced (bytes, or file segments sent with sendfile); an OSError from
+                # it (a failed pull-through) cuts the connection.
                 sock.sendall(head)
-                for chunk in result:
-                    sock.sendall(chunk)
-                    sent += len(chunk)
+                for part in result:
+                    if isinstance(part, FileBody):
+                        sent += sendfile(sock, part)
+                    else:
+                        sock.sendall(part)
+                        sent += len(part)
             else:
                 send_small(sock, head + data)
                 sent = len(data)

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import gevent
 from gevent.event import AsyncResult, Event
 
-from nixcache.server.app import NARINFO_LIMIT, StreamBody
+from nixcache.server.app import NARINFO_LIMIT, FileBody, StreamBody
 from nixcache.server.metrics import Metrics
 from nixcache.server.nar import NarDigest
 from nixcache.server.narinfo import NarInfo
@@ -42,7 +42,6 @@ from nixcache.server.tiers.negative import NegativeCache
 log = logging.getLogger("nixcache.server.tiers")
 FOUND_TTL = 600.0  # a narinfo found in another tier waits this long for its NAR to be asked for
 FOUND_ENTRIES = 4096  # NarInfos of a few KiB (references): a bounded few MiB
-READ_CHUNK = 256 * 1024
 
 
 class Tier(Protocol):
@@ -90,6 +89,9 @@ class _Flight:
         self.written = written
         self._tick, tick = Event(), self._tick
         tick.set()
+        # A tier that sends faster than we read never blocks this greenlet: yield, so the
+        # readers send each chunk now (first byte in milliseconds) rather than at the end.
+        gevent.sleep(0)
 
     def verify(self, name: str, path: Path) -> None:
         """Store.put_nar's before_publish: the NAR verified (it is made durable next)."""
@@ -115,8 +117,10 @@ class _Flight:
     def wait(self, timeout: float) -> None:
         self._tick.wait(timeout)
 
-    def reader(self, stall: float) -> Iterator[bytes]:
-        fd = os.dup(self.fd)
+    def reader(self, stall: float) -> Iterator[FileBody]:
+        """The NAR as it grows, in segments of the temp file that the HTTP layer sends with
+        sendfile(2): no copy through this process, whatever the number of readers."""
+        handle = os.fdopen(os.dup(self.fd), "rb")
         try:
             position, size = 0, self.size
             assert size is not None
@@ -125,13 +129,10 @@ class _Flight:
                 if position >= limit:
                     self.wait(stall)
                     continue
-                chunk = os.pread(fd, min(READ_CHUNK, limit - position), position)
-                if not chunk:
-                    raise FetchAborted(f"nar/{self.name}: the temp file ended at {position} bytes")
-                position += len(chunk)
-                yield chunk
+                yield FileBody(handle, position, limit - position)
+                position = limit
         finally:
-            os.close(fd)
+            handle.close()
 
 
 class PullThrough:
