@@ -224,6 +224,36 @@ def test_upstream_trusted_untrusted_and_corrupted(start_cache: StartCache, tmp_p
         assert metric(cache.client, "nixcache_tier_errors_total", tier="upstream:up", reason="corrupt") == 1
 
 
+def test_a_pulled_nar_reaches_the_client_while_it_is_still_being_fetched(
+    start_cache: StartCache, tmp_path: Path
+) -> None:
+    """The upstream sends half of the NAR and stalls: the client already has bytes, the store
+    has nothing yet; once the rest arrives the client has every byte and the store the NAR."""
+    root = tmp_path / "upstream"
+    _, key = write_key(tmp_path, "upstream-1")
+    entry = make_entry(os.urandom(4 * 1024 * 1024), compression="none")
+    publish_upstream(root, entry, key)
+    gate = threading.Event()
+    with binary_cache_server(root, {f"/nar/{entry.nar_file}": gate}) as url:
+        config = write_config(tmp_path / "up.toml", upstreams=[(url, [str(key.public())])])
+        cache = start_cache("--config", str(config))
+        assert cache.client.get(f"/{entry.hash_part}.narinfo").status_code == 200
+        try:
+            with cache.client.stream("GET", f"/nar/{entry.nar_file}") as response:
+                assert response.status_code == 200
+                assert response.headers["Content-Length"] == str(len(entry.file_bytes))
+                chunks = response.iter_raw()
+                received = next(chunks)
+                assert received and not gate.is_set()
+                assert not (cache.store / "nar" / entry.nar_file).exists()  # not published yet
+                gate.set()
+                received += b"".join(chunks)
+        finally:
+            gate.set()
+    assert received == entry.file_bytes
+    assert (cache.store / "nar" / entry.nar_file).read_bytes() == entry.file_bytes
+
+
 # -- single flight -----------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -72,10 +73,30 @@ class _QuietHandler(SimpleHTTPRequestHandler):
         pass
 
 
+class _GatedHandler(_QuietHandler):
+    """Sends the first half of a gated file, then waits for the test to open the gate."""
+
+    gates: ClassVar[dict[str, threading.Event]] = {}
+
+    def copyfile(self, source, outputfile) -> None:  # type: ignore[no-untyped-def]
+        gate = self.gates.get(self.path)
+        if gate is None:
+            return super().copyfile(source, outputfile)
+        data = source.read()
+        outputfile.write(data[: len(data) // 2])
+        outputfile.flush()
+        gate.wait(30)
+        outputfile.write(data[len(data) // 2 :])
+        return None
+
+
 @contextmanager
-def binary_cache_server(root: Path) -> Iterator[str]:
-    """Serve `root` (a file:// binary cache layout) over HTTP on loopback; yields its URL."""
-    handler = functools.partial(_QuietHandler, directory=str(root))
+def binary_cache_server(root: Path, gates: dict[str, threading.Event] | None = None) -> Iterator[str]:
+    """Serve `root` (a file:// binary cache layout) over HTTP on loopback; yields its URL.
+
+    `gates`: URL path -> Event; such a file stops halfway until its Event is set."""
+    handler_class = type("Handler", (_GatedHandler,), {"gates": gates or {}})
+    handler = functools.partial(handler_class, directory=str(root))
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
