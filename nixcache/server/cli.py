@@ -129,6 +129,7 @@ def _gc_origin(
             older_than=parse_duration(older_than) if older_than is not None else config.origin.gc_older_than,
             dry_run=dry_run,
             echo=click.echo,
+            grace=config.origin.gc_grace,
         )
     except (configmod.ConfigError, origin_gc.OriginGcError, TierError, ValueError) as error:
         raise click.ClickException(str(error)) from None

@@ -48,6 +48,7 @@ class OriginConfig:
     write_timeout: float = 60.0
     gc_max_size: int | None = None
     gc_older_than: float | None = None
+    gc_grace: float = 3600.0
 
 
 @dataclass
@@ -140,6 +141,9 @@ _ORIGIN_COMMENTS: dict[str, str] = {
     "the push gets 503 (and nothing is published here).",
     "gc_max_size": "nixcache gc --origin: delete the oldest paths until the bucket is below this size.",
     "gc_older_than": "nixcache gc --origin: delete paths uploaded longer ago than this (seconds, 90d).",
+    "gc_grace": "nixcache gc --origin spares unreferenced NARs younger than this (a push may be on "
+    "its way); pushers upload a NAR again once its copy is older than half of it. The same on "
+    "every host of the environment.",
 }
 _UPSTREAM_COMMENTS: dict[str, str] = {
     "url": "Base URL of the binary cache, e.g. https://cache.nixos.org.",
@@ -149,7 +153,7 @@ _UPSTREAM_COMMENTS: dict[str, str] = {
     "narinfo_deadline": "Seconds a narinfo lookup may take before the answer is 404 (counted).",
     "nar_deadline": "Seconds the upstream may take to connect or to send the next bytes of a NAR.",
 }
-_TABLE_DURATIONS = {"narinfo_deadline", "nar_deadline", "write_timeout", "gc_older_than"}
+_TABLE_DURATIONS = {"narinfo_deadline", "nar_deadline", "write_timeout", "gc_older_than", "gc_grace"}
 
 _SIZE_KEYS = {"max_upload_size", "gc_max_size", "gc_min_free", "gc_max_free"}
 _DURATION_KEYS = {"gc_older_than", "keepalive_timeout", "negative_ttl"}

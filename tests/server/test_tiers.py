@@ -446,3 +446,48 @@ def test_a_miss_in_every_tier_is_remembered(
         assert eu.client.get(f"/{absent.hash_part}.narinfo").status_code == 404
     assert metric(eu.client, "nixcache_tier_lookups_total", tier="origin", kind="narinfo", result="miss") == 1
     assert metric(eu.client, "nixcache_negative_cache_hits_total") == 2
+
+
+def test_origin_gc_racing_pushes_never_orphans_a_narinfo(
+    start_cache: StartCache,
+    tmp_path: Path,
+    seaweed: Seaweed,  # noqa: F811
+    bucket: str,
+) -> None:
+    """Collect the bucket in a loop while the same paths are pushed again (as nix copy does: the
+    NAR is already on the cache, so only the narinfo is PUT): every push succeeds, gc deletes
+    NARs, and in the end every narinfo in the bucket has its NAR. The grace period is cut to
+    2 s (origin.gc_grace, shared by gc and the pushing cache) so NARs become collectable."""
+    from nixcache.server.tiers import origin_gc
+
+    (eu,) = fleet(start_cache, tmp_path, seaweed, bucket, "eu", gc_grace=2)
+    entries = [make_entry(os.urandom(2000)) for _ in range(10)]
+    for entry in entries:
+        push(eu.client, entry, eu.token)
+    origin = _origin(seaweed, bucket, tmp_path)
+    stop = threading.Event()
+    runs = []
+
+    def collect() -> None:
+        deadline = time.monotonic() + 40
+        while not stop.is_set() and time.monotonic() < deadline:
+            runs.append(origin_gc.run(origin, older_than=1, grace=2, echo=lambda _: None))
+
+    time.sleep(2.5)  # past the grace period
+    collector = threading.Thread(target=collect)
+    collector.start()
+    failures = []
+    try:
+        for _ in range(4):
+            for entry in entries:
+                assert eu.client.head(f"/nar/{entry.nar_file}").status_code == 200
+                put = eu.client.put(f"/{entry.hash_part}.narinfo", content=entry.narinfo(), auth=eu.auth)
+                if put.status_code != 201:
+                    failures.append(put.text)
+            time.sleep(2.5)  # let the NARs age past the grace period again
+    finally:
+        stop.set()
+        collector.join(60)
+    assert failures == []
+    assert sum(r.deleted_nars for r in runs) > 0, "gc never deleted a NAR: the race was not exercised"
+    _no_dangling(seaweed, bucket)

@@ -4,12 +4,17 @@ Run by one designated host per environment (S3 offers no lock to share), with th
 the local gc (nixcache/server/gc.py):
 - a narinfo is deleted before the NAR it names, and a NAR only when no kept narinfo names it, so
   no narinfo in the bucket points at a missing NAR;
-- an unreferenced NAR younger than GRACE_SECONDS is spared: it may be a push whose narinfo is on
-  the way. Pushers upload a NAR again when the origin's copy is older than half the grace period
-  (writethrough.py), so a NAR a new narinfo relies on is always young when that narinfo lands;
+- an unreferenced NAR younger than the grace period (origin.gc_grace, 1 h) is spared: it may be
+  a push whose narinfo is on the way. Pushers upload a NAR again when the origin's copy is older
+  than half the grace period (writethrough.py), so a NAR a new narinfo relies on is young when
+  that narinfo lands, and pushers look at the NAR once more after their narinfo is stored;
 - just before deleting, each object is looked at again: a narinfo pushed again since the scan
   (newer mtime) and a NAR uploaded again since the scan are kept.
 S3 has no access times: "age" is the time of the last upload of the narinfo.
+What S3 cannot give: an atomic "delete unless changed". Between gc's last look at a NAR and its
+delete a push may upload that NAR again and store a narinfo naming it; the pusher's look after
+its narinfo then uploads the NAR once more. Only a push whose every request (four) falls in the
+few milliseconds between gc's look and its delete could leave a narinfo without its NAR.
 """
 
 from __future__ import annotations

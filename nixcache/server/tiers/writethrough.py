@@ -26,7 +26,6 @@ from nixcache.server.store import Store, UploadError
 from nixcache.server.tiers.deadline import within
 from nixcache.server.tiers.errors import TierError
 from nixcache.server.tiers.origin import Origin
-from nixcache.server.tiers.origin_gc import GRACE_SECONDS
 
 log = logging.getLogger("nixcache.server.tiers")
 RETRY_AFTER = 10  # seconds; Nix honours Retry-After on a 503
@@ -105,7 +104,7 @@ class WriteThrough:
             nar = self._small(f"HEAD {nar_key}", self.origin.stat, nar_key)
             # A NAR old enough that the origin's gc may hold it unreferenced is uploaded again:
             # the fresh copy is inside gc's grace period while this narinfo lands.
-            if nar is None or _age(nar.modified) > GRACE_SECONDS / 2:
+            if nar is None or _age(nar.modified) > self.origin.config.gc_grace / 2:
                 self._upload_nar(info.nar_file, local_nar)
             start = time.perf_counter()
             self._small(
