@@ -29,6 +29,8 @@ from operations.settings import (
     CONFIG_FILE,
     PUSH_TOKEN_FILE,
     READ_TOKEN_FILE,
+    S3_ACCESS_KEY_FILE,
+    S3_SECRET_KEY_FILE,
     SIGNING_KEY_FILE,
     SettingsError,
     host_secret,
@@ -91,6 +93,20 @@ read_token = (
     if s.read_token_ref
     else None
 )
+# The origin tier's S3 credentials (nixcache.server.tiers), when host data names an origin.
+s3_keys = (
+    [
+        host_secret(
+            f"S3 {which} key",
+            f"origin_{which}_key_ref",
+            getattr(s, f"origin_{which}_key_ref"),
+            functools.partial(ensure_token, generate=s.origin_credentials_generate),
+        )
+        for which in ("access", "secret")
+    ]
+    if s.origin_endpoint
+    else []
+)
 config_text = config.render_config(s, push_token=True, read_token=read_token is not None)
 
 config.config_dir(name="/etc/nixcache", user=s.service_user)
@@ -110,6 +126,8 @@ if next_signing_key is not None:
 config.secret_file(name="Push token", path=PUSH_TOKEN_FILE, value=push_token, user=s.service_user)
 if read_token is not None:
     config.secret_file(name="Read token", path=READ_TOKEN_FILE, value=read_token, user=s.service_user)
+for path, value in zip((S3_ACCESS_KEY_FILE, S3_SECRET_KEY_FILE), s3_keys, strict=False):
+    config.secret_file(name=f"Origin credential {path}", path=path, value=value, user=s.service_user)
 
 # --- service: restarted only when something it reads changed ----------------------------------
 depends_on = "\0".join(
@@ -120,6 +138,7 @@ depends_on = "\0".join(
         sha256(signing_key.unmask()) + (sha256(next_signing_key.unmask()) if next_signing_key else ""),
         sha256(push_token.unmask()),
         sha256(read_token.unmask()) if read_token is not None else "",
+        *(sha256(key.unmask()) for key in s3_keys),
     ]
 )
 service.nixcache(name="nixcache.service", settings=s, depends_on=sha256(depends_on))
@@ -132,6 +151,7 @@ firewall.ruleset(
 
 # --- garbage collection ------------------------------------------------------------------------
 gc.timer(name="nixcache-gc.timer", settings=s, depends_on=build)
+gc.origin_timer(name="nixcache-gc-origin.timer", settings=s, host_name=host.name, depends_on=build)
 
 # --- backups, monitoring and nginx front --------------------------------------------------------
 backup_timer()

@@ -10,6 +10,12 @@ Phases, each timed:
   verify    `nix copy --from` into a fresh store with require-sigs and the original public key
 The last line is `recovery time: <seconds> s`, from the reset to verified service.
 Exit status: 0 when every phase passed, 1 naming the failed phase otherwise.
+
+`--scenario region-loss` (issue 12): the second host also runs the environment's S3 origin
+(deploys/origin.py), the cache writes pushes through to it, and the backup holds only keys and
+configuration (backup_include_store=false). After the reset and deploys/recover.py the region's
+store is empty, so the verified path is pulled through from the origin (its /metrics must show
+the origin hit).
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ from nixcache.secrets import resolve
 REPO_ROOT = Path(__file__).resolve().parent.parent
 METRICS_FILE = "/var/lib/prometheus/node-exporter/nixcache_backup.prom"
 SUCCESS_METRIC = "nixcache_backup_last_success_timestamp_seconds"
+SCENARIOS = ("host-loss", "region-loss")
+S3_PORT = 8333  # operations/settings.py origin_s3_port
 
 
 class PhaseError(Exception):
@@ -127,7 +135,8 @@ in derivation {{
 class Drill:
     """The drill's state between phases."""
 
-    def __init__(self, lab_dir: Path, echo: Callable[[str], None]) -> None:
+    def __init__(self, lab_dir: Path, echo: Callable[[str], None], scenario: str = "host-loss") -> None:
+        self.scenario = scenario
         self.lab_dir = lab_dir
         self.work = lab_dir / "drill"
         self.echo = echo
@@ -167,6 +176,13 @@ class Drill:
             "backup_ssh_key_generate": "true",
             "backup_include_store": "true",
         }
+        if self.scenario == "region-loss":
+            # The origin on the repository host; the backup keeps keys and config only. The
+            # origin's credentials come from the lab's group data (created on first deploy).
+            values["origin_endpoint"] = f"http://{self.repo_host['address']}:{S3_PORT}"
+            values["backup_include_store"] = "false"
+            if self.store_path:
+                values["recover_probe_path"] = self.store_path
         argv: list[str] = []
         for key, value in values.items():
             argv += ["--data", f"{key}={value}"]
@@ -214,6 +230,8 @@ class Drill:
         # The repository host only receives backups (no backup_repository of its own).
         store = ("--data", "backup_store=true", "--data", "backup_repository=")
         self.pyinfra("deploys/backup.py", self.repo_host["name"], *store)
+        if self.scenario == "region-loss":
+            self.pyinfra("deploys/origin.py", self.repo_host["name"], *store)
         self.pyinfra("deploys/cache.py", self.cache["name"])
         self.public_key = str(SecretKey.parse(resolve(self.ref("signing-key"))).public())
         self.echo(f"  cache {self.cache['name']} at {self.url()} signs as {self.public_key.split(':')[0]}")
@@ -276,6 +294,21 @@ class Drill:
         copied = fresh / self.store_path.lstrip("/")
         if not copied.exists():
             raise PhaseError(f"nix copy reported success but {copied} is missing")
+        if self.scenario == "region-loss":
+            metrics = run(["curl", "-sS", "--fail", f"{self.url()}/metrics"], timeout=30, what="GET /metrics")
+            hits = sum(
+                sample.value
+                for family in text_string_to_metric_families(metrics)
+                for sample in family.samples
+                if sample.name == "nixcache_tier_lookups_total"
+                and sample.labels.get("tier") == "origin"
+                and sample.labels.get("result") == "hit"
+            )
+            if hits < 1:
+                raise PhaseError(
+                    f"{self.url()}/metrics shows no origin hit: the path did not come from the origin"
+                )
+            self.echo(f"  pulled through from the origin ({hits:.0f} origin hits in /metrics)")
         self.echo(f"  {self.store_path} served by the replacement, signed by {self.public_key.split(':')[0]}")
 
     def down(self) -> None:
@@ -290,7 +323,14 @@ class Drill:
     help="State directory for the drill's own lab (default: a new temp dir; never $NIXCACHE_LAB_DIR).",
 )
 @click.option("--keep", is_flag=True, help="Leave the lab running (inspect it, then `nixcache lab down`).")
-def drill(lab_dir: Path | None, keep: bool) -> None:
+@click.option(
+    "--scenario",
+    type=click.Choice(SCENARIOS),
+    default="host-loss",
+    show_default=True,
+    help="host-loss: the store comes back from the backup; region-loss: from the S3 origin.",
+)
+def drill(lab_dir: Path | None, keep: bool, scenario: str) -> None:
     """Deploy, push, back up, destroy and recover a lab cache; print the recovery time."""
     own_dir = lab_dir is None
     if lab_dir is None:
@@ -306,11 +346,11 @@ def drill(lab_dir: Path | None, keep: bool) -> None:
             param_hint="--lab-dir",
         )
     echo = click.echo
-    state = Drill(lab_dir, echo)
+    state = Drill(lab_dir, echo, scenario)
     runner = PhaseRunner(echo=echo)
     for name in ("up", "deploy", "push", "backup", "reset", "recover", "verify"):
         runner.add(name, getattr(state, name))
-    echo(f"drill lab: {lab_dir}")
+    echo(f"drill lab: {lab_dir} (scenario {scenario})")
     ok = runner.run()
     if not keep:
         try:

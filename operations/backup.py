@@ -287,4 +287,6 @@ def restore(
     # of this operation would see the partly restored store as content and skip it.
     yield f"{restore} || (sleep 5 && {restore}) || (sleep 5 && {restore})"
     # uids are numeric in snapshots; the replacement host's service user may have another one.
-    yield f"chown -R {shlex.quote(owner)}: {shlex.quote(store_dir)}"
+    # A snapshot without the store (backup_include_store off: the origin holds it) restores none.
+    store = shlex.quote(store_dir)
+    yield f"if [ -d {store} ]; then chown -R {shlex.quote(owner)}: {store}; fi"

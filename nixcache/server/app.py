@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nixcache.keys import SecretKey
 from nixcache.server import narinfo, wire
@@ -29,6 +29,9 @@ from nixcache.server.nixstore.store import LocalNixStore
 from nixcache.server.routes import Route, Router
 from nixcache.server.store import Store, UploadError
 from nixcache.server.wire import FileBody, Request, Response, StreamBody
+
+if TYPE_CHECKING:
+    from nixcache.server.tiers import Tiers
 
 __all__ = ["App", "FileBody"]
 
@@ -66,6 +69,9 @@ class App:
         self.config = config
         self.store = store
         self.nix_store = nix_store  # this host's own Nix store, asked before the push store
+        # The fleet's other tiers (nixcache.server.tiers: origin, upstreams), asked on a local miss
+        # and written through on a push; None: this cache is an island. Set by the runner.
+        self.tiers: Tiers | None = None
         self.keys = keys
         self.tokens = tokens
         self.metrics = metrics
@@ -153,8 +159,14 @@ class App:
             self._miss.inc()
             return _error(404, str(error))
         if body is None:
-            self._miss.inc()
-            return _error(404, f"{hash_part}.narinfo is not in this cache")
+            self._miss.inc()  # a local miss, whatever the other tiers say
+            if self.tiers is None:
+                return _error(404, f"{hash_part}.narinfo is not in this cache")
+            info = self.tiers.pull.narinfo(hash_part)
+            if info is None:
+                return _error(404, f"{hash_part}.narinfo is in no tier of this cache")
+            body = info.signed(self.keys, self.config.store_dir).encode()
+            return Response(200, body, "text/x-nix-narinfo")
         self._hit.inc()
         return Response(200, body, "text/x-nix-narinfo")
 
@@ -202,6 +214,7 @@ class App:
         if not self.tokens.may_read(request.headers.get("authorization")):
             return self._unauthorized(request.headers.get("authorization"), "read")
         prefix = self.config.accel_redirect_prefix
+        # A NAR that is not here is pulled through by this process (streamed), not sent by nginx.
         if prefix and request.method == "GET" and self.store.nar_path(name).is_file():
             accel = [("X-Accel-Redirect", f"{prefix.rstrip('/')}/{name}")]
             return Response(200, b"", "application/x-nix-nar", accel)
@@ -214,6 +227,16 @@ class App:
                 request, nar.size, lambda offset, count: FileBody(nar.handle, offset, count), nar.handle
             )
         local = self._local(self.nix_store.open_nar, name) if self.nix_store else None
+        if local is None and self.tiers is not None and request.method == "GET":
+            # Not on HEAD: pushers HEAD a NAR to learn whether to upload it here.
+            pulled = self.tiers.pull.nar(name)
+            if pulled is not None:
+                return Response(200, pulled, "application/x-nix-nar")
+            nar = self.store.open_nar(name)  # fetched and published meanwhile, or absent
+            if nar is not None:
+                return _ranged(
+                    request, nar.size, lambda offset, count: FileBody(nar.handle, offset, count), nar.handle
+                )
         if local is None:
             return _error(404, f"nar/{name} is not in this cache")
         # Generated while it is sent (nixcache.server.nixstore.dump); HEAD never starts it.
@@ -270,7 +293,8 @@ class App:
             response = receive(self.config.max_upload_size)
         except UploadError as error:
             self.metrics.uploads.labels(kind, "rejected").inc()
-            return _error(error.status, error.reason)
+            retry = getattr(error, "retry_after", None)  # the origin is down: Nix retries a 503
+            return _error(error.status, error.reason, [("Retry-After", str(retry))] if retry else ())
         self.metrics.uploads.labels(kind, "accepted").inc()
         return response
 
@@ -278,10 +302,14 @@ class App:
         body = request.body
 
         def receive(limit: int) -> Response:
+            push = self.tiers.push if self.tiers is not None else None
             if self.store.keep_nar(name):
                 self.store.drain(body, body.length, limit)  # same name, same bytes: already here
+                if push is not None:
+                    push.nar_present(name)
             else:
-                self.store.put_nar(name, body, body.length, limit)
+                before_publish = push.nar_verified if push is not None else None
+                self.store.put_nar(name, body, body.length, limit, before_publish=before_publish)
                 size = request.record.received
                 self.metrics.upload_bytes.inc(size)
                 self.metrics.usage.add_nar(size)
@@ -294,7 +322,11 @@ class App:
 
         def receive(limit: int) -> Response:
             existed = os.path.exists(self._narinfo_prefix + hash_part + ".narinfo")
-            info, published = self.store.put_narinfo(hash_part, body, body.length, min(limit, NARINFO_LIMIT))
+            push = self.tiers.push if self.tiers is not None else None
+            valid = push.narinfo_valid if push is not None else None
+            info, published = self.store.put_narinfo(
+                hash_part, body, body.length, min(limit, NARINFO_LIMIT), valid
+            )
             # Signed now, while it is at hand: clients usually fetch what CI just pushed, and
             # their first fetch then costs no parse and no signature.
             self._cache_signed(hash_part, (published.st_ino, published.st_mtime_ns, published.st_size), info)

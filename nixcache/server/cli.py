@@ -71,6 +71,13 @@ def serve(
 @click.option("--min-free", help="Collect when free space is below this …")
 @click.option("--max-free", help="… until this much is free.")
 @click.option("--dry-run", is_flag=True, help="Print what would be deleted, delete nothing.")
+@click.option(
+    "--origin",
+    "origin",
+    is_flag=True,
+    help="Collect the origin bucket of the config's [origin] (by --max-size, --older-than) "
+    "instead of the local store. Run it on one host per environment.",
+)
 def gc(
     config_file: Path | None,
     store: Path | None,
@@ -79,12 +86,50 @@ def gc(
     min_free: str | None,
     max_free: str | None,
     dry_run: bool,
+    origin: bool,
 ) -> None:
     """Delete least recently served entries until the limits hold (safe while serving)."""
+    if origin:
+        _gc_origin(config_file, max_size, older_than, min_free, max_free, dry_run)
+        return
     from nixcache.server import gc as gcmod
 
     try:
         limits = gcmod.limits_from(config_file, store, max_size, older_than, min_free, max_free)
         gcmod.run(limits, dry_run=dry_run, echo=click.echo)
     except gcmod.GcError as error:
+        raise click.ClickException(str(error)) from None
+
+
+def _gc_origin(
+    config_file: Path | None,
+    max_size: str | None,
+    older_than: str | None,
+    min_free: str | None,
+    max_free: str | None,
+    dry_run: bool,
+) -> None:
+    from nixcache.server import config as configmod
+    from nixcache.server.tiers import TierError, origin_gc
+    from nixcache.server.tiers.origin import Origin
+    from nixcache.server.units import parse_duration, parse_size
+
+    if min_free or max_free:
+        raise click.ClickException("--min-free/--max-free apply to a local disk, not to --origin")
+    try:
+        config = configmod.load(config_file) if config_file else configmod.ServerConfig()
+        if config.origin is None:
+            raise click.ClickException(
+                "--origin needs a config with an [origin] table (endpoint, bucket, key files): pass --config"
+            )
+        origin = Origin(config.origin, config.store_dir)
+        origin_gc.run(
+            origin,
+            max_size=parse_size(max_size) if max_size is not None else config.origin.gc_max_size,
+            older_than=parse_duration(older_than) if older_than is not None else config.origin.gc_older_than,
+            dry_run=dry_run,
+            echo=click.echo,
+            grace=config.origin.gc_grace,
+        )
+    except (configmod.ConfigError, origin_gc.OriginGcError, TierError, ValueError) as error:
         raise click.ClickException(str(error)) from None

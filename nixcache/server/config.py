@@ -55,6 +55,35 @@ _NIX_STORE_COMMENTS: dict[str, str] = {
 
 
 @dataclass
+class OriginConfig:
+    """The `[origin]` table: the environment's shared S3 bucket (see nixcache.server.tiers)."""
+
+    endpoint: str
+    bucket: str
+    access_key_file: Path
+    secret_key_file: Path
+    region: str = "us-east-1"
+    addressing: str = "path"
+    narinfo_deadline: float = 2.0
+    nar_deadline: float = 10.0
+    write_timeout: float = 60.0
+    gc_max_size: int | None = None
+    gc_older_than: float | None = None
+    gc_grace: float = 3600.0
+
+
+@dataclass
+class UpstreamConfig:
+    """One `[[upstreams]]` table: an HTTP binary cache and the keys it is trusted for."""
+
+    url: str
+    public_keys: list[str]
+    name: str = ""
+    narinfo_deadline: float = 2.0
+    nar_deadline: float = 10.0
+
+
+@dataclass
 class ServerConfig:
     """Everything `nixcache serve` and `nixcache gc` need. Sizes are bytes, durations seconds."""
 
@@ -73,6 +102,9 @@ class ServerConfig:
     gc_older_than: float | None = None
     gc_min_free: int | None = None
     gc_max_free: int | None = None
+    negative_ttl: float = 60.0
+    origin: OriginConfig | None = None
+    upstreams: list[UpstreamConfig] = field(default_factory=list)
     nix_store: NixStoreConfig = field(default_factory=NixStoreConfig)
 
     def host_port(self) -> tuple[str, int]:
@@ -107,10 +139,49 @@ _COMMENTS: dict[str, str] = {
     "gc_older_than": "nixcache gc: delete entries not served for this long (seconds).",
     "gc_min_free": "nixcache gc: when free space drops below this, collect until gc_max_free is free.",
     "gc_max_free": "nixcache gc: the free space to reach once gc_min_free triggered a collection.",
+    "negative_ttl": "How long a path that no tier (local, origin, upstreams) has is remembered as "
+    "absent (seconds, or e.g. 1m), so a client walking a closure does not hammer the origin.",
+    "origin": "The environment's shared S3-compatible bucket: pushes are written through to it, "
+    "misses are pulled from it. Unset: this cache is an island.",
+    "upstreams": "HTTP binary caches tried after the origin on a miss, in order; a narinfo is "
+    "accepted only with a valid signature from one of that upstream's public_keys.",
+    "nix_store": "Serving this host's own Nix store, when it runs Nix (nixcache.server.nixstore).",
 }
+# The fields that are TOML tables: rendered after every top-level key, as TOML requires.
+_TABLES = ("nix_store", "origin", "upstreams")
+
+# The keys of the [origin] and [[upstreams]] tables, with why each exists.
+_ORIGIN_COMMENTS: dict[str, str] = {
+    "endpoint": "S3 endpoint URL, e.g. https://s3.eu-central-1.amazonaws.com or http://10.0.0.5:8333.",
+    "bucket": "Bucket in the Nix binary cache layout (nix-cache-info, <hash>.narinfo, nar/…).",
+    "access_key_file": "File holding the S3 access key id (mode 0600; deployed from a secret reference).",
+    "secret_key_file": "File holding the S3 secret access key (mode 0600; never on a command line).",
+    "region": "Region for SigV4 signatures (most non-AWS engines accept us-east-1).",
+    "addressing": "path (http://endpoint/bucket/key: MinIO, SeaweedFS, Ceph, Garage) or virtual "
+    "(http://bucket.endpoint/key: AWS, R2).",
+    "narinfo_deadline": "Seconds a narinfo lookup in the origin may take before the answer is 404 "
+    "(counted as an error): a read never becomes a 5xx.",
+    "nar_deadline": "Seconds the origin may take to connect or to send the next bytes of a NAR.",
+    "write_timeout": "Seconds a narinfo write-through may take, or a NAR upload may stall, before "
+    "the push gets 503 (and nothing is published here).",
+    "gc_max_size": "nixcache gc --origin: delete the oldest paths until the bucket is below this size.",
+    "gc_older_than": "nixcache gc --origin: delete paths uploaded longer ago than this (seconds, 90d).",
+    "gc_grace": "nixcache gc --origin spares unreferenced NARs younger than this (a push may be on "
+    "its way); pushers upload a NAR again once its copy is older than half of it. The same on "
+    "every host of the environment.",
+}
+_UPSTREAM_COMMENTS: dict[str, str] = {
+    "url": "Base URL of the binary cache, e.g. https://cache.nixos.org.",
+    "public_keys": "Keys (name:base64) this upstream is trusted for; a narinfo without a valid "
+    "signature from one of them is refused and counted.",
+    "name": "Label in metrics and logs (default: the URL's host).",
+    "narinfo_deadline": "Seconds a narinfo lookup may take before the answer is 404 (counted).",
+    "nar_deadline": "Seconds the upstream may take to connect or to send the next bytes of a NAR.",
+}
+_TABLE_DURATIONS = {"narinfo_deadline", "nar_deadline", "write_timeout", "gc_older_than", "gc_grace"}
 
 _SIZE_KEYS = {"max_upload_size", "gc_max_size", "gc_min_free", "gc_max_free"}
-_DURATION_KEYS = {"gc_older_than", "keepalive_timeout"}
+_DURATION_KEYS = {"gc_older_than", "keepalive_timeout", "negative_ttl"}
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -123,6 +194,12 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 def _convert(name: str, value: Any) -> Any:
     """Turn a TOML value into the field's type; ConfigError naming the key on mismatch."""
+    if name == "origin":
+        return _origin(value)
+    if name == "upstreams":
+        if not isinstance(value, list):
+            raise ConfigError('upstreams must be an array of tables: [[upstreams]] url = "…"')
+        return [_upstream(i, v) for i, v in enumerate(value)]
     try:
         if name in _SIZE_KEYS:
             return parse_size(value)
@@ -151,6 +228,80 @@ def _convert(name: str, value: Any) -> Any:
             raise ConfigError(f"store_dir = {text!r} must be an absolute path without trailing slash")
         return text
     return _expect(name, value, str)
+
+
+def _table(where: str, value: Any, cls: type, convert: Any) -> Any:
+    """A dataclass from a TOML table: every key known and converted, required keys present."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(fields))}")
+    missing = [
+        n
+        for n, f in fields.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and n not in value
+    ]
+    if missing:
+        raise ConfigError(f"{where}: {missing[0]} is required")
+    try:
+        return cls(**{k: convert(k, v) for k, v in value.items()})
+    except ConfigError as error:
+        raise ConfigError(f"{where}.{error}") from None
+
+
+def _table_value(name: str, value: Any) -> Any:
+    """A key of [origin] or [[upstreams]]."""
+    try:
+        if name in _TABLE_DURATIONS:
+            seconds = float(value) if isinstance(value, float) else parse_duration(value)
+            if seconds <= 0:
+                raise ValueError(f"{value!r} must be more than zero")
+            return seconds
+        if name == "gc_max_size":
+            return parse_size(value)
+    except ValueError as error:
+        raise ConfigError(f"{name}: {error}") from None
+    if name in ("access_key_file", "secret_key_file"):
+        return Path(_expect(name, value, str))
+    if name in ("endpoint", "url"):
+        text = _expect(name, value, str)
+        if not text.startswith(("http://", "https://")) or "@" in text:
+            raise ConfigError(
+                f"{name} = {text!r} must be an http:// or https:// URL without credentials in it"
+            )
+        return text.rstrip("/")
+    if name == "addressing":
+        if value not in ("path", "virtual"):
+            raise ConfigError(f"addressing = {value!r} must be path or virtual")
+        return value
+    if name == "public_keys":
+        from nixcache.keys import KeyFormatError, PublicKey
+
+        if not isinstance(value, list) or not value:
+            raise ConfigError('public_keys must be a non-empty list, e.g. ["cache.example.org-1:base64…"]')
+        for key in value:
+            try:
+                PublicKey.parse(_expect(name, key, str))
+            except KeyFormatError as error:
+                raise ConfigError(f"public_keys: {str(key)[:60]!r} is not a public key ({error})") from None
+        return list(value)
+    return _expect(name, value, str)
+
+
+def _origin(value: Any) -> OriginConfig:
+    origin = _table("origin", value, OriginConfig, _table_value)
+    if not origin.bucket or "/" in origin.bucket:
+        raise ConfigError(f"origin.bucket = {origin.bucket!r} must be a bucket name (no slashes)")
+    return origin
+
+
+def _upstream(index: int, value: Any) -> UpstreamConfig:
+    upstream = _table(f"upstreams[{index}]", value, UpstreamConfig, _table_value)
+    if not upstream.name:
+        upstream.name = upstream.url.split("://", 1)[1].split("/", 1)[0]
+    return upstream
 
 
 def _expect(name: str, value: Any, kind: type) -> Any:
@@ -236,8 +387,8 @@ def dump(config: ServerConfig) -> str:
     """
     lines = ["# nixcache server configuration (rendered by nixcache.server.config.dump)", ""]
     for f in dataclasses.fields(ServerConfig):
-        if f.name == "nix_store":
-            continue  # a table: after every top-level key, as TOML requires
+        if f.name in _TABLES:
+            continue  # TOML tables come after every top-level key
         for comment_line in _wrap(_COMMENTS[f.name]):
             lines.append(f"# {comment_line}")
         value = getattr(config, f.name)
@@ -246,13 +397,28 @@ def dump(config: ServerConfig) -> str:
         else:
             lines.append(f"{f.name} = {_toml_value(f.name, value)}")
         lines.append("")
-    lines += ["[nix_store]", ""]
-    for f in dataclasses.fields(NixStoreConfig):
-        for comment_line in _wrap(_NIX_STORE_COMMENTS[f.name]):
-            lines.append(f"# {comment_line}")
-        lines.append(f"{f.name} = {_toml_value(f.name, getattr(config.nix_store, f.name))}")
-        lines.append("")
+    lines += _dump_table("nix_store", config.nix_store, _NIX_STORE_COMMENTS, "[nix_store]")
+    lines += _dump_table("origin", config.origin, _ORIGIN_COMMENTS, "[origin]")
+    for upstream in config.upstreams or [None]:
+        lines += _dump_table("upstreams", upstream, _UPSTREAM_COMMENTS, "[[upstreams]]")
     return "\n".join(lines)
+
+
+def _dump_table(name: str, table: Any, comments: dict[str, str], header: str) -> list[str]:
+    """A table with a comment above each key; absent, it is written commented out."""
+    lines = [f"# {line}" for line in _wrap(_COMMENTS[name])]
+    lines.append(header if table is not None else f"# {header}")
+    for key, why in comments.items():
+        lines += [f"# {line}" for line in _wrap(why)]
+        value = getattr(table, key, None)
+        if value is None:
+            lines.append(f"# {key} =")
+        elif key == "gc_max_size":
+            lines.append(f"{key} = {_toml_string(format_size(value))}")
+        else:
+            lines.append(f"{key} = {_toml_value(key, value)}")
+    lines.append("")
+    return lines
 
 
 def _wrap(text: str, width: int = 96) -> list[str]:

@@ -188,6 +188,26 @@ class LabeledHistogram:
         return family
 
 
+class _TierLookups(LabeledCounter):
+    """nixcache_tier_lookups with the local tier's rows derived at scrape time from the narinfo
+    hit/miss counter, so the hot path counts once and every tier reads alike in one family."""
+
+    def __init__(self, local: LabeledCounter):
+        super().__init__(
+            "nixcache_tier_lookups",
+            "Lookups per tier (local, origin, upstream:<name>) by kind (narinfo, nar) and result "
+            "(hit, miss, error)",
+            ("tier", "kind", "result"),
+        )
+        self.local = local
+
+    def family(self) -> CounterMetricFamily:
+        family = super().family()
+        for (result,), child in sorted(self.local.children.items()):
+            family.add_metric(["local", "narinfo", result], child.value)
+        return family
+
+
 class _CounterCollector(Collector):
     def __init__(self, metrics: Metrics):
         self.metrics = metrics
@@ -227,6 +247,32 @@ class Metrics:
             ("kind", "result"),
         )
         self.upload_bytes = LabeledCounter("nixcache_upload_bytes", "Bytes of accepted NAR uploads")
+        # Per tier (local, origin, upstream:<name>); see nixcache.server.tiers and docs/metrics.md.
+        self.tier_lookups = _TierLookups(self.narinfo)
+        self.tier_bytes = LabeledCounter(
+            "nixcache_tier_bytes",
+            "NAR bytes read from a tier (pull-through) or written to it (write-through)",
+            ("tier", "direction"),
+        )
+        self.tier_duration = LabeledHistogram(
+            "nixcache_tier_request_duration_seconds",
+            "Time a tier took to answer a narinfo lookup, to start a NAR, or to take a write",
+            ("tier", "kind"),
+            (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 30),
+        )
+        self.tier_errors = LabeledCounter(
+            "nixcache_tier_errors",
+            "Tier failures by reason (timeout, unavailable, untrusted, corrupt, malformed)",
+            ("tier", "reason"),
+        )
+        self.tier_writes = LabeledCounter(
+            "nixcache_tier_writes",
+            "Write-throughs by kind and result (stored, failed)",
+            ("tier", "kind", "result"),
+        )
+        self.negative_hits = LabeledCounter(
+            "nixcache_negative_cache_hits", "Narinfo misses answered from the negative cache"
+        )
         self.all = (
             self.requests,
             self.duration,
@@ -234,6 +280,12 @@ class Metrics:
             self.served_bytes,
             self.uploads,
             self.upload_bytes,
+            self.tier_lookups,
+            self.tier_bytes,
+            self.tier_duration,
+            self.tier_errors,
+            self.tier_writes,
+            self.negative_hits,
         )
         self.registry.register(_CounterCollector(self))
         self.registry.register(_DiskCollector(self))

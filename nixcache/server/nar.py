@@ -74,3 +74,12 @@ def digest(path: Path, compression: str) -> NarDigest:
             f"decompressed content ({compression}) is not a NAR: it lacks the nix-archive-1 header"
         )
     return NarDigest(base32.format_sha256(sha.digest()), size)
+
+
+def plain_digest(path: Path, sha256: bytes, size: int) -> NarDigest:
+    """The digest of an uncompressed NAR whose file sha256 and size are known (computed while it
+    was received): only the header is read again."""
+    with open(path, "rb") as handle:
+        if handle.read(len(NAR_MAGIC)) != NAR_MAGIC:
+            raise NarError("decompressed content (none) is not a NAR: it lacks the nix-archive-1 header")
+    return NarDigest(base32.format_sha256(sha256), size)

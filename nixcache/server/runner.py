@@ -15,6 +15,7 @@ import gevent
 
 from nixcache.keys import KeyFormatError, SecretKey
 from nixcache.server import config as configmod
+from nixcache.server import tiers
 from nixcache.server.app import App
 from nixcache.server.auth import TokenError, Tokens
 from nixcache.server.config import ServerConfig
@@ -95,6 +96,7 @@ def build(config: ServerConfig) -> Server:
         except NixDbError as error:
             raise StartupError(str(error)) from None
     app = App(config, store, keys, tokens, metrics, nix_store)
+    app.tiers = tiers.build(config, store, metrics, app.cache_info)
     host, port = config.host_port()
     server = Server((host, port), app, level=config.log_level, idle_timeout=config.keepalive_timeout)
     try:

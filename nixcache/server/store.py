@@ -206,29 +206,57 @@ class Store:
             os.replace(tmp, target)
         return published
 
-    def put_nar(self, name: str, body: BinaryIO, length: int | None, limit: int) -> nar.NarDigest:
+    def put_nar(
+        self,
+        name: str,
+        body: BinaryIO,
+        length: int | None,
+        limit: int,
+        expected: nar.NarDigest | None = None,
+        progress: Callable[[Path, int], object] | None = None,
+        before_publish: Callable[[str, Path], object] | None = None,
+    ) -> nar.NarDigest:
         """Receive `nar/<name>`: stream to tmp/, check the name is the sha256 of the bytes and the
-        content decompresses to a NAR, then publish meta and NAR. UploadError on any failure."""
+        content decompresses to a NAR (with the `expected` NarHash/NarSize, when given), then
+        publish meta and NAR. UploadError on any failure.
+
+        `progress(tmp path, bytes so far)` runs after each chunk is written to the temp file,
+        so a pull-through can stream the bytes to clients while they are stored;
+        `before_publish(name, tmp path)` runs once it verified, before it is made durable and
+        visible (the write-through to the origin; a pull-through releases its clients' last
+        bytes); what it raises leaves nothing published."""
         compression = narinfo.compression_of(name)
         if compression is None:
             raise UploadError(400, f"nar/{name}: expected nar/<52-char base32 sha256>.nar[.xz|.zst|.bz2]")
         try:
-            expected = base32.decode(name[:52], 32)
+            file_sha = base32.decode(name[:52], 32)
         except ValueError as error:  # e.g. a first character above '1': more than 256 bits
             raise UploadError(400, f"nar/{name}: the name is not a sha256 in Nix base32 ({error})") from None
         with self._tmp_file(name) as (handle, tmp):
             sha = hashlib.sha256()
-            _copy(body, length, limit, handle, sha.update)
+            out: BinaryIO = handle if progress is None else _Progress(handle, tmp, progress)  # type: ignore[assignment]
+            size = _copy(body, length, limit, out, sha.update)
             handle.flush()
-            if sha.digest() != expected:
+            if sha.digest() != file_sha:
                 raise UploadError(
                     400,
                     f"nar/{name}: the body hashes to {base32.encode(sha.digest())}, not to its name",
                 )
             try:
-                digest = self._offload(nar.digest, (tmp, compression))
+                if compression == "none":  # the file is the NAR: its sha256 is the NarHash
+                    digest = nar.plain_digest(tmp, sha.digest(), size)
+                else:
+                    digest = self._offload(nar.digest, (tmp, compression))
             except nar.NarError as error:
                 raise UploadError(400, f"nar/{name}: {error}") from None
+            if expected is not None and digest != expected:
+                raise UploadError(
+                    400,
+                    f"nar/{name}: holds NarHash {digest.nar_hash} NarSize {digest.nar_size}, "
+                    f"not {expected.nar_hash} {expected.nar_size} as its narinfo says",
+                )
+            if before_publish is not None:
+                before_publish(name, tmp)
             os.fsync(handle.fileno())
             # Under the shared gc lock: gc deletes a NAR and its meta as one step under the
             # exclusive lock, so it can never remove the meta we just wrote for a new copy.
@@ -244,11 +272,18 @@ class Store:
             return None
 
     def put_narinfo(
-        self, hash_part: str, body: BinaryIO, length: int | None, limit: int
+        self,
+        hash_part: str,
+        body: BinaryIO,
+        length: int | None,
+        limit: int,
+        before_publish: Callable[[NarInfo], object] | None = None,
     ) -> tuple[NarInfo, os.stat_result]:
         """Receive `<hash>.narinfo`: validate every field, check its NAR is here with the same
         FileSize/NarHash/NarSize, then publish it. UploadError on any failure.
 
+        `before_publish(info)` runs once the narinfo is valid and before it is visible here (the
+        write-through to the origin); what it raises leaves nothing published.
         Returns the narinfo as stored and the stat of the published file."""
         data = bytearray()
         _copy(body, length, limit, None, data.extend)
@@ -260,6 +295,11 @@ class Store:
             raise UploadError(400, f"{hash_part}.narinfo: {error}") from None
         if info.hash_part != hash_part:
             raise UploadError(400, f"{hash_part}.narinfo: StorePath {info.store_path} has another hash")
+        if before_publish is not None:
+            # Checked first so nothing invalid leaves this host, and again below under the lock.
+            with self.gc_lock(exclusive=False):
+                self._check_nar(hash_part, info)
+            before_publish(info)
         # Under the shared gc lock, refresh the NAR's mtime, check it and publish: gc re-checks
         # that mtime under the exclusive lock before deleting a NAR, so it cannot collect this
         # one between our check and the rename.
@@ -290,6 +330,22 @@ class Store:
     def drain(self, body: BinaryIO, length: int | None, limit: int) -> int:
         """Read and discard an upload this server accepts but does not keep (.ls, log/, …)."""
         return _copy(body, length, limit, None, None)
+
+
+class _Progress:
+    """A temp file's writer that reports each chunk once it is in the file (not in a buffer)."""
+
+    def __init__(self, handle: BinaryIO, path: Path, progress: Callable[[Path, int], object]):
+        self.handle = handle
+        self.path = path
+        self.progress = progress
+        self.written = 0
+
+    def write(self, chunk: bytes) -> None:
+        self.handle.write(chunk)
+        self.handle.flush()
+        self.written += len(chunk)
+        self.progress(self.path, self.written)
 
 
 def _copy(

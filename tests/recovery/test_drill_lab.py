@@ -43,3 +43,22 @@ def test_drill_recovers_and_reports_every_phase(tmp_path: Path) -> None:
         timeout=60,
     )
     assert "running" not in status.stdout
+
+
+@pytest.mark.lab
+def test_drill_region_loss_serves_the_fleets_paths_from_the_origin(tmp_path: Path) -> None:
+    """The region's host is destroyed with a backup of keys and configuration only: recovered,
+    it serves the pushed paths again, pulled through from the S3 origin on the other host."""
+    require(shutil.which("nix-build") is not None, "nix-build missing (apt-get install nix-bin)")
+    done = subprocess.run(
+        ["nixcache", "drill", "--scenario", "region-loss", "--lab-dir", str(tmp_path / "drill-lab")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    lines = done.stdout.strip().splitlines()
+    print("\n".join(lines), file=sys.stderr)  # the phase times, for the record
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert any("pulled through from the origin" in line for line in lines), lines
+    assert re.fullmatch(r"recovery time: ([\d.]+) s", lines[-1]), lines[-1]

@@ -83,22 +83,23 @@ def test_dump_load_round_trip_with_a_comment_per_key(tmp_path: Path) -> None:
     path.write_text(text)
     assert configmod.load(path) == config
     assert 'max_upload_size = "2G"' in text
-    top, table = text.split("\n[nix_store]\n")
-    for part, fields in (
-        (top, {f.name for f in configmod.dataclasses.fields(configmod.ServerConfig)} - {"nix_store"}),
-        (table, {f.name for f in configmod.dataclasses.fields(configmod.NixStoreConfig)}),
-    ):
-        keys = [line.split(" =")[0] for line in part.splitlines() if line and not line.startswith("# ")]
-        unset = [
-            line[2:].split(" =")[0]
-            for line in part.splitlines()
-            if line.startswith("# ") and line.endswith(" =")
-        ]
-        lines = part.splitlines()
+    # Top-level keys come before the tables; an unset table ([origin], [[upstreams]]) is written
+    # commented out. Every key of each part has a comment above it, and every field is written.
+    lines = text.splitlines()
+    headers = [i for i, line in enumerate(lines) if line.lstrip("# ").startswith("[")]
+    assert [lines[i] for i in headers] == ["[nix_store]", "# [origin]", "# [[upstreams]]"]
+    parts = {
+        configmod.ServerConfig: lines[: headers[0]],
+        configmod.NixStoreConfig: lines[headers[0] + 1 : headers[1]],
+    }
+    for cls, part in parts.items():
+        keys = [line.split(" =")[0] for line in part if line and not line.startswith("# ")]
+        unset = [line[2:].split(" =")[0] for line in part if line.startswith("# ") and line.endswith(" =")]
         for key in keys:
-            index = next(i for i, line in enumerate(lines) if line.startswith(f"{key} ="))
-            assert lines[index - 1].startswith("# "), f"{key} has no comment"
-        assert set(keys) | set(unset) == fields
+            index = next(i for i, line in enumerate(part) if line.startswith(f"{key} ="))
+            assert part[index - 1].startswith("# "), f"{key} has no comment"
+        tables = set(configmod._TABLES) if cls is configmod.ServerConfig else set()
+        assert set(keys) | set(unset) | tables == {f.name for f in configmod.dataclasses.fields(cls)}
     tomllib.loads(text)
     # defaults round-trip too (unset optional keys are commented out)
     path.write_text(configmod.dump(configmod.ServerConfig()))
