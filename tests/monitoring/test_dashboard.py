@@ -102,9 +102,17 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     for text in texts:
         for family in text_string_to_metric_families(text):
             names |= {sample.name for sample in family.samples}
-    # A family without samples yet (uploads before the first push) still has its _total name.
-    names |= {"nixcache_uploads_total"}
+            # A family without samples yet (uploads before the first push, tier metrics on a
+            # cache without tiers) is still declared, with its type: its sample names follow.
+            names |= {family.name + suffix for suffix in _SUFFIXES.get(family.type, ("",))}
     return names
+
+
+_SUFFIXES = {
+    "counter": ("_total",),
+    "histogram": ("_bucket", "_sum", "_count"),
+    "summary": ("_sum", "_count"),
+}
 
 
 @pytest.mark.parametrize("source", ["dashboard", "rules"])
