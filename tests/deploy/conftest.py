@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from nixcache.lab import Lab
+from nixcache.lab.state import load
+
 REPO = Path(__file__).resolve().parents[2]
 # A converge of three fresh hosts builds a wheelhouse and installs a venv on each.
 DEPLOY_TIMEOUT = 600
@@ -53,6 +56,21 @@ class Run:
             if len(cells) == 3 and cells[0] != "Operation" and (cells[1] != "-" or cells[2] != "-"):
                 rows.append(cells[0])
         return rows
+
+
+def hosts(lab_dir: Path):
+    """The running hosts of the lab in `lab_dir`."""
+    state = load(lab_dir)
+    assert state is not None and state.hosts, f"no lab in {lab_dir}"
+    return [h for h in state.hosts if h.state == "running"]
+
+
+def on_host(lab_dir: Path, name: str, command: str, ok: bool = True) -> str:
+    """Run `command` on lab host `name` over SSH; its output (asserts success unless not `ok`)."""
+    code, output = Lab(lab_dir).run(name, ["sh", "-c", command])
+    if ok:
+        assert code == 0, f"{name}: {command!r} exited {code}: {output}"
+    return output
 
 
 def pyinfra(lab_dir: Path, *args: str, timeout: float = DEPLOY_TIMEOUT) -> Run:

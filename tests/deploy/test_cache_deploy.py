@@ -16,28 +16,14 @@ import httpx
 import pytest
 from support import nixbuild
 
-from deploy.conftest import Run, deploy, pyinfra
+from deploy.conftest import Run, deploy, hosts, on_host, pyinfra
 from nixcache import nixenv
 from nixcache.keys import SecretKey
-from nixcache.lab import Lab
 from nixcache.lab.state import load
 
 pytestmark = pytest.mark.lab
 
 PORT = 5000
-
-
-def hosts(lab_dir: Path):
-    state = load(lab_dir)
-    assert state is not None and state.hosts, f"no lab in {lab_dir}"
-    return [h for h in state.hosts if h.state == "running"]
-
-
-def on_host(lab_dir: Path, name: str, command: str) -> str:
-    """Run `command` on lab host `name` over SSH; its output (asserts success)."""
-    code, output = Lab(lab_dir).run(name, ["sh", "-c", command])
-    assert code == 0, f"{name}: {command!r} exited {code}: {output}"
-    return output
 
 
 def cache_info(address: str, local_address: str | None = None, timeout: float = 3.0) -> httpx.Response:

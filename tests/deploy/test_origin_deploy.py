@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.conftest import pyinfra
-from deploy.test_cache_deploy import hosts, on_host
+from deploy.conftest import hosts, on_host, pyinfra
 from nixcache.lab import Lab
 
 pytestmark = pytest.mark.lab

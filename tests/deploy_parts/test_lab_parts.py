@@ -18,7 +18,7 @@ import pytest
 from conftest import require
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from deploy.conftest import Run, deploy, pyinfra
+from deploy.conftest import Run, deploy, hosts, on_host, pyinfra
 from support import nixbuild
 from support.webhook import Receiver
 
@@ -29,19 +29,6 @@ from nixcache.lab.state import load
 from operations.hardening import NETWORK_SYSCTLS
 
 pytestmark = pytest.mark.lab
-
-
-def hosts(lab_dir: Path):
-    state = load(lab_dir)
-    assert state is not None and state.hosts, f"no lab in {lab_dir}"
-    return [h for h in state.hosts if h.state == "running"]
-
-
-def on_host(lab_dir: Path, name: str, command: str, ok: bool = True) -> str:
-    code, output = Lab(lab_dir).run(name, ["sh", "-c", command])
-    if ok:
-        assert code == 0, f"{name}: {command!r} exited {code}: {output}"
-    return output
 
 
 def converged(run: Run) -> None:
