@@ -29,13 +29,18 @@ def _connect(cache: Cache) -> socket.socket:
 
 def exchange(cache: Cache, data: bytes, *, head: bool = False) -> list[Response]:
     """Send `data`, end our side, and read every response until the server closes."""
+    return split_responses(exchange_bytes(cache, data), head=head)
+
+
+def exchange_bytes(cache: Cache, data: bytes) -> bytes:
+    """Send `data`, end our side, and return every byte the server sends until it closes."""
     with _connect(cache) as sock:
         sock.sendall(data)
         sock.shutdown(socket.SHUT_WR)
         received = b""
         while chunk := sock.recv(65536):
             received += chunk
-    return split_responses(received, head=head)
+    return received
 
 
 def split_responses(data: bytes, *, head: bool = False) -> list[Response]:
@@ -284,12 +289,7 @@ def test_head_has_the_get_length_and_no_body(cache: Cache) -> None:
         assert headers[b"content-length"] == str(len(get.content)).encode()
     # the answer after a HEAD starts right after its head: no body bytes were sent
     data = f"HEAD /nar/{entry.nar_file} HTTP/1.1\r\nHost: x\r\n\r\n".encode() + INFO
-    with _connect(cache) as sock:
-        sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)
-        received = b""
-        while chunk := sock.recv(65536):
-            received += chunk
+    received = exchange_bytes(cache, data)
     first_end = received.index(b"\r\n\r\n") + 4
     assert received[first_end:].startswith(b"HTTP/1.1 200 OK\r\nContent-Type: text/x-nix-cache-info")
 
@@ -312,12 +312,7 @@ def test_no_100_continue_for_http_1_0(cache: Cache) -> None:
         f"PUT /nar/{entry.nar_file} HTTP/1.0\r\nAuthorization: {basic(cache.token)}\r\n"
         f"Expect: 100-continue\r\nContent-Length: {len(entry.file_bytes)}\r\n\r\n"
     ).encode() + entry.file_bytes
-    with _connect(cache) as sock:
-        sock.sendall(request)
-        sock.shutdown(socket.SHUT_WR)
-        received = b""
-        while chunk := sock.recv(65536):
-            received += chunk
+    received = exchange_bytes(cache, request)
     assert received.startswith(b"HTTP/1.1 201"), received
     assert b"100 Continue" not in received
 
