@@ -18,7 +18,7 @@ from pyinfra.api import HiddenValue
 
 from facts.nixcache import HostPython
 from nixcache.secrets import ensure_token
-from operations import config, firewall, origin, storage
+from operations import firewall, hostfile, origin, storage
 from operations.render import sha256
 from operations.settings import SettingsError, host_secret, settings
 
@@ -58,11 +58,13 @@ identities = origin.identities_json(access_key.unmask(), secret_key.unmask())
 storage.directory(
     name=origin.CONFIG_DIR, path=origin.CONFIG_DIR, user="root", group=s.origin_user, mode="0750"
 )
-config.secret_file(
+hostfile.put(
     name="SeaweedFS S3 identities",
     path=origin.IDENTITIES_FILE,
-    value=HiddenValue(identities, masked_value="<S3 identities>"),
+    content=HiddenValue(identities, masked_value="<S3 identities>"),
     user=s.origin_user,
+    group=s.origin_user,
+    mode="0600",
 )
 
 # The same ruleset the cache deploy renders (one renderer): origin_s3_port open to
