@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 
 from pyinfra import host
+from pyinfra.operations import files
 
 from deploys.parts.backup import backup_timer
 from deploys.parts.base import base
@@ -23,7 +24,7 @@ from deploys.parts.nginx_front import nginx_front
 from facts.nixcache import HostPython
 from nixcache.keys import SecretKey
 from nixcache.secrets import ensure_signing_key, ensure_token
-from operations import config, firewall, gc, health, hostfile, install, rotation, service, storage
+from operations import client, config, firewall, gc, health, hostfile, install, rotation, service, storage
 from operations.render import sha256
 from operations.settings import (
     CONFIG_FILE,
@@ -38,6 +39,12 @@ from operations.settings import (
 )
 
 s = settings()
+if not client.is_cache(s):
+    raise SettingsError(
+        f"{host.name}: is a Nix client of the caches (client_cache_group or client_caches is set), "
+        "not a cache: deploys/cache.py would make it one; deploy it with deploys/client.py, and "
+        "this file with --limit <the caches' group> (deploys/rotate_key.py deploys both)"
+    )
 
 # --- base: packages, admin users, sshd, sysctls, limits --------------------------------------
 base(config=s)
@@ -172,6 +179,10 @@ depends_on = "\0".join(
     ]
 )
 service.nixcache(name="nixcache.service", settings=s, depends_on=sha256(depends_on))
+if next_signing_key is None:
+    # No rotation under way (any more): the server reads signing-key only, so the next key of a
+    # finished rotation goes, once the service runs without it.
+    files.file(name="No next signing key", path=rotation.NEXT_SIGNING_KEY_FILE, present=False)
 
 # --- firewall --------------------------------------------------------------------------------
 firewall.ruleset(

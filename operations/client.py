@@ -40,6 +40,20 @@ class Cache:
     read_token: HiddenValue | None = None
 
 
+def is_client(s: Any) -> bool:
+    """Whether host settings `s` make the host a Nix client of the fleet (it names its caches)."""
+    return bool(s.client_caches or s.client_cache_group)
+
+
+def is_cache(s: Any) -> bool:
+    """Whether a host with settings `s` is a cache (deploys/cache.py's host): every host but a client.
+
+    "Adding a client" puts clients in the same inventory as the caches; a host that names caches
+    is their client, and deploys/cache.py must not make it one more cache.
+    """
+    return not is_client(s)
+
+
 def cache_url(address: str, data: Any) -> str:
     """The URL clients use for a cache host: https through the nginx front, else http to the server."""
     s = from_data(address, data)
@@ -59,7 +73,7 @@ def public_key_of(host_name: str, data: Any, resolve) -> str:
         )
     try:
         # Two keys, space-separated, while a rotation introduces the next one (operations/rotation.py).
-        return " ".join(rotation.trusted_public_keys(data, resolve))
+        return " ".join(rotation.trusted_public_keys(host_name, data, resolve))
     except KeyFormatError as error:
         raise SettingsError(
             f"{host_name}: the signing key at {ref} is not a Nix secret key ({error}); "
