@@ -59,10 +59,10 @@ if s.cache_volume_device:
         options=s.cache_volume_options,
         format_empty=s.cache_volume_format,
     )
-storage.directory(
+files.directory(
     name="Cache data directory", path=s.cache_data_dir, user=s.service_user, group=s.service_user, mode="0750"
 )
-storage.directory(
+files.directory(
     name="Cache store directory", path=s.store_dir, user=s.service_user, group=s.service_user, mode="0750"
 )
 

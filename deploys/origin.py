@@ -15,6 +15,7 @@ import functools
 
 from pyinfra import host
 from pyinfra.api import HiddenValue
+from pyinfra.operations import files
 
 from facts.nixcache import HostPython
 from nixcache.secrets import ensure_token
@@ -25,7 +26,7 @@ from operations.settings import SettingsError, host_secret, settings
 s = settings()
 
 storage.service_user(name="SeaweedFS service user", user=s.origin_user, home=s.origin_data_dir)
-storage.directory(
+files.directory(
     name="SeaweedFS data directory",
     path=s.origin_data_dir,
     user=s.origin_user,
@@ -55,9 +56,7 @@ secret_key = host_secret(
     functools.partial(ensure_token, generate=s.origin_credentials_generate),
 )
 identities = origin.identities_json(access_key.unmask(), secret_key.unmask())
-storage.directory(
-    name=origin.CONFIG_DIR, path=origin.CONFIG_DIR, user="root", group=s.origin_user, mode="0750"
-)
+files.directory(name=origin.CONFIG_DIR, path=origin.CONFIG_DIR, user="root", group=s.origin_user, mode="0750")
 hostfile.put(
     name="SeaweedFS S3 identities",
     path=origin.IDENTITIES_FILE,

@@ -10,9 +10,10 @@ from pathlib import Path
 
 from pyinfra import host
 from pyinfra.api import operation
+from pyinfra.operations import files
 
 from nixcache.server.config import OriginConfig, ServerConfig, UpstreamConfig, dump
-from operations import rotation, storage
+from operations import rotation
 from operations.settings import (
     CONFIG_DIR,
     PUSH_TOKEN_FILE,
@@ -27,7 +28,7 @@ from operations.settings import (
 @operation()
 def config_dir(user: str, path: str = CONFIG_DIR):
     """/etc/nixcache: root-owned, readable by the service's group only (it holds key and tokens)."""
-    yield from storage.directory._inner(path, "root", user, "0750")
+    yield from files.directory._inner(path=path, user="root", group=user, mode="0750")
 
 
 def server_config(settings: Settings, *, push_token: bool, read_token: bool) -> ServerConfig:

@@ -26,8 +26,9 @@ from typing import Any
 import yaml
 from pyinfra import host
 from pyinfra.api import HiddenValue, OperationValueError, operation
+from pyinfra.operations import files as pyinfra_files
 
-from operations import hostfile, storage
+from operations import hostfile
 from operations import service as units_op
 from operations.firewall import node_exporter_port
 from operations.render import sha256
@@ -301,7 +302,7 @@ def server(
     amtool); a refused one stops the deploy with the checker's message and the previous file
     stays. Each service restarts only when one of its own files changed.
     """
-    yield from storage.directory._inner(RULES_DIR, "root", "root", "0755")
+    yield from pyinfra_files.directory._inner(path=RULES_DIR, user="root", group="root", mode="0755")
     secret = alertmanager_config.unmask()
     # unit -> [(path, content, check, check in place, group, mode)], in install order.
     files: dict[str, list[tuple[str, str, str | None, bool, str, str]]] = {
