@@ -51,7 +51,7 @@ def differs(path: str, content: str | HiddenValue) -> bool:
     return host.get_fact(Sha256File, path=path) != sha256(_text(content))
 
 
-def _rejected(path: str, check: str, fix: str, restore: str) -> StringCommand:
+def _rejected(path: str, check: str, fix: str, restore: StringCommand) -> StringCommand:
     """The `else` branch of a check: undo (`restore`), one line on stderr, fail the step."""
     return StringCommand(
         "else",
