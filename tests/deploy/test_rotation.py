@@ -1,7 +1,7 @@
 """Key rotation as docs/runbook.md runs it, on an inventory that holds the caches and a Nix client.
 
-The inventory is what "Adding a client" describes: the lab's first two hosts in group `caches`,
-the last one in group `clients` with `client_cache_group = "caches"`, the lab's group data for all
+The inventory is what "Adding a client" describes: the lab's hosts in group `caches` but the
+last one, which is in group `clients` with `client_cache_group = "caches"`, the lab's group data for all
 of them (in group_data/all.py beside the inventory) and the caches' rotation data in
 group_data/caches.py, edited between the phases as an operator edits group data. Every command
 is the runbook's (`pyinfra -y $INV deploys/rotate_key.py …`), run by the real pyinfra CLI with
@@ -33,8 +33,8 @@ INVENTORY = """\
 # The lab's hosts (inventories/lab.py), split as the runbook's "Adding a client" does.
 from inventories.lab import lab as _lab
 
-caches = _lab[:2]
-clients = _lab[2:]
+caches = _lab[:-1]
+clients = _lab[-1:]
 """
 
 # The lab's group data for every host, but this test's signing key for the caches.
@@ -91,7 +91,8 @@ def substitutes(lab_dir: Path, tmp_path: Path, cache, client: str) -> str:
 
 def test_rotation_with_a_client_in_the_inventory(deployed: Run, lab_dir: Path, tmp_path: Path) -> None:
     lab_hosts = hosts(lab_dir)
-    caches, client = lab_hosts[:2], lab_hosts[-1].name
+    assert len(lab_hosts) >= 2, "a rotation with a client needs two lab hosts"
+    caches, client = lab_hosts[:-1], lab_hosts[-1].name
     inventory_dir = tmp_path / "inventory"
     (inventory_dir / "group_data").mkdir(parents=True)
     inventory = inventory_dir / "fleet.py"
@@ -166,8 +167,8 @@ def test_rotation_with_a_client_in_the_inventory(deployed: Run, lab_dir: Path, t
         assert re.search(
             rf"trusted-public-keys = {re.escape(new)}\n", on_host(lab_dir, client, f"cat {CONF}")
         )
-        realised = substitutes(lab_dir, tmp_path, caches[1], client)
-        assert f"from 'http://{caches[1].address}:{PORT}'" in realised
+        realised = substitutes(lab_dir, tmp_path, caches[-1], client)
+        assert f"from 'http://{caches[-1].address}:{PORT}'" in realised
         final = ok(rotate())
         assert final.totals()["changed"] == 0, final.changed_operations()
     finally:
