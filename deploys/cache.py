@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 
 from pyinfra import host
+from pyinfra.operations import files
 
 from deploys.parts.backup import backup_timer
 from deploys.parts.base import base
@@ -23,7 +24,7 @@ from deploys.parts.nginx_front import nginx_front
 from facts.nixcache import HostPython
 from nixcache.keys import SecretKey
 from nixcache.secrets import ensure_signing_key, ensure_token
-from operations import config, firewall, gc, health, install, rotation, service, storage
+from operations import client, config, firewall, gc, health, hostfile, install, rotation, service, storage
 from operations.render import sha256
 from operations.settings import (
     CONFIG_FILE,
@@ -38,6 +39,12 @@ from operations.settings import (
 )
 
 s = settings()
+if not client.is_cache(s):
+    raise SettingsError(
+        f"{host.name}: is a Nix client of the caches (client_cache_group or client_caches is set), "
+        "not a cache: deploys/cache.py would make it one; deploy it with deploys/client.py, and "
+        "this file with --limit <the caches' group> (deploys/rotate_key.py deploys both)"
+    )
 
 # --- base: packages, admin users, sshd, sysctls, limits --------------------------------------
 base(config=s)
@@ -52,10 +59,10 @@ if s.cache_volume_device:
         options=s.cache_volume_options,
         format_empty=s.cache_volume_format,
     )
-storage.directory(
+files.directory(
     name="Cache data directory", path=s.cache_data_dir, user=s.service_user, group=s.service_user, mode="0750"
 )
-storage.directory(
+files.directory(
     name="Cache store directory", path=s.store_dir, user=s.service_user, group=s.service_user, mode="0750"
 )
 
@@ -110,24 +117,54 @@ s3_keys = (
 config_text = config.render_config(s, push_token=True, read_token=read_token is not None)
 
 config.config_dir(name="/etc/nixcache", user=s.service_user)
-config.text_file(
+hostfile.put(
     name="/etc/nixcache/config.toml", path=CONFIG_FILE, content=config_text, group=s.service_user, mode="0640"
 )
-config.secret_file(name="Signing key", path=SIGNING_KEY_FILE, value=signing_key, user=s.service_user)
+hostfile.put(
+    name="Signing key",
+    path=SIGNING_KEY_FILE,
+    content=signing_key,
+    user=s.service_user,
+    group=s.service_user,
+    mode="0600",
+)
 # During a key rotation: the next key beside the current one (operations/rotation.py).
 next_signing_key = rotation.next_key(s, host.name)
 if next_signing_key is not None:
-    config.secret_file(
+    hostfile.put(
         name="Next signing key",
         path=rotation.NEXT_SIGNING_KEY_FILE,
-        value=next_signing_key,
+        content=next_signing_key,
         user=s.service_user,
+        group=s.service_user,
+        mode="0600",
     )
-config.secret_file(name="Push token", path=PUSH_TOKEN_FILE, value=push_token, user=s.service_user)
+hostfile.put(
+    name="Push token",
+    path=PUSH_TOKEN_FILE,
+    content=push_token,
+    user=s.service_user,
+    group=s.service_user,
+    mode="0600",
+)
 if read_token is not None:
-    config.secret_file(name="Read token", path=READ_TOKEN_FILE, value=read_token, user=s.service_user)
+    hostfile.put(
+        name="Read token",
+        path=READ_TOKEN_FILE,
+        content=read_token,
+        user=s.service_user,
+        group=s.service_user,
+        mode="0600",
+    )
 for path, value in zip((S3_ACCESS_KEY_FILE, S3_SECRET_KEY_FILE), s3_keys, strict=False):
-    config.secret_file(name=f"Origin credential {path}", path=path, value=value, user=s.service_user)
+    hostfile.put(
+        name=f"Origin credential {path}",
+        path=path,
+        content=value,
+        user=s.service_user,
+        group=s.service_user,
+        mode="0600",
+    )
 
 # --- service: restarted only when something it reads changed ----------------------------------
 depends_on = "\0".join(
@@ -142,6 +179,10 @@ depends_on = "\0".join(
     ]
 )
 service.nixcache(name="nixcache.service", settings=s, depends_on=sha256(depends_on))
+if next_signing_key is None:
+    # No rotation under way (any more): the server reads signing-key only, so the next key of a
+    # finished rotation goes, once the service runs without it.
+    files.file(name="No next signing key", path=rotation.NEXT_SIGNING_KEY_FILE, present=False)
 
 # --- firewall --------------------------------------------------------------------------------
 firewall.ruleset(
