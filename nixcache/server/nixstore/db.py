@@ -232,6 +232,17 @@ class NixDatabase:
         row = self._query(_BY_NAR_HASH, ("sha256:" + digest.hex(), base32.format_sha256(digest)))
         return (row[0], row[1]) if row else None
 
+    def data_version(self) -> int | None:
+        """SQLite's `PRAGMA data_version` on the live connection: the same number as long as no
+        other connection (the daemon) committed, so an answer read under it is still current.
+        None when there is no live connection (snapshot reads) or it cannot say: ask again."""
+        if self._db is None:
+            return None
+        try:
+            return self._db.execute("PRAGMA data_version").fetchone()[0]
+        except sqlite3.Error:
+            return None
+
     def totals(self) -> tuple[int, int]:
         """(number of valid paths, sum of their NarSize): the store's size as Nix counts it."""
         row = self._query("SELECT count(*), coalesce(sum(narSize), 0) FROM ValidPaths", ())
