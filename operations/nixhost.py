@@ -37,7 +37,8 @@ NIX_GC_NAME = "nix-gc"
 NIX_STATS_NAME = "nixcache-nix-stats"
 NIX_STATS_TEXTFILE = "nixcache_nix.prom"
 NIX_DISK_ALERT_NAME = "nixcache-disk-alert-nix"
-NIX_DISK_ALERT_TEXTFILE = "nixcache_disk_nix.prom"
+# Ends in nixcache_disk.prom, so NixcacheDiskCheckStale (file=~".*nixcache_disk.prom") watches it.
+NIX_DISK_ALERT_TEXTFILE = "nix-store.nixcache_disk.prom"
 # The service alone: it listens itself when its socket unit is not running (the lab image), and
 # takes the socket's listener when it is (Debian enables both). Restarting the socket unit
 # beside a running service fails ("Socket service nix-daemon.service already active").

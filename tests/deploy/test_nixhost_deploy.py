@@ -99,9 +99,14 @@ def _runs(lab, lab_dir: Path):
 @pytest.fixture(scope="module")
 def converged(lab, lab_dir: Path):
     """lab2 prepared as a remote builder, then lab1 as a building cache host that uses it."""
+    outputs = []
     for args in _runs(lab, lab_dir):
-        run = pyinfra(lab_dir, *args)
+        run = pyinfra(lab_dir, *args, "-vv")  # verbose: the secret must not show even then
         assert run.returncode == 0, run.output[-5000:]
+        outputs.append(run.output)
+    # The remote-build key went from the secret store to the host, never into pyinfra's output.
+    key = (lab_dir / "secrets" / "nix-builder-ssh-key").read_text().strip().splitlines()
+    assert not [line for line in key[1:-1] if any(line in output for output in outputs)]
     return lab.status()[0], lab.status()[1]
 
 
@@ -217,7 +222,7 @@ def test_build_results_are_counted_for_node_exporter(converged, lab_dir: Path) -
     assert _builds(lab_dir, cache.name) == after
     # The disk alert watches the Nix store's filesystem too (path label /nix/store).
     on_host(lab_dir, cache.name, "systemctl start nixcache-disk-alert-nix.service")
-    disk = on_host(lab_dir, cache.name, "cat /var/lib/prometheus/node-exporter/nixcache_disk_nix.prom")
+    disk = on_host(lab_dir, cache.name, "cat /var/lib/prometheus/node-exporter/nix-store.nixcache_disk.prom")
     assert 'nixcache_disk_usage_ratio{path="/nix/store"}' in disk
 
 
