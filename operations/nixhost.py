@@ -20,7 +20,7 @@ from pyinfra.api import HiddenValue, OperationValueError, StringCommand, operati
 from pyinfra.facts.files import File
 from pyinfra.operations import server
 
-from nixcache.server.units import parse_size
+from nixcache.server.units import parse_duration, parse_size
 from operations.config import file_changes
 from operations.render import render, sha256
 from operations.service import units
@@ -258,8 +258,6 @@ def store_database():
 def render_gc_units(settings: Settings) -> dict[str, str]:
     """nix-gc.service and nix-gc.timer: Nix's own GC (the document's nix.gc)."""
     try:
-        from nixcache.server.units import parse_duration
-
         parse_duration(settings.nix_gc_older_than)
     except ValueError as error:
         raise SettingsError(f"{host.name}: host data 'nix_gc_older_than': {error}") from None
@@ -380,6 +378,6 @@ def builder_user(user: str, public_key: str):
     )
 
 
-def depends_on(*texts: str) -> str:
-    """One digest of the files a unit reads."""
+def digest(*texts: str) -> str:
+    """One digest of the files a unit reads (for `daemon`'s depends_on)."""
     return sha256("\0".join(texts))

@@ -72,7 +72,7 @@ def nix_host(
             user=s.nix_builder_user,
             public_key=public_key(ssh_key.unmask()),
         )
-    nixhost.daemon(name="nix-daemon", depends_on=nixhost.depends_on(nix_conf, machines))
+    nixhost.daemon(name="nix-daemon", depends_on=nixhost.digest(nix_conf, machines))
     nixhost.store_database(name="Nix's database")
     nixhost.gc_timer(name=f"{nixhost.NIX_GC_NAME}.timer", settings=s)
     if build is not None:
