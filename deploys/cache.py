@@ -3,6 +3,7 @@
     pyinfra -y inventories/lab.py deploys/cache.py
 
 Order: base (packages, admins, sshd, kernel, limits) -> storage -> install -> config and keys
+-> on hosts that build (nix_host or group `builders`), Nix (deploys/parts/nixhost.py)
 -> service -> firewall -> gc -> backups -> monitoring -> nginx front -> on hosts of group
 `monitoring`, the fleet's Prometheus and Alertmanager -> health check.
 Every step is an operation from operations/ that changes nothing on a converged host, so a
@@ -21,6 +22,7 @@ from deploys.parts.base import base
 from deploys.parts.monitoring import monitoring
 from deploys.parts.monitoring_server import MONITORING_GROUP, monitoring_server
 from deploys.parts.nginx_front import nginx_front
+from deploys.parts.nixhost import is_nix_host, nix_host
 from facts.nixcache import HostPython
 from nixcache.keys import SecretKey
 from nixcache.secrets import ensure_signing_key, ensure_token
@@ -114,7 +116,11 @@ s3_keys = (
     if s.origin_endpoint
     else []
 )
-config_text = config.render_config(s, push_token=True, read_token=read_token is not None)
+# A cache host that runs Nix (deploys/parts/nixhost.py) also serves its own /nix/store.
+serves_nix_store = is_nix_host(s)
+config_text = config.render_config(
+    s, push_token=True, read_token=read_token is not None, nix_store=serves_nix_store
+)
 
 config.config_dir(name="/etc/nixcache", user=s.service_user)
 hostfile.put(
@@ -166,6 +172,14 @@ for path, value in zip((S3_ACCESS_KEY_FILE, S3_SECRET_KEY_FILE), s3_keys, strict
         mode="0600",
     )
 
+# The public keys the server signs with, in its order (one, or two during a rotation).
+key_values = {SIGNING_KEY_FILE: signing_key, rotation.NEXT_SIGNING_KEY_FILE: next_signing_key}
+public_keys = [str(SecretKey.parse(key_values[path].unmask()).public()) for path in rotation.key_files(s)]
+
+# --- Nix, on a host that builds: before the service, which reads Nix's database at start -------
+if serves_nix_store:
+    nix_host(config=s, own_cache=f"http://127.0.0.1:{s.cache_port}", own_keys=public_keys, build=build)
+
 # --- service: restarted only when something it reads changed ----------------------------------
 depends_on = "\0".join(
     [
@@ -178,7 +192,9 @@ depends_on = "\0".join(
         *(sha256(key.unmask()) for key in s3_keys),
     ]
 )
-service.nixcache(name="nixcache.service", settings=s, depends_on=sha256(depends_on))
+service.nixcache(
+    name="nixcache.service", settings=s, depends_on=sha256(depends_on), nix_store=serves_nix_store
+)
 if next_signing_key is None:
     # No rotation under way (any more): the server reads signing-key only, so the next key of a
     # finished rotation goes, once the service runs without it.
@@ -196,9 +212,6 @@ gc.origin_timer(name="nixcache-gc-origin.timer", settings=s, host_name=host.name
 
 # --- backups, monitoring and nginx front --------------------------------------------------------
 backup_timer()
-# The public keys the server signs with, in its order (one, or two during a rotation).
-key_values = {SIGNING_KEY_FILE: signing_key, rotation.NEXT_SIGNING_KEY_FILE: next_signing_key}
-public_keys = [str(SecretKey.parse(key_values[path].unmask()).public()) for path in rotation.key_files(s)]
 monitoring(config=s, public_keys=public_keys, build=build)
 nginx_front(config=s)
 # The Prometheus of the fleet, on the hosts of group `monitoring` (deploys/monitoring.py alone).

@@ -12,7 +12,7 @@ from pyinfra import host
 from pyinfra.api import operation
 from pyinfra.operations import files
 
-from nixcache.server.config import OriginConfig, ServerConfig, UpstreamConfig, dump
+from nixcache.server.config import NixStoreConfig, OriginConfig, ServerConfig, UpstreamConfig, dump
 from operations import rotation
 from operations.settings import (
     CONFIG_DIR,
@@ -31,8 +31,11 @@ def config_dir(user: str, path: str = CONFIG_DIR):
     yield from files.directory._inner(path=path, user="root", group=user, mode="0750")
 
 
-def server_config(settings: Settings, *, push_token: bool, read_token: bool) -> ServerConfig:
-    """The ServerConfig the deploy installs for `settings`."""
+def server_config(
+    settings: Settings, *, push_token: bool, read_token: bool, nix_store: bool = False
+) -> ServerConfig:
+    """The ServerConfig the deploy installs for `settings`; `nix_store`: a host that runs Nix
+    (deploys/parts/nixhost.py) also serves its own /nix/store."""
     return ServerConfig(
         listen=f"0.0.0.0:{settings.cache_port}",
         store=Path(settings.store_dir),
@@ -48,6 +51,7 @@ def server_config(settings: Settings, *, push_token: bool, read_token: bool) -> 
         gc_max_free=_size(settings.gc_max_free),
         origin=_origin(settings),
         upstreams=[_upstream(entry) for entry in settings.origin_upstreams],
+        nix_store=NixStoreConfig(serve_nix_store=nix_store),
     )
 
 
@@ -89,6 +93,8 @@ def _duration(value: str | None) -> float | None:
     return None if value is None else parse_duration(value)
 
 
-def render_config(settings: Settings, *, push_token: bool = True, read_token: bool = False) -> str:
+def render_config(
+    settings: Settings, *, push_token: bool = True, read_token: bool = False, nix_store: bool = False
+) -> str:
     """The text of /etc/nixcache/config.toml (rendered by the server's own `dump`)."""
-    return dump(server_config(settings, push_token=push_token, read_token=read_token))
+    return dump(server_config(settings, push_token=push_token, read_token=read_token, nix_store=nix_store))

@@ -28,8 +28,8 @@ UNIT_DIR = "/etc/systemd/system"
 STAMP_DIR = "/var/lib/nixcache-deploy"
 
 
-def render_unit(settings: Settings) -> str:
-    """The text of nixcache.service for `settings`."""
+def render_unit(settings: Settings, nix_store: bool = False) -> str:
+    """The text of nixcache.service for `settings`; `nix_store`: it serves this host's Nix store."""
     return render(
         "nixcache.service.j2",
         nixcache_bin=NIXCACHE_BIN,
@@ -41,6 +41,7 @@ def render_unit(settings: Settings) -> str:
         tasks_max=settings.cache_tasks_max,
         limit_nofile=settings.cache_limit_nofile,
         nginx_front=settings.cache_nginx_front,
+        nix_store=nix_store,
     )
 
 
@@ -87,7 +88,10 @@ def units(stamp: str, files: dict[str, str], active: list[str] | tuple[str, ...]
 
 
 @operation()
-def nixcache(settings: Settings, depends_on: str):
-    """nixcache.service installed, enabled and running; restarted when it or `depends_on` changed."""
+def nixcache(settings: Settings, depends_on: str, nix_store: bool = False):
+    """nixcache.service installed, enabled and running; restarted when it or `depends_on` changed.
+
+    + nix_store: it serves this host's Nix store (read-only access to it, no daemon socket)
+    """
     unit = f"{SERVICE_NAME}.service"
-    yield from units._inner(SERVICE_NAME, {unit: render_unit(settings)}, [unit], depends_on)
+    yield from units._inner(SERVICE_NAME, {unit: render_unit(settings, nix_store)}, [unit], depends_on)
