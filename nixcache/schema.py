@@ -501,6 +501,8 @@ def _default_text(field: dataclasses.Field) -> str:
         return "required"
     if value is None:
         return "unset"
+    if kind_of(field).name.startswith("table"):
+        return "its keys' defaults"
     dumped = kind_of(field).dump(value)
     if isinstance(dumped, bool):
         return "true" if dumped else "false"

@@ -48,8 +48,9 @@ pyinfra 3.10 looks a key up in these layers, first match wins (`pyinfra/api/host
 1. `pyinfra --data key=value` (strings, numbers, `true`/`false` and JSON lists are understood;
    comma-separated lists too);
 2. the host's own data in the inventory (`("cache-1", {"key": value})`);
-3. its groups' data: the group's data in the inventory file, then `group_data/<group>.py`;
-4. `group_data/all.py` (and the inventory's `all` data);
+3. its groups' data: `group_data/<group>.py`, whose keys override those of the group's
+   `(hosts, data)` tuple in the inventory file;
+4. `group_data/all.py` (over the inventory's `all` data);
 5. the defaults below.
 
 **A host in two groups** (in `inventories/prod.py` every host is in an environment group such as
