@@ -45,10 +45,10 @@ def server_config(
         read_token_file=Path(READ_TOKEN_FILE) if read_token else None,
         priority=settings.cache_priority,
         accel_redirect_prefix=settings.cache_accel_redirect_prefix if settings.cache_nginx_front else None,
-        gc_max_size=_size(settings.gc_max_size),
-        gc_older_than=_duration(settings.gc_older_than),
-        gc_min_free=_size(settings.gc_min_free),
-        gc_max_free=_size(settings.gc_max_free),
+        gc_max_size=settings.gc_max_size,
+        gc_older_than=settings.gc_older_than,
+        gc_min_free=settings.gc_min_free,
+        gc_max_free=settings.gc_max_free,
         origin=_origin(settings),
         upstreams=[_upstream(entry) for entry in settings.origin_upstreams],
         nix_store=NixStoreConfig(serve_nix_store=nix_store),
@@ -76,25 +76,13 @@ def _origin(settings: Settings) -> OriginConfig | None:
         secret_key_file=Path(S3_SECRET_KEY_FILE),
         region=settings.origin_region,
         addressing=settings.origin_addressing,
-        gc_max_size=_size(settings.origin_gc_max_size),
-        gc_older_than=_duration(settings.origin_gc_older_than),
+        gc_max_size=settings.origin_gc_max_size,
+        gc_older_than=settings.origin_gc_older_than,
     )
-
-
-def _size(value: str | None) -> int | None:
-    from nixcache.server.units import parse_size
-
-    return None if value is None else parse_size(value)
-
-
-def _duration(value: str | None) -> float | None:
-    from nixcache.server.units import parse_duration
-
-    return None if value is None else parse_duration(value)
 
 
 def render_config(
     settings: Settings, *, push_token: bool = True, read_token: bool = False, nix_store: bool = False
 ) -> str:
-    """The text of /etc/nixcache/config.toml (rendered by the server's own `dump`)."""
+    """The text of /etc/nixcache/config.toml (rendered by the server's own `dump`, tomli-w)."""
     return dump(server_config(settings, push_token=push_token, read_token=read_token, nix_store=nix_store))

@@ -20,7 +20,7 @@ from pyinfra.api import HiddenValue, OperationValueError, StringCommand, operati
 from pyinfra.facts.files import File
 from pyinfra.operations import server
 
-from nixcache.server.units import parse_duration, parse_size
+from nixcache.server.units import parse_size
 from operations import hostfile
 from operations.render import render, sha256
 from operations.service import units
@@ -91,11 +91,7 @@ _OPTION = re.compile(r"^[a-z][a-z0-9-]*$")
 
 def profile(settings: Settings, host_name: str) -> dict[str, Any]:
     """The nix.conf options of `settings`: common values, the profile, then nix_settings."""
-    if settings.nix_profile not in NIX_PROFILES:
-        raise SettingsError(
-            f"{host_name}: host data 'nix_profile' is {settings.nix_profile!r}; "
-            f"give one of {', '.join(NIX_PROFILES)}"
-        )
+    # nix_profile is one of NIX_PROFILES' names: the settings schema checked it.
     options = {**NIX_COMMON, **NIX_PROFILES[settings.nix_profile]}
     for key, value in settings.nix_settings.items():
         where = f"{host_name}: host data 'nix_settings' key {key!r}"
@@ -256,10 +252,6 @@ def store_database():
 
 def render_gc_units(settings: Settings) -> dict[str, str]:
     """nix-gc.service and nix-gc.timer: Nix's own GC (the document's nix.gc)."""
-    try:
-        parse_duration(settings.nix_gc_older_than)
-    except ValueError as error:
-        raise SettingsError(f"{host.name}: host data 'nix_gc_older_than': {error}") from None
     command = shlex.join(["/usr/bin/nix-collect-garbage", "--delete-older-than", settings.nix_gc_older_than])
     return {
         f"{NIX_GC_NAME}.service": render("nix-gc.service.j2", command=command),

@@ -53,7 +53,6 @@ HEADER = "# Rendered by nixcache's deploy (operations/prometheus.py); local edit
 
 # Prometheus' duration syntax (1d, 5m, 30s, 1h30m).
 _DURATION = re.compile(r"^(\d+(ms|s|m|h|d|w|y))+$")
-_LISTEN = re.compile(r"^[\w.\-\[\]:]*:\d+$")
 
 
 @dataclass(frozen=True)
@@ -257,31 +256,6 @@ def render_defaults(s: Settings) -> dict[str, str]:
         ALERTMANAGER_DEFAULTS: text(alertmanager_args),
         BLACKBOX_DEFAULTS: text(blackbox_args),
     }
-
-
-def check_settings(s: Settings) -> None:
-    """One-line errors for monitoring_* values Prometheus or Alertmanager would refuse at start."""
-    durations = (
-        "monitoring_retention",
-        "monitoring_scrape_interval",
-        "monitoring_evaluation_interval",
-        "monitoring_alert_group_wait",
-        "monitoring_alert_group_interval",
-    )
-    for key in durations:
-        value = getattr(s, key)
-        if not _DURATION.match(value):
-            raise SettingsError(
-                f"{host.name}: host data '{key}' is {value!r}; give a duration such as '30s' or '30d'"
-            )
-    for key in (
-        "monitoring_prometheus_listen",
-        "monitoring_alertmanager_listen",
-        "monitoring_blackbox_listen",
-    ):
-        value = getattr(s, key)
-        if not _LISTEN.match(value):
-            raise SettingsError(f"{host.name}: host data '{key}' is {value!r}; give [address]:port")
 
 
 def _dump(document: dict[str, Any]) -> str:
