@@ -3,7 +3,7 @@
     pyinfra -y inventories/lab.py deploys/cache.py
 
 Order: base (packages, admins, sshd, kernel, limits) -> storage -> install -> config and keys
--> service -> firewall -> gc -> backups -> monitoring -> nginx front -> on hosts of group
+-> service -> firewall -> gc -> verify -> backups -> monitoring -> nginx front -> on hosts of group
 `monitoring`, the fleet's Prometheus and Alertmanager -> health check.
 Every step is an operation from operations/ that changes nothing on a converged host, so a
 second run reports no changes. Values come from host data (operations/settings.py).
@@ -23,7 +23,7 @@ from deploys.parts.nginx_front import nginx_front
 from facts.nixcache import HostPython
 from nixcache.keys import SecretKey
 from nixcache.secrets import ensure_signing_key, ensure_token
-from operations import config, firewall, gc, health, install, rotation, service, storage
+from operations import config, firewall, gc, health, install, rotation, service, storage, verify
 from operations.render import sha256
 from operations.settings import (
     CONFIG_FILE,
@@ -152,6 +152,7 @@ firewall.ruleset(
 # --- garbage collection ------------------------------------------------------------------------
 gc.timer(name="nixcache-gc.timer", settings=s, depends_on=build)
 gc.origin_timer(name="nixcache-gc-origin.timer", settings=s, host_name=host.name, depends_on=build)
+verify.timer(name="nixcache-verify.timer", settings=s, depends_on=build)
 
 # --- backups, monitoring and nginx front --------------------------------------------------------
 backup_timer()

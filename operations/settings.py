@@ -110,6 +110,11 @@ class Settings:
     # Start deleting when less than 10G is free; delete until 25G is free (the reference's values).
     gc_min_free: str = "10G"
     gc_max_free: str = "25G"
+    # `nixcache verify` re-reads the whole store: weekly, on Sunday morning when CI is quiet;
+    # bit rot is slow, and a damaged entry is a miss meanwhile only once it is found.
+    verify_schedule: str = "Sun *-*-* 03:00:00"
+    # Spread a fleet's runs over the morning (they read every byte of each host's disk).
+    verify_randomized_delay: str = "4h"
     # How long the last deploy step waits for /nix-cache-info; a gevent server starts in ~1 s.
     health_check_timeout: int = 20
 
@@ -305,6 +310,7 @@ class Settings:
 CHECKED_PREFIXES: tuple[str, ...] = (
     "cache_",
     "gc_",
+    "verify_",
     "signing_key_",
     "push_token_",
     "read_token_",
