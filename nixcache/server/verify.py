@@ -342,7 +342,10 @@ class _Quarantine:
 
     def _move(self, path: Path, kind: str) -> None:
         target = self.dir / kind
-        target.mkdir(parents=True, exist_ok=True)
+        if not target.is_dir():
+            for directory in (self.dir.parent, self.dir, target):
+                directory.mkdir(exist_ok=True)
+                _owned_like(directory, self.store.root)
         try:
             os.rename(path, target / path.name)
         except FileNotFoundError:
@@ -352,6 +355,14 @@ class _Quarantine:
         with open(self.dir / "REASONS", "a") as reasons:
             damage = self.report.damaged[-1]
             reasons.write(f"{kind}/{path.name}: {damage.what} {damage.reason}\n")
+
+
+def _owned_like(path: Path, reference: Path) -> None:
+    """Give `path` the owner of `reference` when running as root (`nixcache verify` by hand), so
+    that the service user's next run can still create its directories beside it."""
+    if os.geteuid() == 0:
+        st = reference.stat()
+        os.chown(path, st.st_uid, st.st_gid)
 
 
 # -- output --------------------------------------------------------------------------------------
@@ -407,3 +418,4 @@ def _record(store: Store, report: Report) -> None:
         last_seconds=report.seconds,
     )
     write_atomically(stats_path(store), json.dumps(stats).encode(), mode=0o644)
+    _owned_like(stats_path(store), store.root)

@@ -16,8 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import nixbuild
 
 from nixcache import nixenv
-from server.conftest import Cache
-from server.helpers import Entry, make_entry, nixcache_cmd, push
+from server.conftest import Cache, StartCache
+from server.helpers import Entry, make_entry, nixcache_cmd, push, write_key
+from server.tiers_support import binary_cache_server, publish_upstream, write_config
 
 
 def verify(store: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -277,3 +278,51 @@ def test_a_runner_that_pushed_before_repairs_the_path_with_nix_copy(cache: Cache
     assert (tmp_path / "client" / "nix" / "store" / Path(top).name).read_text() == Path(top).read_text()
     assert verify(cache.store).returncode == 0
     assert metric(cache, "nixcache_verify_last_damaged_entries") == 0
+
+
+def test_run_by_root_leaves_what_it_creates_to_the_store_owner(cache: Cache, entries: list[Entry]) -> None:
+    """An operator's `nixcache verify` as root must not leave root-owned directories that the
+    service user's next run (the timer) cannot create its own quarantine in."""
+    require(os.geteuid() == 0, "needs root to hand the store to another user")
+    flip_byte(cache.store / "nar" / entries[0].nar_file)
+    nobody = 65534
+    for path in [cache.store, *cache.store.rglob("*")]:
+        os.chown(path, nobody, nobody)
+    assert verify(cache.store).returncode == 1
+    created = [
+        cache.store / "quarantine",
+        *(cache.store / "quarantine").rglob("*"),
+        cache.store / "verify-stats.json",
+    ]
+    assert {p.relative_to(cache.store).as_posix(): p.stat().st_uid for p in created if p.is_dir()} == {
+        p.relative_to(cache.store).as_posix(): nobody for p in created if p.is_dir()
+    }
+    assert (cache.store / "verify-stats.json").stat().st_uid == nobody
+
+
+def test_a_pulled_through_entry_is_verified_and_pulled_again_once_quarantined(
+    start_cache: StartCache, tmp_path: Path
+) -> None:
+    """Entries a pull-through stored live in the same layout: verify checks them, and after the
+    quarantine the next request fetches (and verifies) the upstream's copy again."""
+    root = tmp_path / "upstream"
+    _, upstream_key = write_key(tmp_path, "upstream-1")
+    entry = make_entry(os.urandom(100_000), compression="xz")
+    publish_upstream(root, entry, upstream_key)
+    with binary_cache_server(root) as url:
+        config = write_config(tmp_path / "up.toml", upstreams=[(url, [str(upstream_key.public())])])
+        cache = start_cache("--config", str(config))
+        assert cache.client.get(f"/{entry.hash_part}.narinfo").status_code == 200
+        assert cache.client.get(f"/nar/{entry.nar_file}").content == entry.file_bytes
+        local = cache.store / "nar" / entry.nar_file
+        assert local.exists() and (cache.store / "narinfo" / f"{entry.hash_part}.narinfo").exists()
+
+        flip_byte(local)
+        out = verify(cache.store)
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert f"nar/{entry.nar_file} its bytes hash to" in out.stdout
+        assert not local.exists()
+
+        assert cache.client.get(f"/{entry.hash_part}.narinfo").status_code == 200  # from upstream
+        assert cache.client.get(f"/nar/{entry.nar_file}").content == entry.file_bytes
+        assert verify(cache.store).returncode == 0
