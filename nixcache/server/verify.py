@@ -60,6 +60,7 @@ class _Narinfo:
     """What a narinfo says about its NAR, as scanned (not the whole narinfo: stores are big)."""
 
     hash_part: str
+    identity: tuple[int, int]  # (inode, mtime_ns): a push replaces the file, changing both
     nar_file: str
     file_size: int | None
     nar_hash: str
@@ -124,8 +125,8 @@ def run(
     mover = _Quarantine(store, dry_run, report)
 
     by_nar, lone = _scan_narinfos(store, report)
-    for damage, hash_part in lone:
-        if mover.narinfo_alone(hash_part, damage):
+    for damage, hash_part, identity in lone:
+        if mover.narinfo_alone(hash_part, identity, damage):
             echo(_line(damage, dry_run))
 
     nars = _list_nars(store)
@@ -142,7 +143,7 @@ def run(
         else:
             for entry in expected:
                 damage = _disagreement(store, entry, size)
-                if damage is not None and mover.narinfo_alone(entry.hash_part, damage):
+                if damage is not None and mover.narinfo_alone(entry.hash_part, entry.identity, damage):
                     echo(_line(damage, dry_run))
         if throttle.due():
             throttle.echo(_progress_line(report, len(nars), total, time.monotonic() - started))
@@ -172,36 +173,41 @@ def _scan_narinfos(
 ) -> tuple[dict[str, list[_Narinfo]], list[tuple[Damage, str]]]:
     """Every narinfo, grouped by the NAR file it names; and those that are damaged on their own."""
     by_nar: dict[str, list[_Narinfo]] = {}
-    lone: list[tuple[Damage, str]] = []
+    lone: list[tuple[Damage, str, tuple[int, int]]] = []
     with os.scandir(store.narinfo_dir) as entries:
         for entry in entries:
             if not entry.name.endswith(".narinfo") or entry.name.startswith("."):
                 continue
             hash_part = entry.name[: -len(".narinfo")]
             try:
+                st = entry.stat()
+                identity = (st.st_ino, st.st_mtime_ns)
                 data = read_quietly(Path(entry.path))
             except FileNotFoundError:
                 continue  # collected meanwhile
             except OSError as error:
-                lone.append((Damage(f"narinfo/{entry.name}", f"cannot be read: {error.strerror}"), hash_part))
+                reason = f"cannot be read: {error.strerror}"
+                lone.append((Damage(f"narinfo/{entry.name}", reason), hash_part, identity))
                 continue
             report.narinfos += 1
             try:
                 text = data.decode("utf-8")
             except UnicodeDecodeError:
-                lone.append((Damage(f"narinfo/{entry.name}", "is not UTF-8 text"), hash_part))
+                lone.append((Damage(f"narinfo/{entry.name}", "is not UTF-8 text"), hash_part, identity))
                 continue
             try:
                 info = narinfo.parse(text, store.store_dir)
             except narinfo.NarInfoError as error:
-                lone.append((Damage(f"narinfo/{entry.name}", f"does not parse: {error}"), hash_part))
+                lone.append(
+                    (Damage(f"narinfo/{entry.name}", f"does not parse: {error}"), hash_part, identity)
+                )
                 continue
             if info.hash_part != hash_part:
                 reason = f"holds StorePath {info.store_path}, another path's hash"
-                lone.append((Damage(f"narinfo/{entry.name}", reason), hash_part))
+                lone.append((Damage(f"narinfo/{entry.name}", reason), hash_part, identity))
                 continue
             by_nar.setdefault(info.nar_file, []).append(
-                _Narinfo(hash_part, info.nar_file, info.file_size, info.nar_hash, info.nar_size)
+                _Narinfo(hash_part, identity, info.nar_file, info.file_size, info.nar_hash, info.nar_size)
             )
     return by_nar, lone
 
@@ -307,13 +313,18 @@ class _Quarantine:
             self._move(store.nar_path(name), "nar")
         return True
 
-    def narinfo_alone(self, hash_part: str, damage: Damage) -> bool:
-        """Quarantine one narinfo; False when it was pushed again or collected meanwhile."""
+    def narinfo_alone(self, hash_part: str, identity: tuple[int, int], damage: Damage) -> bool:
+        """Quarantine one narinfo as scanned (`identity`); False when it was pushed again or
+        collected since (nothing moved: a new push replaced it with a verified one)."""
         if self.dry_run:
             return self._found(damage)
         path = self.store.narinfo_path(hash_part)
         with self.store.gc_lock(exclusive=True):
-            if not path.exists():
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                st = None
+            if st is None or (st.st_ino, st.st_mtime_ns) != identity:
                 self.report.changed += 1
                 return False
             self._found(damage)

@@ -326,3 +326,24 @@ def test_a_pulled_through_entry_is_verified_and_pulled_again_once_quarantined(
         assert cache.client.get(f"/{entry.hash_part}.narinfo").status_code == 200  # from upstream
         assert cache.client.get(f"/nar/{entry.nar_file}").content == entry.file_bytes
         assert verify(cache.store).returncode == 0
+
+
+def test_a_damaged_narinfo_pushed_again_before_the_move_stays(cache: Cache, entries: list[Entry]) -> None:
+    """Verify found the narinfo damaged, but a push replaced it while verify waited for the lock:
+    the fresh narinfo is not moved aside."""
+    entry = entries[0]
+    (cache.store / "narinfo" / f"{entry.hash_part}.narinfo").write_text("garbage\n")
+    fd = os.open(cache.store / "gc.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # an upload between its check and its publish
+        proc = subprocess.Popen(
+            nixcache_cmd("verify", "--store", str(cache.store)), stdout=subprocess.PIPE, text=True
+        )
+        time.sleep(2)  # verify scanned, found the damage and waits for the exclusive lock
+        assert proc.poll() is None
+        push(cache.client, entry, cache.token)  # shared locks do not exclude each other
+    finally:
+        os.close(fd)
+    stdout, _ = proc.communicate(timeout=60)
+    assert "0 damaged, 0 files quarantined; 1 changed before they could be moved" in stdout
+    assert cache.client.get(f"/{entry.hash_part}.narinfo").status_code == 200
