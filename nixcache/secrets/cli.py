@@ -116,6 +116,25 @@ def put(ref: str, force: bool) -> None:
     click.echo(f"stored {ref} ({len(value)} characters)")
 
 
+@secrets.command()
+@click.argument("ref")
+@click.option("--force", is_flag=True, help="Replace an existing value (rotation); the old one is gone.")
+def generate(ref: str, force: bool) -> None:
+    """Generate a random token or password (URL-safe, 256 bits) and store it at REF.
+
+    For push and read tokens, backup passwords and any other secret the deploys only read. The
+    value is never printed (read it with `get --reveal`). An existing value is kept unless --force.
+    """
+    from nixcache.secrets.lifecycle import new_token
+
+    try:
+        parse(ref)
+        store(ref, new_token(), overwrite=force)
+    except SecretError as error:
+        _fail(error)
+    click.echo(f"stored a new token at {ref}; read it with `nixcache secrets get {ref} --reveal`")
+
+
 @secrets.command("signing-key")
 @click.argument("ref")
 @click.option("--name", required=True, help="Key name, e.g. cache.example.org-1 (the part before ':').")

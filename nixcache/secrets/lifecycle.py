@@ -105,9 +105,14 @@ def check_signing_key(ref: str, value: str) -> None:
         ) from None
 
 
+def new_token() -> str:
+    """A new URL-safe token of TOKEN_BYTES random bytes: push/read tokens, passwords."""
+    return _random.token_urlsafe(TOKEN_BYTES)
+
+
 def ensure_token(ref: str, generate: bool, *, dry_run: bool = False) -> str:
     """The token or password at `ref`; when absent and allowed, a new URL-safe 256-bit one, stored first."""
-    return _fetch_or_create(ref, generate, "token", lambda: _random.token_urlsafe(TOKEN_BYTES), dry_run)
+    return _fetch_or_create(ref, generate, "token", new_token, dry_run)
 
 
 def ensure_ssh_key(ref: str, generate: bool, *, dry_run: bool = False) -> str:

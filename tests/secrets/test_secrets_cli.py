@@ -204,3 +204,23 @@ def test_signing_key_command_generates_once(tmp_path, vault_env):
         f"error: {ref}: holds the signing key 'cache-x', not 'cache-y'; pass --name cache-x to use it, "
         "or give another reference for a new key\n"
     )
+
+
+def test_generate_stores_a_new_token_without_printing_it(tmp_path, vault_env):
+    ref = "vault://secret/cli/push#token"
+    first = nixcache("secrets", "generate", ref, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    value = vault_env.client().secrets.kv.v2.read_secret_version(
+        path="cli/push", mount_point="secret", raise_on_deleted_version=True
+    )["data"]["data"]["token"]
+    assert len(value) == 43 and value not in first.stdout + first.stderr  # 32 random bytes, base64url
+    assert first.stdout == (
+        f"stored a new token at {ref}; read it with `nixcache secrets get {ref} --reveal`\n"
+    )
+
+    kept = nixcache("secrets", "generate", ref, cwd=tmp_path)
+    assert kept.returncode == 1 and "must not be overwritten" in kept.stderr
+    assert nixcache("secrets", "get", "--reveal", ref, cwd=tmp_path).stdout == value + "\n"
+    rotated = nixcache("secrets", "generate", "--force", ref, cwd=tmp_path)
+    assert rotated.returncode == 0
+    assert nixcache("secrets", "get", "--reveal", ref, cwd=tmp_path).stdout not in ("", value + "\n")
