@@ -4,7 +4,7 @@
 
 Order: base (packages, admins, sshd, kernel, limits) -> storage -> install -> config and keys
 -> on hosts that build (nix_host or group `builders`), Nix (deploys/parts/nixhost.py)
--> service -> firewall -> gc -> backups -> monitoring -> nginx front -> on hosts of group
+-> service -> firewall -> gc -> verify -> backups -> monitoring -> nginx front -> on hosts of group
 `monitoring`, the fleet's Prometheus and Alertmanager -> health check.
 Every step is an operation from operations/ that changes nothing on a converged host, so a
 second run reports no changes. Values come from host data (operations/settings.py).
@@ -26,7 +26,19 @@ from deploys.parts.nixhost import is_nix_host, nix_host
 from facts.nixcache import HostPython
 from nixcache.keys import SecretKey
 from nixcache.secrets import ensure_signing_key, ensure_token
-from operations import client, config, firewall, gc, health, hostfile, install, rotation, service, storage
+from operations import (
+    client,
+    config,
+    firewall,
+    gc,
+    health,
+    hostfile,
+    install,
+    rotation,
+    service,
+    storage,
+    verify,
+)
 from operations.render import sha256
 from operations.settings import (
     CONFIG_FILE,
@@ -209,6 +221,7 @@ firewall.ruleset(
 # --- garbage collection ------------------------------------------------------------------------
 gc.timer(name="nixcache-gc.timer", settings=s, depends_on=build)
 gc.origin_timer(name="nixcache-gc-origin.timer", settings=s, host_name=host.name, depends_on=build)
+verify.timer(name="nixcache-verify.timer", settings=s, depends_on=build)
 
 # --- backups, monitoring and nginx front --------------------------------------------------------
 backup_timer()

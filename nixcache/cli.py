@@ -17,6 +17,7 @@ from nixcache import __version__
 SUBCOMMANDS: dict[str, str] = {
     "serve": "nixcache.server.cli:serve",
     "gc": "nixcache.server.cli:gc",
+    "verify": "nixcache.server.cli:verify",
     "keys": "nixcache.keycli:keys",
     "lab": "nixcache.lab.cli:lab",
     "secrets": "nixcache.secrets.cli:secrets",

@@ -211,6 +211,15 @@ class Settings:
         SIZE,
         "Once gc_min_free triggered a collection, delete until this much is free (the reference's value).",
     )
+    verify_schedule: str = setting(
+        "Sun *-*-* 03:00:00",
+        CALENDAR,
+        "`nixcache verify` re-reads the whole store: weekly, on Sunday morning when CI is quiet; bit rot "
+        "is slow, and a damaged entry is a miss meanwhile only once it is found.",
+    )
+    verify_randomized_delay: str = setting(
+        "4h", TIMESPAN, "Spread a fleet's runs over the morning (they read every byte of each host's disk)."
+    )
     health_check_timeout: int = setting(
         20,
         POSITIVE,

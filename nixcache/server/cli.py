@@ -1,4 +1,4 @@
-"""`nixcache serve` and `nixcache gc`.
+"""`nixcache serve`, `nixcache gc` and `nixcache verify`.
 
 This module imports click only: `serve` must call `gevent.monkey.patch_all()` before the
 server modules (sockets, threads, ssl) are imported.
@@ -133,3 +133,55 @@ def _gc_origin(
         )
     except (configmod.ConfigError, origin_gc.OriginGcError, TierError, ValueError) as error:
         raise click.ClickException(str(error)) from None
+
+
+@click.command()
+@click.option("--config", "config_file", type=_PATH, help="Read store and store_dir from this config.")
+@click.option("--store", type=click.Path(file_okay=False, path_type=Path), help="Store directory.")
+@click.option(
+    "--nar-hash",
+    is_flag=True,
+    help="Also decompress every NAR and check its NarHash/NarSize (slower; FileHash covers bit rot).",
+)
+@click.option("--dry-run", is_flag=True, help="Report damaged entries, move nothing.")
+@click.option(
+    "--progress-seconds",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds between progress lines on stderr.",
+)
+def verify(
+    config_file: Path | None, store: Path | None, nar_hash: bool, dry_run: bool, progress_seconds: float
+) -> None:
+    """Re-hash every NAR of the store; move damaged entries aside (safe while serving).
+
+    Exit status: 0 nothing damaged, 1 damaged entries found (quarantined unless --dry-run),
+    2 verify could not run.
+    """
+    from nixcache.server import config as configmod
+    from nixcache.server import verify as verifymod
+
+    try:
+        config = configmod.load(config_file) if config_file else configmod.ServerConfig()
+        report = verifymod.run(
+            store or config.store,
+            store_dir=config.store_dir,
+            nar_hash=nar_hash,
+            dry_run=dry_run,
+            echo=click.echo,
+            progress=lambda line: click.echo(line, err=True),
+            progress_seconds=progress_seconds,
+        )
+    except (configmod.ConfigError, verifymod.VerifyError) as error:
+        raise _Trouble(str(error)) from None
+    except OSError as error:
+        raise _Trouble(f"verify stopped: {error}; check the store's permissions and disk") from None
+    if report.damaged:
+        raise SystemExit(1)
+
+
+class _Trouble(click.ClickException):
+    """A command that could not do its work: exit 2, so that 1 keeps its own meaning."""
+
+    exit_code = 2

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nixcache.server import config as configmod
-from nixcache.server.store import Store
+from nixcache.server.store import Store, read_quietly
 from nixcache.server.units import format_duration, human_size, parse_duration, parse_size
 
 GRACE_SECONDS = 3600  # a NAR this young may be waiting for a narinfo: kept, with every entry naming it
@@ -118,17 +118,12 @@ def limits_from(
     return limits
 
 
-def _nar_file_of(path: Path) -> str | None:
+def nar_file_of(path: Path) -> str | None:
     """The NAR file a narinfo names, read without touching its atime (our last-served mark)."""
     try:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOATIME)
-        except PermissionError:  # O_NOATIME needs the file's owner (or root)
-            fd = os.open(path, os.O_RDONLY)
-        with os.fdopen(fd, "rb") as handle:
-            for line in handle.read(65536).split(b"\n"):
-                if line.startswith(b"URL: nar/"):
-                    return line[len(b"URL: nar/") :].decode().strip()
+        for line in read_quietly(path, 65536).split(b"\n"):
+            if line.startswith(b"URL: nar/"):
+                return line[len(b"URL: nar/") :].decode().strip()
     except (OSError, UnicodeDecodeError):
         return None
     return None
@@ -158,7 +153,7 @@ def _scan_narinfos(store: Store) -> list[_Entry]:
         entries.append(
             _Entry(
                 path.name[:-8],
-                _nar_file_of(path),
+                nar_file_of(path),
                 st.st_size,
                 max(st.st_atime, st.st_mtime),
                 (st.st_ino, st.st_mtime_ns),

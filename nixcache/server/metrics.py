@@ -1,7 +1,8 @@
 """Prometheus metrics of the server, all named nixcache_*.
 
-Store size and GC totals come from disk (a periodic scan and gc-stats.json written by
-`nixcache gc`, which runs in another process), so they are read at scrape time from a cache.
+Store size, GC and verify totals come from disk (a periodic scan, and gc-stats.json and
+verify-stats.json written by `nixcache gc` and `nixcache verify`, which run in other processes),
+so they are read at scrape time.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from nixcache.server import verify
 from nixcache.server.store import Store
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -97,6 +99,38 @@ class _DiskCollector(Collector):
             "nixcache_gc_last_run_timestamp_seconds",
             "When nixcache gc last finished",
             value=stats.get("last_run", 0),
+        )
+        # From verify-stats.json, written by `nixcache verify` (another process, weekly timer).
+        checked = verify.read_stats(self.metrics.store)
+        yield CounterMetricFamily(
+            "nixcache_verify_runs",
+            "Completed nixcache verify runs (not dry runs)",
+            value=checked.get("runs", 0),
+        )
+        yield CounterMetricFamily(
+            "nixcache_verify_damaged_entries",
+            "Damaged entries found by nixcache verify, all runs",
+            value=checked.get("damaged_total", 0),
+        )
+        yield CounterMetricFamily(
+            "nixcache_verify_quarantined_files",
+            "Files nixcache verify moved into quarantine/, all runs",
+            value=checked.get("quarantined_total", 0),
+        )
+        yield GaugeMetricFamily(
+            "nixcache_verify_last_damaged_entries",
+            "Damaged entries the last nixcache verify run found (and quarantined)",
+            value=checked.get("last_damaged", 0),
+        )
+        yield GaugeMetricFamily(
+            "nixcache_verify_last_checked_bytes",
+            "Bytes of NAR files the last nixcache verify run hashed",
+            value=checked.get("last_bytes", 0),
+        )
+        yield GaugeMetricFamily(
+            "nixcache_verify_last_run_timestamp_seconds",
+            "When nixcache verify last finished; 0 = never",
+            value=checked.get("last_run", 0),
         )
 
 

@@ -11,6 +11,9 @@ Layout under the store directory (`store` in the config, e.g. /var/lib/nixcache/
     tmp/                     uploads in flight; same filesystem so they can be renamed into place.
                              Emptied when the server starts; never served, never backed up.
     gc-stats.json            totals written by `nixcache gc`, exposed in /metrics
+    verify-stats.json        the last `nixcache verify` run and its totals, exposed in /metrics
+    quarantine/<time>/       entries `nixcache verify` found damaged, moved aside (never served,
+                             never deleted by nixcache; see nixcache/server/verify.py)
     gc.lock                  flock(2) that orders gc's NAR deletions with the uploads and HEADs
                              that rely on a NAR staying
 
@@ -58,6 +61,17 @@ class NarFile:
     handle: BinaryIO
     size: int
     name: str
+
+
+def read_quietly(path: Path, limit: int = 1 << 22) -> bytes:
+    """Up to `limit` bytes of `path`, read without touching its atime where the kernel allows:
+    a narinfo's atime is its last-served mark, which gc and verify must not refresh."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOATIME)
+    except PermissionError:  # O_NOATIME needs the file's owner (or root)
+        fd = os.open(path, os.O_RDONLY)
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read(limit)
 
 
 def _is_disk_full(error: OSError) -> bool:

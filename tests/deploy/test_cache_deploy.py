@@ -102,7 +102,7 @@ def test_key_file_is_0600_and_owned_by_nixcache(deployed: Run, lab_dir: Path) ->
 
 def test_security_score_is_2_or_lower(deployed: Run, lab_dir: Path) -> None:
     host = hosts(lab_dir)[0]
-    for unit in ("nixcache.service", "nixcache-gc.service"):
+    for unit in ("nixcache.service", "nixcache-gc.service", "nixcache-verify.service"):
         output = on_host(lab_dir, host.name, f"systemd-analyze security --no-pager {unit} | tail -n 1")
         match = re.search(r"exposure level for \S+: ([0-9.]+)", output)
         assert match, output
