@@ -40,6 +40,14 @@ MONITORING_SERVICES: tuple[str, ...] = (
     "prometheus-blackbox-exporter.service",
 )
 
+# The backup repository host (backup_store = True): Debian's rclone serves the cache hosts'
+# restic repositories append-only over restic's REST protocol (docs/decisions/0008).
+BACKUP_STORE_PACKAGES: tuple[str, ...] = ("rclone",)
+
 ALL_PACKAGES: tuple[str, ...] = (
-    CACHE_HOST_PACKAGES + NGINX_FRONT_PACKAGES + NIX_CLIENT_PACKAGES + MONITORING_PACKAGES
+    CACHE_HOST_PACKAGES
+    + NGINX_FRONT_PACKAGES
+    + NIX_CLIENT_PACKAGES
+    + MONITORING_PACKAGES
+    + BACKUP_STORE_PACKAGES
 )

@@ -222,11 +222,36 @@ class Settings:
     # Daily (systemd OnCalendar), spread over an hour so a fleet does not hit one repository at once.
     backup_on_calendar: str = "daily"
     backup_randomized_delay_sec: int = 3600
-    # This host serves an sftp: repository for the others (user backup_store_user, home
-    # backup_store_dir, only sftp allowed with backup_ssh_key_ref's public key).
+    # This host is the backup repository host: it serves the other hosts' restic repositories
+    # (user backup_store_user, one directory per host below backup_store_dir).
     backup_store: bool = False
     backup_store_user: str = "nixcache-backup"
     backup_store_dir: str = "/srv/nixcache-backup"
+    # --- isolated, append-only backups (docs/decisions/0008-isolated-append-only-backups.md) ---
+    # The repository host runs `rclone serve restic --append-only --private-repos`: each cache
+    # host logs in as its inventory name, may open only /<its name>/ and may add snapshots,
+    # never delete them. A cache host's backup_repository is then
+    # "rest:http://<repository host>:<backup_store_port>/{host}/" ("{host}" becomes its name).
+    # The host's REST password (secret ref; "{host}" becomes the inventory name, so one line of
+    # group data gives every host its own). Both the host and the repository host read it.
+    backup_credential_ref: str | None = None
+    # Create it in its store when absent (lab); production creates credentials on purpose.
+    backup_credential_generate: bool = False
+    # restic's rest-server port, on one address only: None = the host's ssh_hostname (where the
+    # caches reach it). Never a wildcard.
+    backup_store_port: int = 8000
+    backup_store_bind_address: str | None = None
+    # Networks allowed to reach backup_store_port: the cache hosts' addresses. Empty = nobody,
+    # and the repository host's deploy stops, naming this key.
+    backup_store_allowed_sources: tuple[str, ...] = ()
+    # Inventory names of the hosts that back up here, one credential each. Empty = every other
+    # host of the inventory whose data has a backup_credential_ref.
+    backup_store_clients: tuple[str, ...] = ()
+    # Retention (each host's backup_keep_*) and prune run here, where deletion is allowed: daily,
+    # after the caches' daily runs have had their hour (systemd OnCalendar).
+    backup_store_prune_on_calendar: str = "*-*-* 03:30:00"
+    # rclone's ceiling: it streams pack files (restic uploads ~16 MiB packs, a few at a time).
+    backup_store_memory_max: str = "512M"
     # deploys/recover.py proves the restored host with this store path (its 32-char hash part
     # or full path). None = the newest narinfo found in the restored store.
     recover_probe_path: str | None = None
@@ -335,6 +360,7 @@ _CIDR_FIELDS = (
     "ssh_allowed_sources",
     "metrics_allowed_sources",
     "origin_allowed_sources",
+    "backup_store_allowed_sources",
 )
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}

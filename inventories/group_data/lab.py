@@ -11,6 +11,7 @@ from nixcache.lab.state import load
 
 __all__ = [
     "apt_update",
+    "backup_store_allowed_sources",
     "cache_allowed_sources",
     "cache_memory_max",
     "gc_max_free",
@@ -61,3 +62,7 @@ origin_access_key_ref = f"file://{_lab_dir / 'secrets' / 'origin-access-key'}"
 origin_secret_key_ref = f"file://{_lab_dir / 'secrets' / 'origin-secret-key'}"
 origin_credentials_generate = True
 origin_memory_max = "512M"
+
+# The backup repository host (deploys/backup.py with backup_store = True): its REST port is open
+# to the lab's hosts only, each by its own address (not the controller, not the whole network).
+backup_store_allowed_sources = [f"{h.address}/32" for h in _state.hosts if h.address] if _state else []

@@ -65,6 +65,11 @@ class BackupConfig:
     keep_daily: int = _doc("Retention: keep the last snapshot of each of this many days.", default=7)
     keep_weekly: int = _doc("Retention: keep the last snapshot of each of this many weeks.", default=4)
     keep_monthly: int = _doc("Retention: keep the last snapshot of each of this many months.", default=6)
+    apply_retention: bool = _doc(
+        "Apply keep_* (restic forget --prune) after each run. False for an append-only repository"
+        " (the backup repository host's rest: server), whose host applies the retention itself.",
+        default=True,
+    )
     check_every_days: int = _doc(
         "Run `restic check` when the last successful check is this many days old; 0 = every run.",
         default=7,
