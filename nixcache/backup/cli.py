@@ -6,7 +6,9 @@ configuration file is missing or invalid. `list --json` reports a failure as one
 on stdout, `{"error": {"kind", "repository", "cause", "fix", "message", "detail"}}`, with the
 same exit code, so a program can tell "no snapshots" (`[]`) from "could not read" (deploys
 ask this way: facts/backup.py).
-A systemd oneshot unit runs `nixcache backup run --config /etc/nixcache/backup.toml`.
+A systemd oneshot unit runs `nixcache backup run --config /etc/nixcache/backup.toml`; on the
+backup repository host, nixcache-backup-prune.service runs `nixcache backup forget` over every
+cache host's repository (the only place where snapshots are deleted).
 """
 
 from __future__ import annotations

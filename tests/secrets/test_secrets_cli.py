@@ -204,3 +204,17 @@ def test_signing_key_command_generates_once(tmp_path, vault_env):
         f"error: {ref}: holds the signing key 'cache-x', not 'cache-y'; pass --name cache-x to use it, "
         "or give another reference for a new key\n"
     )
+
+
+def test_check_resolves_a_per_host_reference_for_each_host(tmp_path):
+    """`{host}` in a ref is the inventory name, as the backup deploy reads it: one secret per host."""
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "edge-push").write_text("x")
+    (tmp_path / "secrets" / "backup-credential-cache-a").write_text("x" * 43)
+    inventory = write_inventory(
+        tmp_path, {"backup_credential_ref": "file://secrets/backup-credential-{host}"}
+    )
+    result = nixcache("secrets", "check", str(inventory), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "ok  file://secrets/backup-credential-cache-a  (hosts: cache-a)" in result.stdout
+    assert "FAIL file://secrets/backup-credential-cache-b: " in result.stdout
