@@ -7,7 +7,8 @@ Runs the real `restic` against: a repository directory on local disk (the refere
 server at all), and `rclone serve restic --append-only --private-repos` on loopback, once with
 the deploy's `{SHA}` htpasswd and once with a bcrypt (cost 10) one, which rclone checks on
 every request. Times a first backup, an unchanged second one, `snapshots`, a full restore,
-and 50 `cat config` calls (one authenticated request each, to show the cost per request).
+and 50 `cat config` calls (one authenticated request each, to show the cost per request), and
+rclone's peak resident memory.
 Prints one table; nothing is asserted. Loopback only: nothing leaves this machine.
 """
 
@@ -68,6 +69,14 @@ def serve(data: Path, htpasswd: Path) -> tuple[subprocess.Popen, int]:
     raise SystemExit("rclone serve restic did not start")
 
 
+def peak_rss_mib(pid: int) -> float:
+    """The process's peak resident set (VmHWM), for backup_store_memory_max."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def timed(env: dict[str, str], *args: str, times: int = 1) -> float:
     started = time.monotonic()
     for _ in range(times):
@@ -109,6 +118,7 @@ def main() -> None:
             "bcrypt": f"bench:{bcrypt.hashpw(token.encode(), bcrypt.gensalt(10)).decode()}\n",
         }
         results = {"local directory (reference)": measure("local", str(work / "local"), work, tree)}
+        peaks: dict[str, float] = {}
         for kind, line in lines.items():
             (work / f"htpasswd-{kind}").write_text(line)
             data = work / f"served-{kind}"
@@ -117,12 +127,14 @@ def main() -> None:
             servers.append(process)
             url = f"rest:http://bench:{token}@127.0.0.1:{port}/bench/"
             results[f"rclone REST, {kind} htpasswd"] = measure(kind, url, work, tree)
+            peaks[kind] = peak_rss_mib(process.pid)
         columns = list(results)
         print(f"restic {args.files} x 16 KiB + 4 x 8 MiB ({size / 2**20:.0f} MiB), seconds;"
               " measured on a shared machine under other engineers' load")  # fmt: skip
         print(f"{'':<22}" + "".join(f"{c:>30}" for c in columns))
         for step in results[columns[0]]:
             print(f"{step:<22}" + "".join(f"{results[c][step]:>30.2f}" for c in columns))
+        print("rclone peak resident memory: " + ", ".join(f"{k} {v:.0f} MiB" for k, v in peaks.items()))
     finally:
         for process in servers:
             process.terminate()

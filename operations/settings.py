@@ -231,7 +231,8 @@ class Settings:
     # The repository host runs `rclone serve restic --append-only --private-repos`: each cache
     # host logs in as its inventory name, may open only /<its name>/ and may add snapshots,
     # never delete them. A cache host's backup_repository is then
-    # "rest:http://<repository host>:<backup_store_port>/{host}/" ("{host}" becomes its name).
+    # "rest:http://<repository host>:<backup_store_port>/{host}/" ("{host}" becomes its name,
+    # here, in backup_password_ref and in backup_credential_ref).
     # The host's REST password (secret ref; "{host}" becomes the inventory name, so one line of
     # group data gives every host its own). Both the host and the repository host read it.
     backup_credential_ref: str | None = None
@@ -250,7 +251,7 @@ class Settings:
     # Retention (each host's backup_keep_*) and prune run here, where deletion is allowed: daily,
     # after the caches' daily runs have had their hour (systemd OnCalendar).
     backup_store_prune_on_calendar: str = "*-*-* 03:30:00"
-    # rclone's ceiling: it streams pack files (restic uploads ~16 MiB packs, a few at a time).
+    # rclone's ceiling: it streams restic's pack files; 48 MiB peak measured (bench/backup_store.py).
     backup_store_memory_max: str = "512M"
     # deploys/recover.py proves the restored host with this store path (its 32-char hash part
     # or full path). None = the newest narinfo found in the restored store.
