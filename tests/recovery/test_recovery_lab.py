@@ -331,6 +331,8 @@ def test_retention_runs_on_the_repository_host(ctx: Ctx) -> None:
     assert re.search(r"host lab1: [1-9]\d* snapshots removed, 1 kept", journal), journal
     ctx.pyinfra("deploys/backup.py", STORE_HOST, **store)  # back to the defaults
     assert "keep_daily = 7" in ctx.sh(STORE_HOST, "cat /etc/nixcache-backup-store/lab1.toml")
+    again = ctx.pyinfra("deploys/backup.py", STORE_HOST, **store)
+    assert re.search(r"Grand total\s+\d+\s+-\s+-\s+\d+", again), again[-2000:]  # nothing changed
     assert ctx.sh(STORE_HOST, "systemctl is-enabled nixcache-backup-prune.timer") == "enabled"
 
 
