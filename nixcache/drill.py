@@ -1,7 +1,7 @@
 """`nixcache drill`: a disaster-recovery drill on the lab that proves backups and recovery work.
 
 Phases, each timed:
-  up        two lab hosts: the cache, and the host holding the sftp backup repository
+  up        two lab hosts: the cache, and the backup repository host (append-only REST server)
   deploy    deploys/backup.py on the repository host, deploys/cache.py on the cache
   push      build a small closure with the real `nix` and `nix copy --to` it (push token in a netrc)
   backup    `systemctl start nixcache-backup.service` on the cache, then its metric file
@@ -162,8 +162,9 @@ class Drill:
         return f"file://{self.secrets / name}"
 
     def data(self) -> list[str]:
-        """Host data of the drill's deploys: its own secrets, the sftp repository on host 2."""
-        repo = f"sftp:nixcache-backup@{self.repo_host['address']}:/srv/nixcache-backup/{self.cache['name']}"
+        """Host data of the drill's deploys: its own secrets, the append-only repository on host 2."""
+        # "{host}" becomes each host's inventory name (deploys/parts/backup.py).
+        repo = f"rest:http://{self.repo_host['address']}:8000/{{host}}/"
         values = {
             "signing_key_ref": self.ref("signing-key"),
             "signing_key_generate": "true",
@@ -172,8 +173,8 @@ class Drill:
             "backup_repository": repo,
             "backup_password_ref": self.ref("backup-password"),
             "backup_password_generate": "true",
-            "backup_ssh_key_ref": self.ref("backup-ssh-key"),
-            "backup_ssh_key_generate": "true",
+            "backup_credential_ref": self.ref("backup-credential-{host}"),
+            "backup_credential_generate": "true",
             "backup_include_store": "true",
         }
         if self.scenario == "region-loss":
@@ -257,7 +258,7 @@ class Drill:
         try:
             self.ssh(self.cache, "systemctl start nixcache-backup.service", timeout=600)
         except PhaseError:
-            # One retry, said out loud: a dropped sftp connection fails a run, the next one resumes.
+            # One retry, said out loud: a dropped connection fails a run, the next one resumes.
             self.echo("  backup run failed (journalctl -u nixcache-backup on the cache); retrying once")
             self.ssh(self.cache, "systemctl start nixcache-backup.service", timeout=600)
         metrics = self.ssh(self.cache, f"cat {METRICS_FILE}")

@@ -46,6 +46,10 @@ MONITORING_SERVICES: tuple[str, ...] = (
     "prometheus-blackbox-exporter.service",
 )
 
+# The backup repository host (backup_store = True): Debian's rclone serves the cache hosts'
+# restic repositories append-only over restic's REST protocol (docs/decisions/0008).
+BACKUP_STORE_PACKAGES: tuple[str, ...] = ("rclone",)
+
 ALL_PACKAGES: tuple[str, ...] = tuple(
     dict.fromkeys(
         CACHE_HOST_PACKAGES
@@ -53,5 +57,6 @@ ALL_PACKAGES: tuple[str, ...] = tuple(
         + NIX_CLIENT_PACKAGES
         + NIX_HOST_PACKAGES
         + MONITORING_PACKAGES
+        + BACKUP_STORE_PACKAGES
     )
 )

@@ -1,4 +1,5 @@
-"""Operations for scheduled backups: restic's password, backup.toml, the systemd timer, restore.
+"""Operations for scheduled backups: restic's password, backup.toml, the systemd timer, restore,
+and the backup repository host's append-only REST server and retention timer.
 
 The unit files are rendered by `render_service` and `render_timer` from their templates in
 operations/templates/ and installed by the one unit primitive (`service.units`); backup.toml is
@@ -8,9 +9,12 @@ one file primitive (`hostfile.put`), root-only.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import shlex
 from collections.abc import Iterable, Iterator
 from typing import Any
+from urllib.parse import quote
 
 from pyinfra import host, logger
 from pyinfra.api import HiddenValue, OperationValueError, operation
@@ -20,7 +24,7 @@ from nixcache.backup.restic import redact
 from operations import hostfile, service
 from operations.health import failed_step
 from operations.render import render
-from operations.settings import Settings
+from operations.settings import Settings, SettingsError
 
 SERVICE = "nixcache-backup.service"
 TIMER = "nixcache-backup.timer"
@@ -52,6 +56,105 @@ def render_timer(on_calendar: str, randomized_delay_sec: int) -> str:
         randomized_delay_sec=randomized_delay_sec,
         service=SERVICE,
     )
+
+
+# --- the backup repository host (docs/decisions/0008-isolated-append-only-backups.md) ----------
+STORE_SERVICE = "nixcache-backup-store.service"
+PRUNE_SERVICE = "nixcache-backup-prune.service"
+PRUNE_TIMER = "nixcache-backup-prune.timer"
+# The htpasswd and, per cache host, its repository password and retention configuration;
+# owned by the repository account (rclone and the prune run as it), outside /etc/nixcache,
+# whose mode on a host that is also a cache lets only the cache's group in.
+STORE_CONFIG_DIR = "/etc/nixcache-backup-store"
+STORE_HTPASSWD = f"{STORE_CONFIG_DIR}/htpasswd"
+STORE_CACHE_DIR_NAME = "nixcache-backup-store"
+# Credentials are stored as unsalted SHA-1 ({SHA}: fast, so rclone checks every request
+# cheaply; bcrypt costs tens of ms per request, measured in bench/backup_store.py). That is
+# only safe for long random values, which is what the deploy generates (43 characters).
+MIN_CREDENTIAL_LENGTH = 32
+
+
+def htpasswd_line(user: str, credential: str) -> str:
+    """One htpasswd entry `user:{SHA}base64(sha1(credential))`: deterministic, so reruns change nothing."""
+    if ":" in user or not user.strip():
+        raise SettingsError(
+            f"{user!r} cannot be a backup repository user (empty or has ':'); rename the host"
+        )
+    if len(credential) < MIN_CREDENTIAL_LENGTH:
+        raise SettingsError(
+            f"the backup credential of {user} is {len(credential)} characters; the repository host"
+            f" needs a random one of at least {MIN_CREDENTIAL_LENGTH} (let the deploy generate it:"
+            " backup_credential_generate = True, or `nixcache secrets` a long random value)"
+        )
+    digest = base64.b64encode(hashlib.sha1(credential.encode()).digest()).decode()  # noqa: S324 - see above
+    return f"{user}:{{SHA}}{digest}"
+
+
+def render_htpasswd(credentials: dict[str, str]) -> str:
+    """The REST server's htpasswd: one line per cache host (name -> credential), sorted."""
+    return "".join(f"{htpasswd_line(user, credentials[user])}\n" for user in sorted(credentials))
+
+
+def rest_url_with_credential(url: str, user: str, credential: str) -> str:
+    """`rest:http://host:port/path/` with `user:credential@` added (for the 0600 env file only)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or not scheme.startswith("rest:"):
+        raise SettingsError(f"{url!r} is not a rest:http(s)://host:port/path/ repository URL")
+    if "@" in rest.split("/", 1)[0]:
+        raise SettingsError(
+            f"backup_repository {redact(url)} carries a user or password; remove it: the credential"
+            " comes from backup_credential_ref"
+        )
+    return f"{scheme}://{quote(user, safe='')}:{quote(credential, safe='')}@{rest}"
+
+
+def store_bind_address(settings: Settings) -> str:
+    """The one address the REST server binds: backup_store_bind_address, else the ssh address."""
+    address = settings.backup_store_bind_address or host.data.get("ssh_hostname")
+    if not address or address in ("0.0.0.0", "::"):  # noqa: S104 - refusing the wildcard
+        raise SettingsError(
+            f"{host.name}: backup_store_bind_address is {address!r}; give the one address the cache"
+            " hosts reach this host on (never a wildcard)"
+        )
+    return address
+
+
+def render_store_units(settings: Settings, nixcache_bin: str, configs: list[str]) -> dict[str, str]:
+    """The REST server unit, and the retention service and timer over `configs` (one per host)."""
+    common = {"user": settings.backup_store_user, "data_dir": settings.backup_store_dir}
+    return {
+        STORE_SERVICE: render(
+            "nixcache-backup-store.service.j2",
+            bind=store_bind_address(settings),
+            port=settings.backup_store_port,
+            htpasswd=STORE_HTPASSWD,
+            memory_max=settings.backup_store_memory_max,
+            **common,
+        ),
+        PRUNE_SERVICE: render(
+            "nixcache-backup-prune.service.j2",
+            nixcache_bin=nixcache_bin,
+            configs=sorted(configs),
+            cache_dir_name=STORE_CACHE_DIR_NAME,
+            **common,
+        ),
+        PRUNE_TIMER: render(
+            "nixcache-backup-prune.timer.j2", on_calendar=settings.backup_store_prune_on_calendar
+        ),
+    }
+
+
+@operation()
+def store_units(settings: Settings, nixcache_bin: str, configs: list[str]) -> Iterator:
+    """The append-only REST server runs, and the retention timer is enabled; restarted on change.
+
+    + settings: the repository host's settings
+    + nixcache_bin: the `nixcache` command on the host (the retention runs `nixcache backup forget`)
+    + configs: one backup configuration per cache host, as written on the host
+    """
+    files = render_store_units(settings, nixcache_bin, configs)
+    # rclone rereads the htpasswd on change: a new credential needs no restart.
+    yield from service.units._inner("nixcache-backup-store", files, [STORE_SERVICE, PRUNE_TIMER])
 
 
 def _unmask(value: str | HiddenValue) -> str:

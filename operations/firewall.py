@@ -70,6 +70,14 @@ def rules(settings: Settings, ssh_port: int = 22) -> list[Rule]:
             "the S3 origin (origin_allowed_sources)",
         ),
     ]
+    if settings.backup_store:
+        wanted.append(
+            (
+                settings.backup_store_allowed_sources,
+                (settings.backup_store_port,),
+                "the backup repository for the cache hosts (backup_store_allowed_sources)",
+            )
+        )
     out = []
     for sources, ports, why in wanted:
         for family, networks in _split(sources).items():

@@ -460,16 +460,63 @@ class Settings:
     backup_store: bool = setting(
         False,
         BOOL,
-        "This host serves an sftp: repository for the others (user backup_store_user, home "
-        "backup_store_dir, only sftp allowed with backup_ssh_key_ref's public key).",
+        "This host is the backup repository host: it serves the other hosts' restic repositories "
+        "(user backup_store_user, one directory per host below backup_store_dir).",
     )
     backup_store_user: str = setting(
-        "nixcache-backup", STR, "On the backup_store host: the account the cache hosts log in as (sftp only)."
+        "nixcache-backup", STR, "On the backup_store host: the account that owns the repositories."
     )
     backup_store_dir: str = setting(
         "/srv/nixcache-backup",
         PATH_TEXT,
         "On the backup_store host: where the repositories live (that account's home).",
+    )
+    # --- isolated, append-only backups (docs/decisions/0008-isolated-append-only-backups.md) ---
+    # The repository host runs `rclone serve restic --append-only --private-repos`: each cache
+    # host logs in as its inventory name, may open only /<its name>/ and may add snapshots, never
+    # delete them. A cache host's backup_repository is then
+    # "rest:http://<repository host>:<backup_store_port>/{host}/" ("{host}" becomes its name,
+    # there, in backup_password_ref and in backup_credential_ref).
+    backup_credential_ref: str | None = setting(
+        None,
+        SECRET_REF,
+        "The host's REST password (secret ref; {host} becomes the inventory name, so one line of group "
+        "data gives every host its own). Both the host and the repository host read it.",
+    )
+    backup_credential_generate: bool = setting(
+        False, BOOL, "Create it in its store when absent (lab); production creates credentials on purpose."
+    )
+    backup_store_port: int = setting(
+        8000, PORT, "The REST server's port, on one address only (backup_store_bind_address)."
+    )
+    backup_store_bind_address: str | None = setting(
+        None,
+        STR,
+        "The address the REST server listens on. None = the host's ssh_hostname (where the caches "
+        "reach it). Never a wildcard.",
+    )
+    backup_store_allowed_sources: tuple[str, ...] = setting(
+        (),
+        CIDRS,
+        "Networks allowed to reach backup_store_port: the cache hosts' addresses. Empty = nobody, and "
+        "the repository host's deploy stops, naming this key.",
+    )
+    backup_store_clients: tuple[str, ...] = setting(
+        (),
+        STRINGS,
+        "Inventory names of the hosts that back up here, one credential each. Empty = every other host "
+        "of the inventory whose data has a backup_credential_ref.",
+    )
+    backup_store_prune_on_calendar: str = setting(
+        "*-*-* 03:30:00",
+        CALENDAR,
+        "Retention (each host's backup_keep_*) and prune run here, where deletion is allowed: daily, "
+        "after the caches' daily runs have had their hour.",
+    )
+    backup_store_memory_max: str = setting(
+        "512M",
+        MEMORY_LIMIT,
+        "rclone's ceiling: it streams restic's pack files; 48 MiB peak measured (bench/backup_store.py).",
     )
     recover_probe_path: str | None = setting(
         None,

@@ -11,6 +11,7 @@ from nixcache.lab.state import load
 
 __all__ = [
     "apt_update",
+    "backup_store_allowed_sources",
     "cache_allowed_sources",
     "cache_memory_max",
     "gc_max_free",
@@ -70,3 +71,7 @@ origin_memory_max = "512M"
 nix_builder_ssh_key_ref = f"file://{_lab_dir / 'secrets' / 'nix-builder-ssh-key'}"
 nix_builder_ssh_key_generate = True
 nix_settings = {"min-free": "512M", "max-free": "1G"}
+
+# The backup repository host (deploys/backup.py with backup_store = True): its REST port is open
+# to the lab's hosts only, each by its own address (not the controller, not the whole network).
+backup_store_allowed_sources = [f"{h.address}/32" for h in _state.hosts if h.address] if _state else []

@@ -6,7 +6,9 @@ configuration file is missing or invalid. `list --json` reports a failure as one
 on stdout, `{"error": {"kind", "repository", "cause", "fix", "message", "detail"}}`, with the
 same exit code, so a program can tell "no snapshots" (`[]`) from "could not read" (deploys
 ask this way: facts/backup.py).
-A systemd oneshot unit runs `nixcache backup run --config /etc/nixcache/backup.toml`.
+A systemd oneshot unit runs `nixcache backup run --config /etc/nixcache/backup.toml`; on the
+backup repository host, nixcache-backup-prune.service runs `nixcache backup forget` over every
+cache host's repository (the only place where snapshots are deleted).
 """
 
 from __future__ import annotations
@@ -294,6 +296,46 @@ def restore(
         f"restored snapshot {snapshot.short_id} into {target}: {human_bytes(total)}{checked}"
         f" in {time.monotonic() - started:.1f} s"
     )
+
+
+@backup.command()
+@click.option(
+    "--config",
+    "config_paths",
+    type=click.Path(dir_okay=False, path_type=Path),
+    multiple=True,
+    required=True,
+    help="A repository's configuration (repeatable: one per cache host on the repository host).",
+)
+def forget(config_paths: tuple[Path, ...]) -> None:
+    """Apply each configuration's retention (restic forget --prune): where deletion is allowed.
+
+    Cache hosts back up append-only; the backup repository host runs this from its
+    nixcache-backup-prune.timer, with direct access to the repository directories. Every
+    repository is tried; the exit code is 1 when any of them failed.
+    """
+    failed = 0
+    for path in config_paths:
+        config = _config(path)
+        restic = Restic(config)
+        repository = restic.display_repository()
+        try:
+            if not restic.exists():
+                click.echo(
+                    f"{repository}: no repository yet (host {restic.host} never backed up); nothing to do"
+                )
+                continue
+            removed = restic.forget()
+            kept = len(restic.snapshots())
+        except ResticError as error:
+            failed += 1
+            for line in error.detail:
+                click.echo(f"restic: {line}", err=True)
+            click.echo(f"nixcache backup forget FAILED: {error}", err=True)
+            continue
+        click.echo(f"{repository}: host {restic.host}: {len(removed)} snapshots removed, {kept} kept")
+    if failed:
+        sys.exit(1)
 
 
 @backup.command()

@@ -97,6 +97,12 @@ class BackupConfig:
     keep_daily: int = setting(7, COUNT, "Retention: keep the last snapshot of each of this many days.")
     keep_weekly: int = setting(4, COUNT, "Retention: keep the last snapshot of each of this many weeks.")
     keep_monthly: int = setting(6, COUNT, "Retention: keep the last snapshot of each of this many months.")
+    apply_retention: bool = setting(
+        True,
+        BOOL,
+        "Apply keep_* (restic forget --prune) after each run. False for an append-only repository (the "
+        "backup repository host's rest: server), whose host applies the retention itself.",
+    )
     check_every_days: int = setting(
         7, COUNT, "Run `restic check` when the last successful check is this many days old; 0 = every run."
     )

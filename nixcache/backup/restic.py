@@ -145,6 +145,8 @@ class Restic:
         self.repository = config.repository
         self.host = config.host or socket.gethostname()
         self.binary = binary
+        # The repository as restic gets it: with env_file's credential, once environment() ran.
+        self.credentialed = config.repository
 
     def display_repository(self) -> str:
         """The repository as it may be printed (a URL's password hidden)."""
@@ -153,8 +155,8 @@ class Restic:
     # -- plumbing ---------------------------------------------------------------------------
 
     def _fail(self, cause: str, fix: str, stderr: str = "", kind: str = "failed") -> ResticError:
-        detail = [redact(line, self.repository) for line in _meaningful_lines(stderr)[-10:]]
-        return ResticError(redact(self.repository), redact(cause, self.repository), fix, detail, kind)
+        detail = [redact(line, self.credentialed) for line in _meaningful_lines(stderr)[-10:]]
+        return ResticError(redact(self.repository), redact(cause, self.credentialed), fix, detail, kind)
 
     def environment(self) -> dict[str, str]:
         """The environment restic runs with: repository, password file, credentials, cache."""
@@ -182,7 +184,17 @@ class Restic:
                 env.update(read_env_file(Path(self.config.env_file)))
             except ValueError as error:
                 raise self._fail(str(error).split(";")[0], "fix env_file or the file it names") from None
-        env["RESTIC_REPOSITORY"] = self.repository
+        # A rest: repository's URL carries the host's credential (user:password@), so it comes
+        # from env_file (0600), never from backup.toml; it must name the same repository.
+        credentialed = env.get("RESTIC_REPOSITORY")
+        if credentialed and without_credentials(credentialed) != without_credentials(self.repository):
+            raise self._fail(
+                f"env_file {self.config.env_file} sets RESTIC_REPOSITORY to"
+                f" {without_credentials(credentialed)}, not the configured repository",
+                "make 'repository' and env_file name the same repository (redeploy the backup config)",
+            )
+        self.credentialed = credentialed or self.repository
+        env["RESTIC_REPOSITORY"] = self.credentialed
         env["RESTIC_PASSWORD_FILE"] = str(password_file)
         if self.config.cache_dir:
             env["RESTIC_CACHE_DIR"] = self.config.cache_dir
@@ -220,6 +232,30 @@ class Restic:
             else:
                 fix = "check the host name, that sshd runs there, and the network between the hosts"
             return fail(f"ssh to the repository host failed ({said})", fix, "unreachable")
+        # A REST repository server (the backup repository host, rclone serve restic) answers
+        # 401 to a credential it does not know, and 403 to a host opening another host's
+        # repository or deleting anything but a lock in its append-only repository.
+        if "(401)" in lowered or "401 unauthorized" in lowered:
+            return fail(
+                "the repository server does not accept this host's credential (HTTP 401)",
+                "deploy deploys/backup.py on the repository host, then this host, so that both use"
+                " the credential at backup_credential_ref",
+                "permission",
+            )
+        if "(403)" in lowered or "403 forbidden" in lowered:
+            if action.startswith("forget") or "not removed" in lowered:
+                return fail(
+                    f"the repository is append-only for this host: it may add snapshots, not {action}",
+                    "old snapshots are removed by the repository host's retention"
+                    " (nixcache-backup-prune.timer there), never by a cache host",
+                    "permission",
+                )
+            return fail(
+                f"the repository server forbids this host to {action} there (HTTP 403): a host may"
+                " open only its own repository, /<its inventory name>/",
+                "point 'repository' at this host's own repository",
+                "permission",
+            )
         if "permission denied" in lowered or "read-only file system" in lowered:
             return fail(
                 f"permission denied while trying to {action}",
@@ -445,6 +481,11 @@ class Restic:
         if verify:
             args.append("--verify")
         self.run(args, "restore")
+
+
+def without_credentials(url: str) -> str:
+    """`url` without a user:password@ part (how a rest: repository is named in messages and config)."""
+    return re.sub(r"://[^/@]+@", "://", url)
 
 
 def redact(text: str, repository: str | None = None) -> str:

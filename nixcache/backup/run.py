@@ -1,4 +1,5 @@
-"""One scheduled backup run: init if needed, back up, apply retention, check when due, record.
+"""One scheduled backup run: init if needed, back up, apply retention (unless the repository
+host does: append-only repositories), check when due, record.
 
 Whatever happens, the run ends by writing the state file and the node exporter textfile:
 a failed run sets last_run_success to 0 and leaves last_success where the last good run
@@ -38,6 +39,7 @@ class RunResult:
     duration: float = 0.0
     error: str = ""
     busy: bool = False  # another run holds the lock; nothing was done or recorded
+    retention_elsewhere: bool = False  # apply_retention off: the repository host prunes
 
     def summary(self, config: BackupConfig, repository: str) -> str:
         """The one line the journal keeps for this run."""
@@ -49,7 +51,12 @@ class RunResult:
             f"nixcache backup ok: snapshot {self.snapshot_id} of {', '.join(config.backup_paths())}"
             f" to {repository}",
             f"{human_bytes(self.bytes_added)} added",
-            f"{self.snapshots} snapshots kept ({len(self.removed)} removed)",
+            f"{self.snapshots} snapshots"
+            + (
+                " (retention by the repository host)"
+                if self.retention_elsewhere
+                else f" kept ({len(self.removed)} removed)"
+            ),
         ]
         if self.initialised:
             parts.append("repository initialised")
@@ -109,8 +116,12 @@ def _steps(restic: Restic, config: BackupConfig, state: BackupState, result: Run
     if result.snapshot_id:
         state.sizes[result.snapshot_id[:8]] = summary.bytes_processed
 
-    echo("backup: applying retention and pruning unused data")
-    result.removed = restic.forget()
+    if config.apply_retention:
+        echo("backup: applying retention and pruning unused data")
+        result.removed = restic.forget()
+    else:
+        # Append-only: this host cannot delete; the repository host's timer applies retention.
+        result.retention_elsewhere = True
     snapshots = restic.snapshots()
     result.snapshots = len(snapshots)
     state.snapshots = result.snapshots

@@ -90,6 +90,9 @@ def collect(inventory) -> tuple[dict[str, RefUse], list[Result]]:
         data = host.data.dict()
         for key_path, value in _walk(data, ""):
             leaf = key_path.rsplit(".", 1)[-1]
+            if isinstance(value, str):
+                # One line of group data, one secret per host (backup_credential_ref = "…-{host}").
+                value = value.replace("{host}", host.name)
             if looks_like_ref(value):
                 use = uses.setdefault(value, RefUse(value))
                 use.hosts.add(host.name)

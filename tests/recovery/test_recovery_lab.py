@@ -1,15 +1,17 @@
 """Backups, recovery and key rotation end to end on the shared lab, seen from outside.
 
-lab1 is the cache, lab2 the sftp repository host (deploys/backup.py with backup_store) and, for
-the rotation, a Nix client. The tests run in file order on one history: back up, prune,
-restore, lose lab1 and try to recover it from a repository of another host's snapshots and
-with the repository host down (both must stop), recover it, rotate its key. Every deploy is
-the real `pyinfra` CLI.
+lab1 is the cache, lab2 the backup repository host (deploys/backup.py with backup_store: an
+append-only restic REST server, one credential per cache host) and, for the rotation, a Nix
+client. The tests run in file order on one history: back up, find that lab1 can neither read
+another host's repository nor delete its own snapshots, prune on lab2, restore, lose lab1 and
+try to recover it from a repository of another host's snapshots and with the repository host
+down (both must stop), recover it, rotate its key. Every deploy is the real `pyinfra` CLI.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import subprocess
 import sys
@@ -32,6 +34,8 @@ REPO = Path(__file__).resolve().parents[2]
 NIXCACHE = "/opt/nixcache/venv/bin/nixcache"
 METRICS = "/var/lib/prometheus/node-exporter/nixcache_backup.prom"
 CACHE, STORE_HOST = "lab1", "lab2"
+STORE_PORT = 8000  # backup_store_port's default
+ENV_FILE = "/etc/nixcache/backup.env"
 
 
 class Ctx:
@@ -64,8 +68,9 @@ class Ctx:
             "backup_repository": self.repository(),
             "backup_password_ref": self.ref("backup-password"),
             "backup_password_generate": "true",
-            "backup_ssh_key_ref": self.ref("backup-ssh-key"),
-            "backup_ssh_key_generate": "true",
+            # One credential per host: "{host}" becomes the inventory name.
+            "backup_credential_ref": self.ref("backup-credential-{host}"),
+            "backup_credential_generate": "true",
             **extra,
         }
         return [arg for key, value in values.items() for arg in ("--data", f"{key}={value}")]
@@ -88,8 +93,33 @@ class Ctx:
         assert code == 0, f"pyinfra {deploy} on {limit} failed:\n{output[-4000:]}"
         return output
 
-    def repository(self, name: str = CACHE) -> str:
-        return f"sftp:nixcache-backup@{self.addr(STORE_HOST)}:/srv/nixcache-backup/{name}"
+    def repository(self, below: str = "", user: str = CACHE) -> str:
+        """`user`'s repository on the repository host, or one `below` it (lab1 opens only /lab1/...)."""
+        return f"rest:http://{self.addr(STORE_HOST)}:{STORE_PORT}/{user}/{below}"
+
+    def env_for(self, repository: str, path: str, user: str = CACHE) -> None:
+        """On lab1, an env file at `path` naming `repository` with lab1's credential as `user`.
+
+        Made on the host from lab1's own backup.env, so the credential never crosses a command line.
+        """
+        location = repository.split("://", 1)[1].split("/", 1)[1]
+        self.sh(
+            CACHE,
+            rf"sed 's|^RESTIC_REPOSITORY=rest:http://[^:]*:\([^@]*\)@\([^/]*\)/.*$"
+            rf"|RESTIC_REPOSITORY=rest:http://{user}:\1@\2/{location}|' {ENV_FILE} > {path}"
+            f" && chmod 600 {path}",
+        )
+
+    def restic_as_cache(self, env_file: str, args: str) -> tuple[int, str]:
+        """Plain restic on lab1 with `env_file`'s repository and lab1's repository password."""
+        command = (
+            f"set -a && . {env_file} && set +a && RESTIC_PASSWORD_FILE=/etc/nixcache/backup.password"
+            f" restic {args} 2>&1"
+        )
+        return self.lab.run(CACHE, ["sh", "-c", command], timeout=300)
+
+    def credential(self, name: str = CACHE) -> str:
+        return (self.secrets / f"backup-credential-{name}").read_text().strip()
 
     def backup_as(self, other: str, repository: str, *, store: bool) -> None:
         """On lab1, one snapshot recorded under another host's name `other`, into `repository`.
@@ -106,9 +136,11 @@ class Ctx:
             metrics_file=f"/root/{other}/backup.prom",
         )
         path = f"/root/{other}.toml"
+        env = f"/root/{other}-{abs(hash(repository))}.env"
+        self.env_for(repository, env)
+        config = dataclasses.replace(config, env_file=env)
         run = f"{NIXCACHE} backup run --config {path}"
-        # One retry: the lab's sftp connections were seen to drop under load (see backup_now).
-        self.sh(CACHE, f"cat > {path} <<'EOF'\n{dump(config)}EOF\n{run} || (sleep 2 && {run})")
+        self.sh(CACHE, f"cat > {path} <<'EOF'\n{dump(config)}EOF\n{run}")
 
     def backup_timer(self) -> str:
         """The backup timer's LoadState on lab1: "not-found" when it was never installed."""
@@ -128,20 +160,16 @@ class Ctx:
         return out
 
     def backup_now(self) -> None:
-        """Start the timer's service through systemd, as the timer does; the journal on failure.
-
-        One retry when the sftp connection dropped: on a busy shared controller the lab's ssh
-        between hosts was seen to drop about once in twenty runs (restic: "connection lost").
-        """
-        for attempt in (1, 2):
-            code, out = self.lab.run(CACHE, ["systemctl", "start", "nixcache-backup.service"], timeout=600)
-            if code == 0:
-                return
+        """Start the timer's service through systemd, as the timer does; the journal on failure."""
+        code, out = self.lab.run(CACHE, ["systemctl", "start", "nixcache-backup.service"], timeout=600)
+        if code != 0:
             journal = self.lab.run(CACHE, ["journalctl", "-u", "nixcache-backup", "--no-pager", "-n25"])[1]
-            dropped = "connection lost" in journal or "closed by remote host" in journal
-            if attempt == 2 or not dropped:
-                pytest.fail(f"nixcache-backup.service failed on {CACHE}: {out}\n{journal}")
-            print(f"backup run {attempt}: sftp connection dropped, retrying", file=sys.stderr)
+            pytest.fail(f"nixcache-backup.service failed on {CACHE}: {out}\n{journal}")
+
+    def snapshot_ids(self) -> list[str]:
+        """lab1's snapshots in its own repository, as its `nixcache backup list --json` reads them."""
+        listing = json.loads(self.sh(CACHE, f"{NIXCACHE} backup list --json"))
+        return [row["id"] for row in listing]
 
     def metrics(self) -> dict[str, float]:
         text = self.sh(CACHE, f"cat {METRICS}") + "\n"
@@ -198,13 +226,12 @@ def test_timer_service_started_by_systemd_records_a_successful_backup(ctx: Ctx) 
 
 def test_failed_run_keeps_the_last_success_time(ctx: Ctx) -> None:
     before = ctx.metrics()["nixcache_backup_last_success_timestamp_seconds"]
-    # The repository host refuses the backup key for a moment: the run must fail visibly.
-    keys = "/srv/nixcache-backup/.ssh/authorized_keys"
-    ctx.sh(STORE_HOST, f"mv {keys} {keys}.off")
+    # The repository server is down for a moment: the run must fail visibly.
+    ctx.sh(STORE_HOST, "systemctl stop nixcache-backup-store.service")
     try:
         code, _ = ctx.lab.run(CACHE, ["systemctl", "start", "nixcache-backup.service"], timeout=300)
     finally:
-        ctx.sh(STORE_HOST, f"mv {keys}.off {keys}")
+        ctx.sh(STORE_HOST, "systemctl start nixcache-backup-store.service")
     assert code != 0
     metrics = ctx.metrics()
     assert metrics["nixcache_backup_last_run_success"] == 0.0
@@ -212,18 +239,101 @@ def test_failed_run_keeps_the_last_success_time(ctx: Ctx) -> None:
     assert "FAILED" in ctx.sh(CACHE, "journalctl -u nixcache-backup.service --no-pager -n 5")
 
 
-def test_retention_from_data_prunes_snapshots(ctx: Ctx) -> None:
+def test_the_credential_is_in_no_unit_log_or_output(ctx: Ctx) -> None:
+    credential = ctx.credential()
+    assert len(credential) >= 32
+    assert ctx.sh(CACHE, f"stat -c '%a %U' {ENV_FILE}") == "600 root"
+    assert "backup.env" in ctx.sh(CACHE, "grep env_file /etc/nixcache/backup.toml")
+    for name in (CACHE, STORE_HOST):
+        seen = ctx.sh(name, "journalctl --no-pager -o cat; systemctl cat 'nixcache-backup*'; ps -eo args")
+        assert credential not in seen, f"{name} shows lab1's backup credential"
+    # On the repository host only its hash, readable by the repository account alone.
+    htpasswd = "/etc/nixcache-backup-store/htpasswd"
+    assert ctx.sh(STORE_HOST, f"stat -c '%a %U' {htpasswd}") == "600 nixcache-backup"
+    assert ctx.sh(STORE_HOST, f"grep -c '^{CACHE}:{{SHA}}' {htpasswd}") == "1"
+    # Bound to the lab address only, reachable from the lab's hosts only.
+    listening = ctx.sh(STORE_HOST, f"ss -Htln 'sport = :{STORE_PORT}' | awk '{{print $4}}'")
+    assert listening == f"{ctx.addr(STORE_HOST)}:{STORE_PORT}"
+    rules = ctx.sh(STORE_HOST, "nft list ruleset")
+    assert f"{ctx.addr(CACHE)}" in rules and f"dport {STORE_PORT} accept" in rules
+
+
+def test_a_cache_host_cannot_read_another_hosts_repository(ctx: Ctx) -> None:
+    """lab9's repository sits beside lab1's, even under lab1's password: the server keeps lab1 out."""
+    lab9 = "/srv/nixcache-backup/lab9"
+    as_owner = (
+        "runuser -u nixcache-backup -- env RESTIC_PASSWORD_FILE=/etc/nixcache-backup-store/lab1.password"
+    )
+    ctx.sh(STORE_HOST, f"rm -rf {lab9} && {as_owner} restic -q -r {lab9} init"
+                       f" && {as_owner} restic -q -r {lab9} backup --host lab9 /etc/hostname")  # fmt: skip
+
+    ctx.env_for(ctx.repository(user="lab9"), "/root/lab9.env")
+    code, output = ctx.restic_as_cache("/root/lab9.env", "snapshots --no-lock")
+    assert code != 0, output
+    assert "403 Forbidden" in output, output
+    # lab1's credential does not log in as lab9 either.
+    ctx.env_for(ctx.repository(user="lab9"), "/root/as-lab9.env", user="lab9")
+    code, output = ctx.restic_as_cache("/root/as-lab9.env", "snapshots --no-lock")
+    assert code != 0 and "401 Unauthorized" in output, output
+
+    # What an operator sees from nixcache: one line naming the cause and the fix.
+    config = dataclasses.replace(
+        parse(ctx.sh(CACHE, "cat /etc/nixcache/backup.toml")),
+        repository=ctx.repository(user="lab9"),
+        env_file="/root/lab9.env",
+    )
+    ctx.sh(CACHE, f"cat > /root/lab9.toml <<'EOF'\n{dump(config)}EOF")
+    code, output = ctx.lab.run(CACHE, ["sh", "-c", f"{NIXCACHE} backup list --config /root/lab9.toml 2>&1"])
+    assert code == 1, output
+    assert "the repository server forbids this host to list snapshots there (HTTP 403)" in output, output
+    ctx.sh(STORE_HOST, f"rm -rf {lab9}")
+
+
+def test_a_cache_host_cannot_delete_or_rewrite_its_own_snapshots(ctx: Ctx) -> None:
+    before = ctx.snapshot_ids()
+    assert before
+    code, output = ctx.restic_as_cache(ENV_FILE, f"forget {before[0]}")
+    assert code != 0, output
+    assert "403 Forbidden" in output, output
+    # Nor overwrite one: the server refuses a write to an existing file.
+    curlrc = "/root/curlrc"
+    ctx.sh(
+        CACHE,
+        rf"sed -n 's|^RESTIC_REPOSITORY=rest:http://\([^@]*\)@.*|user = \"\1\"|p' {ENV_FILE} > {curlrc}",
+    )
+    url = f"{ctx.repository()}snapshots/{before[0]}".removeprefix("rest:")
+    status = ctx.sh(
+        CACHE, f"curl -s -o /dev/null -w '%{{http_code}}' -K {curlrc} --data-binary @/etc/hostname {url}"
+    )
+    ctx.sh(CACHE, f"rm -f {curlrc}")
+    assert status == "403"
+    assert ctx.snapshot_ids() == before
+    # And its backups still go through (the previous test's failed run is behind us).
+    ctx.backup_now()
+    assert len(ctx.snapshot_ids()) == len(before) + 1
+
+
+def test_retention_runs_on_the_repository_host(ctx: Ctx) -> None:
     keep = {"backup_keep_daily": "1", "backup_keep_weekly": "0", "backup_keep_monthly": "0"}
-    ctx.pyinfra("deploys/backup.py", CACHE, **keep)
-    assert "keep_daily = 1" in ctx.sh(CACHE, "cat /etc/nixcache/backup.toml")
-    for _ in range(2):
-        ctx.backup_now()
+    store = {"backup_store": "true", "backup_repository": ""}
+    ctx.pyinfra("deploys/backup.py", STORE_HOST, **store, **keep)
+    assert "keep_daily = 1" in ctx.sh(STORE_HOST, "cat /etc/nixcache-backup-store/lab1.toml")
+    ctx.backup_now()
+    # The cache host removed nothing: it cannot, and its runs no longer try.
+    assert len(ctx.snapshot_ids()) >= 2
+    assert "retention by the repository host" in ctx.sh(
+        CACHE, "journalctl -u nixcache-backup.service --no-pager -n 5 -o cat"
+    )
+    ctx.sh(STORE_HOST, "systemctl start nixcache-backup-prune.service")
     # One snapshot per day is kept: all of today's runs collapse into the newest.
-    assert ctx.metrics()["nixcache_backup_snapshots"] == 1.0
-    listing = ctx.sh(CACHE, f"{NIXCACHE} backup list")
-    assert re.search(r"^1 snapshots?$", listing, re.MULTILINE), listing
-    ctx.pyinfra("deploys/backup.py", CACHE)  # back to the defaults
-    assert "keep_daily = 7" in ctx.sh(CACHE, "cat /etc/nixcache/backup.toml")
+    assert len(ctx.snapshot_ids()) == 1
+    journal = ctx.sh(STORE_HOST, "journalctl -u nixcache-backup-prune.service --no-pager -o cat -n 5")
+    assert re.search(r"host lab1: [1-9]\d* snapshots removed, 1 kept", journal), journal
+    ctx.pyinfra("deploys/backup.py", STORE_HOST, **store)  # back to the defaults
+    assert "keep_daily = 7" in ctx.sh(STORE_HOST, "cat /etc/nixcache-backup-store/lab1.toml")
+    again = ctx.pyinfra("deploys/backup.py", STORE_HOST, **store)
+    assert re.search(r"Grand total\s+\d+\s+-\s+-\s+\d+", again), again[-2000:]  # nothing changed
+    assert ctx.sh(STORE_HOST, "systemctl is-enabled nixcache-backup-prune.timer") == "enabled"
 
 
 def test_restore_into_a_directory_gives_back_key_and_store(ctx: Ctx) -> None:
@@ -236,7 +346,7 @@ def test_restore_into_a_directory_gives_back_key_and_store(ctx: Ctx) -> None:
 
 
 def test_recover_from_other_hosts_snapshots_only_starts_empty_only_with_the_data_key(ctx: Ctx) -> None:
-    shared = ctx.repository("shared")
+    shared = ctx.repository("shared/")
     ctx.backup_as("lab9", shared, store=True)
     # For the next tests: lab1's own repository's newest snapshot is another host's, without store.
     ctx.backup_as("lab9", ctx.repository(), store=False)
@@ -281,10 +391,10 @@ def test_recover_with_the_repository_host_stopped_fails_and_installs_no_timer(ct
     )
     assert failure in output, output[-3000:]
     line = next(line for line in output.splitlines() if failure in line)
-    # restic says either, depending on whether ssh or the sftp session notices the dead host first.
-    assert re.search(r"cannot be read: (ssh to the repository host failed|cannot reach it) \(", line), line
+    assert "cannot be read: cannot reach it (" in line, line
     assert "then run deploys/recover.py again; nothing was restored and no backup timer was installed" in line
     assert (ctx.secrets / "backup-password").read_text().strip() not in output
+    assert ctx.credential() not in output
     assert ctx.backup_timer() == "not-found"
     assert ctx.sh(CACHE, "ls -A /var/lib/nixcache/store/narinfo 2>/dev/null | wc -l") == "0"
 

@@ -224,3 +224,17 @@ def test_generate_stores_a_new_token_without_printing_it(tmp_path, vault_env):
     rotated = nixcache("secrets", "generate", "--force", ref, cwd=tmp_path)
     assert rotated.returncode == 0
     assert nixcache("secrets", "get", "--reveal", ref, cwd=tmp_path).stdout not in ("", value + "\n")
+
+
+def test_check_resolves_a_per_host_reference_for_each_host(tmp_path):
+    """`{host}` in a ref is the inventory name, as the backup deploy reads it: one secret per host."""
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "edge-push").write_text("x")
+    (tmp_path / "secrets" / "backup-credential-cache-a").write_text("x" * 43)
+    inventory = write_inventory(
+        tmp_path, {"backup_credential_ref": "file://secrets/backup-credential-{host}"}
+    )
+    result = nixcache("secrets", "check", str(inventory), cwd=tmp_path)
+    assert result.returncode == 1
+    assert "ok  file://secrets/backup-credential-cache-a  (hosts: cache-a)" in result.stdout
+    assert "FAIL file://secrets/backup-credential-cache-b: " in result.stdout
