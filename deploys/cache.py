@@ -3,7 +3,8 @@
     pyinfra -y inventories/lab.py deploys/cache.py
 
 Order: base (packages, admins, sshd, kernel, limits) -> storage -> install -> config and keys
--> service -> firewall -> gc -> backups -> monitoring -> nginx front -> on hosts of group
+-> service -> firewall -> on hosts of group `origin`, the environment's S3 origin (SeaweedFS,
+deploys/parts/origin.py) -> gc -> backups -> monitoring -> nginx front -> on hosts of group
 `monitoring`, the fleet's Prometheus and Alertmanager -> health check.
 Every step is an operation from operations/ that changes nothing on a converged host, so a
 second run reports no changes. Values come from host data (operations/settings.py).
@@ -20,6 +21,8 @@ from deploys.parts.base import base
 from deploys.parts.monitoring import monitoring
 from deploys.parts.monitoring_server import MONITORING_GROUP, monitoring_server
 from deploys.parts.nginx_front import nginx_front
+from deploys.parts.origin import ORIGIN_GROUP, origin_server
+from deploys.parts.origin import s3_keys as origin_s3_keys
 from facts.nixcache import HostPython
 from nixcache.keys import SecretKey
 from nixcache.secrets import ensure_signing_key, ensure_token
@@ -94,19 +97,10 @@ read_token = (
     else None
 )
 # The origin tier's S3 credentials (nixcache.server.tiers), when host data names an origin.
-s3_keys = (
-    [
-        host_secret(
-            f"S3 {which} key",
-            f"origin_{which}_key_ref",
-            getattr(s, f"origin_{which}_key_ref"),
-            functools.partial(ensure_token, generate=s.origin_credentials_generate),
-        )
-        for which in ("access", "secret")
-    ]
-    if s.origin_endpoint
-    else []
-)
+runs_origin = ORIGIN_GROUP in host.groups
+s3_keys = origin_s3_keys(s) if s.origin_endpoint or runs_origin else None
+# The server's copy of them, when it uses an origin.
+server_s3_keys = s3_keys if s3_keys and s.origin_endpoint else ()
 config_text = config.render_config(s, push_token=True, read_token=read_token is not None)
 
 config.config_dir(name="/etc/nixcache", user=s.service_user)
@@ -126,7 +120,7 @@ if next_signing_key is not None:
 config.secret_file(name="Push token", path=PUSH_TOKEN_FILE, value=push_token, user=s.service_user)
 if read_token is not None:
     config.secret_file(name="Read token", path=READ_TOKEN_FILE, value=read_token, user=s.service_user)
-for path, value in zip((S3_ACCESS_KEY_FILE, S3_SECRET_KEY_FILE), s3_keys, strict=False):
+for path, value in zip((S3_ACCESS_KEY_FILE, S3_SECRET_KEY_FILE), server_s3_keys, strict=False):
     config.secret_file(name=f"Origin credential {path}", path=path, value=value, user=s.service_user)
 
 # --- service: restarted only when something it reads changed ----------------------------------
@@ -138,7 +132,7 @@ depends_on = "\0".join(
         sha256(signing_key.unmask()) + (sha256(next_signing_key.unmask()) if next_signing_key else ""),
         sha256(push_token.unmask()),
         sha256(read_token.unmask()) if read_token is not None else "",
-        *(sha256(key.unmask()) for key in s3_keys),
+        *(sha256(key.unmask()) for key in server_s3_keys),
     ]
 )
 service.nixcache(name="nixcache.service", settings=s, depends_on=sha256(depends_on))
@@ -148,6 +142,11 @@ firewall.ruleset(
     name="nftables firewall",
     content=firewall.render_ruleset(s, ssh_port=int(host.data.get("ssh_port") or 22)),
 )
+
+# --- the environment's S3 origin beside this cache, on hosts of group `origin` ------------------
+# After the firewall, which opens origin_s3_port: the bucket is checked from the controller.
+if runs_origin:
+    origin_server(config=s, keys=s3_keys)
 
 # --- garbage collection ------------------------------------------------------------------------
 gc.timer(name="nixcache-gc.timer", settings=s, depends_on=build)
