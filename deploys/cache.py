@@ -4,7 +4,8 @@
 
 Order: base (packages, admins, sshd, kernel, limits) -> storage -> install -> config and keys
 -> on hosts that build (nix_host or group `builders`), Nix (deploys/parts/nixhost.py)
--> service -> firewall -> gc -> verify -> backups -> monitoring -> nginx front -> on hosts of group
+-> service -> firewall -> on hosts of group `origin`, the environment's S3 origin (SeaweedFS,
+deploys/parts/origin.py) -> gc -> verify -> backups -> monitoring -> nginx front -> on hosts of group
 `monitoring`, the fleet's Prometheus and Alertmanager -> health check.
 Every step is an operation from operations/ that changes nothing on a converged host, so a
 second run reports no changes. Values come from host data (operations/settings.py).
@@ -23,6 +24,8 @@ from deploys.parts.monitoring import monitoring
 from deploys.parts.monitoring_server import MONITORING_GROUP, monitoring_server
 from deploys.parts.nginx_front import nginx_front
 from deploys.parts.nixhost import is_nix_host, nix_host
+from deploys.parts.origin import ORIGIN_GROUP, origin_server
+from deploys.parts.origin import s3_keys as origin_s3_keys
 from facts.nixcache import HostPython
 from nixcache.keys import SecretKey
 from nixcache.secrets import ensure_signing_key, ensure_token
@@ -115,19 +118,10 @@ read_token = (
     else None
 )
 # The origin tier's S3 credentials (nixcache.server.tiers), when host data names an origin.
-s3_keys = (
-    [
-        host_secret(
-            f"S3 {which} key",
-            f"origin_{which}_key_ref",
-            getattr(s, f"origin_{which}_key_ref"),
-            functools.partial(ensure_token, generate=s.origin_credentials_generate),
-        )
-        for which in ("access", "secret")
-    ]
-    if s.origin_endpoint
-    else []
-)
+runs_origin = ORIGIN_GROUP in host.groups
+s3_keys = origin_s3_keys(s) if s.origin_endpoint or runs_origin else None
+# The server's copy of them, when it uses an origin.
+server_s3_keys = s3_keys if s3_keys and s.origin_endpoint else ()
 # A cache host that runs Nix (deploys/parts/nixhost.py) also serves its own /nix/store.
 serves_nix_store = is_nix_host(s)
 config_text = config.render_config(
@@ -174,7 +168,7 @@ if read_token is not None:
         group=s.service_user,
         mode="0600",
     )
-for path, value in zip((S3_ACCESS_KEY_FILE, S3_SECRET_KEY_FILE), s3_keys, strict=False):
+for path, value in zip((S3_ACCESS_KEY_FILE, S3_SECRET_KEY_FILE), server_s3_keys, strict=False):
     hostfile.put(
         name=f"Origin credential {path}",
         path=path,
@@ -201,7 +195,7 @@ depends_on = "\0".join(
         sha256(signing_key.unmask()) + (sha256(next_signing_key.unmask()) if next_signing_key else ""),
         sha256(push_token.unmask()),
         sha256(read_token.unmask()) if read_token is not None else "",
-        *(sha256(key.unmask()) for key in s3_keys),
+        *(sha256(key.unmask()) for key in server_s3_keys),
     ]
 )
 service.nixcache(
@@ -217,6 +211,11 @@ firewall.ruleset(
     name="nftables firewall",
     content=firewall.render_ruleset(s, ssh_port=int(host.data.get("ssh_port") or 22)),
 )
+
+# --- the environment's S3 origin beside this cache, on hosts of group `origin` ------------------
+# After the firewall, which opens origin_s3_port: the bucket is checked from the controller.
+if runs_origin:
+    origin_server(config=s, keys=s3_keys)
 
 # --- garbage collection ------------------------------------------------------------------------
 gc.timer(name="nixcache-gc.timer", settings=s, depends_on=build)

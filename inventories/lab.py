@@ -9,8 +9,11 @@ Host names are the lab's (lab1, lab2, …); each host carries its SSH data and:
   lab_controller_address  the controller's address on that network (where pyinfra connects from)
   lab_address             the host's own address
   lab_state_dir           the lab's state directory (NIXCACHE_LAB_DIR resolved)
-Groups: `lab` (every host) and `monitoring` (the first host, which also runs the fleet's
-Prometheus). Group data for the deploys lives in inventories/group_data/lab.py.
+Groups: `lab` (every host: caches of one environment), `monitoring` (the first host, which
+also runs the fleet's Prometheus) and `origin` (the host that runs the environment's S3 origin,
+SeaweedFS, beside its cache: the first host, or the one $NIXCACHE_LAB_ORIGIN names; empty for
+none). Group data for the deploys lives in inventories/group_data/lab.py; it points every cache
+at that origin.
 """
 
 from __future__ import annotations
@@ -18,14 +21,10 @@ from __future__ import annotations
 import sys
 
 from nixcache.lab import Lab, LabError
+from nixcache.lab.state import LabState, origin_host
 
 
-def _hosts() -> list[tuple[str, dict]]:
-    lab = Lab()
-    try:
-        state = lab.state()
-    except LabError as error:
-        raise SystemExit(f"inventories/lab.py: {error}") from None
+def _hosts(lab: Lab, state: LabState) -> list[tuple[str, dict]]:
     running = [host for host in state.hosts if host.state == "running"]
     if not running:
         raise SystemExit(
@@ -62,6 +61,21 @@ def _hosts() -> list[tuple[str, dict]]:
     ]
 
 
-lab = _hosts()
+def _state(lab: Lab) -> LabState:
+    try:
+        return lab.state()
+    except LabError as error:
+        raise SystemExit(f"inventories/lab.py: {error}") from None
+
+
+_lab = Lab()
+_lab_state = _state(_lab)
+lab = _hosts(_lab, _lab_state)
 # The first host also runs the fleet's Prometheus and Alertmanager (deploys/cache.py does it).
 monitoring = [lab[0][0]]
+# The environment's S3 origin runs beside this host's cache (deploys/cache.py, group `origin`).
+try:
+    _origin = origin_host(_lab_state)
+except LabError as error:
+    raise SystemExit(f"inventories/lab.py: {error}") from None
+origin = [_origin.name] if _origin else []

@@ -46,7 +46,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 METRICS_FILE = "/var/lib/prometheus/node-exporter/nixcache_backup.prom"
 SUCCESS_METRIC = "nixcache_backup_last_success_timestamp_seconds"
 SCENARIOS = ("host-loss", "region-loss")
-S3_PORT = 8333  # operations/settings.py origin_s3_port
 
 
 class PhaseError(Exception):
@@ -178,9 +177,8 @@ class Drill:
             "backup_include_store": "true",
         }
         if self.scenario == "region-loss":
-            # The origin on the repository host; the backup keeps keys and config only. The
-            # origin's credentials come from the lab's group data (created on first deploy).
-            values["origin_endpoint"] = f"http://{self.repo_host['address']}:{S3_PORT}"
+            # The origin on the repository host ($NIXCACHE_LAB_ORIGIN, set in `up`: the lab's
+            # group data points the cache at it); the backup keeps keys and config only.
             values["backup_include_store"] = "false"
             if self.store_path:
                 values["recover_probe_path"] = self.store_path
@@ -213,6 +211,9 @@ class Drill:
         self.lab_status()
         if len(self.hosts) < 2:
             raise PhaseError(f"the lab has {len(self.hosts)} host(s), the drill needs 2")
+        # Which host the lab's inventory puts in group `origin`: none for host-loss (the store
+        # comes back from the backup), the repository host for region-loss (it survives).
+        self.env[lab_state.ORIGIN_ENV] = self.repo_host["name"] if self.scenario == "region-loss" else ""
         for host in self.hosts:
             self.wait_for_ssh(host)
 

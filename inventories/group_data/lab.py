@@ -2,12 +2,17 @@
 
 The lab's secrets live in the lab's own state directory (NIXCACHE_LAB_DIR, default .lab) and
 are created on the first deploy; the lab network is read from the lab's state file.
+
+The lab is one environment: every host is a cache behind one S3 origin, SeaweedFS on the
+host of group `origin` (lab1 unless $NIXCACHE_LAB_ORIGIN names another, or none), which also
+runs the origin's GC. Pushes to any lab cache are written through to it; misses pull from it.
 """
 
 import os
 from pathlib import Path
 
-from nixcache.lab.state import load
+from nixcache.lab.state import load, origin_host
+from operations.settings import Settings
 
 __all__ = [
     "apt_update",
@@ -24,6 +29,8 @@ __all__ = [
     "origin_access_key_ref",
     "origin_allowed_sources",
     "origin_credentials_generate",
+    "origin_endpoint",
+    "origin_gc_host",
     "origin_memory_max",
     "origin_secret_key_ref",
     "push_token_generate",
@@ -58,7 +65,7 @@ cache_memory_max = "512M"
 gc_min_free = "1G"
 gc_max_free = "2G"
 
-# The origin (deploys/origin.py on lab1): S3 open to the lab network only, throwaway credentials
+# The origin (SeaweedFS on the host of group `origin`): S3 open to the lab network only, throwaway credentials
 # created on the first deploy, a small ceiling for a lab container.
 origin_allowed_sources = list(cache_allowed_sources)
 origin_access_key_ref = f"file://{_lab_dir / 'secrets' / 'origin-access-key'}"
@@ -75,3 +82,8 @@ nix_settings = {"min-free": "512M", "max-free": "1G"}
 # The backup repository host (deploys/backup.py with backup_store = True): its REST port is open
 # to the lab's hosts only, each by its own address (not the controller, not the whole network).
 backup_store_allowed_sources = [f"{h.address}/32" for h in _state.hosts if h.address] if _state else []
+
+# Every lab cache writes through to and pulls through from that origin; its host collects it.
+_origin = origin_host(_state) if _state else None
+origin_endpoint = f"http://{_origin.address}:{Settings.origin_s3_port}" if _origin else None
+origin_gc_host = _origin.name if _origin else None

@@ -5,6 +5,9 @@ deploy time. Network ranges below are documentation placeholders (RFC 5737): rep
 your client and operations networks; until then the firewall lets nobody in but loopback.
 """
 
+import runpy
+from pathlib import Path
+
 # Production hosts reach the distribution's mirrors: refresh package lists before installing.
 apt_update = True
 
@@ -44,3 +47,26 @@ monitoring_environment = "production"
 # Admins log in with their own keys; list them here, then set ssh_permit_root_login = "no"
 # (the deploy refuses "no" while no admin with sudo and a key is listed).
 admin_users = []
+
+# --- the environment's origin: one S3 bucket behind every production cache (issue 12) ------------
+# Every production cache writes pushes through to it (201 only once it holds them) and pulls what
+# it lacks from it, so a path pushed in one region is served in all. Placeholder: replace the
+# endpoint, region and bucket with your S3's (docs/runbook.md, "Pointing an environment at its
+# S3"); the keys are an S3 user that may read, write, list and delete in this bucket only.
+origin_endpoint = "https://s3.eu-central-1.amazonaws.com"
+origin_region = "eu-central-1"
+origin_addressing = "virtual"
+origin_bucket = "nixcache-production"
+origin_access_key_ref = "op://nixcache-production/origin-s3/access-key-id"
+origin_secret_key_ref = "op://nixcache-production/origin-s3/secret-access-key"  # noqa: S105 - a reference, not the secret
+# The one host that runs the bucket's retention GC (nixcache-gc-origin.timer), by its inventory
+# name as inventories/prod.py spells it: cache-eu-central.<fleet_domain>.
+origin_gc_host = next(
+    host
+    for host in runpy.run_path(str(Path(__file__).resolve().parents[1] / "prod.py"))["production"]
+    if host.startswith("cache-eu-central.")
+)
+# Retention on the bucket: the whole environment's history for half a year (the default), and
+# never more than the bucket's budget (oldest uploads go first).
+origin_gc_older_than = "180d"
+origin_gc_max_size = "2T"

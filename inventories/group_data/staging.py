@@ -4,6 +4,9 @@ Secrets are 1Password references in the vault `nixcache-staging`: staging never 
 production key. Network ranges are documentation placeholders (RFC 5737); replace them.
 """
 
+import runpy
+from pathlib import Path
+
 apt_update = True
 
 cache_nginx_front = True
@@ -28,3 +31,25 @@ metrics_allowed_sources = ["192.0.2.0/24"]  # placeholder: your Prometheus
 monitoring_environment = "staging"
 
 admin_users = []
+
+# --- the environment's origin: one S3 bucket behind every staging cache (issue 12) ------------
+# Every staging cache writes pushes through to it (201 only once it holds them) and pulls what
+# it lacks from it, so a path pushed in one region is served in all. Placeholder: replace the
+# endpoint, region and bucket with your S3's (docs/runbook.md, "Pointing an environment at its
+# S3"); the keys are an S3 user that may read, write, list and delete in this bucket only.
+origin_endpoint = "https://s3.eu-central-1.amazonaws.com"
+origin_region = "eu-central-1"
+origin_addressing = "virtual"
+origin_bucket = "nixcache-staging"
+origin_access_key_ref = "op://nixcache-staging/origin-s3/access-key-id"
+origin_secret_key_ref = "op://nixcache-staging/origin-s3/secret-access-key"  # noqa: S105 - a reference, not the secret
+# The one host that runs the bucket's retention GC (nixcache-gc-origin.timer), by its inventory
+# name as inventories/prod.py spells it: cache-eu-central-staging.<fleet_domain>.
+origin_gc_host = next(
+    host
+    for host in runpy.run_path(str(Path(__file__).resolve().parents[1] / "prod.py"))["staging"]
+    if host.startswith("cache-eu-central-staging.")
+)
+# Staging's bucket keeps a month.
+origin_gc_older_than = "30d"
+origin_gc_max_size = "200G"

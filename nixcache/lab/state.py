@@ -19,6 +19,8 @@ from nixcache.lab.errors import LabError
 
 STATE_FILE = "state.json"
 FORMAT_VERSION = 1
+# Which lab host runs the lab environment's S3 origin (a host name; empty: no origin).
+ORIGIN_ENV = "NIXCACHE_LAB_ORIGIN"
 
 
 @dataclass
@@ -84,6 +86,23 @@ class LabState:
             raise ValueError(f"unsupported lab state format (expected version {FORMAT_VERSION})")
         hosts = [Host(**host) for host in data.pop("hosts", [])]
         return cls(hosts=hosts, **data)
+
+
+def origin_host(state: LabState) -> Host | None:
+    """The host that runs the lab environment's S3 origin (SeaweedFS): the first host, unless
+    $NIXCACHE_LAB_ORIGIN names another (or is empty: no origin, as the host-loss drill wants).
+    inventories/lab.py (group `origin`) and inventories/group_data/lab.py (the caches'
+    origin_endpoint) both ask here, so they always agree."""
+    name = os.environ.get(ORIGIN_ENV)
+    if name is None:
+        return state.hosts[0] if state.hosts else None
+    if not name:
+        return None
+    found = state.host(name)
+    if found is None:
+        names = ", ".join(host.name for host in state.hosts) or "none"
+        raise LabError(f"{ORIGIN_ENV}={name} is not a host of this lab (hosts: {names}); name one of them")
+    return found
 
 
 def new_instance_id() -> str:

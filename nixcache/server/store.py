@@ -229,6 +229,7 @@ class Store:
         expected: nar.NarDigest | None = None,
         progress: Callable[[Path, int], object] | None = None,
         before_publish: Callable[[str, Path], object] | None = None,
+        chunk: int = 0,
     ) -> nar.NarDigest:
         """Receive `nar/<name>`: stream to tmp/, check the name is the sha256 of the bytes and the
         content decompresses to a NAR (with the `expected` NarHash/NarSize, when given), then
@@ -238,7 +239,8 @@ class Store:
         so a pull-through can stream the bytes to clients while they are stored;
         `before_publish(name, tmp path)` runs once it verified, before it is made durable and
         visible (the write-through to the origin; a pull-through releases its clients' last
-        bytes); what it raises leaves nothing published."""
+        bytes); what it raises leaves nothing published. `chunk`: the read size (default
+        UPLOAD_CHUNK)."""
         compression = narinfo.compression_of(name)
         if compression is None:
             raise UploadError(400, f"nar/{name}: expected nar/<52-char base32 sha256>.nar[.xz|.zst|.bz2]")
@@ -249,7 +251,7 @@ class Store:
         with self._tmp_file(name) as (handle, tmp):
             sha = hashlib.sha256()
             out: BinaryIO = handle if progress is None else _Progress(handle, tmp, progress)  # type: ignore[assignment]
-            size = _copy(body, length, limit, out, sha.update)
+            size = _copy(body, length, limit, out, sha.update, chunk or UPLOAD_CHUNK)
             handle.flush()
             if sha.digest() != file_sha:
                 raise UploadError(
@@ -271,7 +273,9 @@ class Store:
                 )
             if before_publish is not None:
                 before_publish(name, tmp)
-            os.fsync(handle.fileno())
+            # Off the event loop: a large NAR's fsync takes tens of ms, which every other
+            # connection (and a pull-through's clients, waiting for their last bytes) would wait.
+            self._offload(os.fsync, (handle.fileno(),))
             # Under the shared gc lock: gc deletes a NAR and its meta as one step under the
             # exclusive lock, so it can never remove the meta we just wrote for a new copy.
             with self.gc_lock(exclusive=False):
@@ -368,17 +372,22 @@ def _copy(
     limit: int,
     out: BinaryIO | None,
     update: Callable[[bytes], object] | None,
+    chunk_size: int = UPLOAD_CHUNK,
 ) -> int:
     """Copy an upload body in chunks, enforcing `limit` (413) and the announced length (400)."""
     if length is not None and length > limit:
         raise UploadError(413, f"upload of {length} bytes exceeds max_upload_size ({limit} bytes)")
     total = 0
+    # A body that can fill a buffer (a tier's NAR) is received into one reused buffer: no new
+    # object, and no fresh memory, per chunk.
+    readinto = getattr(body, "readinto", None)
+    buffer = memoryview(bytearray(chunk_size)) if readinto is not None else None
     while True:
-        want = UPLOAD_CHUNK if length is None else min(UPLOAD_CHUNK, length - total)
+        want = chunk_size if length is None else min(chunk_size, length - total)
         if want <= 0:
             break
         try:
-            chunk = body.read(want)
+            chunk = buffer[: readinto(buffer[:want])] if buffer is not None else body.read(want)  # type: ignore[misc]
         except OSError as error:
             raise UploadError(400, f"upload interrupted after {total} bytes: {error}") from None
         if not chunk:

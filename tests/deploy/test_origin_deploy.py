@@ -1,4 +1,6 @@
-"""deploys/origin.py end to end: SeaweedFS as seaweedfs.service on a lab host, checked from outside."""
+"""The lab's origin end to end: SeaweedFS as seaweedfs.service on lab1 (group `origin`, set up by
+the main job), the caches behind it, its outage and its GC, checked from outside. The README's
+push-to-lab2, pull-from-lab3 check on three hosts is tests/deploy/test_main_job.py."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.conftest import hosts, on_host, pyinfra
+from deploy.conftest import Run, hosts, on_host, pyinfra
 from nixcache.lab import Lab
 
 pytestmark = pytest.mark.lab
@@ -17,23 +19,16 @@ S3_PORT = 8333
 
 
 @pytest.fixture(scope="module")
-def origin_deployed(lab, lab_dir: Path):
-    host = hosts(lab_dir)[0]
-    run = pyinfra(lab_dir, "-y", "--limit", host.name, "inventories/lab.py", "deploys/origin.py")
-    assert run.returncode == 0, run.output[-4000:]
-    return host, run
+def origin_deployed(deployed: Run, lab_dir: Path):
+    """The main job (deploys/cache.py) ran SeaweedFS on lab1, the host of group `origin`."""
+    return hosts(lab_dir)[0], deployed
 
 
 @pytest.fixture(scope="module")
 def caches_behind_origin(origin_deployed, lab_dir: Path):
-    """Every lab host a cache whose origin is lab1's SeaweedFS: (origin host, other hosts)."""
+    """Every lab host a cache whose origin is lab1's SeaweedFS: (origin host, other hosts).
+    The group data points them there: no --data flag."""
     origin_host, *others = hosts(lab_dir)
-    endpoint = f"origin_endpoint=http://{origin_host.address}:{S3_PORT}"
-    gc_host = f"origin_gc_host={origin_host.name}"
-    run = pyinfra(
-        lab_dir, "-y", "--data", endpoint, "--data", gc_host, "inventories/lab.py", "deploys/cache.py"
-    )
-    assert run.returncode == 0, run.output[-4000:]
     return origin_host, others
 
 
@@ -63,7 +58,8 @@ def test_origin_answers_s3_from_the_controller_with_its_bucket(origin_deployed, 
         assert (lab_dir / "secrets" / name).read_text().strip() not in run.output
 
 
-def test_second_run_reports_no_changes(origin_deployed, lab_dir: Path) -> None:
+def test_origin_deploy_alone_changes_nothing_after_the_main_job(origin_deployed, lab_dir: Path) -> None:
+    """deploys/origin.py and the main job's origin part agree (same units, same firewall)."""
     host, _ = origin_deployed
     again = pyinfra(lab_dir, "-y", "--limit", host.name, "inventories/lab.py", "deploys/origin.py")
     assert again.returncode == 0, again.output[-3000:]
@@ -83,64 +79,6 @@ def test_binds_the_lab_address_only_telemetry_off_sandboxed(origin_deployed, lab
     assert identities.split() == ["600", "seaweedfs"]
     score = on_host(lab_dir, host.name, "systemd-analyze security seaweedfs.service | tail -1")
     assert float(score.split("exposure level for seaweedfs.service:")[1].split()[0]) <= 2.0, score
-
-
-def test_a_path_pushed_to_one_cache_is_substituted_from_another(
-    caches_behind_origin, lab_dir: Path, tmp_path: Path
-) -> None:
-    """The caches of the lab behind lab1's origin: push to lab2, then a fresh store substitutes
-    from lab1 with require-sigs and only the lab's key trusted; a second lookup is a local hit."""
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-    from support import nixbuild
-
-    from deploy.test_cache_deploy import CLOSURE, PORT, nix
-    from nixcache.keys import SecretKey
-
-    origin_host, others = caches_behind_origin
-    pusher = others[0] if others else origin_host
-
-    top = nixbuild.build(CLOSURE.replace("@SALT@", uuid.uuid4().hex), tmp_path / "build")
-    token = (lab_dir / "secrets" / "push-token").read_text().strip()
-    netrc = tmp_path / "netrc"
-    netrc.write_text(f"machine {pusher.address}\nlogin nix\npassword {token}\n")
-    netrc.chmod(0o600)
-    pushed = nix(["copy", "--to", f"http://{pusher.address}:{PORT}", top], tmp_path / "home-push", netrc)
-    assert pushed.returncode == 0, pushed.stderr
-    assert f"{Path(top).name[:32]}.narinfo" in {
-        o.object_name for o in _client(lab_dir, origin_host.address).list_objects("nixcache")
-    }
-
-    reader = f"http://{origin_host.address}:{PORT}"
-    key = str(SecretKey.parse((lab_dir / "secrets" / "signing-key").read_text()).public())
-    fetched = nix(
-        [
-            "copy", "--from", reader, "--to", str(tmp_path / "fresh"), top,
-            "--option", "require-sigs", "true",
-            "--option", "trusted-public-keys", key,
-            "--option", "substituters", "",
-        ],
-        tmp_path / "home-fetch",
-    )  # fmt: skip
-    assert fetched.returncode == 0, fetched.stderr
-    assert (tmp_path / "fresh" / "nix" / "store" / Path(top).name).read_bytes() == Path(top).read_bytes()
-
-    def lookups(tier: str, result: str) -> float:
-        text = httpx.get(f"{reader}/metrics", timeout=5).text
-        return sum(
-            sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-            if sample.name == "nixcache_tier_lookups_total"
-            and sample.labels.get("tier") == tier
-            and sample.labels.get("result") == result
-        )
-
-    if pusher is not origin_host:
-        assert lookups("origin", "hit") >= 1
-    before = lookups("local", "hit")
-    assert httpx.get(f"{reader}/{Path(top).name[:32]}.narinfo", timeout=5).status_code == 200
-    assert lookups("local", "hit") == before + 1
 
 
 def test_origin_outage_local_hits_served_misses_404_pushes_503(caches_behind_origin, lab_dir: Path) -> None:

@@ -75,3 +75,22 @@ def test_without_a_fleet_domain_names_never_resolve(fleet_dir):
     names = sorted(h.name for h in load(fleet_dir))
     assert names[0] == "cache-ap-southeast.fleet.example"  # RFC 2606 reserved name
     assert all(name.endswith(".fleet.example") for name in names) and len(names) == 7
+
+
+def test_each_environment_names_its_origin_and_one_gc_host(fleet_dir):
+    """Every cache of an environment shares its bucket (endpoint, bucket, credential refs in
+    its vault), and exactly one host of it, by its inventory name, runs the origin's GC."""
+    inventory = load(fleet_dir)
+    for environment in ("production", "staging", "canary"):
+        group = list(inventory.get_group(environment))
+        settings = [from_data(h.name, h.data) for h in group]
+        assert {s.origin_endpoint for s in settings} == {"https://s3.eu-central-1.amazonaws.com"}
+        assert {s.origin_bucket for s in settings} == {f"nixcache-{environment}"}
+        for s in settings:
+            assert s.origin_access_key_ref == f"op://nixcache-{environment}/origin-s3/access-key-id"
+            assert s.origin_secret_key_ref == f"op://nixcache-{environment}/origin-s3/secret-access-key"
+            assert not s.origin_credentials_generate  # production credentials come from the operator
+        collectors = [h.name for h, s in zip(group, settings, strict=True) if s.origin_gc_host == h.name]
+        assert collectors == [
+            f"cache-eu-central{'' if environment == 'production' else '-' + environment}.caches.example.org"
+        ]

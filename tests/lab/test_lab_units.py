@@ -204,3 +204,55 @@ def test_a_held_lock_makes_the_next_holder_wait_and_say_so(tmp_path: Path) -> No
     out, _ = second.communicate(timeout=30)
     assert out == "acquired\n"
     assert second.returncode == 0
+
+
+def _three_host_lab(tmp_path: Path) -> Path:
+    state = sample_state()
+    state.hosts = [
+        Host(name=f"lab{n}", address=f"10.231.4.1{n}", ssh_key="/k", pid=None, root="/nonexistent/root")
+        for n in (1, 2, 3)
+    ]
+    statefile.save(tmp_path, state)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("chosen", "endpoint", "gc_host"),
+    [
+        (None, "http://10.231.4.11:8333", "lab1"),
+        ("lab2", "http://10.231.4.12:8333", "lab2"),
+        ("", None, None),
+    ],
+)
+def test_lab_group_data_points_every_cache_at_the_origin_host(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    chosen: str | None,
+    endpoint: str | None,
+    gc_host: str | None,
+) -> None:
+    """The origin host of the lab (lab1, or $NIXCACHE_LAB_ORIGIN, or none) is the one the
+    inventory puts in group `origin` and the one group data sends the caches to."""
+    import runpy
+
+    lab_dir = _three_host_lab(tmp_path)
+    monkeypatch.setenv("NIXCACHE_LAB_DIR", str(lab_dir))
+    if chosen is None:
+        monkeypatch.delenv(statefile.ORIGIN_ENV, raising=False)
+    else:
+        monkeypatch.setenv(statefile.ORIGIN_ENV, chosen)
+    data = runpy.run_path(str(REPO / "inventories" / "group_data" / "lab.py"))
+    assert (data["origin_endpoint"], data["origin_gc_host"]) == (endpoint, gc_host)
+    origin = statefile.origin_host(statefile.load(lab_dir))
+    assert (origin.name if origin else None) == gc_host
+
+
+def test_an_origin_host_the_lab_does_not_have_is_a_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(statefile.ORIGIN_ENV, "lab9")
+    with pytest.raises(LabError) as raised:
+        statefile.origin_host(statefile.load(_three_host_lab(tmp_path)))
+    assert str(raised.value) == (
+        "NIXCACHE_LAB_ORIGIN=lab9 is not a host of this lab (hosts: lab1, lab2, lab3); name one of them"
+    )

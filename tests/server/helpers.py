@@ -49,11 +49,14 @@ class ServerProcess:
         return self.log.read_text().splitlines()
 
 
-def start_server(args: list[str], home: Path, log: Path, timeout: float = 20.0) -> ServerProcess:
-    """Run `nixcache serve ARGS` and wait (bounded) until it prints where it listens."""
+def start_server(
+    args: list[str], home: Path, log: Path, timeout: float = 20.0, checkout: Path | None = None
+) -> ServerProcess:
+    """Run `nixcache serve ARGS` and wait (bounded) until it prints where it listens.
+    `checkout`: run that checkout's code (bench/ compares a branch point with this one)."""
     env = {**os.environ, "HOME": str(home), "XDG_DATA_HOME": str(home / "data")}
     handle = open(log, "wb")  # noqa: SIM115 - the child writes to it for its whole life
-    proc = subprocess.Popen([*SERVE, *args], stdout=handle, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen([*SERVE, *args], stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=checkout)
     handle.close()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

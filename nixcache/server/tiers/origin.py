@@ -12,6 +12,7 @@ reach argv or the log.
 
 from __future__ import annotations
 
+import http.client
 import io
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -54,6 +55,15 @@ class Source:
         try:
             return self._response.read(amount, decode_content=False)
         except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise OSError(f"reading the NAR failed: {error}") from None
+
+    def readinto(self, buffer: memoryview) -> int:
+        """Receive into `buffer` (the store's one reused buffer), with no copy through urllib3:
+        its `readinto` reads a new bytes object and copies it (urllib3 2.x). The response's
+        http.client reader stops at Content-Length and raises on a short body, as `read` does."""
+        try:
+            return self._response._fp.readinto(buffer)
+        except (urllib3.exceptions.HTTPError, OSError, http.client.HTTPException) as error:
             raise OSError(f"reading the NAR failed: {error}") from None
 
     def close(self) -> None:

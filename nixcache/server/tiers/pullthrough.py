@@ -11,7 +11,9 @@ through `Store.put_nar` (the upload verification: FileHash is the file name, Fil
 and NarSize of the narinfo), while every waiting client reads the temp file as it grows. The
 last byte is held back until the NAR verified and was published, so a corrupted NAR never
 reaches a client as a complete response: its connection is cut short instead (and Nix retries).
-(The last byte goes out once the NAR verified, while it is made durable and renamed into place.)
+(The last byte goes out once the NAR is durable and its narinfo published: a client that has
+the whole NAR can count on the path being stored here. The fsync runs in the thread pool, so
+the other connections are served meanwhile.)
 Once the NAR is published, the narinfo that named it is published locally too: the next
 request is a local hit.
 """
@@ -78,7 +80,7 @@ class _Flight:
         self.ready = Event()  # first bytes are in the temp file, or the flight ended
         self.done = False
         self.ok = False
-        self.verified = False  # every byte checked: clients may have the last one
+        self.verified = False  # every byte checked (it is made durable and published next)
         self.found = True
         self._tick = Event()
 
@@ -97,8 +99,6 @@ class _Flight:
     def verify(self, name: str, path: Path) -> None:
         """Store.put_nar's before_publish: the NAR verified (it is made durable next)."""
         self.verified = True
-        self._tick, tick = Event(), self._tick
-        tick.set()
 
     def finish(self, ok: bool, found: bool = True) -> None:
         self.done, self.ok, self.found = True, ok, found
@@ -109,11 +109,11 @@ class _Flight:
             self.fd = -1
 
     def readable(self) -> int:
-        """How far a client may read: all of it once verified, one byte short until then."""
-        if self.done and not self.ok and not self.verified:
+        """How far a client may read: all of it once stored, one byte short until then."""
+        if self.done and not self.ok:
             raise FetchAborted(f"nar/{self.name}: the fetch failed or did not verify; see the server log")
         assert self.size is not None
-        return self.size if self.verified else min(self.written, self.size - 1)
+        return self.size if self.done else min(self.written, self.size - 1)
 
     def wait(self, timeout: float) -> None:
         self._tick.wait(timeout)
