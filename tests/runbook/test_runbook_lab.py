@@ -58,7 +58,7 @@ PLACEHOLDERS = {
     "missing hash": "a hash no tier has",
     "passphrase file": "a 0600 file with the export passphrase, at the same path on controller and lab1",
     "export file": "signing-key.export in the test's work directory",
-    "max size": "1M",
+    "max size": "1K",
     "region host": "lab3",
     "region addr": "lab3's address",
     "region backup_repository": "sftp:nixcache-backup@<lab2>:/srv/nixcache-backup/lab3",
@@ -188,6 +188,9 @@ class Book:
             code, output = self.on(substitute(step.where, self.values, what), script)
         self.record(step, script, code, output, time.monotonic() - start)
         problems = check(step.expect, self.values, code, output, what)
+        if problems and step.id in DIAGNOSE:
+            host, command = DIAGNOSE[step.id]
+            output += f"\n--- diagnosis on {host}: {command}\n" + self.on(host, command)[1]
         assert not problems, f"{what}: {'; '.join(problems)}\n$ {script}\n{output[-4000:]}"
         self.executed.add(step.id)
 
@@ -248,6 +251,11 @@ def _write_fleet(book: Book) -> None:
     shim.parent.mkdir()
     shim.write_text(NIXCACHE_SHIM.format(python=sys.executable, repo=str(REPO)))
     shim.chmod(0o755)
+    # OpenSSH reads the config of the passwd home, not $HOME: ssh and scp get it with -F.
+    for tool in ("ssh", "scp"):
+        wrapper = book.work / "bin" / tool
+        wrapper.write_text(f'#!/bin/sh\nexec /usr/bin/{tool} -F {ssh / "config"} "$@"\n')
+        wrapper.chmod(0o755)
     # Secrets the parallel first deploys would otherwise both create.
     ensure_signing_key(book.ref("signing-key"), "nixcache-lab-1", generate=True)
     for name in ("push-token", "origin-access-key", "origin-secret-key", "backup-password"):
@@ -292,11 +300,15 @@ def book(tmp_path_factory: pytest.TempPathFactory):
         passphrase = work / "export-passphrase"
         passphrase.write_text(uuid.uuid4().hex + "\n")
         passphrase.chmod(stat.S_IRUSR | stat.S_IWUSR)
-        # The same file on lab1, written into its root: a passphrase never goes on a command line.
-        on_lab1 = Path(b.hosts["lab1"].root) / passphrase.relative_to("/")
-        on_lab1.parent.mkdir(parents=True, exist_ok=True)
-        on_lab1.write_text(passphrase.read_text())
-        on_lab1.chmod(stat.S_IRUSR | stat.S_IWUSR)
+        # The same file on lab1, sent on stdin: a passphrase never goes on a command line.
+        sent = subprocess.run(
+            [*lab.ssh_command(b.hosts["lab1"]), "--", f"install -D -m 0600 /dev/stdin {passphrase}"],
+            input=passphrase.read_text(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert sent.returncode == 0, sent.stderr
         repository = f"sftp:nixcache-backup@{b.addr('lab2')}:/srv/nixcache-backup"
         b.values.update(
             {
@@ -314,7 +326,7 @@ def book(tmp_path_factory: pytest.TempPathFactory):
                 "missing hash": "0" * 32,
                 "passphrase file": str(passphrase),
                 "export file": str(work / "signing-key.export"),
-                "max size": "1M",
+                "max size": "1K",
                 "region host": "lab3",
                 "region addr": b.addr("lab3"),
                 "region backup_repository": f"{repository}/lab3",
@@ -358,6 +370,15 @@ def _fleet_on_the_previous_release(book: Book) -> None:
     book.values["previous build"] = book.sh("lab1", "cat /opt/nixcache/venv/nixcache-build").strip()
     assert book.values["previous build"] != book.values["build"], "the previous release builds the same wheel"
 
+
+# What the test shows beside a failed step's output, to say why.
+DIAGNOSE = {
+    "Rebuilding a region from the origin #1": (
+        "lab3",
+        "curl -s localhost:5000/metrics | grep tier; grep -B2 -A8 origin /etc/nixcache/config.toml; "
+        "journalctl -u nixcache -n 30 --no-pager",
+    ),
+}
 
 BEFORE = {
     "Lost or leaked key #3": _lose_the_key,

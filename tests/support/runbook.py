@@ -6,9 +6,10 @@ The convention is stated at the top of the runbook itself ("How this runbook is 
   `# on <host>`;
 - a ```python block whose first line is `# in <path>` is a data edit: its lines are appended to
   that file (relative to the inventory's directory);
-- the paragraph after a step that starts `Expect:` (or `Expect (exit N):`) holds its check: every
-  `backticked` fragment must appear in the output, in that order; `…` in a fragment stands for
-  any text on one line; `no `x`` means x must not appear anywhere;
+- the paragraph after a step that starts `Expect:` (or `Expect (exit N):`) holds its check, up
+  to its first `:` or `.` outside backticks (the rest is prose): every `backticked` fragment
+  must appear in the output, in that order; `…` in a fragment stands for any text on one line,
+  or none; `no `x`` means x must not appear anywhere;
 - `Not executed: <reason>` (or `Not executed yet: <reason>`) after a block marks that step, and
   right under a heading every step of that section;
 - `<name>` is a placeholder: the test maps each to a lab value, and one without a mapping fails.
@@ -89,6 +90,17 @@ def _paragraphs(lines: list[tuple[int, str]]) -> list[tuple[int, str]]:
     return paragraphs
 
 
+def _check_part(text: str) -> str:
+    """The check of an Expect line: up to its first `:` or `.` outside backticks; the rest is prose."""
+    quoted = False
+    for index, char in enumerate(text):
+        if char == "`":
+            quoted = not quoted
+        elif char in ":." and not quoted and text[index + 1 : index + 2] in ("", " "):
+            return text[:index]
+    return text
+
+
 def _expect(step: Step, number: int, text: str) -> Expect:
     match = _EXPECT.match(text)
     if not match:
@@ -96,7 +108,9 @@ def _expect(step: Step, number: int, text: str) -> Expect:
             f"runbook line {number}: step {step.id}: {text[:40]!r}… is not an Expect line of the "
             "convention; write `Expect: `fragment` …` or `Expect (exit N): …`"
         )
-    fragments = [(not negated, fragment) for negated, fragment in _FRAGMENT.findall(match.group(2))]
+    fragments = [
+        (not negated, fragment) for negated, fragment in _FRAGMENT.findall(_check_part(match.group(2)))
+    ]
     if not fragments:
         raise RunbookError(
             f"runbook line {number}: step {step.id}: its Expect line quotes nothing to look for; "
@@ -203,7 +217,9 @@ def substitute(text: str, values: dict[str, str], what: str) -> str:
 
 
 def _pattern(fragment: str) -> re.Pattern[str]:
-    return re.compile(r"[^\n]*?".join(re.escape(part) for part in fragment.split("…")))
+    # `…` is any text on the line, or none: "a … b" matches "a b", "a xyz b" and "ab".
+    parts = re.split(r"\s*…\s*", fragment)
+    return re.compile(r"[^\n]*?".join(re.escape(part) for part in parts))
 
 
 def check(expect: Expect, values: dict[str, str], exit_code: int, output: str, what: str) -> list[str]:
