@@ -121,6 +121,7 @@ class Book:
         self.executed: set[str] = set()
         self.log = work / "runbook.log"
         self.home = work / "controller-home"
+        self.passphrase = work / "export-passphrase"
 
     def addr(self, name: str) -> str:
         return self.hosts[name].address
@@ -297,18 +298,9 @@ def book(tmp_path_factory: pytest.TempPathFactory):
         store_path = _push_closure(b)
         b.sh("lab1", "systemctl start nixcache-backup.service")
         secret = (Path(lab.state_dir) / "secrets" / "signing-key").read_text()
-        passphrase = work / "export-passphrase"
-        passphrase.write_text(uuid.uuid4().hex + "\n")
-        passphrase.chmod(stat.S_IRUSR | stat.S_IWUSR)
-        # The same file on lab1, sent on stdin: a passphrase never goes on a command line.
-        sent = subprocess.run(
-            [*lab.ssh_command(b.hosts["lab1"]), "--", f"install -D -m 0600 /dev/stdin {passphrase}"],
-            input=passphrase.read_text(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert sent.returncode == 0, sent.stderr
+        b.passphrase.write_text(uuid.uuid4().hex + "\n")
+        b.passphrase.chmod(stat.S_IRUSR | stat.S_IWUSR)
+        _send_passphrase(b)
         repository = f"sftp:nixcache-backup@{b.addr('lab2')}:/srv/nixcache-backup"
         b.values.update(
             {
@@ -324,7 +316,7 @@ def book(tmp_path_factory: pytest.TempPathFactory):
                 "store path": store_path,
                 "hash": Path(store_path).name[:32],
                 "missing hash": "0" * 32,
-                "passphrase file": str(passphrase),
+                "passphrase file": str(b.passphrase),
                 "export file": str(work / "signing-key.export"),
                 "max size": "1K",
                 "region host": "lab3",
@@ -349,6 +341,28 @@ def book(tmp_path_factory: pytest.TempPathFactory):
 
 
 # -- the incidents: what the test does itself before a step, so the procedure has work -------
+
+
+def _send_passphrase(book: Book) -> None:
+    """The export passphrase file on lab1 too, sent on stdin (never on a command line)."""
+    sent = subprocess.run(
+        [
+            *book.lab.ssh_command(book.lab.host("lab1")),
+            "--",
+            f"install -D -m 0600 /dev/stdin {book.passphrase}",
+        ],
+        input=book.passphrase.read_text(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert sent.returncode == 0, sent.stderr
+
+
+def _replace_the_host(book: Book) -> None:
+    """lab1 is lost: a blank machine with the same name and address takes its place."""
+    book.lab.reset("lab1")
+    _send_passphrase(book)
 
 
 def _lose_the_key(book: Book) -> None:
@@ -381,6 +395,8 @@ DIAGNOSE = {
 }
 
 BEFORE = {
+    # Runs once the restore steps are no longer marked (they are being rewritten).
+    "Lost host (hardware gone, disk dead, instance deleted) #3": _replace_the_host,
     "Lost or leaked key #3": _lose_the_key,
     "Origin outage (the environment's S3 bucket does not answer) #1": _stop_the_origin,
     "Upgrading nixcache on the fleet, one host at a time #1": _fleet_on_the_previous_release,
