@@ -199,13 +199,17 @@ class Book:
 def _previous_release() -> str:
     """The parent of the last commit that changed what goes into the nixcache wheel."""
     package = ["nixcache", "setup.cfg", "pyproject.toml", "README.md"]
-    last = subprocess.run(
-        ["git", "log", "-1", "--format=%H", "--", *package],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
+
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False)
+
+    last = git("log", "-1", "--format=%H", "--", *package).stdout.strip()
+    if not last or git("rev-parse", "--verify", "--quiet", f"{last}^{{commit}}^").returncode != 0:
+        pytest.fail(
+            f"{REPO} has no commit before the package's last change to roll back to (a shallow "
+            "clone?); fetch the history with `git fetch --unshallow` and rerun",
+            pytrace=False,
+        )
     return f"{last}^"
 
 
