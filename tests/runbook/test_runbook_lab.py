@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import re
+import socket
 import stat
 import subprocess
 import sys
@@ -68,6 +69,10 @@ PLACEHOLDERS = {
     "region backup_password_ref": "file://<work>/secrets/eu-west-backup-password",
     "origin_access_key_ref": "the lab's origin access key reference",
     "origin_secret_key_ref": "the lab's origin secret key reference",
+    "upstream url": "http://<controller>:<port>: a binary cache directory served from the controller",
+    "upstream public key": "the public key that cache's narinfos are signed with",
+    "upstream name": "<controller>:<port>, the upstream's name in the metrics",
+    "upstream hash": "the hash of a path only that upstream has",
     "build": "the build the checkout installs (lab1's nixcache-build after the main deploy)",
     "previous build": "the build of <previous release>, read from lab1 once it runs it",
     "previous release": "the parent of the last commit that changed the nixcache package",
@@ -122,6 +127,7 @@ class Book:
         self.log = work / "runbook.log"
         self.home = work / "controller-home"
         self.passphrase = work / "export-passphrase"
+        self.processes: list[subprocess.Popen] = []  # what the test started on the controller
 
     def addr(self, name: str) -> str:
         return self.hosts[name].address
@@ -341,6 +347,9 @@ def book(tmp_path_factory: pytest.TempPathFactory):
         print(f"\nrunbook lab set up in {time.monotonic() - started:.0f} s", file=sys.stderr)
         yield b
     finally:
+        for process in b.processes if "b" in locals() else []:
+            process.terminate()
+            process.wait(timeout=10)
         lab.down()
 
 
@@ -374,6 +383,41 @@ def _lose_the_key(book: Book) -> None:
     Path(book.values["signing_key_ref"].removeprefix("file://")).unlink()
 
 
+def _start_an_upstream(book: Book) -> None:
+    """A third-party binary cache: a signed `nix copy --to file://` directory, served over HTTP
+    from the controller's lab address, holding a path that no tier of the lab has."""
+    work = book.work / "upstream"
+    keys = nixenv.run(
+        ["nix-store", "--generate-binary-cache-key", "upstream-1", str(work / "sk"), str(work / "pk")],
+        work / "home",
+    )
+    assert keys.returncode == 0, keys.stderr
+    path = nixbuild.build(CLOSURE_EXPR.format(marker=uuid.uuid4().hex), work / "build")
+    cache = work / "cache"
+    copied = nixenv.run(
+        ["nix", "copy", "--to", f"file://{cache}?secret-key={work / 'sk'}", path], work / "home"
+    )
+    assert copied.returncode == 0, copied.stderr
+    address = book.lab.state().gateway
+    with socket.socket() as probe:
+        probe.bind((address, 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", address, "--directory", str(cache)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    book.processes.append(server)
+    book.values.update(
+        {
+            "upstream url": f"http://{address}:{port}",
+            "upstream public key": (work / "pk").read_text().strip(),
+            "upstream name": f"{address}:{port}",
+            "upstream hash": Path(path).name[:32],
+        }
+    )
+
+
 def _stop_the_origin(book: Book) -> None:
     book.sh("lab2", "systemctl stop seaweedfs.service")
 
@@ -399,6 +443,7 @@ DIAGNOSE = {
 }
 
 BEFORE = {
+    "Adding an upstream #1": _start_an_upstream,
     # Runs once the restore steps are no longer marked (they are being rewritten).
     "Lost host (hardware gone, disk dead, instance deleted) #3": _replace_the_host,
     "Lost or leaked key #3": _lose_the_key,
