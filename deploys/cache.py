@@ -3,6 +3,7 @@
     pyinfra -y inventories/lab.py deploys/cache.py
 
 Order: base (packages, admins, sshd, kernel, limits) -> storage -> install -> config and keys
+-> on hosts that build (nix_host or group `builders`), Nix (deploys/parts/nixhost.py)
 -> service -> firewall -> gc -> backups -> monitoring -> nginx front -> on hosts of group
 `monitoring`, the fleet's Prometheus and Alertmanager -> health check.
 Every step is an operation from operations/ that changes nothing on a converged host, so a
@@ -14,16 +15,18 @@ from __future__ import annotations
 import functools
 
 from pyinfra import host
+from pyinfra.operations import files
 
 from deploys.parts.backup import backup_timer
 from deploys.parts.base import base
 from deploys.parts.monitoring import monitoring
 from deploys.parts.monitoring_server import MONITORING_GROUP, monitoring_server
 from deploys.parts.nginx_front import nginx_front
+from deploys.parts.nixhost import is_nix_host, nix_host
 from facts.nixcache import HostPython
 from nixcache.keys import SecretKey
 from nixcache.secrets import ensure_signing_key, ensure_token
-from operations import config, firewall, gc, health, install, rotation, service, storage
+from operations import client, config, firewall, gc, health, hostfile, install, rotation, service, storage
 from operations.render import sha256
 from operations.settings import (
     CONFIG_FILE,
@@ -38,6 +41,12 @@ from operations.settings import (
 )
 
 s = settings()
+if not client.is_cache(s):
+    raise SettingsError(
+        f"{host.name}: is a Nix client of the caches (client_cache_group or client_caches is set), "
+        "not a cache: deploys/cache.py would make it one; deploy it with deploys/client.py, and "
+        "this file with --limit <the caches' group> (deploys/rotate_key.py deploys both)"
+    )
 
 # --- base: packages, admin users, sshd, sysctls, limits --------------------------------------
 base(config=s)
@@ -52,10 +61,10 @@ if s.cache_volume_device:
         options=s.cache_volume_options,
         format_empty=s.cache_volume_format,
     )
-storage.directory(
+files.directory(
     name="Cache data directory", path=s.cache_data_dir, user=s.service_user, group=s.service_user, mode="0750"
 )
-storage.directory(
+files.directory(
     name="Cache store directory", path=s.store_dir, user=s.service_user, group=s.service_user, mode="0750"
 )
 
@@ -107,27 +116,69 @@ s3_keys = (
     if s.origin_endpoint
     else []
 )
-config_text = config.render_config(s, push_token=True, read_token=read_token is not None)
+# A cache host that runs Nix (deploys/parts/nixhost.py) also serves its own /nix/store.
+serves_nix_store = is_nix_host(s)
+config_text = config.render_config(
+    s, push_token=True, read_token=read_token is not None, nix_store=serves_nix_store
+)
 
 config.config_dir(name="/etc/nixcache", user=s.service_user)
-config.text_file(
+hostfile.put(
     name="/etc/nixcache/config.toml", path=CONFIG_FILE, content=config_text, group=s.service_user, mode="0640"
 )
-config.secret_file(name="Signing key", path=SIGNING_KEY_FILE, value=signing_key, user=s.service_user)
+hostfile.put(
+    name="Signing key",
+    path=SIGNING_KEY_FILE,
+    content=signing_key,
+    user=s.service_user,
+    group=s.service_user,
+    mode="0600",
+)
 # During a key rotation: the next key beside the current one (operations/rotation.py).
 next_signing_key = rotation.next_key(s, host.name)
 if next_signing_key is not None:
-    config.secret_file(
+    hostfile.put(
         name="Next signing key",
         path=rotation.NEXT_SIGNING_KEY_FILE,
-        value=next_signing_key,
+        content=next_signing_key,
         user=s.service_user,
+        group=s.service_user,
+        mode="0600",
     )
-config.secret_file(name="Push token", path=PUSH_TOKEN_FILE, value=push_token, user=s.service_user)
+hostfile.put(
+    name="Push token",
+    path=PUSH_TOKEN_FILE,
+    content=push_token,
+    user=s.service_user,
+    group=s.service_user,
+    mode="0600",
+)
 if read_token is not None:
-    config.secret_file(name="Read token", path=READ_TOKEN_FILE, value=read_token, user=s.service_user)
+    hostfile.put(
+        name="Read token",
+        path=READ_TOKEN_FILE,
+        content=read_token,
+        user=s.service_user,
+        group=s.service_user,
+        mode="0600",
+    )
 for path, value in zip((S3_ACCESS_KEY_FILE, S3_SECRET_KEY_FILE), s3_keys, strict=False):
-    config.secret_file(name=f"Origin credential {path}", path=path, value=value, user=s.service_user)
+    hostfile.put(
+        name=f"Origin credential {path}",
+        path=path,
+        content=value,
+        user=s.service_user,
+        group=s.service_user,
+        mode="0600",
+    )
+
+# The public keys the server signs with, in its order (one, or two during a rotation).
+key_values = {SIGNING_KEY_FILE: signing_key, rotation.NEXT_SIGNING_KEY_FILE: next_signing_key}
+public_keys = [str(SecretKey.parse(key_values[path].unmask()).public()) for path in rotation.key_files(s)]
+
+# --- Nix, on a host that builds: before the service, which reads Nix's database at start -------
+if serves_nix_store:
+    nix_host(config=s, own_cache=f"http://127.0.0.1:{s.cache_port}", own_keys=public_keys, build=build)
 
 # --- service: restarted only when something it reads changed ----------------------------------
 depends_on = "\0".join(
@@ -141,7 +192,13 @@ depends_on = "\0".join(
         *(sha256(key.unmask()) for key in s3_keys),
     ]
 )
-service.nixcache(name="nixcache.service", settings=s, depends_on=sha256(depends_on))
+service.nixcache(
+    name="nixcache.service", settings=s, depends_on=sha256(depends_on), nix_store=serves_nix_store
+)
+if next_signing_key is None:
+    # No rotation under way (any more): the server reads signing-key only, so the next key of a
+    # finished rotation goes, once the service runs without it.
+    files.file(name="No next signing key", path=rotation.NEXT_SIGNING_KEY_FILE, present=False)
 
 # --- firewall --------------------------------------------------------------------------------
 firewall.ruleset(
@@ -155,9 +212,6 @@ gc.origin_timer(name="nixcache-gc-origin.timer", settings=s, host_name=host.name
 
 # --- backups, monitoring and nginx front --------------------------------------------------------
 backup_timer()
-# The public keys the server signs with, in its order (one, or two during a rotation).
-key_values = {SIGNING_KEY_FILE: signing_key, rotation.NEXT_SIGNING_KEY_FILE: next_signing_key}
-public_keys = [str(SecretKey.parse(key_values[path].unmask()).public()) for path in rotation.key_files(s)]
 monitoring(config=s, public_keys=public_keys, build=build)
 nginx_front(config=s)
 # The Prometheus of the fleet, on the hosts of group `monitoring` (deploys/monitoring.py alone).

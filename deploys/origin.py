@@ -15,17 +15,18 @@ import functools
 
 from pyinfra import host
 from pyinfra.api import HiddenValue
+from pyinfra.operations import files
 
 from facts.nixcache import HostPython
 from nixcache.secrets import ensure_token
-from operations import config, firewall, origin, storage
+from operations import firewall, hostfile, origin, storage
 from operations.render import sha256
 from operations.settings import SettingsError, host_secret, settings
 
 s = settings()
 
 storage.service_user(name="SeaweedFS service user", user=s.origin_user, home=s.origin_data_dir)
-storage.directory(
+files.directory(
     name="SeaweedFS data directory",
     path=s.origin_data_dir,
     user=s.origin_user,
@@ -55,14 +56,14 @@ secret_key = host_secret(
     functools.partial(ensure_token, generate=s.origin_credentials_generate),
 )
 identities = origin.identities_json(access_key.unmask(), secret_key.unmask())
-storage.directory(
-    name=origin.CONFIG_DIR, path=origin.CONFIG_DIR, user="root", group=s.origin_user, mode="0750"
-)
-config.secret_file(
+files.directory(name=origin.CONFIG_DIR, path=origin.CONFIG_DIR, user="root", group=s.origin_user, mode="0750")
+hostfile.put(
     name="SeaweedFS S3 identities",
     path=origin.IDENTITIES_FILE,
-    value=HiddenValue(identities, masked_value="<S3 identities>"),
+    content=HiddenValue(identities, masked_value="<S3 identities>"),
     user=s.origin_user,
+    group=s.origin_user,
+    mode="0600",
 )
 
 # The same ruleset the cache deploy renders (one renderer): origin_s3_port open to

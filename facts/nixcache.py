@@ -1,4 +1,7 @@
-"""Facts about the nixcache installation on a host: its Python, the installed build, units, firewall."""
+"""Facts about the nixcache installation on a host: its Python, the installed build, the firewall.
+
+Units' state is pyinfra's own `SystemdStatus` / `SystemdEnabled` (through `systemd.service`).
+"""
 
 from __future__ import annotations
 
@@ -59,25 +62,6 @@ class FileLine(FactBase):
 
     def process(self, output: list[str]) -> str | None:
         return output[0].strip() if output else None
-
-
-class UnitState(FactBase):
-    """A systemd unit's state: ``{"active": "active", "enabled": "enabled", "loaded": "loaded"}``."""
-
-    def requires_command(self, *args: Any, **kwargs: Any) -> str:
-        return "systemctl"
-
-    def command(self, unit: str) -> StringCommand:
-        return StringCommand("systemctl show -p ActiveState -p UnitFileState -p LoadState", QuoteString(unit))
-
-    def process(self, output: list[str]) -> dict[str, str]:
-        names = {"ActiveState": "active", "UnitFileState": "enabled", "LoadState": "loaded"}
-        state = {"active": "", "enabled": "", "loaded": ""}
-        for line in output:
-            key, _, value = line.strip().partition("=")
-            if key in names:
-                state[names[key]] = value
-        return state
 
 
 class NftTable(FactBase):

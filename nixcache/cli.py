@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, str] = {
     "secrets": "nixcache.secrets.cli:secrets",
     "backup": "nixcache.backup.cli:backup",
     "disk-alert": "nixcache.alerts:disk_alert",
+    "nix-stats": "nixcache.nixstats:nix_stats",
     "drill": "nixcache.drill:drill",
     "fleet": "nixcache.fleet:fleet",
 }

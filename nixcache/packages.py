@@ -26,6 +26,12 @@ NGINX_FRONT_PACKAGES: tuple[str, ...] = (
 # Hosts configured by deploys/client.py.
 NIX_CLIENT_PACKAGES: tuple[str, ...] = ("nix-bin",)
 
+# Hosts that run Nix themselves (nix_host, nix_builder: deploys/parts/nixhost.py): Debian's Nix
+# with its daemon; nix-setup-systemd creates the nixbld group and build users on install.
+NIX_HOST_PACKAGES: tuple[str, ...] = ("nix-bin", "nix-setup-systemd")
+# Their daemon, which the package enables on install: only the deploy of a Nix host starts it.
+NIX_HOST_SERVICES: tuple[str, ...] = ("nix-daemon.service", "nix-daemon.socket")
+
 # Hosts of the inventory group `monitoring` (deploys/monitoring.py): Debian's Prometheus 2.42,
 # Alertmanager 0.25, and the blackbox exporter that reads the nginx fronts' certificates.
 MONITORING_PACKAGES: tuple[str, ...] = (
@@ -40,6 +46,12 @@ MONITORING_SERVICES: tuple[str, ...] = (
     "prometheus-blackbox-exporter.service",
 )
 
-ALL_PACKAGES: tuple[str, ...] = (
-    CACHE_HOST_PACKAGES + NGINX_FRONT_PACKAGES + NIX_CLIENT_PACKAGES + MONITORING_PACKAGES
+ALL_PACKAGES: tuple[str, ...] = tuple(
+    dict.fromkeys(
+        CACHE_HOST_PACKAGES
+        + NGINX_FRONT_PACKAGES
+        + NIX_CLIENT_PACKAGES
+        + NIX_HOST_PACKAGES
+        + MONITORING_PACKAGES
+    )
 )

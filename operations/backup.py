@@ -1,29 +1,29 @@
 """Operations for scheduled backups: restic's password, backup.toml, the systemd timer, restore.
 
-The unit files are rendered here (one place) by `render_service` and `render_timer`; backup.toml
-is rendered by `nixcache.backup.config.dump` in the deploy part and uploaded by `config_file`.
+The unit files are rendered by `render_service` and `render_timer` from their templates in
+operations/templates/ and installed by the one unit primitive (`service.units`); backup.toml is
+rendered by `nixcache.backup.config.dump` in the deploy part and, like the password, put by the
+one file primitive (`hostfile.put`), root-only.
 """
 
 from __future__ import annotations
 
-import io
 import shlex
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 from pyinfra import host, logger
 from pyinfra.api import HiddenValue, OperationValueError, operation
-from pyinfra.operations import files, systemd
 
 from facts.backup import BackupSnapshots, DirectoryHasEntries
 from nixcache.backup.restic import redact
-from operations import config as config_files
+from operations import hostfile, service
 from operations.health import failed_step
+from operations.render import render
 from operations.settings import Settings
 
 SERVICE = "nixcache-backup.service"
 TIMER = "nixcache-backup.timer"
-UNIT_DIR = "/etc/systemd/system"
 # /var/cache/<this> and /var/lib/<this>: systemd creates them writable inside the sandbox.
 CACHE_DIR_NAME = "nixcache-backup"
 
@@ -34,81 +34,28 @@ def render_service(
     """The oneshot unit that runs one backup; sandboxed to write only the paths that backups write."""
     # "-": a path that does not exist (yet) must not stop the run.
     writable = " ".join(f"-{path}" for path in sorted(set(writable_paths)))
-    return f"""\
-# Rendered by nixcache (operations/backup.py); local edits are overwritten by the next deploy.
-[Unit]
-Description=nixcache backup to the restic repository
-Documentation=man:restic(1)
-Wants=network-online.target
-After=network-online.target
-
-[Service]
-Type=oneshot
-ExecStart={nixcache_bin} backup run --config {config_path}
-# restic's index cache and the run history (backup.toml's cache_dir and state_file).
-CacheDirectory={CACHE_DIR_NAME}
-CacheDirectoryMode=0700
-StateDirectory={CACHE_DIR_NAME}
-StateDirectoryMode=0700
-# A backup must never starve the cache it protects of CPU or disk time.
-Nice=10
-IOSchedulingClass=idle
-TimeoutStartSec={timeout_start_sec}
-# Root only to read the 0600 signing key and the store; the rest of the system is read-only.
-ProtectSystem=strict
-ReadWritePaths={writable}
-ProtectHome=read-only
-PrivateTmp=yes
-PrivateDevices=yes
-NoNewPrivileges=yes
-ProtectKernelTunables=yes
-ProtectKernelModules=yes
-ProtectControlGroups=yes
-RestrictSUIDSGID=yes
-RestrictRealtime=yes
-LockPersonality=yes
-RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
-"""
+    return render(
+        "nixcache-backup.service.j2",
+        nixcache_bin=nixcache_bin,
+        config_path=config_path,
+        cache_dir_name=CACHE_DIR_NAME,
+        timeout_start_sec=timeout_start_sec,
+        writable=writable,
+    )
 
 
 def render_timer(on_calendar: str, randomized_delay_sec: int) -> str:
     """The timer: daily by default, spread over the fleet, and caught up after downtime."""
-    return f"""\
-# Rendered by nixcache (operations/backup.py); local edits are overwritten by the next deploy.
-[Unit]
-Description=Scheduled nixcache backup
-
-[Timer]
-OnCalendar={on_calendar}
-# Hosts of a fleet must not all hit the repository at the same second.
-RandomizedDelaySec={randomized_delay_sec}
-# A run missed while the host was down happens at the next boot.
-Persistent=true
-Unit={SERVICE}
-
-[Install]
-WantedBy=timers.target
-"""
+    return render(
+        "nixcache-backup.timer.j2",
+        on_calendar=on_calendar,
+        randomized_delay_sec=randomized_delay_sec,
+        service=SERVICE,
+    )
 
 
 def _unmask(value: str | HiddenValue) -> str:
     return value.unmask() if isinstance(value, HiddenValue) else value
-
-
-@operation()
-def private_file(content: str | HiddenValue, path: str, user: str = "root", group: str = "root") -> Iterator:
-    """Install a file only `user` can read (mode 0600), without ever exposing its content.
-
-    Unlike `files.put`, the new content goes into a file created empty with its final owner and
-    mode, which then replaces the old one (operations/config.py): there is no moment where it
-    is readable by others, and `pyinfra --diff` never prints it.
-
-    + content: the file's content (pass a HiddenValue for secrets)
-    + path: where it goes; the directory must exist
-    + user: owner
-    + group: group
-    """
-    yield from config_files.file_changes(path, _unmask(content), user, group, "0600")
 
 
 @operation()
@@ -122,17 +69,7 @@ def password_file(password: str | HiddenValue, path: str) -> Iterator:
         raise OperationValueError(
             f"{host.name}: the backup password for {path} is empty; store one at backup_password_ref"
         )
-    yield from private_file._inner(password, path)
-
-
-@operation()
-def config_file(content: str, path: str) -> Iterator:
-    """Install backup.toml (rendered by `nixcache.backup.config.dump`), readable by root only.
-
-    + content: the rendered file
-    + path: usually /etc/nixcache/backup.toml
-    """
-    yield from private_file._inner(content, path)
+    yield from hostfile.put._inner(path, password, mode="0600")
 
 
 @operation()
@@ -154,20 +91,10 @@ def timer(
     + timeout_start_sec: the longest a run may take before systemd stops it
     """
     units = {
-        f"{UNIT_DIR}/{SERVICE}": render_service(
-            nixcache_bin, config_path, writable_paths or [], timeout_start_sec
-        ),
-        f"{UNIT_DIR}/{TIMER}": render_timer(on_calendar, randomized_delay_sec),
+        SERVICE: render_service(nixcache_bin, config_path, writable_paths or [], timeout_start_sec),
+        TIMER: render_timer(on_calendar, randomized_delay_sec),
     }
-    changed = []
-    for path, text in units.items():
-        changed.extend(
-            files.put._inner(src=io.StringIO(text), dest=path, user="root", group="root", mode="0644")
-        )
-    if changed:
-        yield from changed
-        yield from systemd.daemon_reload._inner()
-    yield from systemd.service._inner(TIMER, running=True, enabled=True)
+    yield from service.units._inner("nixcache-backup", units, [TIMER])
 
 
 def _refused(host_name: str, problem: str) -> str:

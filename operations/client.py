@@ -7,7 +7,6 @@ include where the line stands, and the last value of a setting wins, so the line
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -15,13 +14,10 @@ from urllib.parse import urlsplit
 from pyinfra import host
 from pyinfra.api import HiddenValue, OperationValueError, StringCommand, operation
 from pyinfra.facts.files import File
-from pyinfra.operations import files
+from pyinfra.operations import files, systemd
 
-from facts.nixcache import UnitState
 from nixcache.keys import KeyFormatError
-from operations import config as config_files
-from operations import rotation
-from operations.hardening import validated_files_changes
+from operations import hostfile, rotation
 from operations.settings import SettingsError, from_data
 
 NIX_CONF = "/etc/nix/nix.conf"
@@ -44,6 +40,20 @@ class Cache:
     read_token: HiddenValue | None = None
 
 
+def is_client(s: Any) -> bool:
+    """Whether host settings `s` make the host a Nix client of the fleet (it names its caches)."""
+    return bool(s.client_caches or s.client_cache_group)
+
+
+def is_cache(s: Any) -> bool:
+    """Whether a host with settings `s` is a cache (deploys/cache.py's host): every host but a client.
+
+    "Adding a client" puts clients in the same inventory as the caches; a host that names caches
+    is their client, and deploys/cache.py must not make it one more cache.
+    """
+    return not is_client(s)
+
+
 def cache_url(address: str, data: Any) -> str:
     """The URL clients use for a cache host: https through the nginx front, else http to the server."""
     s = from_data(address, data)
@@ -63,7 +73,7 @@ def public_key_of(host_name: str, data: Any, resolve) -> str:
         )
     try:
         # Two keys, space-separated, while a rotation introduces the next one (operations/rotation.py).
-        return " ".join(rotation.trusted_public_keys(data, resolve))
+        return " ".join(rotation.trusted_public_keys(host_name, data, resolve))
     except KeyFormatError as error:
         raise SettingsError(
             f"{host_name}: the signing key at {ref} is not a Nix secret key ({error}); "
@@ -122,26 +132,22 @@ def nix_conf(
                 f"{host.name}: substituter {url!r} is not a cache URL; give e.g. http://cache.example:5000"
             )
     netrc_text = netrc.unmask() if isinstance(netrc, HiddenValue) else netrc
-    commands = list(
-        validated_files_changes(
-            CLIENT_CONF, render_nix_conf(substituters, trusted_public_keys, bool(netrc_text))
-        )
-    )
+    conf = render_nix_conf(substituters, trusted_public_keys, bool(netrc_text))
+    # Anything but an owner or mode fix changes what Nix reads.
+    changed = hostfile.differs(CLIENT_CONF, conf)
+    yield from hostfile.put._inner(CLIENT_CONF, conf)
     if netrc_text:
-        commands += config_files.secret_file._inner(NETRC_FILE, netrc_text, user="root", group="root")
+        changed |= hostfile.differs(NETRC_FILE, netrc_text)
+        yield from hostfile.put._inner(NETRC_FILE, netrc_text, mode="0600")
     elif host.get_fact(File, path=NETRC_FILE):
-        commands.append(StringCommand(f"rm -f {NETRC_FILE}"))
-    commands += files.line._inner(path=NIX_CONF, line=f"!include {CLIENT_CONF}")
-    if not commands:
-        host.noop(f"{CLIENT_CONF} is up to date")
-        return
-    yield from commands
-    # Anything but an owner or mode fix (uploads, renames, the include line) changes what Nix reads.
-    changed = any(not str(c).startswith(("chown", "chmod")) for c in commands)
-    daemon = host.get_fact(UnitState, unit=NIX_DAEMON_UNIT)
-    if changed and daemon and daemon.get("loaded") == "loaded":
-        # The daemon reads nix.conf once, at start.
-        yield StringCommand(f"systemctl try-restart {shlex.quote(NIX_DAEMON_UNIT)}")
+        changed = True
+        yield StringCommand(f"rm -f {NETRC_FILE}")
+    include = list(files.line._inner(path=NIX_CONF, line=f"!include {CLIENT_CONF}"))
+    changed |= bool(include)
+    yield from include
+    # The daemon reads nix.conf once, at start: restarted where it runs (pyinfra restarts only a
+    # running unit, so hosts without nix-daemon are left alone).
+    yield from systemd.service._inner(NIX_DAEMON_UNIT, running=None, restarted=changed)
 
 
 def caches_for(host_name: str, s: Any, inventory: Any, resolve) -> list[Cache]:

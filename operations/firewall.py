@@ -1,24 +1,24 @@
 """nftables: default-deny inbound, SSH / cache / metrics ports open only to the networks in data.
 
-A new ruleset is checked with `nft -c -f` before it replaces /etc/nftables.conf, then loaded in
-one atomic `nft -f`; the "established" rule comes first, so the deploy's own SSH session
-survives the reload.
+A new ruleset is checked with `nft -c -f` before it replaces /etc/nftables.conf (the one file
+primitive, operations/hostfile.py), then loaded in one atomic `nft -f`; the "established" rule
+comes first, so the deploy's own SSH session survives the reload. nftables.service loads it at
+boot (pyinfra's `systemd.service`).
 """
 
 from __future__ import annotations
 
-import io
 import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pyinfra import host
 from pyinfra.api import OperationError, QuoteString, StringCommand, operation
-from pyinfra.facts.files import Sha256File
+from pyinfra.operations import systemd
 
-from facts.nixcache import NftTable, UnitState
-from operations import upload
-from operations.render import render, sha256
+from facts.nixcache import NftTable
+from operations import hostfile
+from operations.render import render
 from operations.settings import NFTABLES_FILE, Settings
 
 TABLE = ("inet", "nixcache")
@@ -92,17 +92,14 @@ def render_ruleset(settings: Settings, ssh_port: int = 22) -> str:
 def ruleset(content: str, path: str = NFTABLES_FILE):
     """`path` holds `content`, it is the loaded ruleset, and nftables.service loads it at boot."""
     loaded = host.get_fact(NftTable, family=TABLE[0], table=TABLE[1])
-    current = host.get_fact(Sha256File, path=path) == sha256(content)
-    if not (current and loaded):
-        new = f"{path}.nixcache-new"
-        yield from upload.staged_upload(io.StringIO(content), new, "root", "root", "0644")
-        # Check first: a ruleset that does not parse never replaces the working one.
-        yield StringCommand(
-            "nft -c -f", QuoteString(new), "&& mv -f", QuoteString(new), QuoteString(path),
-            "&& nft -f", QuoteString(path),
-        )  # fmt: skip
-    enabled = host.get_fact(UnitState, unit="nftables.service")["enabled"] == "enabled"
-    if not enabled:
-        yield StringCommand("systemctl enable nftables.service")
-    if current and loaded and enabled:
-        host.noop(f"firewall {path} loaded")
+    changed = hostfile.differs(path, content)
+    # Checked first: a ruleset that does not parse never replaces the working one.
+    yield from hostfile.put._inner(
+        path,
+        content,
+        check="nft -c -f {path}",
+        fix="fix the *_allowed_sources networks in host data, then rerun",
+    )
+    if changed or not loaded:
+        yield StringCommand("nft -f", QuoteString(path))
+    yield from systemd.service._inner("nftables.service", running=None, enabled=True)

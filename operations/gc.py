@@ -1,4 +1,5 @@
-"""Automatic garbage collection from day one: nixcache-gc.timer runs `nixcache gc` with limits from data."""
+"""Automatic garbage collection from day one: nixcache-gc.timer runs `nixcache gc --config`, whose
+store and limits are the gc_* keys of /etc/nixcache/config.toml (rendered from host data)."""
 
 from __future__ import annotations
 
@@ -15,18 +16,10 @@ GC_NAME = "nixcache-gc"
 ORIGIN_GC_NAME = "nixcache-gc-origin"
 
 
-def gc_command(settings: Settings) -> str:
-    """The ExecStart line of nixcache-gc.service."""
-    argv = [NIXCACHE_BIN, "gc", "--store", settings.store_dir]
-    for flag, value in (
-        ("--max-size", settings.gc_max_size),
-        ("--older-than", settings.gc_older_than),
-        ("--min-free", settings.gc_min_free),
-        ("--max-free", settings.gc_max_free),
-    ):
-        if value is not None:
-            argv += [flag, value]
-    return shlex.join(argv)
+def gc_command() -> str:
+    """The ExecStart line of nixcache-gc.service: the store and every limit come from config.toml
+    (the gc_* keys the deploy renders there), so the file is the one source of truth."""
+    return shlex.join([NIXCACHE_BIN, "gc", "--config", CONFIG_FILE])
 
 
 def render_units(settings: Settings) -> dict[str, str]:
@@ -39,7 +32,7 @@ def render_units(settings: Settings) -> dict[str, str]:
     return {
         f"{GC_NAME}.service": render(
             "nixcache-gc.service.j2",
-            command=gc_command(settings),
+            command=gc_command(),
             memory_max=settings.cache_memory_max,
             network=False,
             what="the cache store",

@@ -1,25 +1,22 @@
 """Host hardening: kernel network tuning, file limits, sshd, sudo for admin users.
 
-Each file is rendered by one small function here (``render_*``) and installed by an
-operation that yields commands only when the host differs. Files that can lock people out
-(sudoers, sshd) go through :func:`validated_file`: the checker approves them before they
-take effect, and the previous version comes back when it does not.
+Each file is rendered by one small function here (``render_*``) and installed by the one file
+primitive (``operations.hostfile.put``), which yields commands only when the host differs.
+Files that can lock people out (sudoers, sshd) are approved by their checker before they
+take effect, and the previous version stays when they are not.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import shlex
 
 from pyinfra import host
-from pyinfra.api import FileUploadCommand, OperationValueError, StringCommand, operation
-from pyinfra.facts.files import File, Sha1File
+from pyinfra.api import OperationValueError, StringCommand, operation
+from pyinfra.facts.files import File
 
 from facts.hardening import SysctlState
-from operations import upload
+from operations import hostfile
 from operations.settings import Settings
-from operations.storage import fact_mode
 
 SYSCTL_PATH = "/etc/sysctl.d/60-nixcache.conf"
 LIMITS_PATH = "/etc/security/limits.d/60-nixcache.conf"
@@ -72,114 +69,6 @@ NOFILE_HARD = Settings.nofile_hard_limit
 SSHD_ROOT_LOGIN_VALUES = ("yes", "no", "prohibit-password", "forced-commands-only")
 
 
-def _sha1(content: str) -> str:
-    return hashlib.sha1(content.encode()).hexdigest()  # noqa: S324 - compared with sha1sum on the host
-
-
-def _needs(dest: str, content: str, mode: str, user: str, group: str) -> tuple[bool, bool]:
-    """(content differs, metadata differs) for a file the host should hold."""
-    info = host.get_fact(File, path=dest)
-    if not info:
-        return True, True
-    content_differs = host.get_fact(Sha1File, path=dest) != _sha1(content)
-    meta_differs = (info["user"], info["group"], info["mode"]) != (user, group, fact_mode(mode))
-    return content_differs, meta_differs
-
-
-def _metadata(path: str, mode: str, user: str, group: str) -> list[StringCommand]:
-    target = shlex.quote(path)
-    return [
-        StringCommand(f"chown {user}:{group} {target}"),
-        StringCommand(f"chmod {mode} {target}"),
-    ]
-
-
-def validated_files_changes(
-    dest: str,
-    content: str,
-    check: str | None = None,
-    *,
-    check_in_place: bool = False,
-    mode: str = "644",
-    user: str = "root",
-    group: str = "root",
-):
-    """Commands that install ``content`` at ``dest``; none when it is already there.
-
-    The new version is uploaded beside ``dest``, created with its final owner and mode before
-    the upload (operations/upload.py, also under ``--sudo``), so it is never exposed with other
-    permissions. ``check`` is a shell command; with ``{path}`` it receives the staged file
-    (``visudo -cf {path}``). With
-    ``check_in_place`` the file is moved into place first and checked there (``sshd -t``,
-    ``nginx -t`` read the whole configuration); a failing check restores the previous
-    version, or removes the new file, and fails the step with the checker's message.
-    """
-    content_differs, meta_differs = _needs(dest, content, mode, user, group)
-    if not content_differs:
-        if meta_differs:
-            yield from _metadata(dest, mode, user, group)
-        return
-    staged = f"{dest}.nixcache-new"
-    backup = f"{dest}.nixcache-old"
-    q_dest, q_staged, q_backup = (shlex.quote(p) for p in (dest, staged, backup))
-    yield StringCommand(f"mkdir -p {shlex.quote(dest.rsplit('/', 1)[0] or '/')}")
-    yield from upload.staged_upload(io.StringIO(content), staged, user, group, mode)
-    if check is None:
-        yield StringCommand(f"mv -f {q_staged} {q_dest}")
-    elif not check_in_place:
-        command = check.format(path=q_staged)
-        yield StringCommand(
-            f"if {command}; then mv -f {q_staged} {q_dest}; "
-            f"else rm -f {q_staged}; echo \"{dest}: rejected by '{check.format(path='<new>')}'; "
-            f'not installed, fix the data that renders it" >&2; exit 1; fi'
-        )
-    else:
-        command = check.format(path=q_dest)
-        yield StringCommand(
-            f"rm -f {q_backup}; if [ -e {q_dest} ]; then cp -p {q_dest} {q_backup}; fi; "
-            f"mv -f {q_staged} {q_dest}; "
-            f"if {command}; then rm -f {q_backup}; "
-            f"else if [ -e {q_backup} ]; then mv -f {q_backup} {q_dest}; else rm -f {q_dest}; fi; "
-            f"echo \"{dest}: rejected by '{check}'; previous version kept, fix the data that "
-            f'renders it" >&2; exit 1; fi'
-        )
-
-
-@operation()
-def validated_file(
-    dest: str,
-    content: str,
-    check: str | None = None,
-    check_in_place: bool = False,
-    mode: str = "644",
-    user: str = "root",
-    group: str = "root",
-    then: str | None = None,
-):
-    """Install a file that a checker must approve first; run ``then`` after a change.
-
-    + dest: path on the host
-    + content: the whole file
-    + check: shell command approving it (``{path}`` = the new file), see
-      :func:`validated_files_changes`
-    + check_in_place: check the file where it will live, restoring the old one on failure
-    + mode, user, group: the file's owner and permissions
-    + then: a command to run only when the content changed (e.g. a reload)
-    """
-    commands = list(
-        validated_files_changes(
-            dest, content, check, check_in_place=check_in_place, mode=mode, user=user, group=group
-        )
-    )
-    if not commands:
-        host.noop(f"{dest} is up to date")
-        return
-    yield from commands
-    content_changed = any(isinstance(c, FileUploadCommand) for c in commands)
-    if then and content_changed:
-        yield StringCommand(then)
-
-
 def render_sysctl(values: dict[str, tuple[str, str]], state: dict[str, dict[str, object]]) -> str:
     """The sysctl.d file: each value under its reason; keys this host cannot set commented out."""
     lines = [
@@ -216,17 +105,17 @@ def kernel_tuning(values: dict[str, str] | None = None, path: str = SYSCTL_PATH)
         wanted[key] = (str(value), "set by host data (sysctl_overrides)")
     state = host.get_fact(SysctlState, keys=" ".join(sorted(wanted)))
     content = render_sysctl(wanted, state)
-    commands = list(validated_files_changes(path, content))
+    changed = hostfile.differs(path, content)
     drifted = [
         key
         for key, (value, _) in wanted.items()
         if (state.get(key) or {}).get("writable") and " ".join(str(state[key]["value"]).split()) != value
     ]
-    if not commands and not drifted:
+    yield from hostfile.put._inner(path, content)
+    if changed or drifted:
+        yield StringCommand(f"sysctl -q -p {shlex.quote(path)}")
+    else:
         host.noop(f"{path} and the live kernel values are up to date")
-        return
-    yield from commands
-    yield StringCommand(f"sysctl -q -p {shlex.quote(path)}")
 
 
 def render_limits(soft: int = NOFILE_SOFT, hard: int = NOFILE_HARD) -> str:
@@ -251,10 +140,7 @@ def file_limits(soft: int = NOFILE_SOFT, hard: int = NOFILE_HARD, path: str = LI
             f"{host.name}: nofile soft limit {soft} exceeds hard limit {hard}; "
             "lower the soft limit in host data"
         )
-    commands = list(validated_files_changes(path, render_limits(soft, hard)))
-    if not commands:
-        host.noop(f"{path} is up to date")
-    yield from commands
+    yield from hostfile.put._inner(path, render_limits(soft, hard))
 
 
 def render_sshd(permit_root_login: str) -> str:
@@ -285,14 +171,18 @@ def sshd(permit_root_login: str = Settings.ssh_permit_root_login, path: str = SS
             f"{host.name}: ssh_permit_root_login={permit_root_login!r} is not one of "
             f"{', '.join(SSHD_ROOT_LOGIN_VALUES)}; fix it in host data"
         )
-    yield from validated_file._inner(
+    content = render_sshd(permit_root_login)
+    changed = hostfile.differs(path, content)
+    yield from hostfile.put._inner(
         path,
-        render_sshd(permit_root_login),
+        content,
         check="sshd -t",
         check_in_place=True,
-        # sshd re-reads its configuration on SIGHUP; open sessions (ours) stay up.
-        then="systemctl reload ssh.service",
+        fix="fix ssh_permit_root_login in host data (or the drop-in's template), then rerun",
     )
+    if changed:
+        # sshd re-reads its configuration on SIGHUP; open sessions (ours) stay up.
+        yield StringCommand("systemctl reload ssh.service")
 
 
 def render_sudoers(users: list[str]) -> str:
@@ -318,6 +208,10 @@ def sudoers(users: list[str], path: str = SUDOERS_PATH):
         else:
             host.noop(f"{path} is absent")
         return
-    yield from validated_file._inner(
-        path, render_sudoers(sorted(users)), check="visudo -cqf {path}", mode="440"
+    yield from hostfile.put._inner(
+        path,
+        render_sudoers(sorted(users)),
+        mode="0440",
+        check="visudo -cqf {path}",
+        fix="fix the user names in admin_users, then rerun",
     )

@@ -6,19 +6,18 @@ import re
 import shlex
 
 from pyinfra import host
-from pyinfra.api import FileUploadCommand, HiddenValue, OperationValueError, StringCommand, operation
+from pyinfra.api import HiddenValue, OperationValueError, StringCommand, operation
 from pyinfra.facts.files import Directory, File
-from pyinfra.operations import systemd
 
-from operations import config as config_files
+from operations import hostfile
 from operations import service as units_op
-from operations.hardening import validated_files_changes
-from operations.render import render
+from operations.render import render, sha256
 from operations.settings import Settings
 
 NODE_EXPORTER_DEFAULTS = "/etc/default/prometheus-node-exporter"
 NODE_EXPORTER_UNIT = "prometheus-node-exporter.service"
-NODE_EXPORTER_DROPIN = f"/etc/systemd/system/{NODE_EXPORTER_UNIT}.d/60-nixcache-sandbox.conf"
+# A drop-in for Debian's unit (a file name under /etc/systemd/system, for service.units).
+NODE_EXPORTER_DROPIN = f"{NODE_EXPORTER_UNIT}.d/60-nixcache-sandbox.conf"
 JOURNALD_DROPIN = "/etc/systemd/journald.conf.d/60-nixcache.conf"
 DISK_ALERT_NAME = "nixcache-disk-alert"
 DISK_ALERT_TEXTFILE = "nixcache_disk.prom"
@@ -58,18 +57,15 @@ def node_exporter(
         )
     if not host.get_fact(Directory, path=textfile_dir):
         yield StringCommand(f"install -d -m 0755 {shlex.quote(textfile_dir)}")
-    commands = list(
-        validated_files_changes(NODE_EXPORTER_DEFAULTS, render_node_exporter_defaults(listen, textfile_dir))
+    defaults = render_node_exporter_defaults(listen, textfile_dir)
+    yield from hostfile.put._inner(NODE_EXPORTER_DEFAULTS, defaults)
+    # Debian's unit reads the defaults file at start: a new one restarts it, as a new sandbox does.
+    yield from units_op.units._inner(
+        "prometheus-node-exporter",
+        {NODE_EXPORTER_DROPIN: render("monitoring-node-exporter.hardening.conf.j2")},
+        [NODE_EXPORTER_UNIT],
+        sha256(defaults),
     )
-    sandbox = list(
-        validated_files_changes(NODE_EXPORTER_DROPIN, render("monitoring-node-exporter.hardening.conf.j2"))
-    )
-    yield from commands
-    yield from sandbox
-    if any(isinstance(c, FileUploadCommand) for c in sandbox):
-        yield StringCommand("systemctl daemon-reload")
-    changed = any(isinstance(c, FileUploadCommand) for c in commands + sandbox)
-    yield from systemd.service._inner(NODE_EXPORTER_UNIT, running=True, enabled=True, restarted=changed)
 
 
 def render_journald(max_retention: str, system_max_use: str) -> str:
@@ -96,12 +92,10 @@ def journald(
         raise OperationValueError(
             f"{host.name}: journald_system_max_use={system_max_use!r} is not a size; give e.g. '1G' or '500M'"
         )
-    commands = list(validated_files_changes(JOURNALD_DROPIN, render_journald(max_retention, system_max_use)))
-    if not commands:
-        host.noop(f"{JOURNALD_DROPIN} is up to date")
-        return
-    yield from commands
-    if any(isinstance(c, FileUploadCommand) for c in commands):
+    content = render_journald(max_retention, system_max_use)
+    changed = hostfile.differs(JOURNALD_DROPIN, content)
+    yield from hostfile.put._inner(JOURNALD_DROPIN, content)
+    if changed:
         # journald reads its configuration only at start; restarting it keeps the logs.
         yield StringCommand("systemctl restart systemd-journald.service")
 
@@ -152,9 +146,7 @@ def disk_alert(
             "between 1 and 100; fix it in host data"
         )
     if webhook_url is not None:
-        yield from config_files.secret_file._inner(
-            DISK_ALERT_WEBHOOK_FILE, webhook_url, user="root", group="root"
-        )
+        yield from hostfile.put._inner(DISK_ALERT_WEBHOOK_FILE, webhook_url, mode="0600")
     elif host.get_fact(File, path=DISK_ALERT_WEBHOOK_FILE):
         yield StringCommand(f"rm -f {DISK_ALERT_WEBHOOK_FILE}")
     files = render_disk_alert_units(
@@ -205,4 +197,4 @@ def deploy_info(
     """`<textfile_dir>/nixcache_deploy.prom` names the signing keys and the build installed."""
     path = f"{textfile_dir}/{DEPLOY_INFO_TEXTFILE}"
     content = render_deploy_info(public_keys, version, build)
-    yield from config_files.file_changes(path, content, "root", "root", "0644")
+    yield from hostfile.put._inner(path, content)

@@ -12,13 +12,12 @@ import re
 import shlex
 
 from pyinfra import host
-from pyinfra.api import FileUploadCommand, HiddenValue, OperationValueError, StringCommand, operation
+from pyinfra.api import HiddenValue, OperationValueError, StringCommand, operation
 from pyinfra.facts.files import File
 from pyinfra.facts.server import Users
 from pyinfra.operations import systemd
 
-from operations import config as config_files
-from operations.hardening import validated_files_changes
+from operations import hostfile
 from operations.render import render
 from operations.settings import Settings
 
@@ -84,14 +83,11 @@ def tls(
         raise OperationValueError(f"{host.name}: give both tls_cert_ref and tls_key_ref or neither")
     if cert is not None and key is not None:
         # The directory is root's only: the key is written there with 0600 before any byte.
-        cert_text = cert.unmask() if isinstance(cert, HiddenValue) else cert
-        commands = [
-            *_tls_dir(),
-            *config_files.text_file._inner(CERT_FILE, cert_text, user="root", group="root", mode="0644"),
-            *config_files.secret_file._inner(KEY_FILE, key, user="root", group="root", mode="0600"),
-        ]
-        if commands:
-            yield from commands
+        changed = hostfile.differs(CERT_FILE, cert) or hostfile.differs(KEY_FILE, key)
+        yield from _tls_dir()
+        yield from hostfile.put._inner(CERT_FILE, cert, mode="0644")
+        yield from hostfile.put._inner(KEY_FILE, key, mode="0600")
+        if changed:
             yield RELOAD
         return
     if host.get_fact(File, path=CERT_FILE) and host.get_fact(File, path=KEY_FILE):
@@ -163,16 +159,18 @@ def site(
         )
     ipv6 = bool(host.get_fact(File, path="/proc/net/if_inet6"))
     content = render_site(cache_port, https_port, nar_dir, prefix, keepalive_timeout, ipv6)
-    commands: list = []
-    if host.get_fact(File, path=DEFAULT_SITE) is not None:
-        commands.append(StringCommand(f"rm -f {DEFAULT_SITE}"))
-    site_commands = list(validated_files_changes(SITE_FILE, content, "nginx -t -q", check_in_place=True))
-    commands += site_commands
+    default_site = host.get_fact(File, path=DEFAULT_SITE) is not None
     # A metadata-only fix (chown/chmod) needs no reload; new content or a removed default does.
-    changed = bool(commands) and (
-        len(commands) > len(site_commands) or any(isinstance(c, FileUploadCommand) for c in site_commands)
+    changed = default_site or hostfile.differs(SITE_FILE, content)
+    if default_site:
+        yield StringCommand(f"rm -f {DEFAULT_SITE}")
+    yield from hostfile.put._inner(
+        SITE_FILE,
+        content,
+        check="nginx -t -q",
+        check_in_place=True,
+        fix="fix the nginx_* and cache_accel_redirect_prefix host data (or the site's template), then rerun",
     )
-    yield from commands
     yield from systemd.service._inner(NGINX_UNIT, running=True, enabled=True, reloaded=changed)
 
 

@@ -9,9 +9,9 @@ unless host data overrides a rule's `for:` (`monitoring_alert_for`). Alertmanage
 webhook at `alert_webhook_ref`: its configuration holds that URL, so it is a secret file
 (root:prometheus 0640, uploaded from memory, never on a command line).
 
-Every file goes through the checked file primitive (operations/hardening.py's
-validated_files_changes: staged, checked by promtool / amtool, then renamed); each service is
-(re)started through the one unit primitive (operations/service.py) when what it reads changed.
+Every file goes through the one file primitive (operations/hostfile.py: staged, checked by
+promtool / amtool, then renamed); each service is (re)started through the one unit primitive
+(operations/service.py) when what it reads changed.
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ from typing import Any
 import yaml
 from pyinfra import host
 from pyinfra.api import HiddenValue, OperationValueError, operation
+from pyinfra.operations import files as pyinfra_files
 
+from operations import hostfile
 from operations import service as units_op
-from operations import storage
 from operations.firewall import node_exporter_port
-from operations.hardening import validated_files_changes
 from operations.render import sha256
 from operations.settings import Settings, SettingsError, from_data
 
@@ -53,7 +53,6 @@ HEADER = "# Rendered by nixcache's deploy (operations/prometheus.py); local edit
 
 # Prometheus' duration syntax (1d, 5m, 30s, 1h30m).
 _DURATION = re.compile(r"^(\d+(ms|s|m|h|d|w|y))+$")
-_LISTEN = re.compile(r"^[\w.\-\[\]:]*:\d+$")
 
 
 @dataclass(frozen=True)
@@ -259,31 +258,6 @@ def render_defaults(s: Settings) -> dict[str, str]:
     }
 
 
-def check_settings(s: Settings) -> None:
-    """One-line errors for monitoring_* values Prometheus or Alertmanager would refuse at start."""
-    durations = (
-        "monitoring_retention",
-        "monitoring_scrape_interval",
-        "monitoring_evaluation_interval",
-        "monitoring_alert_group_wait",
-        "monitoring_alert_group_interval",
-    )
-    for key in durations:
-        value = getattr(s, key)
-        if not _DURATION.match(value):
-            raise SettingsError(
-                f"{host.name}: host data '{key}' is {value!r}; give a duration such as '30s' or '30d'"
-            )
-    for key in (
-        "monitoring_prometheus_listen",
-        "monitoring_alertmanager_listen",
-        "monitoring_blackbox_listen",
-    ):
-        value = getattr(s, key)
-        if not _LISTEN.match(value):
-            raise SettingsError(f"{host.name}: host data '{key}' is {value!r}; give [address]:port")
-
-
 def _dump(document: dict[str, Any]) -> str:
     return yaml.safe_dump(document, sort_keys=False, default_flow_style=False)
 
@@ -302,15 +276,15 @@ def server(
     amtool); a refused one stops the deploy with the checker's message and the previous file
     stays. Each service restarts only when one of its own files changed.
     """
-    yield from storage.directory._inner(RULES_DIR, "root", "root", "0755")
+    yield from pyinfra_files.directory._inner(path=RULES_DIR, user="root", group="root", mode="0755")
     secret = alertmanager_config.unmask()
     # unit -> [(path, content, check, check in place, group, mode)], in install order.
     files: dict[str, list[tuple[str, str, str | None, bool, str, str]]] = {
         "prometheus": [
-            (RULES_FILE, rules, "promtool check rules {path}", False, "root", "644"),
+            (RULES_FILE, rules, "promtool check rules {path}", False, "root", "0644"),
             # The whole configuration, rules included, at its final place.
-            (PROMETHEUS_CONFIG, prometheus_config, "promtool check config {path}", True, "root", "644"),
-            (PROMETHEUS_DEFAULTS, defaults[PROMETHEUS_DEFAULTS], None, False, "root", "644"),
+            (PROMETHEUS_CONFIG, prometheus_config, "promtool check config {path}", True, "root", "0644"),
+            (PROMETHEUS_DEFAULTS, defaults[PROMETHEUS_DEFAULTS], None, False, "root", "0644"),
         ],
         "prometheus-alertmanager": [
             (
@@ -319,19 +293,26 @@ def server(
                 "amtool check-config {path} >/dev/null",
                 False,
                 PROMETHEUS_USER,
-                "640",
+                "0640",
             ),
-            (ALERTMANAGER_DEFAULTS, defaults[ALERTMANAGER_DEFAULTS], None, False, "root", "644"),
+            (ALERTMANAGER_DEFAULTS, defaults[ALERTMANAGER_DEFAULTS], None, False, "root", "0644"),
         ],
         "prometheus-blackbox-exporter": [
-            (BLACKBOX_CONFIG, blackbox_config, None, False, "root", "644"),
-            (BLACKBOX_DEFAULTS, defaults[BLACKBOX_DEFAULTS], None, False, "root", "644"),
+            (BLACKBOX_CONFIG, blackbox_config, None, False, "root", "0644"),
+            (BLACKBOX_DEFAULTS, defaults[BLACKBOX_DEFAULTS], None, False, "root", "0644"),
         ],
     }
     for unit, entries in files.items():
         for path, content, check, in_place, group, mode in entries:
-            yield from validated_files_changes(
-                path, content, check, check_in_place=in_place, mode=mode, user="root", group=group
+            yield from hostfile.put._inner(
+                path,
+                content,
+                user="root",
+                group=group,
+                mode=mode,
+                check=check,
+                check_in_place=in_place,
+                fix="fix the monitoring_* host data (or monitoring/rules/nixcache.yml), then rerun",
             )
         digest = sha256("\0".join(content for _, content, *_ in entries))
         yield from units_op.units._inner(unit, {}, [f"{unit}.service"], digest)

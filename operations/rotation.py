@@ -8,6 +8,10 @@ One rule, read from host data by the cache deploy, the client deploy and deploys
 
 After a retire run the inventory is updated (signing_key_ref := the next ref, next keys removed),
 which names the same single key again: the rule has no state of its own to get out of step.
+
+The next key is created (stored first, read back) by whichever deploy needs it first: the cache's
+own, or a client's that must trust it. pyinfra prepares hosts in parallel, in no fixed order, so a
+client is often prepared before the caches it trusts; both ask `next_key`, one at a time per ref.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import functools
 import re
 from typing import Any
 
+import gevent.lock
 from pyinfra.api import HiddenValue
 
 from nixcache.keys import SecretKey
@@ -66,25 +71,44 @@ def next_name(current: str) -> str:
     return f"{match.group(1)}{int(match.group(2)) + 1}" if match else f"{current}-2"
 
 
-def trusted_public_keys(data: Any, resolve) -> list[str]:
-    """The public keys clients must trust for a cache with host `data` (resolve: a secret ref's value)."""
-    return [str(SecretKey.parse(resolve(ref).strip()).public()) for ref in signing_refs(data)]
+def trusted_public_keys(host_name: str, data: Any, resolve) -> list[str]:
+    """The public keys clients must trust for cache `host_name` with host `data`.
+
+    `resolve` reads a secret ref's value (the current key must exist); the next key is created
+    when absent, with the cache's own name rule (`next_key`), so a client prepared before its
+    caches trusts the very key they will sign with.
+    """
+    from operations.settings import from_data
+
+    upcoming = next_key(from_data(host_name, data), host_name)
+    values = {_get(data, "signing_key_next_ref"): upcoming.unmask()} if upcoming is not None else {}
+    return [
+        str(SecretKey.parse((values[ref] if ref in values else resolve(ref)).strip()).public())
+        for ref in signing_refs(data)
+    ]
+
+
+# One creation at a time per ref: hosts are prepared in parallel greenlets, and a secret store
+# reached over the network yields between "absent" and "stored".
+_NEXT_KEY_LOCKS: dict[str, gevent.lock.Semaphore] = {}
 
 
 def next_key(s: Any, host_name: str) -> HiddenValue | None:
     """The next key's secret file content when a rotation is under way, generated and stored first.
 
     The next key is created by the rotation itself (it is the one moment a new key is wanted),
-    so it is always allowed to be generated; it is stored in the secret store before any host sees it.
+    so it is always allowed to be generated; it is stored in the secret store before any host sees
+    it. Named `signing_key_next_name`, else the current name with its generation bumped.
     """
     if not s.signing_key_next_ref:
         return None
     from nixcache.secrets import ensure_signing_key  # the secrets package only when rotating
 
     name = s.signing_key_next_name or next_name(s.key_name(host_name))
-    return host_secret(
-        "next signing key",
-        "signing_key_next_ref",
-        s.signing_key_next_ref,
-        functools.partial(ensure_signing_key, name=name, generate=True),
-    )
+    with _NEXT_KEY_LOCKS.setdefault(s.signing_key_next_ref, gevent.lock.Semaphore()):
+        return host_secret(
+            "next signing key",
+            "signing_key_next_ref",
+            s.signing_key_next_ref,
+            functools.partial(ensure_signing_key, name=name, generate=True),
+        )

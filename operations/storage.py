@@ -1,11 +1,17 @@
-"""The service user, the store directories and the optional dedicated store volume."""
+"""The service user and the optional dedicated store volume.
+
+The service user is pyinfra's `server.user` with this project's policy (a system account with
+its own group, no login shell, no password, no home created: the data directory is made by
+pyinfra's `files.directory` with its owner and mode, as every directory of the deploys is).
+"""
 
 from __future__ import annotations
 
 from pyinfra import host
 from pyinfra.api import OperationError, QuoteString, StringCommand, operation
-from pyinfra.facts.files import Directory, FindInFile
-from pyinfra.facts.server import Mounts, Users
+from pyinfra.facts.files import FindInFile
+from pyinfra.facts.server import Mounts
+from pyinfra.operations import server
 
 from facts.storage import BlockDeviceFilesystem
 from operations.settings import Settings
@@ -15,34 +21,24 @@ FSTAB = "/etc/fstab"
 
 @operation()
 def service_user(user: str, home: str):
-    """A locked system user `user` (and its group), home `home`, no login shell, no password."""
-    if user in host.get_fact(Users):
-        host.noop(f"user {user} exists")
-        return
-    yield StringCommand(
-        "useradd --system --user-group --home-dir",
-        QuoteString(home),
-        "--no-create-home --shell /usr/sbin/nologin",
-        QuoteString(user),
+    """A locked system user `user` (and its group), home `home`, no login shell, no password.
+
+    + user: the account (its group has the same name: Debian's USERGROUPS_ENAB)
+    + home: its home directory, not created here
+    """
+    commands = list(
+        server.user._inner(  # noqa: S604 - `shell` is the login shell, not a subprocess
+            user=user, home=home, shell="/usr/sbin/nologin", system=True, create_home=False, ensure_home=False
+        )
     )
+    if not commands:
+        host.noop(f"user {user} exists")
+    yield from commands
 
 
 def fact_mode(mode: str) -> int:
     """`mode` ("0640") as pyinfra's File and Directory facts report it: octal digits read as decimal."""
     return int(mode.lstrip("0") or "0")
-
-
-@operation()
-def directory(path: str, user: str, group: str, mode: str):
-    """`path` is a directory owned `user:group` with `mode` (e.g. "0750")."""
-    current = host.get_fact(Directory, path=path)
-    wanted = (user, group, fact_mode(mode))
-    if current and (current["user"], current["group"], current["mode"]) == wanted:
-        host.noop(f"{path} exists")
-        return
-    yield StringCommand(
-        "install -d -m", mode, "-o", QuoteString(user), "-g", QuoteString(group), QuoteString(path)
-    )
 
 
 @operation()

@@ -8,7 +8,6 @@ whose data says `backup_store = True` to receive other hosts' snapshots over sft
 from __future__ import annotations
 
 import functools
-import io
 import re
 
 from cryptography.hazmat.primitives import serialization
@@ -19,7 +18,7 @@ from pyinfra.operations import apt, files, server
 from nixcache.backup.config import BackupConfig, dump
 from nixcache.packages import CACHE_HOST_PACKAGES
 from nixcache.secrets import ensure_ssh_key, ensure_token
-from operations import backup
+from operations import backup, hostfile
 from operations.settings import CONFIG_DIR, NIXCACHE_BIN, Settings, host_secret, settings
 
 BACKUP_CONFIG_FILE = f"{CONFIG_DIR}/backup.toml"
@@ -127,17 +126,19 @@ def backup_timer(schedule: bool = True) -> None:
         ssh_key = backup_ssh_key(s)
         # OpenSSH refuses a key file without its final newline; secret stores may strip it.
         key_file = HiddenValue(ssh_key.unmask().rstrip("\n") + "\n", masked_value=str(ssh_key))
-        backup.private_file(name="Install the backup ssh key", content=key_file, path=BACKUP_SSH_KEY_FILE)
-        files.put(
+        hostfile.put(
+            name="Install the backup ssh key", path=BACKUP_SSH_KEY_FILE, content=key_file, mode="0600"
+        )
+        hostfile.put(
             name="ssh settings for the sftp repository",
-            src=io.StringIO(ssh_client_config(repository_host)),
-            dest=SSH_CLIENT_CONFIG,
+            path=SSH_CLIENT_CONFIG,
+            content=ssh_client_config(repository_host),
             user="root",
             group="root",
             mode="0644",
         )
 
-    backup.config_file(name="Render backup.toml", content=dump(config), path=BACKUP_CONFIG_FILE)
+    hostfile.put(name="Render backup.toml", path=BACKUP_CONFIG_FILE, content=dump(config), mode="0600")
     metrics_dir = config.metrics_file.rsplit("/", 1)[0]
     files.directory(name="Node exporter textfile directory", path=metrics_dir, present=True)
     writable = [metrics_dir]
@@ -170,10 +171,10 @@ def backup_store() -> None:
     # restrict: no pty, forwarding or agent; the forced command allows nothing but sftp (sshd runs
     # it through the account's shell, hence /bin/sh rather than nologin).
     entry = f'restrict,command="/usr/lib/openssh/sftp-server" {public_key(ssh_key.unmask())} nixcache-backup'
-    files.put(
+    hostfile.put(
         name="Authorize the cache hosts' backup key (sftp only)",
-        src=io.StringIO(entry + "\n"),
-        dest=f"{home}/.ssh/authorized_keys",
+        path=f"{home}/.ssh/authorized_keys",
+        content=entry + "\n",
         user=user,
         group=user,
         mode="0600",

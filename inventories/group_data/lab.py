@@ -17,6 +17,9 @@ __all__ = [
     "gc_min_free",
     "metrics_allowed_sources",
     "monitoring_environment",
+    "nix_builder_ssh_key_generate",
+    "nix_builder_ssh_key_ref",
+    "nix_settings",
     "origin_access_key_ref",
     "origin_allowed_sources",
     "origin_credentials_generate",
@@ -61,3 +64,9 @@ origin_access_key_ref = f"file://{_lab_dir / 'secrets' / 'origin-access-key'}"
 origin_secret_key_ref = f"file://{_lab_dir / 'secrets' / 'origin-secret-key'}"
 origin_credentials_generate = True
 origin_memory_max = "512M"
+
+# Hosts that run Nix (nix_host, nix_builder): a throwaway remote-build key created on the first
+# deploy; Nix collects during builds only when the controller's disk (the lab's) is nearly full.
+nix_builder_ssh_key_ref = f"file://{_lab_dir / 'secrets' / 'nix-builder-ssh-key'}"
+nix_builder_ssh_key_generate = True
+nix_settings = {"min-free": "512M", "max-free": "1G"}

@@ -24,7 +24,7 @@ from pathlib import Path
 from nixcache.lab import rootfs
 from nixcache.lab.errors import LabError
 from nixcache.lab.lock import locked
-from nixcache.packages import ALL_PACKAGES, MONITORING_SERVICES
+from nixcache.packages import ALL_PACKAGES, MONITORING_SERVICES, NIX_HOST_SERVICES
 
 SUITE = "bookworm"
 RECIPE_VERSION = "3"  # bump when the build steps below change what lands in the image
@@ -154,10 +154,11 @@ def _generalise(root: Path) -> None:
         "timers.target.wants/apt-daily-upgrade.timer",
     ):
         (wants / unit).unlink(missing_ok=True)
-    # Every lab host carries the monitoring packages, but only the monitoring deploy starts them.
-    for unit in ("e2scrub_reap.service", "systemd-pstore.service", *MONITORING_SERVICES):
-        (wants / "multi-user.target.wants" / unit).unlink(missing_ok=True)
-        (wants / "sysinit.target.wants" / unit).unlink(missing_ok=True)
+    # Every lab host carries the monitoring and Nix host packages, but only their deploys start
+    # them: a bare lab host runs no Prometheus and no nix-daemon.
+    for unit in ("e2scrub_reap.service", "systemd-pstore.service", *MONITORING_SERVICES, *NIX_HOST_SERVICES):
+        for target in ("multi-user", "sysinit", "sockets"):
+            (wants / f"{target}.target.wants" / unit).unlink(missing_ok=True)
     (root / "root/.ssh").mkdir(mode=0o700, exist_ok=True)
 
 

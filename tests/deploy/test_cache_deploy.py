@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import uuid
 from pathlib import Path
 
@@ -106,6 +107,37 @@ def test_security_score_is_2_or_lower(deployed: Run, lab_dir: Path) -> None:
         match = re.search(r"exposure level for \S+: ([0-9.]+)", output)
         assert match, output
         assert float(match.group(1)) <= 2.0, f"{unit}: {output}"
+
+
+def test_gc_unit_runs_with_the_limits_of_config_toml(deployed: Run, lab_dir: Path) -> None:
+    """One source of truth: the GC unit names the config file, whose gc_* keys are the lab's data."""
+    host = hosts(lab_dir)[0]
+    exec_start = on_host(lab_dir, host.name, "systemctl show -p ExecStart --value nixcache-gc.service")
+    assert "argv[]=/opt/nixcache/venv/bin/nixcache gc --config /etc/nixcache/config.toml ;" in exec_start
+    config = tomllib.loads(on_host(lab_dir, host.name, "cat /etc/nixcache/config.toml"))
+    # inventories/group_data/lab.py's values, the default age limit, the lab's store
+    assert (config["gc_min_free"], config["gc_max_free"], config["gc_older_than"]) == ("1G", "2G", "30d")
+    assert config["store"] == "/var/lib/nixcache/store"
+    on_host(lab_dir, host.name, "systemctl start nixcache-gc.service")  # a oneshot: waits, fails on error
+    journal = on_host(lab_dir, host.name, "journalctl -u nixcache-gc.service -n 20 --no-pager -o cat")
+    assert re.search(r"gc: deleted \d+ narinfos and \d+ NAR files", journal), journal
+
+
+def test_a_bad_memory_limit_stops_the_deploy_in_one_line(deployed: Run, lab_dir: Path) -> None:
+    """systemd would run the service with no limit at all ('Invalid memory limit, ignoring')."""
+    run = deploy(lab_dir, "--data", "cache_memory_max=lots")
+    assert run.returncode != 0 and "Traceback" not in run.output, run.output[-3000:]
+    errors = [line for line in run.output.splitlines() if "pyinfra error" in line]
+    assert len(errors) == 1, run.output[-3000:]
+    assert re.search(
+        r": lab\d+: host data 'cache_memory_max' is 'lots'; give a systemd memory limit: bytes with K, M, "
+        r"G or T \(512M, 2G\), a percentage \(50%\) or infinity$",
+        errors[0],
+    ), errors[0]
+    host = hosts(lab_dir)[0]
+    assert on_host(lab_dir, host.name, "systemctl show -p MemoryMax --value nixcache.service").strip() == str(
+        512 * 1024**2
+    )
 
 
 def test_service_restarts_after_kill_9(deployed: Run, lab_dir: Path) -> None:

@@ -83,3 +83,13 @@ def test_cache_url_port_and_conf_order():
     assert "trusted-public-keys = k:1 k:2\n" in conf
     assert conf.endswith("netrc-file = /etc/nix/nixcache-netrc\n")
     assert "netrc-file" not in render_nix_conf(["http://mine:5000"], [], netrc=False)
+
+
+def test_a_host_that_names_caches_is_their_client_and_no_cache():
+    from operations.client import is_cache, is_client
+
+    cache, client = from_data("cache-a", {}), from_data("client-1", {"client_cache_group": "caches"})
+    assert (is_cache(cache), is_client(cache)) == (True, False)
+    assert (is_cache(client), is_client(client)) == (False, True)
+    by_url = from_data("ci-1", {"client_caches": ["http://cache-a:5000"]})
+    assert (is_cache(by_url), is_client(by_url)) == (False, True)

@@ -160,11 +160,11 @@ def test_rejected_sshd_and_sudoers_files_never_take_effect(
     def apply(sshd_text: str, sudoers_text: str) -> Run:
         deploy_file = tmp_path / f"files-{uuid.uuid4().hex[:6]}.py"
         deploy_file.write_text(
-            "from operations import hardening\n"
-            f"hardening.validated_file(name='sshd drop-in', dest={dropin!r}, content={sshd_text!r},"
-            " check='sshd -t', check_in_place=True, then='systemctl reload ssh.service')\n"
-            f"hardening.validated_file(name='sudoers', dest={sudoers!r}, content={sudoers_text!r},"
-            " check='visudo -cqf {path}', mode='440')\n"
+            "from operations import hostfile\n"
+            f"hostfile.put(name='sshd drop-in', path={dropin!r}, content={sshd_text!r},"
+            " check='sshd -t', check_in_place=True)\n"
+            f"hostfile.put(name='sudoers', path={sudoers!r}, content={sudoers_text!r},"
+            " check='visudo -cqf {path}', mode='0440')\n"
         )
         return pyinfra(lab_dir, "-y", "--limit", host.name, "inventories/lab.py", str(deploy_file))
 
@@ -172,12 +172,16 @@ def test_rejected_sshd_and_sudoers_files_never_take_effect(
         converged(apply("X11Forwarding no\n", "Defaults:root !lecture\n"))
         bad_sshd = apply("NoSuchOption yes\n", "Defaults:root !lecture\n")
         assert bad_sshd.returncode != 0
-        assert f"{dropin}: rejected by 'sshd -t'; previous version kept" in bad_sshd.output
+        assert f"{host.name}: {dropin}: not installed, `sshd -t` rejected it: " in bad_sshd.output
+        assert "NoSuchOption" in bad_sshd.output  # what sshd said, on the same line
+        assert "the previous version is unchanged" in bad_sshd.output
         assert on_host(lab_dir, host.name, f"cat {dropin}").strip() == "X11Forwarding no"
         on_host(lab_dir, host.name, "sshd -t")  # the running configuration is intact, and we still log in
         bad_sudo = apply("X11Forwarding no\n", "root ALL=(ALL) NOT VALID\n")
         assert bad_sudo.returncode != 0
-        assert f"{sudoers}: rejected by 'visudo -cqf <new>'; not installed" in bad_sudo.output
+        assert f"{host.name}: {sudoers}: not installed, `visudo -cqf {sudoers}.nixcache-new` rejected it" in (
+            bad_sudo.output
+        )
         assert on_host(lab_dir, host.name, f"cat {sudoers}").strip() == "Defaults:root !lecture"
         assert on_host(lab_dir, host.name, f"ls {dropin}* {sudoers}*").split() == [dropin, sudoers]
     finally:

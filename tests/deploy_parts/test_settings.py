@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tomllib
+
 import pytest
 from pyinfra.api import StringCommand
 from pyinfra.context import ctx_host, ctx_state
@@ -76,3 +78,63 @@ def test_pyinfra_connector_keys_are_not_mistaken_for_nixcache_settings():
         "host", {"ssh_user": "admin", "ssh_port": 2222, "ssh_allowed_sources": ["10.0.0.0/8"]}
     )
     assert from_data(host.name, host.data).ssh_allowed_sources == ("10.0.0.0/8",)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fix"),
+    [
+        ("gc_max_size", "banana", "give a size such as 10G, 512M or a number of bytes"),
+        ("gc_older_than", "a month", "give a duration such as 30d, 12h, 90m, 1w2d or a number of seconds"),
+        (
+            "cache_memory_max",
+            "lots",
+            "give a systemd memory limit: bytes with K, M, G or T (512M, 2G), a percentage (50%) or infinity",
+        ),
+        ("cache_allowed_sources", ["10.0.0.0/8", "10.0.0.300/24"], "give networks such as 10.0.0.0/24"),
+        ("cache_port", 70000, "give a TCP port from 1 to 65535"),
+        ("cache_port", "http", "give a TCP port from 1 to 65535"),
+        ("gc_randomized_delay", "soon", "give a systemd time span such as 30m, 2week or 1h 30min"),
+        ("monitoring_retention", "30 days", "give a Prometheus duration such as 30s, 5m or 30d"),
+        ("cache_nginx_front", "maybe", "give true or false"),
+        ("signing_key_ref", "secrets/key", "give a secret reference: op://vault/item/field"),
+    ],
+)
+def test_each_kind_of_bad_value_is_one_line_naming_host_key_value_and_fix(key, value, fix):
+    with pytest.raises(SettingsError) as error:
+        from_data("cache-eu-central", {key: value})
+    message = str(error.value)
+    assert message.startswith(f"cache-eu-central: host data '{key}' is {value!r}; {fix}")
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("key", "text", "expected"),
+    [
+        # What `pyinfra --data key=value` hands over (strings, or ints/JSON it parsed itself).
+        ("gc_max_size", "1G", 1024**3),
+        ("gc_older_than", "12h", 12 * 3600.0),
+        ("cache_memory_max", "50%", "50%"),
+        ("cache_memory_max", 2147483648, "2147483648"),
+        ("cache_allowed_sources", "10.0.0.0/8, 192.0.2.0/24", ("10.0.0.0/8", "192.0.2.0/24")),
+        ("cache_port", 5001, 5001),
+        ("cache_nginx_front", "yes", True),
+        ("gc_max_size", "", None),  # an optional key set empty on the command line: unset
+        ("origin_seaweedfs_version", 4.48, "4.48"),
+    ],
+)
+def test_values_as_the_command_line_gives_them_are_converted(key, text, expected):
+    assert getattr(from_data("cache-eu-central", {key: text}), key) == expected
+
+
+def test_the_server_config_gets_the_converted_limits():
+    from nixcache.server import config as configmod
+    from operations.config import render_config
+
+    s = from_data("cache-a", {"gc_max_size": "50G", "gc_older_than": "90d", "gc_min_free": "5G"})
+    config = configmod.from_mapping(tomllib.loads(render_config(s)))
+    assert (config.gc_max_size, config.gc_older_than, config.gc_min_free, config.gc_max_free) == (
+        50 * 1024**3,
+        90 * 86400.0,
+        5 * 1024**3,
+        25 * 1024**3,
+    )

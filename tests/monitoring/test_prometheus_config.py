@@ -138,15 +138,15 @@ def test_monitoring_keys_are_checked_like_every_setting() -> None:
     }
 
 
-def test_bad_monitoring_durations_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(prometheus, "host", SimpleNamespace(name="mon"))
-    with pytest.raises(
-        SettingsError, match=r"^mon: host data 'monitoring_retention' is '30 days'; give a duration"
-    ):
-        prometheus.check_settings(from_data("mon", {"monitoring_retention": "30 days"}))
+def test_bad_monitoring_durations_and_addresses_are_refused() -> None:
     with pytest.raises(
         SettingsError,
-        match=r"^mon: host data 'monitoring_prometheus_listen' is '9090'; give \[address\]:port$",
+        match=r"^mon: host data 'monitoring_retention' is '30 days'; give a Prometheus duration such as",
     ):
-        prometheus.check_settings(from_data("mon", {"monitoring_prometheus_listen": "9090"}))
-    prometheus.check_settings(from_data("mon", {}))  # the defaults pass
+        from_data("mon", {"monitoring_retention": "30 days"})
+    with pytest.raises(
+        SettingsError,
+        match=r"^mon: host data 'monitoring_prometheus_listen' is '9090'; give \[address\]:port, e\.g\.",
+    ):
+        from_data("mon", {"monitoring_prometheus_listen": "9090"})
+    from_data("mon", {})  # the defaults pass

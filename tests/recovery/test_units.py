@@ -10,6 +10,7 @@ from conftest import require
 
 from nixcache.drill import PhaseError, PhaseRunner
 from nixcache.keys import SecretKey, fingerprint
+from nixcache.secrets import resolve
 from operations import rotation
 from operations.backup import empty_start
 from operations.recovery import check_served
@@ -51,13 +52,34 @@ def test_next_name_bumps_generation() -> None:
     assert rotation.next_name("mykey") == "mykey-2"
 
 
-def test_trusted_keys_follow_phase() -> None:
+def test_trusted_keys_follow_phase(tmp_path) -> None:
     old, new = SecretKey.generate("c-1"), SecretKey.generate("c-2")
-    values = {CUR: old.serialize(), NXT: new.serialize() + "\n"}
-    both = {"signing_key_ref": CUR, "signing_key_next_ref": NXT}
-    assert rotation.trusted_public_keys(both, values.__getitem__) == [str(old.public()), str(new.public())]
+    (tmp_path / "current").write_text(old.serialize())
+    (tmp_path / "next").write_text(new.serialize() + "\n")
+    both = {
+        "signing_key_ref": f"file://{tmp_path}/current",
+        "signing_key_next_ref": f"file://{tmp_path}/next",
+    }
+    assert rotation.trusted_public_keys("c", both, resolve) == [str(old.public()), str(new.public())]
     retired = dict(both, rotate_phase="retire")
-    assert rotation.trusted_public_keys(retired, values.__getitem__) == [str(new.public())]
+    assert rotation.trusted_public_keys("c", retired, resolve) == [str(new.public())]
+
+
+def test_a_client_prepared_before_its_cache_creates_the_next_key_the_cache_then_signs_with(tmp_path) -> None:
+    """pyinfra prepares hosts in parallel: the client may ask for the next key before the cache made it."""
+    (tmp_path / "current").write_text(SecretKey.generate("cache-eu-1").serialize())
+    data = {
+        "signing_key_ref": f"file://{tmp_path}/current",
+        "signing_key_name": "cache-eu-1",
+        "signing_key_next_ref": f"file://{tmp_path}/next",
+    }
+    trusted = rotation.trusted_public_keys("cache-eu.fleet.example", data, resolve)
+    stored = SecretKey.parse((tmp_path / "next").read_text())
+    assert stored.name == "cache-eu-2"  # the cache's own name rule, not the client's
+    assert trusted[1] == str(stored.public())
+    # The cache's deploy, prepared afterwards, installs that same key.
+    installed = rotation.next_key(from_data("cache-eu.fleet.example", data), "cache-eu.fleet.example")
+    assert installed.unmask() == (tmp_path / "next").read_text()
 
 
 def _serve(routes: dict[str, str]):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import re
+import runpy
 import socket
 import stat
 import subprocess
@@ -87,11 +88,9 @@ support = [("lab2", {{"ssh_hostname": "{a2}", "backup_store": True}})]
 """
 
 ALL_DATA = """\
-# The lab's own settings, then what every host of this fleet shares.
-exec(compile(open({lab_data!r}).read(), {lab_data!r}, "exec"))
-__all__ = [*__all__, "ssh_user", "ssh_port", "ssh_key", "ssh_known_hosts_file",
-           "ssh_strict_host_key_checking", "backup_password_ref", "backup_password_generate",
-           "backup_ssh_key_ref", "backup_ssh_key_generate"]
+# The lab's own settings (inventories/group_data/lab.py, evaluated for this lab), then what
+# every host of this fleet shares.
+{lab_values}
 ssh_user = "root"
 ssh_port = {port}
 ssh_key = {key!r}
@@ -102,6 +101,21 @@ backup_password_generate = True
 backup_ssh_key_ref = {backup_ssh_key!r}
 backup_ssh_key_generate = True
 """
+
+
+def _lab_values(lab_dir: Path) -> str:
+    """inventories/group_data/lab.py's exported settings for this lab, as literal assignments."""
+    previous = os.environ.get("NIXCACHE_LAB_DIR")
+    os.environ["NIXCACHE_LAB_DIR"] = str(lab_dir)
+    try:
+        values = runpy.run_path(str(REPO / "inventories" / "group_data" / "lab.py"))
+    finally:
+        if previous is None:
+            os.environ.pop("NIXCACHE_LAB_DIR")
+        else:
+            os.environ["NIXCACHE_LAB_DIR"] = previous
+    return "\n".join(f"{name} = {values[name]!r}" for name in values["__all__"])
+
 
 NIXCACHE_SHIM = """\
 #!{python}
@@ -232,7 +246,7 @@ def _write_fleet(book: Book) -> None:
     host = book.hosts["lab1"]
     (inventory / "group_data" / "all.py").write_text(
         ALL_DATA.format(
-            lab_data=str(REPO / "inventories" / "group_data" / "lab.py"),
+            lab_values=_lab_values(Path(book.lab.state_dir)),
             port=host.ssh_port,
             key=host.ssh_key,
             known_hosts=str(book.lab.known_hosts),

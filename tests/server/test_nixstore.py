@@ -321,6 +321,9 @@ import sys
 from nixcache.server.nixstore.db import NixDatabase
 db = NixDatabase(sys.argv[1])
 for line in sys.stdin:
+    if line.strip() == "data_version":
+        print(db.data_version(), flush=True)
+        continue
     info = db.path_info(line.strip())
     print(info.path if info else "-", flush=True)
 """
@@ -366,6 +369,12 @@ def test_reads_as_a_user_without_write_access(tree: str) -> None:
                 )
             # The commit is in the WAL only (the daemon still has the database open): seen live.
             assert ask("3" * 32) == new
+            # data_version (which narinfo answers are remembered under) follows commits here too.
+            version = ask("data_version")
+            assert version != "None" and ask("data_version") == version
+            with daemon:
+                daemon.execute("DELETE FROM ValidPaths WHERE path = ?", (new,))
+            assert ask("data_version") != version and ask("3" * 32) == "-"
             daemon.close()
         finally:
             reader.stdin.close()
@@ -373,6 +382,34 @@ def test_reads_as_a_user_without_write_access(tree: str) -> None:
         assert reader.returncode == 0, reader.stderr.read()
     finally:
         shutil.rmtree(scratch)
+
+
+def test_a_remembered_narinfo_answer_follows_the_daemons_commits(tree: str, tmp_path: Path) -> None:
+    """Hits and misses are reused while Nix's database is unchanged (its data_version); a path the
+    daemon registers after a miss is served, one it deletes after a hit is not. (As a user who
+    cannot write the WAL index, data_version follows commits too: the test below.)"""
+    state = copy_state(tmp_path)
+    _, key = write_key(tmp_path)
+    local = LocalNixStore(NixStoreConfig(serve_nix_store=True, state_dir=state), "/nix/store", [key])
+    hash_part, new = "4" * 32, "/nix/store/" + "4" * 32 + "-registered-after-a-miss"
+    assert local.narinfo(Path(tree).name[:32]) is not None
+    assert local.narinfo(hash_part) is None
+    version = local.db.data_version()
+    assert local.narinfo(hash_part) is None and local.db.data_version() == version  # remembered
+    daemon = sqlite3.connect(state / "db" / "db.sqlite", timeout=0)
+    with daemon:
+        daemon.execute(
+            "INSERT INTO ValidPaths (path, hash, registrationTime, narSize) VALUES (?, ?, 0, 8)",
+            (new, "sha256:" + "ef" * 32),
+        )
+    body = local.narinfo(hash_part)
+    assert body is not None and body.startswith(f"StorePath: {new}\n".encode())
+    assert local.narinfo(hash_part) is body  # remembered
+    with daemon:
+        daemon.execute("DELETE FROM ValidPaths WHERE path = ?", (new,))
+    assert local.narinfo(hash_part) is None
+    daemon.close()
+    local.close()
 
 
 def test_a_nar_scanned_absent_is_found_once_its_narinfo_is_served(tmp_path: Path) -> None:

@@ -37,13 +37,19 @@ def test_tables_round_trip_through_dump() -> None:
 @pytest.mark.parametrize(
     ("origin", "message"),
     [
-        ({k: v for k, v in ORIGIN.items() if k != "bucket"}, "origin: bucket is required"),
-        ({**ORIGIN, "addressing": "dns"}, "origin.addressing = 'dns' must be path or virtual"),
-        ({**ORIGIN, "endpoint": "127.0.0.1:8333"}, "must be an http:// or https:// URL"),
-        ({**ORIGIN, "endpoint": "http://ak:sk@127.0.0.1"}, "without credentials in it"),
-        ({**ORIGIN, "secret_key": "inline"}, "origin: unknown key 'secret_key'"),
-        ({**ORIGIN, "narinfo_deadline": 0}, "origin.narinfo_deadline"),
-        ({**ORIGIN, "bucket": "a/b"}, "must be a bucket name"),
+        ({k: v for k, v in ORIGIN.items() if k != "bucket"}, "'origin.bucket' is required; give a bucket"),
+        ({**ORIGIN, "addressing": "dns"}, "'origin.addressing' is 'dns'; give path or virtual"),
+        (
+            {**ORIGIN, "endpoint": "127.0.0.1:8333"},
+            "'origin.endpoint' is '127.0.0.1:8333'; give an http:// or https:// URL",
+        ),
+        ({**ORIGIN, "endpoint": "http://ak:sk@127.0.0.1"}, "URL without credentials in it"),
+        (
+            {**ORIGIN, "secret_key": "inline"},
+            "unknown key 'origin.secret_key'; did you mean 'secret_key_file'",
+        ),
+        ({**ORIGIN, "narinfo_deadline": 0}, "'origin.narinfo_deadline' is 0; give a duration above zero"),
+        ({**ORIGIN, "bucket": "a/b"}, "'origin.bucket' is 'a/b'; give a bucket name without slashes"),
     ],
 )
 def test_bad_origin_names_the_key(origin: dict, message: str) -> None:
@@ -52,7 +58,8 @@ def test_bad_origin_names_the_key(origin: dict, message: str) -> None:
 
 
 def test_bad_upstream_key_is_named() -> None:
-    with pytest.raises(configmod.ConfigError, match=r"upstreams\[0\]\.public_keys: 'nonsense'"):
+    message = r"'upstreams\[0\]\.public_keys' is 'nonsense'; give public keys as name:base64"
+    with pytest.raises(configmod.ConfigError, match=message):
         configmod.from_mapping({"upstreams": [{"url": "http://127.0.0.1:1", "public_keys": ["nonsense"]}]})
 
 

@@ -52,6 +52,11 @@ SELECT v.path, v.hash, v.narSize, v.deriver, v.sigs, v.ca,
 """
 # `hash` has no index: this scans the table. Only used for a NAR whose narinfo this process has
 # not served since it started (see nixcache.server.nixstore.store).
+# Each output of a derivation and whether it is valid (DerivationOutputs: input-addressed outputs).
+_OUTPUTS = """
+SELECT o.path IN (SELECT path FROM ValidPaths) FROM DerivationOutputs o
+JOIN ValidPaths d ON d.id = o.drv WHERE d.path = ?
+"""
 _BY_NAR_HASH = "SELECT path, narSize FROM ValidPaths WHERE hash IN (?, ?) LIMIT 1"
 
 
@@ -226,6 +231,30 @@ class NixDatabase:
         digest = base32.parse_sha256(nar_hash)
         row = self._query(_BY_NAR_HASH, ("sha256:" + digest.hex(), base32.format_sha256(digest)))
         return (row[0], row[1]) if row else None
+
+    def data_version(self) -> int | None:
+        """SQLite's `PRAGMA data_version` on the live connection: the same number as long as no
+        other connection (the daemon) committed, so an answer read under it is still current.
+        None when there is no live connection (snapshot reads) or it cannot say: ask again."""
+        if self._db is None:
+            return None
+        try:
+            return self._db.execute("PRAGMA data_version").fetchone()[0]
+        except sqlite3.Error:
+            return None
+
+    def totals(self) -> tuple[int, int]:
+        """(number of valid paths, sum of their NarSize): the store's size as Nix counts it."""
+        row = self._query("SELECT count(*), coalesce(sum(narSize), 0) FROM ValidPaths", ())
+        return (row[0], row[1]) if row else (0, 0)
+
+    def outputs_valid(self, drv_path: str) -> bool | None:
+        """Whether every output of the derivation `drv_path` is a valid path; None when the
+        derivation itself is not valid (collected) or names no outputs."""
+        rows = self._execute(_OUTPUTS, (drv_path,))
+        if not rows:
+            return None
+        return all(valid for (valid,) in rows)
 
     def _nar_hash(self, path: str, text: str) -> str:
         """A database hash (`sha256:<hex>` as Nix writes it, or base32) as `sha256:<base32>`."""

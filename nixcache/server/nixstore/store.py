@@ -74,6 +74,8 @@ class LocalNixStore:
         self.db = NixDatabase(config.state_dir, store_dir)
         self._hash_part_of: dict[str, str] = {}  # NarHash base32 -> store hash part
         self._signed: dict[str, tuple[PathInfo, bytes]] = {}
+        # hash part -> (database data_version, narinfo or None) of the last answer
+        self._current: dict[str, tuple[int, bytes | None]] = {}
         self._absent: dict[str, None] = {}  # NarHash base32 a scan did not find
 
     def _info(self, hash_part: str) -> PathInfo | None:
@@ -88,7 +90,23 @@ class LocalNixStore:
         return f"{self.config.store_dir}/{store_path.rpartition('/')[2]}"
 
     def narinfo(self, hash_part: str) -> bytes | None:
-        """The signed narinfo of the valid path `hash_part`, or None."""
+        """The signed narinfo of the valid path `hash_part`, or None.
+
+        An answer (hit or miss) is reused while Nix's database says nothing was committed since
+        (`data_version`, one cheap PRAGMA): then the lookup's SELECT and its row are skipped. The
+        version is read before the lookup, so a commit in between only makes the next call ask
+        again."""
+        version = self.db.data_version()
+        if version is not None:
+            current = self._current.get(hash_part)
+            if current is not None and current[0] == version:
+                return current[1]
+        body = self._lookup_narinfo(hash_part)
+        if version is not None:
+            _remember(self._current, hash_part, (version, body), _SIGNED)
+        return body
+
+    def _lookup_narinfo(self, hash_part: str) -> bytes | None:
         info = self._info(hash_part)
         if info is None:
             return None
