@@ -161,21 +161,6 @@ def test_service_restarts_after_kill_9(deployed: Run, lab_dir: Path) -> None:
     assert cache_info(host.address).status_code == 200
 
 
-# A closure with a reference, salted so every run pushes new paths.
-CLOSURE = """
-let
-  mk = name: deps:
-    let refs = builtins.concatStringsSep ";" (map (d: "echo ${d} >> $out") deps);
-    in derivation {
-      inherit name;
-      system = builtins.currentSystem;
-      builder = "/bin/sh";
-      args = [ "-c" "echo ${name} @SALT@ > $out; ${refs}" ];
-    };
-in mk "deploy-top" [ (mk "deploy-leaf" []) ]
-"""
-
-
 def nix(args: list[str], home: Path, netrc: Path | None = None) -> subprocess.CompletedProcess[str]:
     extra = ["--option", "netrc-file", str(netrc)] if netrc else []
     return nixenv.run(["nix", *args, *extra], home)
@@ -186,7 +171,7 @@ def test_nix_copy_push_then_fetch_with_required_signatures(
 ) -> None:
     host = hosts(lab_dir)[0]
     url = f"http://{host.address}:{PORT}"
-    top = nixbuild.build(CLOSURE.replace("@SALT@", uuid.uuid4().hex), tmp_path / "build")
+    top = nixbuild.build(nixbuild.closure("deploy", uuid.uuid4().hex), tmp_path / "build")
 
     token = (lab_dir / "secrets" / "push-token").read_text().strip()
     netrc = tmp_path / "netrc"

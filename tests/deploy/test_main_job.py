@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import nixbuild
 
 from deploy.conftest import REPO, Run, hosts, on_host, pyinfra
-from deploy.test_cache_deploy import CLOSURE, PORT, nix
+from deploy.test_cache_deploy import PORT, nix
 from nixcache.keys import SecretKey
 from nixcache.lab import Lab
 
@@ -98,7 +98,7 @@ def test_lab1_runs_the_origin_beside_its_cache_and_every_cache_uses_it(main_job)
 def test_a_path_pushed_to_lab2_is_substituted_from_lab3_and_stored_there(main_job, tmp_path: Path) -> None:
     lab_dir, _, _ = main_job
     _, lab2, lab3 = hosts(lab_dir)
-    top = nixbuild.build(CLOSURE.replace("@SALT@", uuid.uuid4().hex), tmp_path / "build")
+    top = nixbuild.build(nixbuild.closure("deploy", uuid.uuid4().hex), tmp_path / "build")
 
     token = (lab_dir / "secrets" / "push-token").read_text().strip()
     netrc = tmp_path / "netrc"

@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from support import nixbuild
 
 from deploy.conftest import REPO, on_host, pyinfra
 from deploy.test_cache_deploy import PORT, nix
@@ -25,19 +26,6 @@ from operations.settings import from_data
 
 pytestmark = pytest.mark.lab
 
-# One derivation of a closure: `name` refers to each of `deps`; @SALT@ makes the paths new.
-CLOSURE = """
-let
-  mk = name: deps:
-    let refs = builtins.concatStringsSep ";" (map (d: "echo ${d} >> $out") deps);
-    in derivation {
-      inherit name;
-      system = builtins.currentSystem;
-      builder = "/bin/sh";
-      args = [ "-c" "echo ${name} @SALT@ > $out; ${refs}" ];
-    };
-in mk "nixhost-top" [ (mk "nixhost-leaf" []) ]
-"""
 # Only the builder can build it: it needs a feature that only the builder declares.
 REMOTE = """
 derivation {
@@ -177,7 +165,7 @@ def test_paths_built_on_the_host_are_substituted_with_only_its_key_trusted(
 ) -> None:
     cache, _ = converged
     salt = uuid.uuid4().hex
-    output = _nix_build(lab_dir, cache.name, CLOSURE.replace("@SALT@", salt), "--option", "builders", "''")
+    output = _nix_build(lab_dir, cache.name, nixbuild.closure("nixhost", salt), "--option", "builders", "''")
     top = output.strip().splitlines()[-1]
     assert top.endswith("-nixhost-top"), output
     key = str(SecretKey.parse((lab_dir / "secrets" / "signing-key").read_text()).public())

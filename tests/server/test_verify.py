@@ -212,19 +212,6 @@ def test_not_a_store_is_exit_2_in_one_line(tmp_path: Path) -> None:
     ]
 
 
-# A store path with a reference, salted so the push really uploads.
-CLOSURE = """
-let
-  mk = name: deps:
-    let refs = builtins.concatStringsSep ";" (map (d: "echo ${d} >> $out") deps);
-    in derivation {
-      inherit name;
-      system = builtins.currentSystem;
-      builder = "/bin/sh";
-      args = [ "-c" "echo ${name} @SALT@ > $out; ${refs}" ];
-    };
-in mk "verify-top" [ (mk "verify-leaf" []) ]
-"""
 # What the runbook's corrupted-store procedure tells CI to add: Nix's client caches positive
 # narinfo lookups for 30 days, so a runner that pushed a path before skips it without asking.
 BYPASS_NARINFO_CACHE = ["--option", "narinfo-cache-positive-ttl", "0"]
@@ -232,7 +219,7 @@ BYPASS_NARINFO_CACHE = ["--option", "narinfo-cache-positive-ttl", "0"]
 
 def test_a_runner_that_pushed_before_repairs_the_path_with_nix_copy(cache: Cache, tmp_path: Path) -> None:
     require(os.geteuid() == 0, "building into /nix/store needs root")
-    top = nixbuild.build(CLOSURE.replace("@SALT@", uuid.uuid4().hex), tmp_path / "build")
+    top = nixbuild.build(nixbuild.closure("verify", uuid.uuid4().hex), tmp_path / "build")
     netrc = tmp_path / "netrc"
     netrc.write_text(f"machine 127.0.0.1\nlogin nix\npassword {cache.token}\n")
     netrc.chmod(0o600)
