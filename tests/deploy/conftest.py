@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import runpy
 import subprocess
 import sys
 import time
@@ -56,6 +57,22 @@ class Run:
             if len(cells) == 3 and cells[0] != "Operation" and (cells[1] != "-" or cells[2] != "-"):
                 rows.append(cells[0])
         return rows
+
+
+def lab_group_data(lab_dir: Path, leave_out: tuple[str, ...] = ()) -> str:
+    """inventories/group_data/lab.py's exported settings for the lab in `lab_dir`, as literal
+    assignments: the group data of a test's own inventory (a computed `__all__` is an error)."""
+    previous = os.environ.get("NIXCACHE_LAB_DIR")
+    os.environ["NIXCACHE_LAB_DIR"] = str(lab_dir)
+    try:
+        values = runpy.run_path(str(REPO / "inventories" / "group_data" / "lab.py"))
+    finally:
+        if previous is None:
+            os.environ.pop("NIXCACHE_LAB_DIR")
+        else:
+            os.environ["NIXCACHE_LAB_DIR"] = previous
+    names = [name for name in values["__all__"] if not name.startswith(leave_out)]
+    return "".join(f"{name} = {values[name]!r}\n" for name in names)
 
 
 def hosts(lab_dir: Path):

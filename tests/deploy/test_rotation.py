@@ -19,7 +19,7 @@ import httpx
 import pytest
 from support import nixbuild
 
-from deploy.conftest import Run, deploy, hosts, on_host, pyinfra
+from deploy.conftest import Run, deploy, hosts, lab_group_data, on_host, pyinfra
 from nixcache import nixenv
 from nixcache.keys import SecretKey
 
@@ -37,15 +37,8 @@ caches = _lab[:-1]
 clients = _lab[-1:]
 """
 
+
 # The lab's group data for every host, but this test's signing key for the caches.
-ALL_DATA = """\
-from inventories.group_data import lab as _lab
-
-__all__ = [name for name in _lab.__all__ if not name.startswith("signing_key_")]
-globals().update({name: getattr(_lab, name) for name in __all__})
-"""
-
-
 def ok(run: Run) -> Run:
     assert run.returncode == 0, run.output[-5000:]
     assert run.totals()["error"] == 0, run.output[-5000:]
@@ -97,7 +90,8 @@ def test_rotation_with_a_client_in_the_inventory(deployed: Run, lab_dir: Path, t
     (inventory_dir / "group_data").mkdir(parents=True)
     inventory = inventory_dir / "fleet.py"
     inventory.write_text(INVENTORY)
-    (inventory_dir / "group_data" / "all.py").write_text(ALL_DATA)
+    # The lab's own group data but its signing key, which caches.py below sets per phase.
+    (inventory_dir / "group_data" / "all.py").write_text(lab_group_data(lab_dir, leave_out=("signing_key_",)))
     (inventory_dir / "group_data" / "clients.py").write_text('client_cache_group = "caches"\n')
     caches_data = inventory_dir / "group_data" / "caches.py"
     secrets = tmp_path / "secrets"

@@ -1,5 +1,6 @@
 """nixcache-verify on a deployed lab host: the timer waits, the service finds and quarantines a
-flipped byte, /metrics counts it, clients get 404, and a push repairs it."""
+flipped byte, /metrics counts it, clients never get the damaged copy (404, or the origin's copy
+pulled through again), and a push or the pull-through repairs it."""
 
 from __future__ import annotations
 
@@ -64,14 +65,22 @@ def test_the_verify_timer_runs_the_check_that_quarantines_damage(deployed: Run, 
         assert f"verify: damaged: nar/{entry.nar_file} its bytes hash to" in journal
         assert "1 damaged, 3 files quarantined in /var/lib/nixcache/store/quarantine/" in journal
         assert damaged_entries(client) == 1
-        assert client.get(f"/{entry.hash_part}.narinfo").status_code == 404
+        # The damaged copy is never served again. A host without an origin answers 404 until a
+        # push repairs it; one behind an origin (the lab's caches are, lab1 runs it) pulls the
+        # entry through again, verified against its narinfo, so clients get the pushed bytes.
+        behind_origin = "[origin]" in on_host(lab_dir, host.name, "cat /etc/nixcache/config.toml")
+        narinfo = client.get(f"/{entry.hash_part}.narinfo")
+        assert narinfo.status_code == (200 if behind_origin else 404)
+        if behind_origin:
+            assert client.get(f"/nar/{entry.nar_file}").content == entry.file_bytes
         moved = on_host(lab_dir, host.name, f"stat -c %U {STORE}/quarantine/*/nar/{entry.nar_file}")
         assert moved.split("\n")[0] == "nixcache"
         # The runbook's "Corrupted store" step 2: the store paths to push again.
         paths = on_host(lab_dir, host.name, f"grep -h '^StorePath: ' {STORE}/quarantine/*/narinfo/*.narinfo")
         assert paths.split("\n")[0] == f"StorePath: {entry.store_path}"
 
-        push(client, entry, token)
+        if not behind_origin:
+            push(client, entry, token)
         assert client.get(f"/nar/{entry.nar_file}").content == entry.file_bytes
         code, journal = start_verify(lab_dir, host.name)
         assert code == 0, journal

@@ -18,7 +18,6 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import re
-import runpy
 import socket
 import stat
 import subprocess
@@ -28,6 +27,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from deploy.conftest import lab_group_data
 from support import nixbuild
 from support.runbook import Step, check, parse, substitute, uncovered
 
@@ -104,20 +104,6 @@ backup_password_generate = True
 backup_credential_ref = {backup_credential!r}
 backup_credential_generate = True
 """
-
-
-def _lab_values(lab_dir: Path) -> str:
-    """inventories/group_data/lab.py's exported settings for this lab, as literal assignments."""
-    previous = os.environ.get("NIXCACHE_LAB_DIR")
-    os.environ["NIXCACHE_LAB_DIR"] = str(lab_dir)
-    try:
-        values = runpy.run_path(str(REPO / "inventories" / "group_data" / "lab.py"))
-    finally:
-        if previous is None:
-            os.environ.pop("NIXCACHE_LAB_DIR")
-        else:
-            os.environ["NIXCACHE_LAB_DIR"] = previous
-    return "\n".join(f"{name} = {values[name]!r}" for name in values["__all__"])
 
 
 NIXCACHE_SHIM = """\
@@ -259,7 +245,7 @@ def _write_fleet(book: Book) -> None:
     host = book.hosts["lab1"]
     (inventory / "group_data" / "all.py").write_text(
         ALL_DATA.format(
-            lab_values=_lab_values(Path(book.lab.state_dir)),
+            lab_values=lab_group_data(Path(book.lab.state_dir)),
             port=host.ssh_port,
             key=host.ssh_key,
             known_hosts=str(book.lab.known_hosts),
