@@ -436,6 +436,34 @@ def _stop_the_origin(book: Book) -> None:
     book.sh("lab2", "systemctl stop seaweedfs.service")
 
 
+def _origin_serves_objects(book: Book) -> None:
+    """The section before restarted SeaweedFS, and its check lists the bucket; reading objects
+    can take a few seconds more (its volume server registers again). Wait for that, bounded,
+    reading the origin directly: a region asked during the warm-up would answer 404."""
+    from minio import Minio
+
+    def secret(name: str) -> str:
+        return Path(book.ref(name).removeprefix("file://")).read_text().strip()
+
+    client = Minio(
+        f"{book.addr('lab2')}:8333",
+        access_key=secret("origin-access-key"),
+        secret_key=secret("origin-secret-key"),
+        secure=False,
+    )
+    name = f"{book.values['hash']}.narinfo"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            client.stat_object("nixcache", name)
+            return
+        except Exception as error:  # any failure means "not yet", until the deadline
+            if time.monotonic() > deadline:
+                late = f"the origin does not serve {name} 60 s after its restart: {error}"
+                raise AssertionError(late) from None
+            time.sleep(1)
+
+
 def _fleet_on_the_previous_release(book: Book) -> None:
     """Every cache runs <previous release>, deployed from an unpacked copy of it."""
     previous = book.work / "previous"
@@ -462,6 +490,7 @@ BEFORE = {
     "Lost host (hardware gone, disk dead, instance deleted) #3": _replace_the_host,
     "Lost or leaked key #3": _lose_the_key,
     "Origin outage (the environment's S3 bucket does not answer) #1": _stop_the_origin,
+    "Rebuilding a region from the origin #1": _origin_serves_objects,
     "Upgrading nixcache on the fleet, one host at a time #1": _fleet_on_the_previous_release,
 }
 

@@ -122,6 +122,8 @@ def test_origin_outage_reads_stay_404_and_pushes_are_503(
     assert us.client.get(f"/nar/{held.nar_file}").content == held.file_bytes  # now local on us
     late = make_entry()
     absent = make_entry()
+    unfetched = make_entry()  # in the origin, never asked of us before the outage
+    push(eu.client, unfetched, eu.token)
 
     def outage_checks(kind: str) -> None:
         assert us.client.get(f"/{held.hash_part}.narinfo").status_code == 200, kind
@@ -150,12 +152,15 @@ def test_origin_outage_reads_stay_404_and_pushes_are_503(
     seaweed.stop()
     try:
         outage_checks("stopped")
+        assert us.client.get(f"/{unfetched.hash_part}.narinfo").status_code == 404  # cannot tell
         assert metric(us.client, "nixcache_tier_errors_total", tier="origin", reason="timeout") >= 1
         assert metric(us.client, "nixcache_tier_errors_total", tier="origin", reason="unavailable") >= 1
     finally:
         seaweed.start()
     push(eu.client, late, eu.token)  # the origin is back: the same push succeeds
     assert us.client.get(f"/{late.hash_part}.narinfo").status_code == 200
+    # A lookup the outage failed was not remembered as absent: served as soon as it is back.
+    assert us.client.get(f"/{unfetched.hash_part}.narinfo").status_code == 200
 
 
 def test_narinfo_put_with_the_origin_down_publishes_nothing(

@@ -178,6 +178,7 @@ class PullThrough:
         return info
 
     def _lookup(self, hash_part: str) -> NarInfo | None:
+        failed = False  # a tier that could not answer may have the path: not proof of absence
         for tier in self.tiers:
             start = time.perf_counter()
             try:
@@ -185,6 +186,7 @@ class PullThrough:
                     info = tier.get_narinfo(hash_part)
             except TierError as error:
                 self._error(tier.name, "narinfo", error)
+                failed = True
                 continue
             finally:
                 self.metrics.tier_duration.labels(tier.name, "narinfo").observe(time.perf_counter() - start)
@@ -196,7 +198,10 @@ class PullThrough:
             if self.store.keep_nar(info.nar_file):
                 self._publish(hash_part, info)  # its NAR is already here (fetched on its own)
             return info
-        self.negative.add(hash_part)
+        if not failed:
+            # Remembered as absent only when every tier said so: a path the origin holds must
+            # be served again as soon as an outage ends, not a negative_ttl later.
+            self.negative.add(hash_part)
         return None
 
     def _remember(self, hash_part: str, tier: Tier, info: NarInfo) -> None:
