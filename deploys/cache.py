@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 
 from pyinfra import host
+from pyinfra.api import HiddenValue
 from pyinfra.operations import files
 
 from deploys.parts.backup import backup_timer
@@ -128,55 +129,26 @@ config_text = config.render_config(
     s, push_token=True, read_token=read_token is not None, nix_store=serves_nix_store
 )
 
+
+def service_secret(name: str, path: str, value: HiddenValue) -> None:
+    """A key or token only the service reads: 0600, owned by the service user."""
+    hostfile.put(name=name, path=path, content=value, user=s.service_user, group=s.service_user, mode="0600")
+
+
 config.config_dir(name="/etc/nixcache", user=s.service_user)
 hostfile.put(
     name="/etc/nixcache/config.toml", path=CONFIG_FILE, content=config_text, group=s.service_user, mode="0640"
 )
-hostfile.put(
-    name="Signing key",
-    path=SIGNING_KEY_FILE,
-    content=signing_key,
-    user=s.service_user,
-    group=s.service_user,
-    mode="0600",
-)
+service_secret("Signing key", SIGNING_KEY_FILE, signing_key)
 # During a key rotation: the next key beside the current one (operations/rotation.py).
 next_signing_key = rotation.next_key(s, host.name)
 if next_signing_key is not None:
-    hostfile.put(
-        name="Next signing key",
-        path=rotation.NEXT_SIGNING_KEY_FILE,
-        content=next_signing_key,
-        user=s.service_user,
-        group=s.service_user,
-        mode="0600",
-    )
-hostfile.put(
-    name="Push token",
-    path=PUSH_TOKEN_FILE,
-    content=push_token,
-    user=s.service_user,
-    group=s.service_user,
-    mode="0600",
-)
+    service_secret("Next signing key", rotation.NEXT_SIGNING_KEY_FILE, next_signing_key)
+service_secret("Push token", PUSH_TOKEN_FILE, push_token)
 if read_token is not None:
-    hostfile.put(
-        name="Read token",
-        path=READ_TOKEN_FILE,
-        content=read_token,
-        user=s.service_user,
-        group=s.service_user,
-        mode="0600",
-    )
+    service_secret("Read token", READ_TOKEN_FILE, read_token)
 for path, value in zip((S3_ACCESS_KEY_FILE, S3_SECRET_KEY_FILE), server_s3_keys, strict=False):
-    hostfile.put(
-        name=f"Origin credential {path}",
-        path=path,
-        content=value,
-        user=s.service_user,
-        group=s.service_user,
-        mode="0600",
-    )
+    service_secret(f"Origin credential {path}", path, value)
 
 # The public keys the server signs with, in its order (one, or two during a rotation).
 key_values = {SIGNING_KEY_FILE: signing_key, rotation.NEXT_SIGNING_KEY_FILE: next_signing_key}
