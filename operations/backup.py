@@ -24,7 +24,7 @@ from nixcache.backup.restic import redact
 from operations import hostfile, service
 from operations.health import failed_step
 from operations.render import render
-from operations.settings import Settings, SettingsError
+from operations.settings import Settings, SettingsError, listen_address
 
 SERVICE = "nixcache-backup.service"
 TIMER = "nixcache-backup.timer"
@@ -110,13 +110,7 @@ def rest_url_with_credential(url: str, user: str, credential: str) -> str:
 
 def store_bind_address(settings: Settings) -> str:
     """The one address the REST server binds: backup_store_bind_address, else the ssh address."""
-    address = settings.backup_store_bind_address or host.data.get("ssh_hostname")
-    if not address or address in ("0.0.0.0", "::"):  # noqa: S104 - refusing the wildcard
-        raise SettingsError(
-            f"{host.name}: backup_store_bind_address is {address!r}; give the one address the cache"
-            " hosts reach this host on (never a wildcard)"
-        )
-    return address
+    return listen_address("backup_store_bind_address", settings.backup_store_bind_address, "the cache hosts")
 
 
 def render_store_units(settings: Settings, nixcache_bin: str, configs: list[str]) -> dict[str, str]:

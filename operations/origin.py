@@ -28,7 +28,7 @@ from operations.health import failed_step
 from operations.install import cache_root, platform_tags
 from operations.render import render, sha256
 from operations.service import units
-from operations.settings import Settings
+from operations.settings import Settings, listen_address
 
 INSTALL_DIR = "/opt/seaweedfs"
 CONFIG_DIR = "/etc/seaweedfs"
@@ -54,13 +54,7 @@ def ports(settings: Settings) -> dict[str, int]:
 
 
 def bind_address(settings: Settings) -> str:
-    address = settings.origin_bind_address or host.data.get("ssh_hostname")
-    if not address or address in ("0.0.0.0", "::"):  # noqa: S104 - refusing the wildcard
-        raise OperationError(
-            f"{host.name}: origin_bind_address is {address!r}; give the one address the caches "
-            "reach this host on (never a wildcard)"
-        )
-    return address
+    return listen_address("origin_bind_address", settings.origin_bind_address, "the caches")
 
 
 def render_unit(settings: Settings) -> str:

@@ -807,6 +807,18 @@ def check_group_data() -> None:
             raise SettingsError(found[0])
 
 
+def listen_address(key: str, configured: str | None, reached_by: str) -> str:
+    """The one address a service of this host binds: `configured` (data key `key`), else the
+    host's ssh address. Never a wildcard, which would open it on every network of the host."""
+    address = configured or host.data.get("ssh_hostname")
+    if not address or address in ("0.0.0.0", "::"):  # noqa: S104 - refusing the wildcard
+        raise SettingsError(
+            f"{host.name}: {key} is {address!r}; give the one address {reached_by} reach this host on"
+            " (never a wildcard)"
+        )
+    return address
+
+
 def host_secret(
     what: str, key: str, ref: str | None, fetch: typing.Callable[..., str] | None = None
 ) -> HiddenValue:
