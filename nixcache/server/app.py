@@ -43,6 +43,9 @@ log = logging.getLogger("nixcache.server")
 _HASH = "[0-9a-df-np-sv-z]{32}"  # a store path's hash part
 NARINFO_PATH = rf"/({_HASH})\.narinfo"
 NAR_PATH = rf"/nar/({narinfo.NAR_NAME})"
+# NARs Nix writes for ?compression=lzip (no maintained decoder): absent on reads, refused on PUT
+# with the reason in the body (Nix 2.8 prints no body for the HEAD it sends first).
+LZIP_NAR_PATH = r"/nar/([0-9a-df-np-sv-z]{52}\.nar\.lzip)"
 _NARINFO_CACHE_ENTRIES = 16384  # signed narinfos kept in memory, ~1 KiB each
 NARINFO_LIMIT = 4 * 1024 * 1024  # the largest narinfo accepted (thousands of references fit)
 HEALTH_RETRY = 30  # seconds: a store that is not writable is a disk or mount problem, not a blip
@@ -89,6 +92,7 @@ class App:
             [
                 Route("narinfo", NARINFO_PATH, {**_all(read, self.get_narinfo), "PUT": self.put_narinfo}),
                 Route("nar", NAR_PATH, {**_all(read, self.get_nar), "PUT": self.put_nar}),
+                Route("nar", LZIP_NAR_PATH, {**_all(read, self.get_lzip_nar), "PUT": self.put_lzip_nar}),
                 Route(
                     "nix-cache-info",
                     "/nix-cache-info",
@@ -125,9 +129,6 @@ class App:
         if path.rstrip().endswith(".narinfo"):
             return _error(400, f"{shown}: a narinfo is /<32-char base32 store hash>.narinfo")
         if path.startswith("/nar/"):
-            if path.endswith(".nar.lzip"):  # Nix writes these; no maintained decoder exists for them
-                reason = f"{shown}: lzip NARs are not taken; push with ?compression= of {narinfo.SUPPORTED}"
-                return _error(400, reason)
             return _error(400, f"{shown}: a NAR is /nar/<52-char base32 sha256>{narinfo.NAR_FORM}")
         return _error(404, f"{shown} is not a path this cache serves")
 
@@ -248,6 +249,16 @@ class App:
         return _ranged(
             request, local.size, lambda offset, count: StreamBody(local.body(offset, count), count)
         )
+
+    def get_lzip_nar(self, request: Request, name: str) -> Response:
+        return _error(404, f"nar/{name} is not in this cache (lzip NARs are not taken)")
+
+    def put_lzip_nar(self, request: Request, name: str) -> Response:
+        def receive(limit: int) -> Response:
+            use = f"push with ?compression= one of {narinfo.SUPPORTED}"
+            raise UploadError(400, f"nar/{name}: lzip NARs are not taken; {use}")
+
+        return self._upload(request, "nar", receive)
 
     def get_healthz(self, request: Request) -> Response:
         if self.store.writable():

@@ -272,6 +272,8 @@ def test_br_and_lz4_nars_are_verified(cache: Cache, compression: str, ext: str) 
 
 def test_lzip_nar_is_400_naming_the_supported(cache: Cache) -> None:
     name = base32.encode(hashlib.sha256(b"LZIP").digest()) + ".nar.lzip"
+    assert cache.client.head(f"/nar/{name}").status_code == 404  # Nix asks first: absent
+    assert cache.client.put(f"/nar/{name}", content=b"LZIP").status_code == 401
     response = cache.client.put(f"/nar/{name}", content=b"LZIP", auth=cache.auth)
     assert response.status_code == 400
     assert "lzip NARs are not taken" in response.text and "br, lz4" in response.text

@@ -71,7 +71,8 @@ APP_CASES = [
     ("HEAD", "/debuginfo/0123", "other", None, ""),  # not a build ID Nix writes
     ("PUT", f"/nar/{NAR[:-3]}.br", "nar", "put_nar", ""),
     ("PUT", f"/nar/{NAR[:-3]}.lz4", "nar", "put_nar", ""),
-    ("PUT", f"/nar/{NAR[:-3]}.lzip", "other", None, ""),
+    ("PUT", f"/nar/{NAR[:-3]}.lzip", "nar", "put_lzip_nar", ""),
+    ("HEAD", f"/nar/{NAR[:-3]}.lzip", "nar", "get_lzip_nar", ""),
     ("PUT", "/log/../../etc/passwd", "other", None, ""),
     ("PUT", "/log/./x", "other", None, ""),
     ("PUT", "/log/x\0y", "other", None, ""),
