@@ -354,3 +354,67 @@ def test_parallel_nar_uploads_largest_first(cache: Cache) -> None:
     for entry in entries:
         assert cache.client.head(f"/nar/{entry.nar_file}").status_code == 200
         assert cache.client.get(f"/{entry.hash_part}.narinfo").status_code == 200
+
+
+# -- gc: an extra file goes with the path it describes (nixcache/server/extras/gc.py) -------------
+
+
+def test_gc_takes_extra_files_with_their_path(cache: Cache) -> None:
+    import os
+    import time
+
+    from server.test_gc import DAY, age, gc
+
+    def put(path: str, body: bytes) -> None:
+        assert cache.client.put(path, content=body, auth=cache.auth).status_code == 201, path
+
+    def extras_of(entry, drv: str) -> list[str]:  # type: ignore[no-untyped-def]
+        out_path = entry.store_path.rsplit("/", 1)[1]
+        drv_hash = "sha256:" + hashlib.sha256(drv.encode()).hexdigest()
+        build_id = hashlib.sha256(drv.encode()).hexdigest()[:40] + ".debug"
+        files = {
+            f"/{entry.hash_part}.ls": _dump(LISTING),
+            f"/log/{drv}": b"log\n",
+            f"/build-trace-v2/{drv}/out.doi": _dump({"outPath": out_path, "signatures": []}),
+            f"/realisations/{drv_hash}!out.doi": _dump({"id": f"{drv_hash}!out", "outPath": out_path}),
+            f"/debuginfo/{build_id}": _dump(
+                {
+                    "archive": f"../nar/{entry.nar_file}",
+                    "member": f"lib/debug/.build-id/{build_id[:2]}/{build_id[2:]}",
+                }
+            ),
+        }
+        for path, body in files.items():
+            put(path, body)
+        return list(files)
+
+    old, new = make_entry(), make_entry()
+    old_drv, new_drv = f"{random_hash()}-old.drv", f"{random_hash()}-new.drv"
+    for entry, drv in ((old, old_drv), (new, new_drv)):
+        assert (
+            cache.client.put(f"/nar/{entry.nar_file}", content=entry.file_bytes, auth=cache.auth).status_code
+            == 201
+        )
+        put(f"/{entry.hash_part}.narinfo", entry.narinfo(Deriver=drv).encode())
+    old_files, new_files = extras_of(old, old_drv), extras_of(new, new_drv)
+    young_orphan, old_orphan = f"/{random_hash()}.ls", f"/{random_hash()}.ls"
+    put(young_orphan, _dump(LISTING))
+    put(old_orphan, _dump(LISTING))
+    two_hours_ago = time.time() - 7200
+    for path in [*old_files, *new_files, old_orphan]:
+        local = cache.store / ("ls" + path if path.endswith(".ls") else path[1:])
+        os.utime(local, (two_hours_ago, two_hours_ago))
+    age(cache, old, 10 * DAY)
+
+    dry = gc("--store", str(cache.store), "--older-than", "5d", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "would delete 6 listings, logs, debuginfo and build traces" in dry.stdout
+    assert all(cache.client.get(path).status_code == 200 for path in old_files)
+
+    out = gc("--store", str(cache.store), "--older-than", "5d")
+    assert out.returncode == 0, out.stderr
+    assert "deleted 6 listings, logs, debuginfo and build traces" in out.stdout
+    assert [cache.client.get(path).status_code for path in old_files] == [404] * 5
+    assert [cache.client.get(path).status_code for path in new_files] == [200] * 5
+    assert cache.client.get(young_orphan).status_code == 200  # maybe a push in flight
+    assert cache.client.get(old_orphan).status_code == 404
