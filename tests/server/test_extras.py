@@ -418,3 +418,33 @@ def test_gc_takes_extra_files_with_their_path(cache: Cache) -> None:
     assert [cache.client.get(path).status_code for path in new_files] == [200] * 5
     assert cache.client.get(young_orphan).status_code == 200  # maybe a push in flight
     assert cache.client.get(old_orphan).status_code == 404
+
+
+def test_verify_compares_listings_with_their_nar(cache: Cache) -> None:
+    from server.test_verify import quarantined, verify
+
+    good, wrong, compressed = make_entry(compression="none"), make_entry(compression="none"), make_entry()
+    for entry in (good, wrong, compressed):
+        push(cache.client, entry, cache.token)
+    listings = [
+        (good, LISTING),  # make_entry's NAR: one regular file of 64 bytes at offset 96
+        (wrong, {"version": 1, "root": {"type": "regular", "size": 65, "narOffset": 96}}),
+        (compressed, {"version": 1, "root": {"type": "regular", "size": 10**6}}),
+    ]
+    for entry, listing in listings:
+        assert (
+            cache.client.put(f"/{entry.hash_part}.ls", content=_dump(listing), auth=cache.auth).status_code
+            == 201
+        )
+    (cache.store / "ls" / f"{random_hash()}.ls").write_bytes(b"{broken")  # damage on disk
+
+    out = verify(cache.store)
+    assert out.returncode == 1, out.stdout + out.stderr  # damage found
+    assert "; 3 damaged, 3 files quarantined" in out.stdout and good.hash_part not in out.stdout
+    assert f"ls/{wrong.hash_part}.ls does not describe nar/{wrong.nar_file}" in out.stdout
+    assert f"ls/{compressed.hash_part}.ls lists more file bytes than the NarSize" in out.stdout
+    assert "not JSON" in out.stdout
+    assert len([p for p in quarantined(cache.store) if p.startswith("ls/")]) == 3
+    assert cache.client.get(f"/{good.hash_part}.ls").status_code == 200
+    assert cache.client.get(f"/{wrong.hash_part}.ls").status_code == 404
+    assert cache.client.get(f"/{wrong.hash_part}.narinfo").status_code == 200  # the path stays

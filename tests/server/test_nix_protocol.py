@@ -18,6 +18,7 @@ from conftest import require
 from support import nixbuild
 
 from server.conftest import Cache, StartCache
+from server.helpers import nixcache_cmd
 from server.test_nix_client import netrc_for, nix
 
 # Two paths; the top one's builder prints a line, so Nix keeps a non-empty build log for it.
@@ -56,14 +57,14 @@ def _push(cache: Cache, path: str, tmp: Path, query: str) -> subprocess.Complete
     )
 
 
-@pytest.mark.parametrize("compression", ["br", "lz4"])
-def test_listings_and_br_lz4_nars_round_trip(
+@pytest.mark.parametrize("compression", ["br", "lz4", "none"])
+def test_listings_and_br_lz4_plain_nars_round_trip(
     cache: Cache, built: tuple[str, str], tmp_path: Path, compression: str
 ) -> None:
     top, _ = built
     pushed = _push(cache, top, tmp_path, f"write-nar-listing=true&compression={compression}")
     assert pushed.returncode == 0, pushed.stderr
-    ext = {"br": ".nar.br", "lz4": ".nar.lz4"}[compression]
+    ext = {"br": ".nar.br", "lz4": ".nar.lz4", "none": ".nar"}[compression]
     assert {p.name.endswith(ext) for p in (cache.store / "nar").iterdir()} == {True}
     # The listings Nix 2.8 uploaded are the ones it writes into a local binary cache.
     reference = tmp_path / "reference"
@@ -82,6 +83,12 @@ def test_listings_and_br_lz4_nars_round_trip(
         home=tmp_path / "home-ls", netrc=netrc_for(cache, tmp_path / "netrc"),
     )  # fmt: skip
     assert listed.returncode == 0, listed.stderr
+    # `nixcache verify` finds Nix's own listings describe their NARs (computed from the NAR when
+    # it is uncompressed).
+    verified = subprocess.run(
+        nixcache_cmd("verify", "--store", str(cache.store)), capture_output=True, text=True
+    )
+    assert verified.returncode == 0 and "; 0 damaged" in verified.stdout, verified.stdout
     # And a client substitutes the br / lz4 NARs, checking the cache's signature.
     fetched = nix(
         [
