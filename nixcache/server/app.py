@@ -7,6 +7,8 @@ request's `wire.Record`.
 
 With `[nix_store] serve_nix_store` the host's own Nix store (`nixcache.server.nixstore`) answers
 narinfos, `.ls` listings and build logs before the push store, and NARs after it (see get_nar).
+The files besides narinfos and NARs (listings, logs, debuginfo, build traces) have their routes
+in `nixcache.server.extras`; a PUT with a Content-Encoding is decoded first (`upload_encoding`).
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from nixcache.keys import SecretKey
-from nixcache.server import narinfo, wire
+from nixcache.server import narinfo, upload_encoding, wire
 from nixcache.server.auth import Tokens
 from nixcache.server.config import ServerConfig
+from nixcache.server.extras.serve import ExtraFiles
 from nixcache.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from nixcache.server.metrics import Metrics
 from nixcache.server.narinfo import NarInfo, NarInfoError
@@ -38,14 +41,14 @@ __all__ = ["App", "FileBody"]
 log = logging.getLogger("nixcache.server")
 
 _HASH = "[0-9a-df-np-sv-z]{32}"  # a store path's hash part
-# A path segment under the extra prefixes: never "." or "..", never a NUL.
-_SEGMENT = r"(?!\.\.?(?:/|\Z))[^/\x00]+"
 NARINFO_PATH = rf"/({_HASH})\.narinfo"
 NAR_PATH = rf"/nar/({narinfo.NAR_NAME})"
-# Files newer clients upload that this cache accepts and discards.
-EXTRA_PATH = rf"/{_HASH}\.ls|/(?:log|debuginfo|build-trace-v2|realisations)(?:/{_SEGMENT})+"
+# NARs Nix writes for ?compression=lzip (no maintained decoder): absent on reads, refused on PUT
+# with the reason in the body (Nix 2.8 prints no body for the HEAD it sends first).
+LZIP_NAR_PATH = r"/nar/([0-9a-df-np-sv-z]{52}\.nar\.lzip)"
 _NARINFO_CACHE_ENTRIES = 16384  # signed narinfos kept in memory, ~1 KiB each
 NARINFO_LIMIT = 4 * 1024 * 1024  # the largest narinfo accepted (thousands of references fit)
+HEALTH_RETRY = 30  # seconds: a store that is not writable is a disk or mount problem, not a blip
 _AUTH_HEADERS = (("WWW-Authenticate", 'Basic realm="nixcache"'),)
 
 
@@ -89,15 +92,16 @@ class App:
             [
                 Route("narinfo", NARINFO_PATH, {**_all(read, self.get_narinfo), "PUT": self.put_narinfo}),
                 Route("nar", NAR_PATH, {**_all(read, self.get_nar), "PUT": self.put_nar}),
+                Route("nar", LZIP_NAR_PATH, {**_all(read, self.get_lzip_nar), "PUT": self.put_lzip_nar}),
                 Route(
                     "nix-cache-info",
                     "/nix-cache-info",
-                    {**_all(read, self.get_cache_info), "PUT": self.put_extra},
+                    {**_all(read, self.get_cache_info), "PUT": self.put_cache_info},
                 ),
                 Route("healthz", "/healthz", _all(read, self.get_healthz)),
                 Route("metrics", "/metrics", _all(read, self.get_metrics)),
                 Route("pubkey", "/pubkey", _all(read, self.get_pubkey)),
-                Route("extra", EXTRA_PATH, {**_all(read, self.get_extra), "PUT": self.put_extra}),
+                *ExtraFiles(self).routes(),
             ]
         )
 
@@ -108,6 +112,8 @@ class App:
         found = self.router.resolve(request.method, request.path)
         request.record.route = found.name
         if found.handler is not None:
+            if request.method == "PUT":
+                request = upload_encoding.decoded(request, found.name)
             return found.handler(request, *found.groups)
         if found.allow:  # RFC 9110 15.5.6: 405 names the methods the path has
             return _error(
@@ -123,7 +129,7 @@ class App:
         if path.rstrip().endswith(".narinfo"):
             return _error(400, f"{shown}: a narinfo is /<32-char base32 store hash>.narinfo")
         if path.startswith("/nar/"):
-            return _error(400, f"{shown}: a NAR is /nar/<52-char base32 sha256>.nar[.xz|.zst|.bz2]")
+            return _error(400, f"{shown}: a NAR is /nar/<52-char base32 sha256>{narinfo.NAR_FORM}")
         return _error(404, f"{shown} is not a path this cache serves")
 
     def _unauthorized(self, authorization: str | None, what: str) -> Response:
@@ -244,33 +250,27 @@ class App:
             request, local.size, lambda offset, count: StreamBody(local.body(offset, count), count)
         )
 
+    def get_lzip_nar(self, request: Request, name: str) -> Response:
+        return _error(404, f"nar/{name} is not in this cache (lzip NARs are not taken)")
+
+    def put_lzip_nar(self, request: Request, name: str) -> Response:
+        def receive(limit: int) -> Response:
+            use = f"push with ?compression= one of {narinfo.SUPPORTED}"
+            raise UploadError(400, f"nar/{name}: lzip NARs are not taken; {use}")
+
+        return self._upload(request, "nar", receive)
+
     def get_healthz(self, request: Request) -> Response:
         if self.store.writable():
             return Response(200, b"ok\n")
-        return _error(503, f"store {self.store.root} is not writable")
+        # Every 503 carries Retry-After: Nix ≥ 2.35 waits that long before it asks again.
+        return _error(503, f"store {self.store.root} is not writable", [("Retry-After", str(HEALTH_RETRY))])
 
     def get_metrics(self, request: Request) -> Response:
         return Response(200, self.metrics.render(), METRICS_CONTENT_TYPE)
 
     def get_pubkey(self, request: Request) -> Response:
         return Response(200, self.pubkeys)
-
-    def get_extra(self, request: Request) -> Response:
-        """`<hash>.ls` and `log/<drv>` of the local Nix store; what pushers upload there is not kept."""
-        path = request.path
-        if self.nix_store is not None and (path.endswith(".ls") or path.startswith("/log/")):
-            if not self.tokens.may_read(request.headers.get("authorization")):
-                return self._unauthorized(request.headers.get("authorization"), "read")
-            if path.endswith(".ls"):
-                listing = self._local(self.nix_store.listing, path[1:-3])
-                if listing is not None:
-                    return Response(200, listing, "application/json")
-            else:
-                build_log = self._local(self.nix_store.log, path[len("/log/") :])
-                if build_log is not None:
-                    body = FileBody(build_log.handle, 0, build_log.size)
-                    return Response(200, body, "text/plain; charset=utf-8")
-        return _error(404, f"{path} is not kept by this cache")
 
     @staticmethod
     def _local(lookup: Callable[[str], Any], name: str) -> Any:
@@ -294,7 +294,8 @@ class App:
         except UploadError as error:
             self.metrics.uploads.labels(kind, "rejected").inc()
             retry = getattr(error, "retry_after", None)  # the origin is down: Nix retries a 503
-            return _error(error.status, error.reason, [("Retry-After", str(retry))] if retry else ())
+            headers = [*getattr(error, "headers", ()), *([("Retry-After", str(retry))] if retry else ())]
+            return _error(error.status, error.reason, headers)
         self.metrics.uploads.labels(kind, "accepted").inc()
         return response
 
@@ -336,14 +337,15 @@ class App:
 
         return self._upload(request, "narinfo", receive)
 
-    def put_extra(self, request: Request, *_: str) -> Response:
+    def put_cache_info(self, request: Request) -> Response:
+        """Nix PUTs nix-cache-info when its GET found none; this cache's own is kept."""
         body = request.body
 
         def receive(limit: int) -> Response:
             self.store.drain(body, body.length, limit)
             return Response(204, b"", None)  # RFC 9110 15.3.5: no content, no Content-Length
 
-        return self._upload(request, "extra", receive)
+        return self._upload(request, "nix-cache-info", receive)
 
 
 def _ranged(

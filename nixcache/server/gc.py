@@ -16,6 +16,8 @@ Safe while the server runs, in another process:
   under the exclusive lock just before unlinking, and spares NARs touched within GRACE_SECONDS
   (and the entries naming them). An upload racing a collection therefore never ends up with a
   narinfo whose NAR is gone.
+The extra files (listings, logs, debuginfo, build traces) go with the path they describe, in the
+same run (nixcache/server/extras/gc.py).
 "Last served" is the narinfo's atime (set explicitly by the server, see store.py) or its
 upload time, whichever is later.
 """
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nixcache.server import config as configmod
+from nixcache.server.extras import gc as extras_gc
 from nixcache.server.store import Store, read_quietly
 from nixcache.server.units import format_duration, human_size, parse_duration, parse_size
 
@@ -320,6 +323,12 @@ def run(limits: Limits, *, dry_run: bool = False, echo: Callable[[str], object] 
         young_orphans = sum(1 for name in nar_sizes if name not in refs and in_grace(name))
         result.shortfall = f"{' and '.join(unmet)} not met: " + _reasons(
             result, young_orphans if (too_big() or too_full()) else 0
+        )
+    extras = extras_gc.collect(store, result.deleted, GRACE_SECONDS, dry_run=dry_run, now=now)
+    if extras.deleted:
+        echo(
+            f"gc: {verb} {extras.deleted} listings, logs, debuginfo and build traces whose path is "
+            f"gone ({human_size(extras.freed_bytes)})"
         )
     result.store_bytes = total - result.freed_bytes
     result.free_bytes = _free_bytes(store.root) if not dry_run else free_start + result.freed_bytes

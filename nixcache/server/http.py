@@ -52,6 +52,8 @@ _NAMES: dict[bytes, str] = {}  # field names as sent -> lower-case str (a cache:
 _OWS = ("", " ", "\t")
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _NARINFO = re.compile(NARINFO_PATH.encode())  # the route table's own pattern, for the fast path
+# Current Nix asks "is this path here" with HEAD <hash>.narinfo (fileExists): as fast as a GET.
+_FAST_METHODS = ("GET", "HEAD")
 
 
 def parse_refusal(reason: str, *, invalid_method: bool = False) -> Refusal:
@@ -442,12 +444,13 @@ class Server(StreamServer):
             if message.limit is not None:
                 raise message.limit
             framing = wire.frame(message.version, message.headers, message.duplicate)
-            if framing is wire.NO_BODY_11 and message.method == "GET":
+            if framing is wire.NO_BODY_11 and message.method in _FAST_METHODS:
                 fast = _NARINFO.fullmatch(message.url)  # an origin-form target, nothing to decode
                 if fast is not None:
                     record.path = message.url.decode()
                     hash_part = fast.group(1).decode()
-                    return self._narinfo(sock, record, hash_part, message.headers.get("authorization"))
+                    authorization = message.headers.get("authorization")
+                    return self._narinfo(sock, record, hash_part, authorization, message.method == "HEAD")
             path, query = wire.split_target(message.url.decode("latin-1"))
         except Refusal as refusal:
             return self._refuse(sock, record, refusal, message)
@@ -503,24 +506,25 @@ class Server(StreamServer):
         return fate != "close"
 
     def _narinfo(
-        self, sock: socket.socket, record: Record, hash_part: str, authorization: str | None
+        self, sock: socket.socket, record: Record, hash_part: str, authorization: str | None, head_only: bool
     ) -> bool:
-        """The fast path of the most frequent request, a narinfo GET on a kept HTTP/1.1 connection
-        without a body: the route table's answer (`App.narinfo`, hit or miss), without building
-        the Request that no other handler needs: about 15 % less Python work per narinfo (in-process)."""
+        """The fast path of the most frequent request, a narinfo GET (or HEAD: the same head, no
+        body) on a kept HTTP/1.1 connection without a body: the route table's answer
+        (`App.narinfo`, hit or miss), without building the Request that no other handler needs:
+        about 15 % less Python work per narinfo (in-process)."""
         record.route = "narinfo"
         response = self.app.narinfo(hash_part, authorization)
         record.status = response.status
         record.reason = response.reason
         head = wire.response_head(response, keep_alive=True, http10=False, date=self._date_header())
-        body = response.body
+        body = b"" if head_only else response.body
         try:
             send_small(sock, head + body)  # type: ignore[operator]
         except OSError:
             record.aborted = True
             self._record(record)
             raise
-        record.sent = len(body)
+        record.sent = len(body)  # type: ignore[arg-type]
         self._record(record)
         return True
 

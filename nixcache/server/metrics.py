@@ -277,7 +277,7 @@ class Metrics:
         )
         self.uploads = LabeledCounter(
             "nixcache_uploads",
-            "Uploads by kind (nar, narinfo, extra) and result (accepted, rejected)",
+            "Uploads by kind (nar, narinfo, listing, log, …) and result (accepted, rejected)",
             ("kind", "result"),
         )
         self.upload_bytes = LabeledCounter("nixcache_upload_bytes", "Bytes of accepted NAR uploads")

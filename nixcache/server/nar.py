@@ -1,17 +1,13 @@
-"""NAR files: decompress (xz, bzip2 with the stdlib, zstd with `zstandard`) and hash in bounded memory."""
+"""NAR files: decompress (every compression of `narinfo.COMPRESSIONS`, through `codecs`) and hash in
+bounded memory."""
 
 from __future__ import annotations
 
-import bz2
 import hashlib
-import lzma
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
-import zstandard
-
-from nixcache.server import base32
+from nixcache.server import base32, codecs, narinfo
 
 CHUNK = 1 << 20
 # Every NAR starts with the length-prefixed string "nix-archive-1".
@@ -38,24 +34,12 @@ class NarDigest:
         return cls(nar_hash, int(size))
 
 
-def _decompressed(handle: BinaryIO, compression: str) -> BinaryIO:
-    if compression == "none":
-        return handle
-    if compression == "xz":
-        return lzma.open(handle)  # type: ignore[return-value]
-    if compression == "bzip2":
-        return bz2.open(handle)  # type: ignore[return-value]
-    if compression == "zstd":
-        return zstandard.ZstdDecompressor().stream_reader(handle, read_across_frames=True)  # type: ignore[return-value]
-    raise NarError(f"unknown compression {compression!r}")
-
-
 def digest(path: Path, compression: str) -> NarDigest:
     """Hash the decompressed content of `path`, reading 1 MiB at a time whatever the ratio."""
     sha = hashlib.sha256()
     size = 0
     try:
-        with open(path, "rb") as raw, _decompressed(raw, compression) as stream:
+        with open(path, "rb") as raw, codecs.decoder(raw, compression) as stream:
             head = b""
             while True:
                 chunk = stream.read(CHUNK)
@@ -65,8 +49,8 @@ def digest(path: Path, compression: str) -> NarDigest:
                     head += chunk[: len(NAR_MAGIC) - size]
                 sha.update(chunk)
                 size += len(chunk)
-    except (lzma.LZMAError, EOFError, OSError, zstandard.ZstdError) as error:
-        if isinstance(error, OSError) and error.errno is not None:
+    except codecs.DATA_ERRORS as error:
+        if not codecs.is_data_error(error):
             raise  # a real I/O error, not bad data
         raise NarError(f"not valid {compression} data: {error}") from None
     if head != NAR_MAGIC:
@@ -80,6 +64,15 @@ def plain_digest(path: Path, sha256: bytes, size: int) -> NarDigest:
     """The digest of an uncompressed NAR whose file sha256 and size are known (computed while it
     was received): only the header is read again."""
     with open(path, "rb") as handle:
-        if handle.read(len(NAR_MAGIC)) != NAR_MAGIC:
-            raise NarError("decompressed content (none) is not a NAR: it lacks the nix-archive-1 header")
+        head = handle.read(len(NAR_MAGIC))
+    if head != NAR_MAGIC:
+        found = codecs.sniff(head)
+        if found is not None:
+            # Nix names the NARs it compresses with gzip, lzma, lzop, … plain `.nar` (its URL
+            # has an extension only for xz, bzip2, zstd, br, lz4 and lzip).
+            raise NarError(
+                f"holds {found} data, not a NAR (Nix names {found} NARs plain .nar); push with "
+                f"?compression= one of {narinfo.SUPPORTED}"
+            )
+        raise NarError("decompressed content (none) is not a NAR: it lacks the nix-archive-1 header")
     return NarDigest(base32.format_sha256(sha256), size)

@@ -16,13 +16,25 @@ from nixcache.server import base32
 HASH_LEN = 32  # characters of a store path's hash part
 # Store path names: Nix allows letters, digits and +-._?= and never a leading dot.
 _NAME = re.compile(r"\A[A-Za-z0-9+\-_?=][A-Za-z0-9+\-._?=]{0,210}\Z")
-COMPRESSIONS = {"none": ".nar", "xz": ".nar.xz", "zstd": ".nar.zst", "bzip2": ".nar.bz2"}
+# Compression (Nix's name) -> NAR file extension, as Nix's BinaryCacheStore::uploadData names
+# them; every one is decoded by nixcache.server.codecs. Nix's lzip (`.nar.lzip`) and the
+# compressions it names plain `.nar` (gzip, lzma, lzop, …) are refused: no maintained decoder.
+COMPRESSIONS = {
+    "none": ".nar",
+    "xz": ".nar.xz",
+    "zstd": ".nar.zst",
+    "bzip2": ".nar.bz2",
+    "br": ".nar.br",
+    "lz4": ".nar.lz4",
+}
+SUPPORTED = ", ".join(COMPRESSIONS)  # for messages: what ?compression= may be
 # The NAR file names this server stores: nar/<base32 sha256 of the file><extension>.
 # Every pattern is anchored with \A and \Z: `$` also matches before a final newline.
 _BASE32 = "[0-9a-df-np-sv-z]"
-NAR_EXTENSION = r"\.nar(?:\.xz|\.zst|\.bz2)?"
+NAR_EXTENSION = r"\.nar(?:" + "|".join(re.escape(e[4:]) for e in COMPRESSIONS.values() if e != ".nar") + ")?"
 NAR_NAME = rf"{_BASE32}{{52}}{NAR_EXTENSION}"  # for patterns that embed it (the route table)
 NAR_FILE = re.compile(rf"\A({_BASE32}{{52}})({NAR_EXTENSION})\Z")
+NAR_FORM = ".nar[" + "|".join(ext[4:] for ext in COMPRESSIONS.values() if ext != ".nar") + "]"
 _SIG = re.compile(r"\A[^:\s]+:[A-Za-z0-9+/]+={0,2}\Z")
 MAX_DIGITS = 19  # NarSize and FileSize: 10**19 bytes is past any NAR; int() refuses > 4300 digits
 
@@ -166,10 +178,12 @@ def parse(text: str, store_dir: str = "/nix/store") -> NarInfo:
     url = required("URL")
     compression = fields.get("Compression") or "bzip2"  # absent means bzip2, as in Nix
     if compression not in COMPRESSIONS:
-        raise NarInfoError("Compression", f"{compression!r} is not one of {', '.join(COMPRESSIONS)}")
+        raise NarInfoError(
+            "Compression", f"{compression!r} is not one of {SUPPORTED}: push with ?compression= one of those"
+        )
     url_compression = compression_of(url[4:]) if url.startswith("nar/") else None
     if url_compression is None:
-        raise NarInfoError("URL", f"{url!r} is not nar/<52-char base32 file hash>.nar[.xz|.zst|.bz2]")
+        raise NarInfoError("URL", f"{url!r} is not nar/<52-char base32 file hash>{NAR_FORM}")
     if url_compression != compression:
         raise NarInfoError("URL", f"{url!r} does not end in {COMPRESSIONS[compression]!r} (Compression)")
     nar_hash = _hash_field("NarHash", required("NarHash"))

@@ -5,7 +5,7 @@ Layout under the store directory (`store` in the config, e.g. /var/lib/nixcache/
     narinfo/<hash>.narinfo   one per store path, as uploaded (normalised, uploaded Sig lines kept);
                              mtime = upload time, atime = last served (set explicitly, batched:
                              the volume may be mounted noatime, and explicit utime still works)
-    nar/<filehash>.nar[.xz|.zst|.bz2]
+    nar/<filehash>.nar[.xz|.zst|.bz2|.br|.lz4]
                              the NAR files, named by the base32 sha256 of their bytes
     nar-meta/<nar file name> "<NarHash> <NarSize>" of each NAR, computed when it was uploaded
     tmp/                     uploads in flight; same filesystem so they can be renamed into place.
@@ -16,8 +16,15 @@ Layout under the store directory (`store` in the config, e.g. /var/lib/nixcache/
                              never deleted by nixcache; see nixcache/server/verify.py)
     gc.lock                  flock(2) that orders gc's NAR deletions with the uploads and HEADs
                              that rely on a NAR staying
+    ls/<hash>.ls             NAR listings (write-nar-listing), kept while narinfo/<hash>.narinfo is
+    log/<drv>                build logs (nix store copy-log), kept while a narinfo's Deriver names <drv>
+    debuginfo/<build-id>     debug info indexes (index-debug-info), kept while the NAR they name is
+    build-trace-v2/<drv>/<output>.doi, realisations/<id>.doi
+                             build traces of CA derivations, kept while their outPath's narinfo is
+                             (all five: nixcache/server/extras; verified JSON, stored decoded,
+                             published by rename like the rest; gc rule in extras/gc.py)
 
-The service user owns all of it. Back up narinfo/, nar/ and nar-meta/ (not tmp/).
+The service user owns all of it. Back up everything but tmp/ (the backup's include_store does).
 
 Visibility rules: a file becomes visible only by rename(2) from tmp/ after it verified; a NAR's
 meta is renamed into place before the NAR; a narinfo only after its NAR and meta exist and match.
@@ -243,7 +250,7 @@ class Store:
         UPLOAD_CHUNK)."""
         compression = narinfo.compression_of(name)
         if compression is None:
-            raise UploadError(400, f"nar/{name}: expected nar/<52-char base32 sha256>.nar[.xz|.zst|.bz2]")
+            raise UploadError(400, f"nar/{name}: expected nar/<52-char base32 sha256>{narinfo.NAR_FORM}")
         try:
             file_sha = base32.decode(name[:52], 32)
         except ValueError as error:  # e.g. a first character above '1': more than 256 bits
@@ -346,8 +353,21 @@ class Store:
             raise UploadError(400, f"{name}: NarSize {info.nar_size} but {info.url} holds {digest.nar_size}")
 
     def drain(self, body: BinaryIO, length: int | None, limit: int) -> int:
-        """Read and discard an upload this server accepts but does not keep (.ls, log/, …)."""
+        """Read and discard an upload this server does not keep (a client's nix-cache-info)."""
         return _copy(body, length, limit, None, None)
+
+    def receive_small(self, body: BinaryIO, length: int | None, limit: int) -> bytes:
+        """The whole body of a small upload (a listing, log, build trace), within `limit` (413)."""
+        data = bytearray()
+        _copy(body, length, limit, None, data.extend)
+        return bytes(data)
+
+    def put_file(self, relative: str, data: bytes) -> None:
+        """Publish a verified small file at `relative` under the store (an extra file of
+        nixcache.server.extras) atomically, creating its directory."""
+        target = self.root / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self._write_small(target, data)
 
 
 class _Progress:

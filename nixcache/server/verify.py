@@ -15,6 +15,12 @@ tiers are stored the same way, so they are checked alike):
   recorded NarHash. `--nar-hash` costs the decompression (see docs/benchmarks.md) and finds what
   only a bug at upload time could have let in.
 
+- every listing under ls/ (nixcache.server.extras.listing) parses; one whose narinfo is here
+  must describe its NAR: for an uncompressed NAR the listing is computed from the NAR's framing
+  (file contents skipped, so it costs little more than the hash already read) and compared; for
+  a compressed one only its file sizes are checked against NarSize. A damaged listing is moved
+  to ``quarantine/<time>/ls/`` on its own (its path stays served; push it again to restore it).
+
 A damaged entry is quarantined: under the exclusive gc lock (the one `nixcache gc` deletes
 under and uploads publish under, see store.py), its narinfos, then its meta and NAR file are
 renamed into ``<store>/quarantine/<UTC time>/{narinfo,nar-meta,nar}/`` with one line per entry
@@ -42,6 +48,8 @@ from pathlib import Path
 from nixcache.atomicfile import write_atomically
 from nixcache.backup.progress import Throttle
 from nixcache.server import base32, nar, narinfo
+from nixcache.server.extras import ExtraError
+from nixcache.server.extras import listing as listings
 from nixcache.server.gc import nar_file_of
 from nixcache.server.store import Store, read_quietly
 from nixcache.server.units import human_size
@@ -125,6 +133,7 @@ def run(
     mover = _Quarantine(store, dry_run, report)
 
     by_nar, lone = _scan_narinfos(store, report)
+    by_hash = {entry.hash_part: entry for entries in by_nar.values() for entry in entries}
     for damage, hash_part, identity in lone:
         if mover.narinfo_alone(hash_part, identity, damage):
             echo(_line(damage, dry_run))
@@ -156,6 +165,11 @@ def run(
     for hash_part in dangling:
         damage = mover.dangling(hash_part)
         if damage is not None:
+            echo(_line(damage, dry_run))
+
+    for path in sorted((store.root / "ls").glob("*.ls")):
+        damage = _check_listing(store, path, by_hash.get(path.name[: -len(".ls")]))
+        if damage is not None and mover.listing(path, damage):
             echo(_line(damage, dry_run))
 
     report.seconds = time.monotonic() - started
@@ -264,6 +278,33 @@ def _check_nar(store: Store, name: str, size: int, nar_hash: bool) -> Damage | N
     return None
 
 
+def _check_listing(store: Store, path: Path, entry: _Narinfo | None) -> Damage | None:
+    """Why the listing at `path` is damaged or describes another NAR than its narinfo's, or None."""
+    what = f"ls/{path.name}"
+    try:
+        uploaded = listings.validate(what, read_quietly(path, listings.LIMIT))
+    except FileNotFoundError:
+        return None
+    except ExtraError as error:
+        return Damage(what, str(error).removeprefix(f"{what}: "))
+    if entry is None:
+        return None  # its narinfo is not here (yet, or any more): gc's business
+    if narinfo.compression_of(entry.nar_file) != "none":
+        if listings.total_size(uploaded) >= entry.nar_size:
+            return Damage(what, f"lists more file bytes than the NarSize {entry.nar_size} of its narinfo")
+        return None
+    try:
+        with open(store.nar_path(entry.nar_file), "rb") as handle:
+            computed = listings.of_nar(handle)
+    except FileNotFoundError:
+        return None
+    except ValueError as error:
+        return Damage(what, f"cannot be compared: nar/{entry.nar_file} is not a NAR ({error})")
+    if not listings.same(uploaded, computed):
+        return Damage(what, f"does not describe nar/{entry.nar_file}, the NAR of its narinfo")
+    return None
+
+
 def _disagreement(store: Store, entry: _Narinfo, size: int) -> Damage | None:
     """Why a narinfo disagrees with its intact NAR file and meta, or None."""
     what = f"narinfo/{entry.hash_part}.narinfo"
@@ -346,6 +387,13 @@ class _Quarantine:
             if not self.dry_run:
                 self._move(path, "narinfo")
         return damage
+
+    def listing(self, path: Path, damage: Damage) -> bool:
+        """Quarantine a listing on its own (nothing else depends on it)."""
+        self._found(damage)
+        if not self.dry_run:
+            self._move(path, "ls")
+        return True
 
     def _found(self, damage: Damage) -> bool:
         self.report.damaged.append(damage)

@@ -297,7 +297,7 @@ def test_head_has_the_get_length_and_no_body(cache: Cache) -> None:
 def test_204_has_no_content_length(cache: Cache) -> None:
     """RFC 9110 8.6: a server MUST NOT send Content-Length in a 204."""
     request = (
-        f"PUT /log/abc-foo.drv HTTP/1.1\r\nHost: x\r\nAuthorization: {basic(cache.token)}\r\n"
+        f"PUT /nix-cache-info HTTP/1.1\r\nHost: x\r\nAuthorization: {basic(cache.token)}\r\n"
         "Content-Length: 2\r\n\r\nhi"
     )
     ((status, headers, _),) = exchange(cache, request.encode())

@@ -286,14 +286,6 @@ def test_chunked_upload_over_the_limit_is_413(start_cache: StartCache) -> None:
     assert list((cache.store / "tmp").iterdir()) == []
 
 
-def test_extra_files_newer_clients_send_are_accepted(cache: Cache) -> None:
-    hash_part = base32.encode(bytes(20))
-    for path in (f"/{hash_part}.ls", "/log/abc-foo.drv", "/debuginfo/0123.debug", "/build-trace-v2/x.doi"):
-        response = cache.client.put(path, content=b'{"version":1}', auth=cache.auth)
-        assert response.status_code in (200, 201, 204), (path, response.text)
-    assert cache.client.put(f"/{hash_part}.ls", content=b"{}").status_code == 401
-
-
 def test_range_requests(cache: Cache) -> None:
     entry = make_entry(bytes(range(256)) * 64, compression="none")
     push(cache.client, entry, cache.token)

@@ -2,7 +2,7 @@
 
     nix-cache-info              written once, by the first push through this server
     <hash>.narinfo              as pushed (normalised, the pusher's Sig lines kept)
-    nar/<filehash>.nar[.xz|.zst|.bz2]
+    nar/<filehash>.nar[.xz|.zst|.bz2|.br|.lz4]
 
 so plain Nix tooling and any HTTP front can read the bucket, and a lost region is rebuilt from it.
 The client is minio (docs/decisions/0007-tiers-and-s3-client.md: it adds ~6 MiB to the server

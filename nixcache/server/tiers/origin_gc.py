@@ -10,6 +10,8 @@ the local gc (nixcache/server/gc.py):
   that narinfo lands, and pushers look at the NAR once more after their narinfo is stored;
 - just before deleting, each object is looked at again: a narinfo pushed again since the scan
   (newer mtime) and a NAR uploaded again since the scan are kept.
+A narinfo's listing (`<hash>.ls`) is deleted with it. Logs, debuginfo and build traces in the
+bucket are not collected (they are small; Nix itself has no GC rule for build traces yet).
 S3 has no access times: "age" is the time of the last upload of the narinfo.
 What S3 cannot give: an atomic "delete unless changed". Between gc's last look at a NAR and its
 delete a push may upload that NAR again and store a narinfo naming it; the pusher's look after
@@ -110,6 +112,7 @@ def run(
         if current is None or current.modified != entry.modified:
             return False  # pushed again since the scan: it is new
         origin.delete(f"{entry.hash_part}.narinfo")
+        origin.delete(f"{entry.hash_part}.ls")  # its listing goes with it (absent: S3 says done)
         return True
 
     # NARs no narinfo names (abandoned pushes): old ones go whatever the limits.

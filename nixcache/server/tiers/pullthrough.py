@@ -16,6 +16,9 @@ the whole NAR can count on the path being stored here. The fsync runs in the thr
 the other connections are served meanwhile.)
 Once the NAR is published, the narinfo that named it is published locally too: the next
 request is a local hit.
+
+Extra files (listings, logs, debuginfo, build traces): asked of the tiers that serve any file
+of the layout (the origin), within its narinfo deadline, and served without being stored here.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from nixcache.server.wire import FileBody, StreamBody
 
 log = logging.getLogger("nixcache.server.tiers")
 FOUND_TTL = 600.0  # a narinfo found in another tier waits this long for its NAR to be asked for
+EXTRA_LIMIT = 64 * 1024 * 1024  # the largest extra file kind (a build log, extras/buildlog.py)
 FOUND_ENTRIES = 4096  # NarInfos of a few KiB (references): a bounded few MiB
 
 
@@ -226,6 +230,25 @@ class PullThrough:
             return
         self._forget(hash_part)
         self.metrics.usage.add_entry(len(data))
+
+    # -- extra files ----------------------------------------------------------------------------
+
+    def extra_file(self, key: str) -> bytes | None:
+        """An extra file (`<hash>.ls`, `log/…`, …) from the first tier that has it, or None."""
+        for tier in self.tiers:
+            get_bytes = getattr(tier, "get_bytes", None)  # the origin; upstreams answer narinfos only
+            if get_bytes is None:
+                continue
+            try:
+                with within(tier.narinfo_deadline, f"{tier.name} {key}"):
+                    data = get_bytes(key, EXTRA_LIMIT)
+            except TierError as error:
+                self._error(tier.name, "extra", error)
+                continue
+            self.metrics.tier_lookups.labels(tier.name, "extra", "miss" if data is None else "hit").inc()
+            if data is not None:
+                return data
+        return None
 
     # -- NARs -----------------------------------------------------------------------------------
 

@@ -7,6 +7,8 @@
   origin's copy is missing or old enough that its gc may be about to take it), then the narinfo;
   only then is the narinfo published locally and the push answered 201. After the narinfo is in
   the origin its NAR is checked once more and uploaded again if an origin gc removed it meanwhile.
+- an extra file PUT (listing, log, debuginfo, build trace: nixcache.server.extras): verified,
+  stored in the origin at its URL path, then published locally.
 - The origin unreachable or refusing: OriginUnavailable, answered 503 with Retry-After; the
   local store publishes nothing (a NAR that was already here stays, as it was).
 """
@@ -84,6 +86,14 @@ class WriteThrough:
                 self._upload_nar(name, self.store.nar_path(name))
         except TierError as error:
             raise self._fail("nar", error) from None
+
+    def extra_file(self, key: str, data: bytes, content_type: str) -> None:
+        """A pushed extra file that verified: into the origin before it is published here."""
+        try:
+            self._small(f"PUT {key}", self.origin.put_bytes, key, data, content_type)
+        except TierError as error:
+            raise self._fail("extra", error) from None
+        self.metrics.tier_writes.labels(self.origin.name, "extra", "stored").inc()
 
     def narinfo_valid(self, info: NarInfo) -> None:
         """A pushed narinfo passed validation: store its NAR's and its own copy in the origin."""
