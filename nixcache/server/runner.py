@@ -97,6 +97,7 @@ def build(config: ServerConfig) -> Server:
             raise StartupError(str(error)) from None
     app = App(config, store, keys, tokens, metrics, nix_store)
     app.tiers = tiers.build(config, store, metrics, app.cache_info)
+    app.encoding.offload = offload_to(threadpool)
     host, port = config.host_port()
     server = Server((host, port), app, level=config.log_level, idle_timeout=config.keepalive_timeout)
     try:
