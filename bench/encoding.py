@@ -235,6 +235,7 @@ class Server:
                 sh("curl", "-sS", "--fail", "-u", "nix:bench-token", "-T", str(body),
                    f"http://127.0.0.1:{self.port}/{url}", ns=self.ns)  # fmt: skip
             paths[name] = f"nar/{file_hash}.nar"
+            self.narinfo = f"{hash_part}.narinfo"  # any one, for the latency probe
         return paths
 
     def cpu(self) -> float:
@@ -319,6 +320,39 @@ def transfer_table(
                   f"{total / wire:>7.2f}{server_cpu / gib:>18.2f}{client_cpu / gib:>18.2f}")  # fmt: skip
 
 
+def latency_table(work: Path, ns: str, servers: dict[str, Server], paths: dict[str, dict[str, str]]) -> None:
+    """narinfo latency on one keep-alive connection while 16 connections download NARs: the
+    compression runs in the thread pool, so the event loop should keep answering."""
+    print("\nnarinfo latency (ms, 300 GETs on one connection) while 16 connections download, loopback")
+    print(f"{'during':<22}{'median':>8}{'p90':>8}{'p99':>8}")
+    names = list(paths["1"])
+
+    def probe(server: Server) -> list[float]:
+        config = work / "narinfo.cfg"
+        line = f'url = "http://127.0.0.1:{server.port}/{server.narinfo}"\noutput = "/dev/null"\n'
+        config.write_text("silent\nfail\n" + line * 300 + 'write-out = "%{time_total}\\n"\n')
+        out = sh(*NICE, "curl", "--config", str(config), ns=ns).stdout
+        return sorted(float(x) * 1000 for x in out.split())
+
+    for label, level, compressed in (
+        ("nothing", "1", None),
+        ("identity", "1", False),
+        ("zstd level 1", "1", True),
+    ):
+        server = servers[level]
+        if compressed is None:
+            times = probe(server)
+        else:
+            with ThreadPoolExecutor(1) as pool:
+                urls = [paths[level][n] for n in names] * 2
+                load = pool.submit(fetch, work, ns, f"http://127.0.0.1:{server.port}", urls, 16, compressed)
+                time.sleep(0.3)
+                times = probe(server)
+                load.result()
+        median, p90, p99 = (times[min(len(times) - 1, int(q * len(times)))] for q in (0.5, 0.9, 0.99))
+        print(f"{label:<22}{median:>8.2f}{p90:>8.2f}{p99:>8.2f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -358,6 +392,7 @@ def main() -> int:
                     "Loopback (inside the server's namespace)", work, spaces.s, "127.0.0.1", servers, paths,
                     names, sizes, args.rounds,
                 )  # fmt: skip
+                latency_table(work, spaces.s, servers, paths)
                 if not args.no_link:
                     subset, total = [], 0
                     for name in names:

@@ -15,15 +15,19 @@ NARs with zstd by default. What this module does, and the reasons
   never tries to resume it; every answer for an encodable NAR carries `Vary: Accept-Encoding`;
 - a client that did not ask gets exactly the bytes, Content-Length and Accept-Ranges of before;
 - the frame pledges the NAR's size and carries zstd's checksum; memory is one compression
-  context (a few MiB at levels 1–3) and one CHUNK of input per response; each chunk is read and
-  compressed by `offload` (the hub's thread pool in the server: zstandard releases the GIL), so
-  the event loop keeps answering narinfos while NARs are compressed.
+  context (1.3 MiB at level 1, 3.5 MiB at level 3) and one CHUNK of input per response; each
+  chunk is read and compressed by `offload`: in the server a thread pool of its own, one thread
+  per core (zstandard releases the GIL), whose threads lower their own priority (nice +10, Linux
+  sets it per thread) so that on a busy host the event loop thread, which answers every
+  narinfo, wins the CPU over compression (measured in docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -33,6 +37,7 @@ from nixcache.server.wire import ChunkedBody, FileBody, Request, Response, Strea
 
 CODING = "zstd"
 CHUNK = 1 << 20  # input bytes per compression step: the thread hop (~50 us) stays ~1 % of it
+NICER = 10  # how much lower the compressing threads' priority is than the event loop's
 INLINE = 64 * 1024  # pieces below this (a generated NAR's framing strings) are compressed in place
 MIN_SIZE = 1024  # smaller NARs go as they are: the frame and chunk framing would eat the gain
 VARY = ("Vary", "Accept-Encoding")
@@ -141,9 +146,23 @@ def _compressed(body: FileBody | StreamBody, level: int, offload: Offload) -> It
         raise OSError(f"zstd encoding failed: {error}") from None
 
 
+_niced: set[int] = set()  # native ids of the threads already niced
+
+
+def _lower_priority() -> None:
+    """Nice the calling thread NICER steps below the process, once (Linux: nice is per thread);
+    never the main thread (its id is the pid), which runs the event loop (or a test)."""
+    tid = threading.get_native_id()  # the kernel's thread id, whatever gevent patched
+    if tid != os.getpid() and tid not in _niced:
+        _niced.add(tid)
+        with contextlib.suppress(OSError):  # elsewhere: compression merely competes as an equal
+            os.setpriority(os.PRIO_PROCESS, 0, min(19, os.getpriority(os.PRIO_PROCESS, 0) + NICER))
+
+
 def _read_and_compress(compressor: Any, fd: int, offset: int, count: int) -> bytes:
     """Read `count` bytes of `fd` at `offset` (exactly: a file that shrank is an OSError) and
     feed them to `compressor`; runs in a worker thread, file read included."""
+    _lower_priority()
     data = os.pread(fd, count, offset)
     while len(data) < count:
         more = os.pread(fd, count - len(data), offset + len(data))
