@@ -75,7 +75,7 @@ def accepts(field: str | None, coding: str = CODING) -> bool:
 
 class DownloadEncoding:
     """The configured choice (`download_compression`, `download_compression_level`) applied to
-    NAR answers; `offload` is set by the runner to the hub's thread pool."""
+    NAR answers; `offload` is set by the runner to the encoding's own thread pool."""
 
     def __init__(self, compression: str, level: int, offload: Offload = _inline):
         self.enabled = compression == CODING

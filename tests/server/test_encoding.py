@@ -18,6 +18,7 @@ import pytest
 import zstandard
 from conftest import require
 
+from nixcache.server import wire
 from nixcache.server.encoding import accepts
 from server.conftest import Cache, StartCache
 from server.helpers import make_entry, push
@@ -205,3 +206,19 @@ def test_http10_gets_the_encoded_body_ended_by_the_close(cache: Cache) -> None:
 )
 def test_accepts(field: str | None, expected: bool) -> None:
     assert accepts(field) is expected
+
+
+@pytest.mark.parametrize(
+    ("http10", "tail"),
+    [
+        (False, "Content-Encoding: zstd\r\nTransfer-Encoding: chunked\r\nDate: x\r\n\r\n"),
+        (True, "Content-Encoding: zstd\r\nConnection: close\r\nDate: x\r\n\r\n"),
+    ],
+)
+def test_a_body_of_unknown_length_has_no_content_length(http10: bool, tail: str) -> None:
+    """RFC 9112 6.1, 6.3: chunked in HTTP/1.1; HTTP/1.0 has no chunked, the close ends the body."""
+    body = wire.ChunkedBody(iter([b"x"]), lambda: None)
+    response = wire.Response(200, body, "application/x-nix-nar", [("Content-Encoding", "zstd")])
+    head = wire.response_head(response, keep_alive=not http10, http10=http10, date=b"Date: x\r\n").decode()
+    assert "Content-Length" not in head
+    assert head.endswith(tail)
