@@ -45,6 +45,8 @@ def server_config(
         read_token_file=Path(READ_TOKEN_FILE) if read_token else None,
         priority=settings.cache_priority,
         accel_redirect_prefix=settings.cache_accel_redirect_prefix if settings.cache_nginx_front else None,
+        download_compression=settings.cache_download_compression,
+        download_compression_level=settings.cache_download_compression_level,
         gc_max_size=settings.gc_max_size,
         gc_older_than=settings.gc_older_than,
         gc_min_free=settings.gc_min_free,

@@ -59,7 +59,7 @@ from nixcache.schema import (
     integer,
     setting,
 )
-from nixcache.server.config import BUCKET
+from nixcache.server.config import BUCKET, DOWNLOAD_COMPRESSION, ZSTD_LEVEL, ServerConfig
 from operations import group_data
 
 # --- fixed layout on cache hosts -----------------------------------------------------------
@@ -224,6 +224,17 @@ class Settings:
         20,
         POSITIVE,
         "How long the last deploy step waits for /nix-cache-info; a gevent server starts in ~1 s.",
+    )
+
+    cache_download_compression: str = setting(
+        ServerConfig.download_compression,
+        DOWNLOAD_COMPRESSION,
+        "config.toml download_compression: zstd Content-Encoding of uncompressed NARs for clients "
+        "that accept it (docs/decisions/0009-download-compression.md); none on a fast LAN whose "
+        "clients gain nothing from it.",
+    )
+    cache_download_compression_level: int = setting(
+        ServerConfig.download_compression_level, ZSTD_LEVEL, "config.toml download_compression_level."
     )
 
     # --- users, sshd, sysctl, limits, monitoring, nginx front, clients -----------------------

@@ -107,8 +107,9 @@ def render() -> str:
         schema.markdown_table(Settings),
         "## /etc/nixcache/config.toml (nixcache/server/config.py)\n",
         "The deploy sets `listen`, `store`, `signing_key_files`, the token files, `priority`, "
-        "`accel_redirect_prefix`, the `gc_*` keys and the tables from host data; the others keep "
-        "their defaults unless you run `nixcache serve --config` with your own file.\n",
+        "`accel_redirect_prefix`, the `download_compression*` keys, the `gc_*` keys and the tables "
+        "from host data; the others keep their defaults unless you run `nixcache serve --config` "
+        "with your own file.\n",
         schema.markdown_table(ServerConfig, defaults=store_default),
         "### [nix_store]\n",
         schema.markdown_table(NixStoreConfig, "nix_store."),

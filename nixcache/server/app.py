@@ -22,6 +22,7 @@ from nixcache.keys import SecretKey
 from nixcache.server import narinfo, upload_encoding, wire
 from nixcache.server.auth import Tokens
 from nixcache.server.config import ServerConfig
+from nixcache.server.encoding import DownloadEncoding
 from nixcache.server.extras.serve import ExtraFiles
 from nixcache.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from nixcache.server.metrics import Metrics
@@ -75,6 +76,9 @@ class App:
         # The fleet's other tiers (nixcache.server.tiers: origin, upstreams), asked on a local miss
         # and written through on a push; None: this cache is an island. Set by the runner.
         self.tiers: Tiers | None = None
+        # zstd Content-Encoding of uncompressed NARs for clients that accept it (its offload is
+        # set by the runner).
+        self.encoding = DownloadEncoding(config.download_compression, config.download_compression_level)
         self.keys = keys
         self.tokens = tokens
         self.metrics = metrics
@@ -91,7 +95,7 @@ class App:
         self.router = Router(
             [
                 Route("narinfo", NARINFO_PATH, {**_all(read, self.get_narinfo), "PUT": self.put_narinfo}),
-                Route("nar", NAR_PATH, {**_all(read, self.get_nar), "PUT": self.put_nar}),
+                Route("nar", NAR_PATH, {**_all(read, self.encoding.wrap(self.get_nar)), "PUT": self.put_nar}),
                 Route("nar", LZIP_NAR_PATH, {**_all(read, self.get_lzip_nar), "PUT": self.put_lzip_nar}),
                 Route(
                     "nix-cache-info",

@@ -31,12 +31,15 @@ from nixcache.schema import (
     Kind,
     SchemaError,
     enum,
+    integer,
     setting,
     table,
     tables,
 )
 
 DEFAULT_LISTEN = "127.0.0.1:5000"
+DOWNLOAD_COMPRESSION = enum("none", "zstd")  # also the host data key's kind (operations/settings.py)
+ZSTD_LEVEL = integer(1, 19)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -264,6 +267,19 @@ class ServerConfig:
         STR,
         "When nginx fronts the server: GET /nar/* answers with X-Accel-Redirect: <prefix>/<file> and "
         "nginx sends the bytes from disk. Unset: served here.",
+    )
+    download_compression: str = setting(
+        "zstd",
+        DOWNLOAD_COMPRESSION,
+        "zstd: an uncompressed NAR (nar/<hash>.nar) is sent with Content-Encoding: zstd to a client "
+        "whose Accept-Encoding allows it (current Nix does; Range requests, HEAD and compressed NARs "
+        "never). Measured in docs/benchmarks.md: see docs/decisions/0009-download-compression.md.",
+    )
+    download_compression_level: int = setting(
+        1,
+        ZSTD_LEVEL,
+        "zstd level of download_compression: 1 compresses several times faster than a 1 Gbit/s "
+        "link per core and keeps most of level 3's ratio on NARs (docs/benchmarks.md).",
     )
     log_level: str = setting("info", enum(*LOG_LEVELS), "info logs one line per request.")
     keepalive_timeout: float = setting(

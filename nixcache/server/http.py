@@ -31,7 +31,16 @@ from gevent.socket import wait_write
 
 from nixcache.server import wire
 from nixcache.server.app import NARINFO_PATH, App
-from nixcache.server.wire import FileBody, Framing, Record, Refusal, Request, Response, StreamBody
+from nixcache.server.wire import (
+    ChunkedBody,
+    FileBody,
+    Framing,
+    Record,
+    Refusal,
+    Request,
+    Response,
+    StreamBody,
+)
 
 log = logging.getLogger("nixcache.server")
 IDLE_TIMEOUT = 75.0  # seconds a keep-alive connection may sit idle (nginx's default)
@@ -354,6 +363,22 @@ def send_stream(sock: socket.socket, body: StreamBody, record: Record) -> None:
         raise OSError(record.reason)
 
 
+def send_chunked(sock: socket.socket, body: ChunkedBody, record: Record, *, framed: bool) -> None:
+    """Send a body of unknown length: each piece as one chunk, then the last chunk (RFC 9112 7.1);
+    unframed (HTTP/1.0) the closing connection ends it. `record.sent` counts body bytes, framing
+    aside. An OSError of the source leaves the last chunk unsent and closes the connection."""
+    try:
+        for chunk in body.chunks:
+            if chunk:
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk) if framed else chunk)
+                record.sent += len(chunk)
+    except OSError as error:
+        record.reason = str(error)
+        raise
+    if framed:
+        sock.sendall(b"0\r\n\r\n")
+
+
 _js = encode_basestring_ascii  # a str as a JSON string literal, quotes included
 
 
@@ -473,12 +498,14 @@ class Server(StreamServer):
         )
         if conn.upgraded or (left and conn._stopped()):
             fate = "close"
+        out = response.body
+        if framing.http10 and isinstance(out, ChunkedBody):
+            fate = "close"  # RFC 9112 6.3: without chunked framing, the close ends the body
         head = wire.response_head(
             response, keep_alive=fate != "close", http10=framing.http10, date=self._date_header()
         )
-        out = response.body
         try:
-            if isinstance(out, (FileBody, StreamBody)):
+            if isinstance(out, (FileBody, StreamBody, ChunkedBody)):
                 try:
                     if message.method == "HEAD":
                         send_small(sock, head)
@@ -487,8 +514,10 @@ class Server(StreamServer):
                         sock.sendall(head)
                         if isinstance(out, FileBody):
                             sendfile(sock, out, record)
-                        else:
+                        elif isinstance(out, StreamBody):
                             send_stream(sock, out, record)
+                        else:
+                            send_chunked(sock, out, record, framed=not framing.http10)
                 finally:
                     out.close()
             elif message.method == "HEAD":

@@ -6,12 +6,14 @@ Imported by `nixcache serve` only after `gevent.monkey.patch_all()`.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import sys
 from pathlib import Path
 
 import gevent
+import gevent.threadpool
 
 from nixcache.keys import KeyFormatError, SecretKey
 from nixcache.server import config as configmod
@@ -97,6 +99,8 @@ def build(config: ServerConfig) -> Server:
             raise StartupError(str(error)) from None
     app = App(config, store, keys, tokens, metrics, nix_store)
     app.tiers = tiers.build(config, store, metrics, app.cache_info)
+    # Its own pool, one thread per core, whose threads run at a lower priority (encoding.py).
+    app.encoding.offload = offload_to(gevent.threadpool.ThreadPool(os.cpu_count() or 1))
     host, port = config.host_port()
     server = Server((host, port), app, level=config.log_level, idle_timeout=config.keepalive_timeout)
     try:

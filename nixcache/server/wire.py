@@ -19,7 +19,7 @@ a request carries tokens (RFC 9110 11.6.2) in places a careless client puts them
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, BinaryIO, Protocol
@@ -205,19 +205,35 @@ class StreamBody:
             close()
 
 
+class ChunkedBody:
+    """A body whose length is known only at its end (an encoded NAR, nixcache.server.encoding):
+    `chunks` yields bytes, sent with chunked framing (RFC 9112 7.1; HTTP/1.0: until the connection
+    closes). An OSError from it closes the connection before the last chunk, so a body that went
+    wrong never looks complete; `close` releases the source."""
+
+    __slots__ = ("chunks", "close")
+    count = None
+
+    def __init__(self, chunks: Iterator[bytes], close: Callable[[], None]):
+        self.chunks = chunks
+        self.close = close
+
+
 @dataclass(slots=True)
 class Response:
     """An answer: status, body, extra header fields, and the reason logged for it (not sent)."""
 
     status: int
-    body: bytes | FileBody | StreamBody = b""
+    body: bytes | FileBody | StreamBody | ChunkedBody = b""
     content_type: str | None = "text/plain; charset=utf-8"
     headers: Sequence[tuple[str, str]] = ()
     reason: str | None = None
 
     @property
-    def length(self) -> int:
-        return self.body.count if isinstance(self.body, (FileBody, StreamBody)) else len(self.body)
+    def length(self) -> int | None:
+        """Body bytes; None for a ChunkedBody, whose length is unknown until it ends."""
+        body = self.body
+        return body.count if isinstance(body, (FileBody, StreamBody, ChunkedBody)) else len(body)
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -303,7 +319,11 @@ def _head(response: Response, keep_alive: bool, http10: bool) -> bytes:
     elif http10:
         fields.append("Connection: keep-alive\r\n")  # RFC 9112 9.3, C.2.2: an HTTP/1.0 client needs it
     if status >= 200 and status != 204:  # RFC 9110 8.6: never on 1xx or 204
-        fields.append(f"Content-Length: {response.length}\r\n")
+        length = response.length
+        if length is not None:
+            fields.append(f"Content-Length: {length}\r\n")
+        elif not http10:  # RFC 9112 6.1: no chunked for HTTP/1.0; the close ends the body
+            fields.append("Transfer-Encoding: chunked\r\n")
     return line + "".join(fields).encode("latin-1")
 
 

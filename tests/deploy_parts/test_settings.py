@@ -97,6 +97,8 @@ def test_pyinfra_connector_keys_are_not_mistaken_for_nixcache_settings():
         ("monitoring_retention", "30 days", "give a Prometheus duration such as 30s, 5m or 30d"),
         ("cache_nginx_front", "maybe", "give true or false"),
         ("signing_key_ref", "secrets/key", "give a secret reference: op://vault/item/field"),
+        ("cache_download_compression", "gzip", "give none or zstd"),
+        ("cache_download_compression_level", 22, "give a whole number from 1 to 19"),
     ],
 )
 def test_each_kind_of_bad_value_is_one_line_naming_host_key_value_and_fix(key, value, fix):
@@ -138,3 +140,14 @@ def test_the_server_config_gets_the_converted_limits():
         5 * 1024**3,
         25 * 1024**3,
     )
+
+
+def test_the_server_config_gets_the_download_compression():
+    from nixcache.server import config as configmod
+    from operations.config import render_config
+
+    default = configmod.from_mapping(tomllib.loads(render_config(from_data("cache-a", {}))))
+    assert (default.download_compression, default.download_compression_level) == ("zstd", 1)
+    s = from_data("cache-a", {"cache_download_compression": "none", "cache_download_compression_level": "3"})
+    config = configmod.from_mapping(tomllib.loads(render_config(s)))
+    assert (config.download_compression, config.download_compression_level) == ("none", 3)
