@@ -306,9 +306,8 @@ class _Quarantine:
                 return False
             self._found(damage)
             for hash_part in hash_parts:  # narinfos first: no reader finds one without its NAR
-                path = store.narinfo_path(hash_part)
-                if nar_file_of(path) == name:
-                    self._move(path, "narinfo")
+                if nar_file_of(store.narinfo_path(hash_part)) == name:
+                    self._move_narinfo(hash_part)
             self._move(store.meta_dir / name, "nar-meta")
             self._move(store.nar_path(name), "nar")
         return True
@@ -328,7 +327,7 @@ class _Quarantine:
                 self.report.changed += 1
                 return False
             self._found(damage)
-            self._move(path, "narinfo")
+            self._move_narinfo(hash_part)
         return True
 
     def dangling(self, hash_part: str) -> Damage | None:
@@ -344,8 +343,15 @@ class _Quarantine:
             damage = Damage(f"narinfo/{hash_part}.narinfo", f"names nar/{name}, which is not in the store")
             self._found(damage)
             if not self.dry_run:
-                self._move(path, "narinfo")
+                self._move_narinfo(hash_part)
         return damage
+
+    def _move_narinfo(self, hash_part: str) -> None:
+        """Move a narinfo aside, its signed text (derived: deleted, not kept) first, so neither
+        the server nor an nginx front serves the path once it is quarantined."""
+        with contextlib.suppress(FileNotFoundError):
+            self.store.signed_path(hash_part).unlink()
+        self._move(self.store.narinfo_path(hash_part), "narinfo")
 
     def _found(self, damage: Damage) -> bool:
         self.report.damaged.append(damage)

@@ -1,0 +1,178 @@
+"""The signed narinfos on disk (signed/ of the store, see nixcache/server/store.py) after a change
+of keys: which keys signed them, and the background re-signing when the server starts with others.
+
+signed/KEYS lists the public keys (`name:base64`, one a line, in the configured order) whose
+signatures every file in signed/ carries. A server whose keys differ (a rotation phase of
+deploys/rotate_key.py, see docs/runbook.md "Key rotation"; or a store from before signed/ or
+restored from a backup, which has no KEYS) keeps serving the files as they are: during a rotation
+clients trust the old key and the new one. `Resigner.run` meanwhile signs every narinfo again
+with the current keys, in batches in the thread pool (the event loop keeps serving), each file
+replaced atomically, and writes KEYS last. What it has done is recorded after each batch in
+signed/KEYS.next (the keys it signs with and the last hash done, in name order), so a restart
+with the same keys resumes there; new pushes and the server's own signing on a missing file use
+the current keys already. Several worker processes: one re-signs (flock on signed/.resign.lock),
+the others only serve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from nixcache.atomicfile import write_atomically
+from nixcache.keys import SecretKey
+from nixcache.server import narinfo
+from nixcache.server.store import Store, read_quietly
+
+log = logging.getLogger("nixcache.server.signed")
+KEYS_FILE = "KEYS"
+PROGRESS_FILE = "KEYS.next"
+LOCK_FILE = ".resign.lock"
+BATCH = 500  # narinfos per trip to the thread pool: ~50 ms of signing, then the loop gets a turn
+PROGRESS_SECONDS = 10.0
+
+Offload = Callable[[Callable[..., Any], tuple[Any, ...]], Any]
+
+
+def keys_text(keys: Sequence[SecretKey]) -> str:
+    """What signed/KEYS holds for `keys`: their public keys, one a line."""
+    return "".join(f"{key.public()}\n" for key in keys)
+
+
+def recorded_keys(store: Store) -> str | None:
+    """signed/KEYS as written, or None when there is none (a store from before signed/)."""
+    try:
+        return (store.signed_dir / KEYS_FILE).read_text()
+    except FileNotFoundError:
+        return None
+
+
+class Resigner:
+    """Re-signs signed/ for the store's keys; `pending` and `done` feed the metrics."""
+
+    def __init__(self, store: Store, offload: Offload | None = None, batch: int = BATCH):
+        self.store = store
+        self.offload: Offload = offload or (lambda fn, args: fn(*args))
+        self.batch = batch
+        self.wanted = keys_text(store.keys)
+        self.pending = 0  # narinfos still to re-sign (nixcache_resign_pending)
+        self.done = 0  # narinfos re-signed by this process (nixcache_resign_total)
+
+    def needed(self) -> bool:
+        return recorded_keys(self.store) != self.wanted
+
+    def run(self) -> None:
+        """Re-sign everything not yet signed by the current keys, then record them in KEYS."""
+        if not self.needed():
+            return
+        with self._lock() as mine:
+            if not mine:
+                log.info("signed narinfos: another worker re-signs them for the current keys")
+                return
+            if not self.needed():  # finished by the worker that held the lock before
+                return
+            self._resign()
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[bool]:
+        fd = os.open(self.store.signed_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
+    def _resign(self) -> None:
+        store = self.store
+        through = self._resume_point()
+        names = self.offload(_narinfo_names, (store, through))
+        self.pending = len(names)
+        previous = recorded_keys(store)
+        why = "no signed/KEYS (an older or restored store)" if previous is None else "the keys changed"
+        names_now = ", ".join(key.name for key in store.keys)
+        resumed = f", resuming after {through}" if through else ""
+        log.warning(
+            "signed narinfos: %s: re-signing %d with %s in the background%s; the current texts are"
+            " served meanwhile",
+            why,
+            len(names),
+            names_now,
+            resumed,
+        )
+        started = last_log = time.monotonic()
+        for start in range(0, len(names), self.batch):
+            chunk = names[start : start + self.batch]
+            self.done += self.offload(_resign_batch, (store, chunk))
+            self.pending -= len(chunk)
+            self._record_progress(chunk[-1])
+            if time.monotonic() - last_log >= PROGRESS_SECONDS:
+                last_log = time.monotonic()
+                log.warning(
+                    "signed narinfos: re-signed %d of %d, %d to go",
+                    start + len(chunk),
+                    len(names),
+                    self.pending,
+                )
+        write_atomically(store.signed_dir / KEYS_FILE, self.wanted.encode(), mode=0o644)
+        with contextlib.suppress(FileNotFoundError):
+            (store.signed_dir / PROGRESS_FILE).unlink()
+        log.warning(
+            "signed narinfos: all %d re-signed with %s in %.1f s; signed/KEYS updated",
+            len(names),
+            names_now,
+            time.monotonic() - started,
+        )
+
+    def _resume_point(self) -> str:
+        """The last hash a previous run with the same keys finished, or '' (start over)."""
+        try:
+            progress = json.loads((self.store.signed_dir / PROGRESS_FILE).read_text())
+        except (OSError, ValueError):
+            return ""
+        if not isinstance(progress, dict) or progress.get("keys") != self.wanted:
+            return ""
+        through = progress.get("through")
+        return through if isinstance(through, str) else ""
+
+    def _record_progress(self, through: str) -> None:
+        data = json.dumps({"keys": self.wanted, "through": through}).encode()
+        write_atomically(self.store.signed_dir / PROGRESS_FILE, data, mode=0o644)
+
+
+def _narinfo_names(store: Store, after: str) -> list[str]:
+    """Hash parts of the stored narinfos, in name order, past `after` (one pass of scandir)."""
+    with os.scandir(store.narinfo_dir) as entries:
+        names = [
+            entry.name[: -len(".narinfo")]
+            for entry in entries
+            if entry.name.endswith(".narinfo") and not entry.name.startswith(".")
+        ]
+    return sorted(name for name in names if name > after)
+
+
+def _resign_batch(store: Store, hash_parts: list[str]) -> int:
+    """In a worker thread: sign each narinfo with the store's keys and publish it; how many."""
+    count = 0
+    for hash_part in hash_parts:
+        path = store.narinfo_path(hash_part)
+        try:
+            st = os.stat(path)
+            info = narinfo.parse(read_quietly(path).decode(), store.store_dir)
+        except FileNotFoundError:
+            continue  # collected meanwhile
+        except (OSError, ValueError) as error:  # damage: its GET says so, `nixcache verify` moves it
+            log.warning("signed narinfos: %s.narinfo not re-signed: %s", hash_part, error)
+            continue
+        if store.publish_signed(hash_part, info.signed(store.keys, store.store_dir).encode(), st):
+            count += 1
+    return count
