@@ -142,6 +142,7 @@ def run(config: ServerConfig) -> None:
     refresh_usage()
     # Signed narinfos of other keys (a rotation) are served while they are re-signed.
     resigner = app.metrics.resigner = Resigner(store, threadpool.apply)
+    resigner.prepare()  # before the first request: texts no client may trust are never served
     tasks = [
         gevent.spawn(_every, SERVED_FLUSH_SECONDS, store.flush_served, threadpool.apply),
         gevent.spawn(_every, USAGE_SCAN_SECONDS, refresh_usage),

@@ -259,3 +259,54 @@ def test_a_restart_during_the_re_signing_resumes_where_it_stopped(tmp_path: Path
     finally:
         server.stop()
     assert f"resuming after {through}" in (tmp_path / "b" / "server.log").read_text()
+
+
+def test_verify_deletes_a_signed_file_that_disagrees_and_the_server_signs_again(cache: Cache) -> None:
+    wrong, orphan, intact = (make_entry(os.urandom(1000)) for _ in range(3))
+    for entry in (wrong, orphan, intact):
+        push(cache.client, entry, cache.token)
+    path = signed_file(cache.store, wrong.hash_part)
+    path.write_text(path.read_text().replace(f"NarSize: {len(wrong.nar)}", f"NarSize: {len(wrong.nar) + 1}"))
+    (cache.store / "narinfo" / f"{orphan.hash_part}.narinfo").unlink()  # as a bug could leave it
+    out = subprocess.run(
+        nixcache_cmd("verify", "--store", str(cache.store)), capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"damaged: signed/{wrong.hash_part}.narinfo disagrees with narinfo/" in out.stdout
+    assert f"damaged: signed/{orphan.hash_part}.narinfo is served, but narinfo/" in out.stdout
+    assert "2 damaged, 0 files quarantined; 2 signed narinfos deleted" in out.stdout
+    assert not path.exists() and not signed_file(cache.store, orphan.hash_part).exists()
+    assert cache.client.get(f"/{orphan.hash_part}.narinfo").status_code == 404
+    served = cache.client.get(f"/{wrong.hash_part}.narinfo")
+    assert served.status_code == 200 and f"NarSize: {len(wrong.nar)}\n" in served.text
+    assert path.read_bytes() == served.content
+    assert (
+        subprocess.run(nixcache_cmd("verify", "--store", str(cache.store)), capture_output=True).returncode
+        == 0
+    )
+
+
+def test_unrelated_keys_never_serve_a_text_of_the_old_ones(tmp_path: Path) -> None:
+    """A key change without an overlap phase (no key in common): clients trusting only the new
+    key would refuse the old texts, so none is served, not even before the re-signing ends."""
+    store = tmp_path / "store"
+    hashes = write_entries(store, 600)
+    key_a, a = write_key(tmp_path, "cache-a-1")
+    key_c, c = write_key(tmp_path, "cache-c-1")
+    server = serve(store, tmp_path / "a", key_a)
+    try:
+        wait_for(lambda: (store / "signed" / "KEYS").exists())
+    finally:
+        server.stop()
+    server = serve(store, tmp_path / "c", key_c)
+    try:
+        with httpx.Client(base_url=server.url) as client:
+            for h in reversed(hashes):  # the last in name order first: re-signed last
+                response = client.get(f"/{h}.narinfo")
+                assert response.status_code == 200
+                assert signed_by(response.text, c) and not signed_by(response.text, a)
+            wait_for(lambda: (store / "signed" / "KEYS").read_text() == f"{c.public()}\n")
+            wait_for(lambda: not list(tmp_path.glob("store/signed.old.*")))
+    finally:
+        server.stop()
+    assert all(signed_by(signed_file(store, h).read_text(), c) for h in hashes)
