@@ -85,8 +85,9 @@ def backup_config(s: Settings, host_name: str, env_file: str = "") -> BackupConf
         config_dir=CONFIG_DIR,
         include_store=s.backup_include_store,
         store_dir=s.cache_data_dir,
-        # In-flight uploads: half-written, renamed into place only once verified.
-        exclude=[f"{s.store_dir}/tmp"],  # noqa: S108 - the store's own upload dir, not /tmp
+        # In-flight uploads: half-written, renamed into place only once verified. Signed
+        # narinfos: derived, re-signed by the server after a restore (nixcache/server/store.py).
+        exclude=[f"{s.store_dir}/tmp", f"{s.store_dir}/signed"],  # noqa: S108 - the store's own dirs
         keep_daily=s.backup_keep_daily,
         keep_weekly=s.backup_keep_weekly,
         keep_monthly=s.backup_keep_monthly,

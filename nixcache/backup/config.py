@@ -129,13 +129,18 @@ class BackupConfig:
     )
 
     def excludes(self) -> list[str]:
-        """restic --exclude patterns: the configured ones and the store's in-flight uploads."""
+        """restic --exclude patterns: the configured ones, the store's in-flight uploads and its
+        signed narinfos."""
         patterns = list(self.exclude)
         if self.include_store:
             # Uploads land in tmp/ and are renamed into place once verified: never worth keeping.
-            uploads = str(PurePosixPath(self.store_dir) / "tmp")
-            if uploads not in patterns:
-                patterns.append(uploads)
+            # signed/ is derived from narinfo/ and the key, and a snapshot read file by file may
+            # pair a signed text with another version of its narinfo: the server re-signs a
+            # restored store (no signed/KEYS) in the background instead.
+            for derived in ("tmp", "signed"):
+                path = str(PurePosixPath(self.store_dir) / derived)
+                if path not in patterns:
+                    patterns.append(path)
         return patterns
 
     def backup_paths(self) -> list[str]:

@@ -26,7 +26,7 @@ from nixcache.server.encoding import DownloadEncoding
 from nixcache.server.extras.serve import ExtraFiles
 from nixcache.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from nixcache.server.metrics import Metrics
-from nixcache.server.narinfo import NarInfo, NarInfoError
+from nixcache.server.narinfo import NarInfoError
 from nixcache.server.nixstore.db import NixDbError
 from nixcache.server.nixstore.dump import PathChanged
 from nixcache.server.nixstore.store import LocalNixStore
@@ -47,7 +47,6 @@ NAR_PATH = rf"/nar/({narinfo.NAR_NAME})"
 # NARs Nix writes for ?compression=lzip (no maintained decoder): absent on reads, refused on PUT
 # with the reason in the body (Nix 2.8 prints no body for the HEAD it sends first).
 LZIP_NAR_PATH = r"/nar/([0-9a-df-np-sv-z]{52}\.nar\.lzip)"
-_NARINFO_CACHE_ENTRIES = 16384  # signed narinfos kept in memory, ~1 KiB each
 NARINFO_LIMIT = 4 * 1024 * 1024  # the largest narinfo accepted (thousands of references fit)
 HEALTH_RETRY = 30  # seconds: a store that is not writable is a disk or mount problem, not a blip
 _AUTH_HEADERS = (("WWW-Authenticate", 'Basic realm="nixcache"'),)
@@ -86,11 +85,10 @@ class App:
             f"StoreDir: {config.store_dir}\nWantMassQuery: 1\nPriority: {config.priority}\n"
         ).encode()
         self.pubkeys = "".join(f"{key.public()}\n" for key in keys).encode()
-        # hash -> ((inode, mtime_ns, size), signed narinfo bytes): signing costs more than a stat.
-        self._narinfo_cache: dict[str, tuple[tuple[int, int, int], bytes]] = {}
         self._hit = metrics.narinfo.labels("hit")
         self._miss = metrics.narinfo.labels("miss")
-        self._narinfo_prefix = f"{store.narinfo_dir}/"
+        self._narinfo_prefix = f"{store.narinfo_dir}/"  # str, not Path: joined per request
+        self._signed_prefix = f"{store.signed_dir}/"
         read = {"GET": None, "HEAD": None}
         self.router = Router(
             [
@@ -157,7 +155,8 @@ class App:
 
     def narinfo(self, hash_part: str, authorization: str | None) -> Response:
         """The answer to GET /<hash_part>.narinfo: also called by the HTTP layer's fast path, so
-        hits and misses alike cost a stat and a dict lookup (Nix clients ask for many absent paths)."""
+        a hit costs one open and read of its signed file and a miss one failed open and a stat
+        (Nix clients ask for many absent paths)."""
         if not self.tokens.may_read(authorization):
             return self._unauthorized(authorization, "read")
         # This host's own Nix store first (when served), then the push store.
@@ -181,40 +180,43 @@ class App:
         return Response(200, body, "text/x-nix-narinfo")
 
     def _signed_narinfo(self, hash_part: str) -> bytes | None:
-        path = self._narinfo_prefix + hash_part + ".narinfo"  # str, not Path: this runs per request
+        """The stored narinfo as served: signed/<hash>.narinfo, read whole (no parse, no
+        signature: this runs per request), or signed now when that file is not there yet (an
+        older store, a key rotation in progress, a race with a push); None when not stored."""
         try:
-            st = os.stat(path)
+            fd = os.open(self._signed_prefix + hash_part + ".narinfo", os.O_RDONLY)
         except FileNotFoundError:
-            return None
-        key = (st.st_ino, st.st_mtime_ns, st.st_size)
-        cached = self._narinfo_cache.get(hash_part)
-        if cached is not None and cached[0] == key:
-            body = cached[1]
-        else:
-            try:
-                with open(path, "rb") as handle:
-                    text = handle.read().decode()
-            except FileNotFoundError:
-                return None
-            try:
-                info = narinfo.parse(text, self.config.store_dir)
-            except NarInfoError as error:
-                # Only this server writes narinfo/; a bad file is damage, reported as a miss.
-                raise _DamagedEntry(
-                    f"stored {hash_part}.narinfo is damaged ({error}); delete it and push the path again"
-                ) from None
-            body = self._cache_signed(hash_part, key, info)
-        self.store.mark_served(hash_part, st.st_mtime_ns)
+            return self._sign_stored(hash_part)
+        try:
+            st = os.fstat(fd)
+            body = os.read(fd, st.st_size)
+        finally:
+            os.close(fd)
+        if not body:  # never written so (an empty file is what a crash before fsync leaves)
+            return self._sign_stored(hash_part)
+        self.store.mark_served(hash_part, st.st_mtime_ns)  # its mtime is the narinfo's
         return body
 
-    def _cache_signed(self, hash_part: str, key: tuple[int, int, int], info: NarInfo) -> bytes:
-        """Sign `info` and remember it for the stored file identified by `key` (inode, mtime, size)."""
+    def _sign_stored(self, hash_part: str) -> bytes | None:
+        """Sign narinfo/<hash>.narinfo with the current keys and publish signed/ (in the thread
+        pool: a write and an fsync) for the next request."""
+        path = self._narinfo_prefix + hash_part + ".narinfo"
+        try:
+            with open(path, "rb") as handle:
+                st = os.fstat(handle.fileno())
+                text = handle.read().decode()
+        except FileNotFoundError:
+            return None
+        try:
+            info = narinfo.parse(text, self.config.store_dir)
+        except (NarInfoError, UnicodeDecodeError) as error:
+            # Only this server writes narinfo/; a bad file is damage, reported as a miss.
+            raise _DamagedEntry(
+                f"stored {hash_part}.narinfo is damaged ({error}); delete it and push the path again"
+            ) from None
         body = info.signed(self.keys, self.config.store_dir).encode()
-        if len(self._narinfo_cache) >= _NARINFO_CACHE_ENTRIES:
-            # Drop the older half (dicts keep insertion order): bounded memory, no per-hit cost.
-            for old in list(self._narinfo_cache)[: _NARINFO_CACHE_ENTRIES // 2]:
-                del self._narinfo_cache[old]
-        self._narinfo_cache[hash_part] = (key, body)
+        self.store.offload(self.store.publish_signed, (hash_part, body, st))
+        self.store.mark_served(hash_part, st.st_mtime_ns)
         return body
 
     def get_nar(self, request: Request, name: str) -> Response:
@@ -329,12 +331,7 @@ class App:
             existed = os.path.exists(self._narinfo_prefix + hash_part + ".narinfo")
             push = self.tiers.push if self.tiers is not None else None
             valid = push.narinfo_valid if push is not None else None
-            info, published = self.store.put_narinfo(
-                hash_part, body, body.length, min(limit, NARINFO_LIMIT), valid
-            )
-            # Signed now, while it is at hand: clients usually fetch what CI just pushed, and
-            # their first fetch then costs no parse and no signature.
-            self._cache_signed(hash_part, (published.st_ino, published.st_mtime_ns, published.st_size), info)
+            self.store.put_narinfo(hash_part, body, body.length, min(limit, NARINFO_LIMIT), valid)
             if not existed:
                 self.metrics.usage.add_entry(request.record.received)
             return Response(201, b"stored\n")

@@ -10,7 +10,8 @@ freed, what is left and why the limit is not met (`run` docstring).
 Safe while the server runs, in another process:
 - a narinfo is deleted before the NAR it names (both in one step under the exclusive lock on
   `gc.lock`), and a NAR only when no kept narinfo names it, so no narinfo ever points at a
-  missing NAR;
+  missing NAR; its signed text (signed/, what is served) goes just before it, in the same
+  step, so neither the server nor an nginx front serves a narinfo that was collected;
 - the server refreshes a NAR's mtime when a narinfo naming it is uploaded (and on HEAD, which
   pushers send first), and does so under a shared lock on `gc.lock`; gc re-checks that mtime
   under the exclusive lock just before unlinking, and spares NARs touched within GRACE_SECONDS
@@ -252,7 +253,7 @@ def run(limits: Limits, *, dry_run: bool = False, echo: Callable[[str], object] 
                         return _YOUNG  # a narinfo naming it was just uploaded, or a pusher HEADed it
                 except FileNotFoundError:
                     nar_path = None  # a broken entry: only its narinfo is left to delete
-            narinfo_path.unlink()
+            store.delete_narinfo(entry.hash_part)  # its signed text first
             if not (with_nar and nar_path is not None):
                 return _NARINFO
             nar_path.unlink()

@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -99,6 +100,17 @@ class _DiskCollector(Collector):
             "nixcache_gc_last_run_timestamp_seconds",
             "When nixcache gc last finished",
             value=stats.get("last_run", 0),
+        )
+        resigner = self.metrics.resigner  # nixcache.server.signed: a key rotation's re-signing
+        yield GaugeMetricFamily(
+            "nixcache_resign_pending",
+            "Stored narinfos still to be re-signed with the current keys (0: signed/ is current)",
+            value=resigner.pending if resigner is not None else 0,
+        )
+        yield CounterMetricFamily(
+            "nixcache_resign",
+            "Stored narinfos re-signed with the current keys in the background since the start",
+            value=resigner.done if resigner is not None else 0,
         )
         # From verify-stats.json, written by `nixcache verify` (another process, weekly timer).
         checked = verify.read_stats(self.metrics.store)
@@ -257,6 +269,7 @@ class Metrics:
     def __init__(self, store: Store):
         self.store = store
         self.usage = StoreUsage()
+        self.resigner: Any = None  # the server's nixcache.server.signed.Resigner, once started
         self.registry = CollectorRegistry()
         self.requests = LabeledCounter(
             "nixcache_http_requests",

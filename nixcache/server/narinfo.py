@@ -1,7 +1,8 @@
 """Narinfo files: parse and validate what clients upload, render what clients fetch.
 
-The store keeps narinfos as uploaded (normalised, with the uploaded `Sig` lines) and adds a
-signature from every configured key when serving, so a key rotation never rewrites the store.
+The store keeps narinfos as uploaded (normalised, with the uploaded `Sig` lines) and, beside
+them, the text served: `NarInfo.signed`, a signature by every configured key added (store.py's
+signed/), so a key rotation rewrites only signed/ (nixcache/server/signed.py).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from nixcache.server.http import Server
 from nixcache.server.metrics import Metrics, scan
 from nixcache.server.nixstore.db import NixDbError
 from nixcache.server.nixstore.store import LocalNixStore
+from nixcache.server.signed import Resigner
 from nixcache.server.store import Store
 from nixcache.server.workers import offload_to
 
@@ -81,7 +82,7 @@ def build(config: ServerConfig) -> Server:
     except TokenError as error:
         raise StartupError(str(error)) from None
     threadpool = gevent.get_hub().threadpool
-    store = Store(config.store, config.store_dir, offload=offload_to(threadpool))
+    store = Store(config.store, config.store_dir, offload=offload_to(threadpool), keys=keys)
     try:
         store.create()
     except OSError as error:
@@ -122,6 +123,13 @@ def _every(seconds: float, fn, *args) -> None:  # type: ignore[no-untyped-def]
             log.exception("periodic task %s failed", getattr(fn, "__name__", fn))
 
 
+def _once(fn) -> None:  # type: ignore[no-untyped-def]
+    try:
+        fn()
+    except Exception:
+        log.exception("background task %s failed", getattr(fn, "__name__", fn))
+
+
 def run(config: ServerConfig) -> None:
     """Serve until SIGTERM or SIGINT."""
     logging.basicConfig(
@@ -136,9 +144,13 @@ def run(config: ServerConfig) -> None:
         app.metrics.refresh_usage(threadpool.apply(scan, (store,)))
 
     refresh_usage()
+    # Signed narinfos of other keys (a rotation) are served while they are re-signed.
+    resigner = app.metrics.resigner = Resigner(store, threadpool.apply)
+    resigner.prepare()  # before the first request: texts no client may trust are never served
     tasks = [
         gevent.spawn(_every, SERVED_FLUSH_SECONDS, store.flush_served, threadpool.apply),
         gevent.spawn(_every, USAGE_SCAN_SECONDS, refresh_usage),
+        gevent.spawn(_once, resigner.run),
     ]
 
     def stop() -> None:

@@ -5,6 +5,13 @@ Layout under the store directory (`store` in the config, e.g. /var/lib/nixcache/
     narinfo/<hash>.narinfo   one per store path, as uploaded (normalised, uploaded Sig lines kept);
                              mtime = upload time, atime = last served (set explicitly, batched:
                              the volume may be mounted noatime, and explicit utime still works)
+    signed/<hash>.narinfo    exactly the body of GET /<hash>.narinfo: the narinfo above signed
+                             by every configured key; its mtime is the narinfo's. Written when the
+                             narinfo is (push, pull-through), present only while it is (deleted
+                             first), so the server and an nginx front serve it as a plain file
+    signed/KEYS              the public keys (`name:base64` lines) that signed signed/; when the
+                             server starts with other keys it re-signs in the background
+                             (nixcache/server/signed.py), with signed/KEYS.next as its progress
     nar/<filehash>.nar[.xz|.zst|.bz2|.br|.lz4]
                              the NAR files, named by the base32 sha256 of their bytes
     nar-meta/<nar file name> "<NarHash> <NarSize>" of each NAR, computed when it was uploaded
@@ -24,12 +31,18 @@ Layout under the store directory (`store` in the config, e.g. /var/lib/nixcache/
                              (all five: nixcache/server/extras; verified JSON, stored decoded,
                              published by rename like the rest; gc rule in extras/gc.py)
 
-The service user owns all of it. Back up everything but tmp/ (the backup's include_store does).
+The service user owns all of it. Back up everything but tmp/ and signed/ (the backup's
+include_store does; signed/ is derived, and a snapshot taken file by file could pair a
+signed text with another version of its narinfo; a restored store without signed/KEYS is
+re-signed when the server starts).
 
 Visibility rules: a file becomes visible only by rename(2) from tmp/ after it verified; a NAR's
 meta is renamed into place before the NAR; a narinfo only after its NAR and meta exist and match.
 `nixcache gc` (another process) deletes a narinfo before the NAR it names, and spares NARs
-younger than a grace period, so an upload racing a collection is never left dangling.
+younger than a grace period, so an upload racing a collection is never left dangling. A signed
+text is published under the shared gc lock and only while its narinfo is the one it was made
+from (checked before and after the rename); gc and verify delete it before the narinfo, under
+the exclusive lock: nothing stale is ever served.
 """
 
 from __future__ import annotations
@@ -40,11 +53,12 @@ import fcntl
 import hashlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
+from nixcache.keys import SecretKey
 from nixcache.server import base32, nar, narinfo
 from nixcache.server.narinfo import NarInfo, NarInfoError
 
@@ -81,6 +95,20 @@ def read_quietly(path: Path, limit: int = 1 << 22) -> bytes:
         return handle.read(limit)
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(inode, mtime_ns) of `path`, which a rename over it changes; None when it is absent."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _remove(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
 def _is_disk_full(error: OSError) -> bool:
     return error.errno in (errno.ENOSPC, errno.EDQUOT)
 
@@ -93,6 +121,7 @@ class Store:
         root: Path,
         store_dir: str = "/nix/store",
         offload: Callable[..., Any] | None = None,
+        keys: Sequence[SecretKey] = (),
     ):
         self.root = Path(root)
         self.store_dir = store_dir
@@ -100,15 +129,21 @@ class Store:
         self.nar_dir = self.root / "nar"
         self.meta_dir = self.root / "nar-meta"
         self.tmp_dir = self.root / "tmp"
+        self.signed_dir = self.root / "signed"
+        self.keys = list(keys)  # sign what put_narinfo stores; none: gc and verify only delete
         self.gc_stats_file = self.root / "gc-stats.json"
         self._offload = offload or (lambda fn, args: fn(*args))
         self._served: dict[str, int] = {}
+
+    def offload(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        """`fn(*args)` where the server runs slow work: its thread pool (inline without one)."""
+        return self._offload(fn, args)
 
     # -- setup ---------------------------------------------------------------------------------
 
     def create(self) -> None:
         """Create the directories (if missing) and drop uploads that a dead process left in tmp/."""
-        for directory in (self.narinfo_dir, self.nar_dir, self.meta_dir, self.tmp_dir):
+        for directory in (self.narinfo_dir, self.nar_dir, self.meta_dir, self.tmp_dir, self.signed_dir):
             directory.mkdir(parents=True, exist_ok=True)
         for leftover in self.tmp_dir.iterdir():
             with contextlib.suppress(OSError):
@@ -157,6 +192,9 @@ class Store:
 
     def nar_path(self, name: str) -> Path:
         return self.nar_dir / name
+
+    def signed_path(self, hash_part: str) -> Path:
+        return self.signed_dir / f"{hash_part}.narinfo"
 
     def open_nar(self, name: str) -> NarFile | None:
         """Open `nar/<name>` (a name already matched against narinfo.NAR_FILE), or None."""
@@ -216,12 +254,15 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
-    def _write_small(self, target: Path, data: bytes) -> os.stat_result:
-        """Publish `data` at `target` atomically; the stat of what was published (a rename keeps
-        inode, mtime and size, so it identifies this version of `target`)."""
+    def _write_small(self, target: Path, data: bytes, mtime_ns: int | None = None) -> os.stat_result:
+        """Publish `data` at `target` atomically (with `mtime_ns` as its mtime, when given); the
+        stat of what was published (a rename keeps inode, mtime and size, so it identifies this
+        version of `target`)."""
         with self._tmp_file(target.name) as (handle, tmp):
             handle.write(data)
             handle.flush()
+            if mtime_ns is not None:
+                os.utime(handle.fileno(), ns=(mtime_ns, mtime_ns))
             os.fsync(handle.fileno())
             published = os.fstat(handle.fileno())
             os.replace(tmp, target)
@@ -331,7 +372,42 @@ class Store:
         with self.gc_lock(exclusive=False):
             self._check_nar(hash_part, info)
             published = self._write_small(self.narinfo_path(hash_part), info.render().encode())
+            if self.keys:  # signed now: its first GET (often right after a push) reads a file
+                with contextlib.suppress(UploadError, OSError):  # e.g. disk full: none is left,
+                    body = info.signed(self.keys, self.store_dir).encode()  # the GET signs it
+                    self._publish_signed(hash_part, body, published)
         return info, published
+
+    def publish_signed(self, hash_part: str, body: bytes, made_from: os.stat_result) -> bool:
+        """Publish `body` as signed/<hash_part>.narinfo if narinfo/<hash_part>.narinfo is still
+        the file `made_from` identifies (inode, mtime); False when it changed or went (nothing
+        is left then: the next GET signs the current one)."""
+        with self.gc_lock(exclusive=False):
+            return self._publish_signed(hash_part, body, made_from)
+
+    def _publish_signed(self, hash_part: str, body: bytes, made_from: os.stat_result) -> bool:
+        # Under the shared gc lock, so gc and verify (exclusive) cannot delete the narinfo in
+        # between. Checked again after the rename: a push of a new version by another worker
+        # may have landed meanwhile, and an absent signed text is always safe, a stale one not.
+        identity = (made_from.st_ino, made_from.st_mtime_ns)
+        if _identity(self.narinfo_path(hash_part)) != identity:
+            return False
+        target = self.signed_path(hash_part)
+        try:
+            self._write_small(target, body, mtime_ns=made_from.st_mtime_ns)
+        except BaseException:
+            _remove(target)  # the text of an older version must not outlive a failed write
+            raise
+        if _identity(self.narinfo_path(hash_part)) != identity:
+            _remove(target)
+            return False
+        return True
+
+    def delete_narinfo(self, hash_part: str) -> None:
+        """Delete a narinfo and, first, its signed text; the caller holds the exclusive gc lock.
+        FileNotFoundError when the narinfo is gone (its signed text is deleted all the same)."""
+        _remove(self.signed_path(hash_part))
+        self.narinfo_path(hash_part).unlink()
 
     def _check_nar(self, hash_part: str, info: NarInfo) -> None:
         """UploadError unless the narinfo's NAR is here with the same FileSize/NarHash/NarSize."""

@@ -8,6 +8,10 @@ tiers are stored the same way, so they are checked alike):
 - its nar-meta (NarHash and NarSize computed when it was uploaded) is there and readable;
 - every narinfo parses, and its FileSize, NarHash and NarSize agree with its NAR file and meta;
 - every narinfo's NAR is there (a narinfo without its NAR is a 404 in the middle of a download);
+- every signed/<hash>.narinfo (what the server and an nginx front serve) is its narinfo signed by
+  this cache's keys (those of signed/KEYS, or of signed/KEYS.next during a re-signing), and its
+  narinfo is there; one that is not is deleted (derived data, not quarantined: the server signs
+  the narinfo again on its next request), under the exclusive gc lock, after the checks below;
 - with `nar_hash=True`, the decompressed content of every NAR is hashed again and compared with
   its meta (NarHash/NarSize). Without it, an uncompressed NAR is still checked in full (its file
   hash is its NarHash); a compressed one is covered by FileHash: the meta was computed from these
@@ -47,7 +51,7 @@ from pathlib import Path
 
 from nixcache.atomicfile import write_atomically
 from nixcache.backup.progress import Throttle
-from nixcache.server import base32, nar, narinfo
+from nixcache.server import base32, nar, narinfo, signed
 from nixcache.server.extras import ExtraError
 from nixcache.server.extras import listing as listings
 from nixcache.server.gc import nar_file_of
@@ -90,6 +94,7 @@ class Report:
     bytes: int = 0  # bytes of NAR files hashed
     damaged: list[Damage] = field(default_factory=list)
     quarantined: int = 0  # files moved aside (a NAR and its meta and narinfos are several)
+    signed_deleted: int = 0  # signed/ texts deleted (derived: the server signs them again)
     changed: int = 0  # damaged when hashed, but pushed again or collected before the move
     seconds: float = 0.0
     quarantine: Path | None = None  # where this run moved files, None when it moved none
@@ -171,6 +176,10 @@ def run(
         damage = _check_listing(store, path, by_hash.get(path.name[: -len(".ls")]))
         if damage is not None and mover.listing(path, damage):
             echo(_line(damage, dry_run))
+
+    # Last: entries moved aside above took their signed text along.
+    for damage in _check_signed(store, mover):
+        echo(_line(damage, dry_run))
 
     report.seconds = time.monotonic() - started
     echo(_summary(report, dry_run))
@@ -320,6 +329,40 @@ def _disagreement(store: Store, entry: _Narinfo, size: int) -> Damage | None:
     return None
 
 
+def _check_signed(store: Store, mover: _Quarantine) -> list[Damage]:
+    """Every signed/<hash>.narinfo (what is served) against its narinfo: one whose narinfo is
+    gone, or whose text is not that narinfo signed by this cache's keys, is damage; it is
+    deleted (derived data: the server signs the narinfo again on its next request)."""
+    keys = signed.trusted_keys(store)
+    found = []
+    with os.scandir(store.signed_dir) if store.signed_dir.is_dir() else contextlib.nullcontext([]) as entries:
+        for entry in entries:
+            if not entry.name.endswith(".narinfo") or entry.name.startswith("."):
+                continue
+            hash_part = entry.name[: -len(".narinfo")]
+            what = f"signed/{entry.name}"
+            try:
+                signed_st = entry.stat()
+                text = read_quietly(Path(entry.path)).decode("utf-8", "replace")
+            except FileNotFoundError:
+                continue
+            path = store.narinfo_path(hash_part)
+            try:
+                st = path.stat()
+                stored = narinfo.parse(read_quietly(path).decode(), store.store_dir)
+            except FileNotFoundError:
+                st, reason = None, f"is served, but narinfo/{entry.name} is not in the store"
+            except (OSError, ValueError):
+                continue  # a damaged narinfo: the scan reported it (and moved it with this file)
+            else:
+                reason = signed.disagreement(stored, text, keys, store.store_dir)
+            if reason is not None:
+                damage = Damage(what, reason)
+                if mover.signed(hash_part, signed_st.st_ino, st, damage):
+                    found.append(damage)
+    return found
+
+
 # -- moving aside --------------------------------------------------------------------------------
 
 
@@ -347,9 +390,8 @@ class _Quarantine:
                 return False
             self._found(damage)
             for hash_part in hash_parts:  # narinfos first: no reader finds one without its NAR
-                path = store.narinfo_path(hash_part)
-                if nar_file_of(path) == name:
-                    self._move(path, "narinfo")
+                if nar_file_of(store.narinfo_path(hash_part)) == name:
+                    self._move_narinfo(hash_part)
             self._move(store.meta_dir / name, "nar-meta")
             self._move(store.nar_path(name), "nar")
         return True
@@ -369,7 +411,7 @@ class _Quarantine:
                 self.report.changed += 1
                 return False
             self._found(damage)
-            self._move(path, "narinfo")
+            self._move_narinfo(hash_part)
         return True
 
     def dangling(self, hash_part: str) -> Damage | None:
@@ -385,7 +427,7 @@ class _Quarantine:
             damage = Damage(f"narinfo/{hash_part}.narinfo", f"names nar/{name}, which is not in the store")
             self._found(damage)
             if not self.dry_run:
-                self._move(path, "narinfo")
+                self._move_narinfo(hash_part)
         return damage
 
     def listing(self, path: Path, damage: Damage) -> bool:
@@ -394,6 +436,32 @@ class _Quarantine:
         if not self.dry_run:
             self._move(path, "ls")
         return True
+
+    def signed(self, hash_part: str, inode: int, narinfo_st: os.stat_result | None, damage: Damage) -> bool:
+        """Delete signed/<hash_part>.narinfo as checked (`inode`, against the narinfo as it was
+        then, `narinfo_st`); False when either changed since (a push wrote both anew)."""
+        if self.dry_run:
+            return self._found(damage)
+        path = self.store.signed_path(hash_part)
+        with self.store.gc_lock(exclusive=True):
+            try:
+                now = (path.stat().st_ino, _identity(self.store.narinfo_path(hash_part)))
+            except FileNotFoundError:
+                now = None
+            if now != (inode, None if narinfo_st is None else (narinfo_st.st_ino, narinfo_st.st_mtime_ns)):
+                self.report.changed += 1
+                return False
+            self._found(damage)
+            path.unlink()
+            self.report.signed_deleted += 1
+        return True
+
+    def _move_narinfo(self, hash_part: str) -> None:
+        """Move a narinfo aside, its signed text (derived: deleted, not kept) first, so neither
+        the server nor an nginx front serves the path once it is quarantined."""
+        with contextlib.suppress(FileNotFoundError):
+            self.store.signed_path(hash_part).unlink()
+        self._move(self.store.narinfo_path(hash_part), "narinfo")
 
     def _found(self, damage: Damage) -> bool:
         self.report.damaged.append(damage)
@@ -414,6 +482,14 @@ class _Quarantine:
         with open(self.dir / "REASONS", "a") as reasons:
             damage = self.report.damaged[-1]
             reasons.write(f"{kind}/{path.name}: {damage.what} {damage.reason}\n")
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
 
 
 def _owned_like(path: Path, reference: Path) -> None:
@@ -456,6 +532,8 @@ def _summary(report: Report, dry_run: bool) -> str:
     else:
         moved = f"{len(report.damaged)} damaged, 0 files quarantined"
     changed = f"; {report.changed} changed before they could be moved" if report.changed else ""
+    if report.signed_deleted:
+        changed += f"; {report.signed_deleted} signed narinfos deleted (signed again when next asked for)"
     return (
         f"verify: checked {report.narinfos} narinfos and {report.nar_files} NAR files, "
         f"{human_size(report.bytes)} in {report.seconds:.1f} s ({_rate(report, report.seconds)}); "

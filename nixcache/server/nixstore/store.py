@@ -18,6 +18,9 @@ server's thread pool, so the event loop keeps serving) on a connection of its ow
 did not find is remembered as absent until a narinfo names it. For the same reason the route
 asks the push store first for a NAR: a name is the sha256 of the bytes, so either store serves
 the same bytes for it, and a push-store NAR then costs no scan.
+
+Signed narinfos stay in memory here, not on disk as the push store's do (docs/architecture.md,
+"The store on disk"): validity and the row are in Nix's database, read per request anyway.
 """
 
 from __future__ import annotations

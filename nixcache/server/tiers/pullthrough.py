@@ -14,8 +14,8 @@ reaches a client as a complete response: its connection is cut short instead (an
 (The last byte goes out once the NAR is durable and its narinfo published: a client that has
 the whole NAR can count on the path being stored here. The fsync runs in the thread pool, so
 the other connections are served meanwhile.)
-Once the NAR is published, the narinfo that named it is published locally too: the next
-request is a local hit.
+Once the NAR is published, the narinfo that named it is published locally too (with its signed
+text, by Store.put_narinfo): the next request is a local hit, one file read.
 
 Extra files (listings, logs, debuginfo, build traces): asked of the tiers that serve any file
 of the layout (the origin), within its narinfo deadline, and served without being stored here.
