@@ -64,6 +64,11 @@ def error_line(done: subprocess.CompletedProcess[str]) -> str:
             "gc_max_sizee=1G",
             "@local: host data 'gc_max_sizee' is not a nixcache setting; did you mean 'gc_max_size'?",
         ),
+        (
+            "cahce_memory_max=1G",
+            "@local: host data 'cahce_memory_max' is not a nixcache setting; did you mean "
+            "'cache_memory_max'?",
+        ),
     ],
 )
 def test_the_main_deploy_refuses_bad_data_in_one_line(data: str, expected: str) -> None:
@@ -98,6 +103,23 @@ def test_a_misspelt_key_in_group_data_stops_the_run(tmp_path: Path) -> None:
     line = error_line(pyinfra("-y", str(root / "inventory.py"), str(root / "deploy.py")))
     assert line.endswith(
         "@local: host data 'gc_min_fre' is not a nixcache setting; did you mean 'gc_min_free'?"
+    )
+
+
+def test_a_misspelt_prefix_in_group_data_stops_the_run(tmp_path: Path) -> None:
+    root = fleet(tmp_path, {"first": 'cahce_memory_max = "1G"\n'})
+    line = error_line(pyinfra("-y", str(root / "inventory.py"), str(root / "deploy.py")))
+    assert line.endswith(
+        "@local: host data 'cahce_memory_max' is not a nixcache setting; did you mean 'cache_memory_max'?"
+    )
+
+
+def test_a_misspelt_key_in_the_inventorys_host_data_stops_the_run(tmp_path: Path) -> None:
+    root = fleet(tmp_path, {})
+    (root / "inventory.py").write_text('first = [("@local", {"bakup_repository": "/srv/backup"})]\n')
+    line = error_line(pyinfra("-y", str(root / "inventory.py"), str(root / "deploy.py")))
+    assert line.endswith(
+        "@local: host data 'bakup_repository' is not a nixcache setting; did you mean 'backup_repository'?"
     )
 
 
