@@ -123,6 +123,13 @@ def test_pyinfra_connector_keys_are_not_mistaken_for_nixcache_settings():
         ("monitoring_retention", "30 days", "give a Prometheus duration such as 30s, 5m or 30d"),
         ("cache_nginx_front", "maybe", "give true or false"),
         ("signing_key_ref", "secrets/key", "give a secret reference: op://vault/item/field"),
+        # The checks operations/monitoring.py and hardening.sshd no longer repeat:
+        ("journald_max_retention", "two weeks", "give a systemd time span such as 30m, 2week or 1h 30min"),
+        ("journald_system_max_use", "1 gig", "give bytes with K, M, G or T, e.g. 500M or 1G"),
+        ("disk_alert_threshold_percent", 101, "give a whole number from 1 to 100"),
+        ("disk_alert_threshold_percent", 0, "give a whole number from 1 to 100"),
+        ("node_exporter_listen", "9100", "give [address]:port, e.g. 127.0.0.1:9090 or :9100"),
+        ("ssh_permit_root_login", "maybe", "give one of yes, no, prohibit-password, forced-commands-only"),
     ],
 )
 def test_each_kind_of_bad_value_is_one_line_naming_host_key_value_and_fix(key, value, fix):
