@@ -129,13 +129,19 @@ class BackupConfig:
     )
 
     def excludes(self) -> list[str]:
-        """restic --exclude patterns: the configured ones and the store's in-flight uploads."""
+        """restic --exclude patterns: the configured ones, the store's in-flight uploads and its
+        quarantine."""
+        from nixcache.server.verify import QUARANTINE_DIR  # the store's layout (store.py)
+
         patterns = list(self.exclude)
         if self.include_store:
             # Uploads land in tmp/ and are renamed into place once verified: never worth keeping.
-            uploads = str(PurePosixPath(self.store_dir) / "tmp")
-            if uploads not in patterns:
-                patterns.append(uploads)
+            # quarantine/ holds what `nixcache verify` found damaged: a restore must not bring
+            # damage back, and it would cost repository space for bytes nobody can serve.
+            for name in ("tmp", QUARANTINE_DIR):
+                pattern = str(PurePosixPath(self.store_dir) / name)
+                if pattern not in patterns:
+                    patterns.append(pattern)
         return patterns
 
     def backup_paths(self) -> list[str]:

@@ -17,7 +17,8 @@ Layout under the store directory (`store` in the config, e.g. /var/lib/nixcache/
     gc.lock                  flock(2) that orders gc's NAR deletions with the uploads and HEADs
                              that rely on a NAR staying
 
-The service user owns all of it. Back up narinfo/, nar/ and nar-meta/ (not tmp/).
+The service user owns all of it. Back up narinfo/, nar/ and nar-meta/ (not tmp/ nor quarantine/:
+`nixcache backup` excludes both).
 
 Visibility rules: a file becomes visible only by rename(2) from tmp/ after it verified; a NAR's
 meta is renamed into place before the NAR; a narinfo only after its NAR and meta exist and match.
