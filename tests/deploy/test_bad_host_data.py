@@ -66,6 +66,11 @@ def error_line(done: subprocess.CompletedProcess[str]) -> str:
             "@local: host data 'gc_max_sizee' is not a nixcache setting; did you mean 'gc_max_size'?",
         ),
         (
+            "backup_store=true",
+            "@local: is a backup repository host only (backup_store, no signing_key_ref), not a cache; "
+            "deploy it with deploys/backup.py, and this file with --limit <the caches' group>",
+        ),
+        (
             "cahce_memory_max=1G",
             "@local: host data 'cahce_memory_max' is not a nixcache setting; did you mean "
             "'cache_memory_max'?",
