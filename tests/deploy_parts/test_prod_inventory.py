@@ -103,7 +103,8 @@ def test_each_environment_names_its_origin_and_one_gc_host(fleet_dir):
 
 def test_every_cache_backs_up_to_the_repository_host_which_serves_them_all(fleet_dir):
     """One append-only repository host (group `backups`); each cache's repository is its own
-    path there, over https, with its own credential and password in its environment's vault."""
+    path there (plain http until the repository host serves TLS), with its own credential and
+    password in its environment's vault."""
     inventory = load(fleet_dir)
     [store] = inventory.get_group("backups")
     s = from_data(store.name, store.data)
@@ -111,7 +112,7 @@ def test_every_cache_backs_up_to_the_repository_host_which_serves_them_all(fleet
     for host in caches(inventory):
         environment = next(g for g in ("production", "staging", "canary") if g in host.groups)
         theirs = from_data(host.name, host.data)
-        assert theirs.backup_repository == "rest:https://backup.caches.example.org:8000/{host}/"
+        assert theirs.backup_repository == "rest:http://backup.caches.example.org:8000/{host}/"
         assert theirs.backup_credential_ref == f"op://nixcache-{environment}/backup-{{host}}/rest-credential"
         assert theirs.backup_password_ref == f"op://nixcache-{environment}/backup-{{host}}/restic-password"
         assert not theirs.backup_credential_generate and not theirs.backup_password_generate
