@@ -1,7 +1,7 @@
 """A remote builder for the building cache hosts: a bare Debian host becomes a Nix host whose
 daemon accepts builds from them.
 
-    pyinfra -y inventories/prod.py --limit builders-remote deploys/builder.py
+    pyinfra -y inventories/prod.py --limit builders_remote deploys/builder.py
 
 Base (packages, admins, sshd, kernel, limits), then Debian's Nix with its daemon, nix.conf from
 the profile and data (nix_profile, nix_settings), Nix's GC timer, and the login

@@ -63,6 +63,11 @@ if not client.is_cache(s):
         "not a cache: deploys/cache.py would make it one; deploy it with deploys/client.py, and "
         "this file with --limit <the caches' group> (deploys/rotate_key.py deploys both)"
     )
+if s.backup_store and not s.signing_key_ref:
+    raise SettingsError(
+        f"{host.name}: is a backup repository host only (backup_store, no signing_key_ref), not a "
+        "cache; deploy it with deploys/backup.py, and this file with --limit <the caches' group>"
+    )
 
 # --- base: packages, admin users, sshd, sysctls, limits --------------------------------------
 base(config=s)

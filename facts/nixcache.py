@@ -80,3 +80,30 @@ class NftTable(FactBase):
 
     def process(self, output: list[str]) -> bool:
         return bool(output) and output[0].strip() == "yes"
+
+
+class CalendarRejected(FactBase):
+    """Of `events` (systemd OnCalendar= values), those the host's systemd cannot parse.
+
+    systemd.time(7) calendar events are too rich to check faithfully on the controller, and
+    systemd is what reads them: `systemd-analyze calendar` on the host is the judge (a timer
+    with an event it cannot parse loads, but never fires). None without systemd-analyze.
+    """
+
+    @staticmethod
+    def default() -> list[str]:
+        return []
+
+    def requires_command(self, *args: Any, **kwargs: Any) -> str:
+        return "systemd-analyze"
+
+    def command(self, events: list[str]) -> StringCommand:
+        parts: list[Any] = ["for event in"]
+        parts += [QuoteString(event) for event in events]
+        parts += [
+            '; do systemd-analyze calendar -- "$event" >/dev/null 2>&1 || printf "%s\\n" "$event"; done'
+        ]
+        return StringCommand(*parts)
+
+    def process(self, output: list[str]) -> list[str]:
+        return [line for line in output if line]

@@ -223,7 +223,9 @@ TIMESPAN = Kind(
     from_text=str,
 )
 # systemd.time(7) calendar events ("daily", "*:0/15", "Mon *-*-* 03:00"): too rich to check
-# here; `systemd-analyze calendar` on the host is the judge, and the timer unit fails to load.
+# faithfully here, and a timer with an event systemd cannot parse loads but never fires. The
+# judge is `systemd-analyze calendar` on the host: the unit primitive (operations/service.py,
+# check_calendars) asks it for every OnCalendar= of a changed timer while the deploy is planned.
 CALENDAR = Kind("systemd calendar", "give a systemd calendar event such as daily or *:0/15", _typed(str))
 # Prometheus and Alertmanager durations: units y w d h m s ms, largest first, no spaces.
 PROMETHEUS_DURATION = Kind(

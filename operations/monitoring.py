@@ -1,12 +1,15 @@
-"""Observability of a cache host: node exporter, persistent journald, the disk-usage alert."""
+"""Observability of a cache host: node exporter, persistent journald, the disk-usage alert.
+
+The values come from host data, already checked by the schema (operations/settings.py: the
+listen address, the journald time span and size, the threshold's range): not checked again here.
+"""
 
 from __future__ import annotations
 
-import re
 import shlex
 
 from pyinfra import host
-from pyinfra.api import HiddenValue, OperationValueError, StringCommand, operation
+from pyinfra.api import HiddenValue, StringCommand, operation
 from pyinfra.facts.files import Directory, File
 
 from operations import hostfile
@@ -26,12 +29,6 @@ DISK_ALERT_WEBHOOK_FILE = "/etc/nixcache/alert-webhook"
 # What the deploy put on the host, for node exporter's textfile collector.
 DEPLOY_INFO_TEXTFILE = "nixcache_deploy.prom"
 
-# systemd time spans ("2week", "30d", "1month 2d") and sizes ("1G", "500M", "10%" is not allowed).
-_TIMESPAN = re.compile(
-    r"^(\d+\s*(us|ms|s|sec|m|min|h|hr|d|day|days|w|week|weeks|M|month|months|y|year|years)\s*)+$"
-)
-_SIZE = re.compile(r"^\d+[KMGT]?$")
-
 
 def render_node_exporter_defaults(listen: str, textfile_dir: str) -> str:
     """/etc/default/prometheus-node-exporter: listen address and textfile directory."""
@@ -50,11 +47,6 @@ def node_exporter(
     Restarts the exporter when its arguments or its sandbox (a unit drop-in) changed; starts
     and enables it when it is not.
     """
-    if not re.match(r"^[\w.\-\[\]:]*:\d+$", listen):
-        raise OperationValueError(
-            f"{host.name}: node_exporter_listen={listen!r} is not [address]:port; "
-            "give e.g. ':9100' or '127.0.0.1:9100'"
-        )
     if not host.get_fact(Directory, path=textfile_dir):
         yield StringCommand(f"install -d -m 0755 {shlex.quote(textfile_dir)}")
     defaults = render_node_exporter_defaults(listen, textfile_dir)
@@ -83,15 +75,6 @@ def journald(
     + max_retention: systemd time span (``2week``, ``30d``)
     + system_max_use: size (``1G``, ``500M``)
     """
-    if not _TIMESPAN.match(max_retention):
-        raise OperationValueError(
-            f"{host.name}: journald_max_retention={max_retention!r} is not a systemd "
-            "time span; give e.g. '2week' or '30d'"
-        )
-    if not _SIZE.match(system_max_use):
-        raise OperationValueError(
-            f"{host.name}: journald_system_max_use={system_max_use!r} is not a size; give e.g. '1G' or '500M'"
-        )
     content = render_journald(max_retention, system_max_use)
     changed = hostfile.differs(JOURNALD_DROPIN, content)
     yield from hostfile.put._inner(JOURNALD_DROPIN, content)
@@ -140,11 +123,6 @@ def disk_alert(
     + schedule: systemd OnCalendar expression
     + webhook_url: HiddenValue of the URL, or None to remove a previously installed one
     """
-    if not 1 <= int(threshold_percent) <= 100:
-        raise OperationValueError(
-            f"{host.name}: disk_alert_threshold_percent={threshold_percent} is not "
-            "between 1 and 100; fix it in host data"
-        )
     if webhook_url is not None:
         yield from hostfile.put._inner(DISK_ALERT_WEBHOOK_FILE, webhook_url, mode="0600")
     elif host.get_fact(File, path=DISK_ALERT_WEBHOOK_FILE):

@@ -15,14 +15,18 @@ is pyinfra's own `systemd.service` (facts `SystemdStatus`, `SystemdEnabled`).
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 from pyinfra import host
 from pyinfra.api import QuoteString, StringCommand, operation
 from pyinfra.operations import systemd
 
-from facts.nixcache import FileLine
+from facts.nixcache import CalendarRejected, FileLine
+from nixcache.schema import CALENDAR, kind_of
 from operations import hostfile
 from operations.render import render, sha256
-from operations.settings import CONFIG_FILE, NIXCACHE_BIN, SERVICE_NAME, Settings
+from operations.settings import CONFIG_FILE, NIXCACHE_BIN, SERVICE_NAME, Settings, SettingsError
 
 UNIT_DIR = "/etc/systemd/system"
 STAMP_DIR = "/var/lib/nixcache-deploy"
@@ -43,6 +47,27 @@ def render_unit(settings: Settings, nix_store: bool = False) -> str:
         nginx_front=settings.cache_nginx_front,
         nix_store=nix_store,
     )
+
+
+_ON_CALENDAR = re.compile(r"^OnCalendar=(.*)$", re.MULTILINE)
+_CALENDAR_KEYS = tuple(f.name for f in dataclasses.fields(Settings) if kind_of(f) is CALENDAR)
+
+
+def check_calendars(timers: dict[str, str]) -> None:
+    """Refuse, while the deploy is still being planned (nothing changed yet), a timer (path ->
+    text) whose OnCalendar= the host's systemd cannot parse: systemd would load it and never
+    run it. The error names the host data key that holds the value (a CALENDAR setting).
+    """
+    events = {event.strip(): path for path, text in timers.items() for event in _ON_CALENDAR.findall(text)}
+    if not events:
+        return
+    for event in host.get_fact(CalendarRejected, events=sorted(events)) or []:
+        keys = [key for key in _CALENDAR_KEYS if host.data.get(key) == event]
+        where = f"host data '{keys[0]}'" if keys else f"{events[event]}'s OnCalendar="
+        raise SettingsError(
+            f"{host.name}: {where} is {event!r}, which `systemd-analyze calendar` on the host "
+            f"rejects; {CALENDAR.fix} (systemd.time(7))"
+        )
 
 
 @operation()
@@ -71,10 +96,11 @@ def units(stamp: str, files: dict[str, str], active: list[str] | tuple[str, ...]
     """
     paths = {f"{UNIT_DIR}/{filename}": text for filename, text in sorted(files.items())}
     # Only new content needs a daemon-reload; an owner or mode fix does not.
-    reload = any(hostfile.differs(path, text) for path, text in paths.items())
+    changed = [path for path, text in paths.items() if hostfile.differs(path, text)]
+    check_calendars({path: paths[path] for path in changed if path.endswith(".timer")})
     for path, text in paths.items():
         yield from hostfile.put._inner(path, text)
-    if reload:
+    if changed:
         yield from systemd.daemon_reload._inner()
     digest = sha256("\0".join([*(f"{k}\0{v}" for k, v in sorted(files.items())), depends_on]))
     record = f"{STAMP_DIR}/{stamp}"

@@ -17,6 +17,7 @@ Paths that are part of the product's layout (not tunables) are module constants.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import sys
 import typing
@@ -27,6 +28,7 @@ from typing import Any
 from pyinfra import host
 from pyinfra.api import HiddenValue
 from pyinfra.api.exceptions import PyinfraError
+from pyinfra.connectors.docker import connector_data_meta as docker_connector_data
 from pyinfra.connectors.ssh import connector_data_meta as ssh_connector_data
 
 from nixcache import schema
@@ -728,14 +730,24 @@ class Settings:
         return self.ssh_allowed_sources or self.cache_allowed_sources
 
 
-# Keys under these prefixes are this file's business: a misspelt one is an error, not a no-op.
-# They are the first words of the declared keys (cache_, gc_, backup_, …), so a key with a new
-# prefix (nix_max_jobs) makes its misspellings errors too, with no list to keep in step.
+# Which keys of host data are this file's business, so that a misspelt one is an error, not a
+# silent no-op. Host data also holds keys nixcache does not own (pyinfra's connector and operation
+# arguments, an inventory's own keys such as the lab's `lab_address` or prod.py's `fleet_domain`),
+# so not every unknown key can be refused. The rule: an undeclared key is refused when
+# - it starts with the first word of a declared key (cache_, gc_, backup_, nix_, …: a key with a
+#   new prefix makes that prefix's misspellings errors too, with no list to keep in step), or
+# - it is within CLOSE_RATIO of a declared key (difflib's similarity: `cahce_memory_max`,
+#   `memory_maxx`), whatever its prefix;
+# and never when it is pyinfra's: a connector's data key (ssh_user, docker_identifier, …) or an
+# operation argument (`_sudo`, `_su_user`: pyinfra's own names start with an underscore).
 CHECKED_PREFIXES: tuple[str, ...] = tuple(
     sorted({field.name.split("_", 1)[0] + "_" for field in dataclasses.fields(Settings)})
 )
-# pyinfra's own SSH connector keys (ssh_hostname, ssh_user, …) share the ssh_ prefix: pyinfra reads them.
-PYINFRA_KEYS = frozenset(ssh_connector_data)
+# 0.8: every one-letter slip of a declared key is above it; every key of pyinfra's connectors and
+# of the project's inventories is below 0.7 (tests/deploy_parts/test_settings.py checks both).
+CLOSE_RATIO = 0.8
+PYINFRA_KEYS = frozenset(ssh_connector_data) | frozenset(docker_connector_data)
+_DECLARED = tuple(field.name for field in dataclasses.fields(Settings))
 
 
 def _fail(host_name: str, key: str, problem: str, fix: str) -> SettingsError:
@@ -744,7 +756,11 @@ def _fail(host_name: str, key: str, problem: str, fix: str) -> SettingsError:
 
 def _checked(key: str) -> bool:
     """Whether `key` is this file's business (a misspelt one is an error, not a no-op)."""
-    return key.startswith(CHECKED_PREFIXES) and key not in PYINFRA_KEYS
+    if key in PYINFRA_KEYS or key.startswith("_"):
+        return False
+    return key.startswith(CHECKED_PREFIXES) or bool(
+        difflib.get_close_matches(key, _DECLARED, n=1, cutoff=CLOSE_RATIO)
+    )
 
 
 def _data_keys(data: Any) -> dict[str, Any]:

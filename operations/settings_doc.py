@@ -33,7 +33,10 @@ read them through those declarations, so a bad value is refused in one line that
 came from, the key, the value and the fix, and an unknown key is refused with the closest known one.
 
 - **Host data** (inventories, `inventories/group_data/*.py`, `pyinfra --data key=value`): read
-  by the deploys (`operations.settings.settings()`). Keys starting with {prefixes} are checked.
+  by the deploys (`operations.settings.settings()`). Keys starting with {prefixes} are checked,
+  and so is any other key that is nearly a declared one (`cahce_memory_max`: difflib similarity
+  0.8 or more); pyinfra's own keys (`ssh_user`, `_sudo`, …) and an inventory's own keys that
+  resemble no setting (`lab_address`, `fleet_domain`) are left to their readers.
 - **`/etc/nixcache/config.toml`**: rendered by the deploy from host data, read by `nixcache serve`
   and `nixcache gc --config` (the GC timer runs exactly that: its limits are the `gc_*` keys here).
 - **`/etc/nixcache/backup.toml`**: rendered by the deploy from the `backup_*` host data keys,

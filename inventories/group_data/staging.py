@@ -53,3 +53,18 @@ origin_gc_host = next(
 # Staging's bucket keeps a month.
 origin_gc_older_than = "30d"
 origin_gc_max_size = "200G"
+
+# --- backups: to the fleet's backup repository host (group `backups` of inventories/prod.py) ---
+# Append-only, one credential per host ({host} becomes each host's inventory name): a cache can
+# add snapshots to its own repository and nothing else. Create both secrets per host before the
+# first deploy (`nixcache secrets` or 1Password); the repository host reads them too.
+# Plain http: the repository host serves no TLS yet (docs/decisions/0008, Consequences). restic
+# encrypts the data, but the credential crosses the network in clear: keep the repository host
+# on the fleet's private network until it does.
+backup_repository = (
+    "rest:http://"
+    + runpy.run_path(str(Path(__file__).resolve().parents[1] / "prod.py"))["backups"][0]
+    + ":8000/{host}/"
+)
+backup_password_ref = "op://nixcache-staging/backup-{host}/restic-password"  # noqa: S105 - a reference, not the secret
+backup_credential_ref = "op://nixcache-staging/backup-{host}/rest-credential"

@@ -130,17 +130,21 @@ class BackupConfig:
 
     def excludes(self) -> list[str]:
         """restic --exclude patterns: the configured ones, the store's in-flight uploads and its
-        signed narinfos."""
+        signed narinfos and its quarantine."""
+        from nixcache.server.verify import QUARANTINE_DIR  # the store's layout (store.py)
+
         patterns = list(self.exclude)
         if self.include_store:
             # Uploads land in tmp/ and are renamed into place once verified: never worth keeping.
             # signed/ is derived from narinfo/ and the key, and a snapshot read file by file may
             # pair a signed text with another version of its narinfo: the server re-signs a
             # restored store (no signed/KEYS) in the background instead.
-            for derived in ("tmp", "signed"):
-                path = str(PurePosixPath(self.store_dir) / derived)
-                if path not in patterns:
-                    patterns.append(path)
+            # quarantine/ holds what `nixcache verify` found damaged: a restore must not bring
+            # damage back, and it would cost repository space for bytes nobody can serve.
+            for name in ("tmp", "signed", QUARANTINE_DIR):
+                pattern = str(PurePosixPath(self.store_dir) / name)
+                if pattern not in patterns:
+                    patterns.append(pattern)
         return patterns
 
     def backup_paths(self) -> list[str]:

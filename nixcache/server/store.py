@@ -31,10 +31,10 @@ Layout under the store directory (`store` in the config, e.g. /var/lib/nixcache/
                              (all five: nixcache/server/extras; verified JSON, stored decoded,
                              published by rename like the rest; gc rule in extras/gc.py)
 
-The service user owns all of it. Back up everything but tmp/ and signed/ (the backup's
-include_store does; signed/ is derived, and a snapshot taken file by file could pair a
-signed text with another version of its narinfo; a restored store without signed/KEYS is
-re-signed when the server starts).
+The service user owns all of it. Back up everything but tmp/, signed/ and quarantine/ (the
+backup's include_store does: signed/ is derived, and a snapshot taken file by file could pair a
+signed text with another version of its narinfo, so a restored store without signed/KEYS is
+re-signed when the server starts; quarantine/ holds damage a restore must not bring back).
 
 Visibility rules: a file becomes visible only by rename(2) from tmp/ after it verified; a NAR's
 meta is renamed into place before the NAR; a narinfo only after its NAR and meta exist and match.

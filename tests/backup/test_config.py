@@ -92,8 +92,14 @@ def test_cli_exits_78_on_a_missing_or_bad_config(tmp_path):
     assert f"bad.toml: unknown key 'what'; {known}" in result.stderr
 
 
-def test_excludes_always_leave_out_the_store_uploads_and_signed_narinfos_once():
-    assert FULL.excludes() == ["*.tmp", "/cas/store/.incoming", "/cas/store/tmp", "/cas/store/signed"]
+def test_excludes_always_leave_out_the_store_uploads_signed_narinfos_and_quarantine_once():
+    assert FULL.excludes() == [
+        "*.tmp",
+        "/cas/store/.incoming",
+        "/cas/store/tmp",
+        "/cas/store/signed",
+        "/cas/store/quarantine",
+    ]
     deployed = dataclasses.replace(FULL, exclude=["/cas/store/tmp", "/cas/store/signed"])
-    assert deployed.excludes() == ["/cas/store/tmp", "/cas/store/signed"]
+    assert deployed.excludes() == ["/cas/store/tmp", "/cas/store/signed", "/cas/store/quarantine"]
     assert dataclasses.replace(FULL, include_store=False).excludes() == ["*.tmp", "/cas/store/.incoming"]

@@ -124,12 +124,15 @@ def test_missing_password_file_and_missing_path_are_named(backup_env):
     assert f"{backup_env.config.store_dir} is to be backed up but does not exist" in result.stderr
 
 
-def test_store_is_backed_up_when_included_without_uploads_in_flight(backup_env):
+def test_store_is_backed_up_when_included_without_uploads_in_flight_or_quarantine(backup_env):
     store = Path(backup_env.config.store_dir)
     (store / "nar").mkdir(parents=True)
     (store / "tmp").mkdir()
     (store / "nar" / "x.nar").write_bytes(b"nar" * 1000)
     (store / "tmp" / "y.nar.1234.5678").write_bytes(b"half an upload")
+    # Where `nixcache verify` moves a damaged entry (nixcache/server/verify.py).
+    (store / "quarantine" / "20261201T030000Z" / "nar").mkdir(parents=True)
+    (store / "quarantine" / "20261201T030000Z" / "nar" / "z.nar").write_bytes(b"flipped bytes")
     backup_env.write_config(include_store=True)
     assert backup_env.cli("run").exit_code == 0
     [snapshot] = Restic(backup_env.config).snapshots()
@@ -139,6 +142,7 @@ def test_store_is_backed_up_when_included_without_uploads_in_flight(backup_env):
     restored = target / str(store).lstrip("/")
     assert (restored / "nar" / "x.nar").read_bytes() == b"nar" * 1000
     assert not (restored / "tmp").exists()
+    assert not (restored / "quarantine").exists()
 
 
 def test_store_files_deleted_during_a_backup_are_not_an_error():

@@ -7,6 +7,7 @@ traceback. Group data files get the same check, `__all__` included (operations/g
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,16 @@ def error_line(done: subprocess.CompletedProcess[str]) -> str:
             "gc_max_sizee=1G",
             "@local: host data 'gc_max_sizee' is not a nixcache setting; did you mean 'gc_max_size'?",
         ),
+        (
+            "backup_store=true",
+            "@local: is a backup repository host only (backup_store, no signing_key_ref), not a cache; "
+            "deploy it with deploys/backup.py, and this file with --limit <the caches' group>",
+        ),
+        (
+            "cahce_memory_max=1G",
+            "@local: host data 'cahce_memory_max' is not a nixcache setting; did you mean "
+            "'cache_memory_max'?",
+        ),
     ],
 )
 def test_the_main_deploy_refuses_bad_data_in_one_line(data: str, expected: str) -> None:
@@ -101,6 +112,23 @@ def test_a_misspelt_key_in_group_data_stops_the_run(tmp_path: Path) -> None:
     )
 
 
+def test_a_misspelt_prefix_in_group_data_stops_the_run(tmp_path: Path) -> None:
+    root = fleet(tmp_path, {"first": 'cahce_memory_max = "1G"\n'})
+    line = error_line(pyinfra("-y", str(root / "inventory.py"), str(root / "deploy.py")))
+    assert line.endswith(
+        "@local: host data 'cahce_memory_max' is not a nixcache setting; did you mean 'cache_memory_max'?"
+    )
+
+
+def test_a_misspelt_key_in_the_inventorys_host_data_stops_the_run(tmp_path: Path) -> None:
+    root = fleet(tmp_path, {})
+    (root / "inventory.py").write_text('first = [("@local", {"bakup_repository": "/srv/backup"})]\n')
+    line = error_line(pyinfra("-y", str(root / "inventory.py"), str(root / "deploy.py")))
+    assert line.endswith(
+        "@local: host data 'bakup_repository' is not a nixcache setting; did you mean 'backup_repository'?"
+    )
+
+
 def test_of_two_groups_the_one_defined_later_in_the_inventory_wins(tmp_path: Path) -> None:
     """What docs/settings.md says about a host in two groups, seen in a real run."""
     root = fleet(tmp_path, {"first": 'gc_min_free = "1G"\n', "second": 'gc_min_free = "2G"\n'})
@@ -110,3 +138,23 @@ def test_of_two_groups_the_one_defined_later_in_the_inventory_wins(tmp_path: Pat
     (root / "inventory.py").write_text('second = ["@local"]\nfirst = ["@local"]\n')
     done = pyinfra("-y", str(root / "inventory.py"), str(root / "deploy.py"))
     assert f"gc_min_free = {1024**3}" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="@local has no systemd-analyze")
+def test_a_calendar_event_systemd_cannot_parse_stops_the_run_before_anything_changes(tmp_path: Path) -> None:
+    """systemd-analyze on the host (here @local, the controller) is the judge of OnCalendar=; the
+    run stops while it is being planned, naming the key. --dry: nothing is created anywhere."""
+    (tmp_path / "push-token").write_text("t0ken\n")
+    data = {
+        "gc_schedule": "dayly",
+        "signing_key_ref": f"file://{tmp_path / 'signing-key'}",
+        "signing_key_generate": "true",
+        "push_token_ref": f"file://{tmp_path / 'push-token'}",
+        "cache_allowed_sources": "127.0.0.0/8",
+    }
+    args = [arg for key, value in data.items() for arg in ("--data", f"{key}={value}")]
+    line = error_line(pyinfra("--dry", *args, "@local", "deploys/cache.py"))
+    assert line.endswith(
+        "@local: host data 'gc_schedule' is 'dayly', which `systemd-analyze calendar` on the host "
+        "rejects; give a systemd calendar event such as daily or *:0/15 (systemd.time(7))"
+    ), line

@@ -31,6 +31,10 @@ def fleet_dir(tmp_path):
     return target
 
 
+def caches(inventory):
+    return [h for h in inventory if "backups" not in h.groups]
+
+
 def test_hosts_groups_and_addresses(fleet_dir):
     inventory = load(fleet_dir)
     names = {
@@ -50,12 +54,13 @@ def test_hosts_groups_and_addresses(fleet_dir):
         "cache-eu-central.caches.example.org",
     ]
     assert [h.name for h in inventory.get_group("ap_southeast")] == ["cache-ap-southeast.caches.example.org"]
-    assert len(list(inventory)) == 7
+    assert [h.name for h in inventory.get_group("backups")] == ["backup.caches.example.org"]
+    assert len(list(inventory)) == 8
 
 
 def test_environment_data_and_settings_are_valid(fleet_dir):
     inventory = load(fleet_dir)
-    for host in inventory:
+    for host in caches(inventory):
         environment = next(g for g in ("production", "staging", "canary") if g in host.groups)
         s = from_data(host.name, host.data)  # raises on a misspelt or ill-typed key
         assert s.signing_key_ref == f"op://nixcache-{environment}/signing-key/secret-key"
@@ -73,8 +78,8 @@ def test_without_a_fleet_domain_names_never_resolve(fleet_dir):
     all_py = fleet_dir / "group_data" / "all.py"
     all_py.write_text('ssh_user = "root"\n')
     names = sorted(h.name for h in load(fleet_dir))
-    assert names[0] == "cache-ap-southeast.fleet.example"  # RFC 2606 reserved name
-    assert all(name.endswith(".fleet.example") for name in names) and len(names) == 7
+    assert names[0] == "backup.fleet.example"  # RFC 2606 reserved name
+    assert all(name.endswith(".fleet.example") for name in names) and len(names) == 8
 
 
 def test_each_environment_names_its_origin_and_one_gc_host(fleet_dir):
@@ -94,3 +99,32 @@ def test_each_environment_names_its_origin_and_one_gc_host(fleet_dir):
         assert collectors == [
             f"cache-eu-central{'' if environment == 'production' else '-' + environment}.caches.example.org"
         ]
+
+
+def test_every_cache_backs_up_to_the_repository_host_which_serves_them_all(fleet_dir):
+    """One append-only repository host (group `backups`); each cache's repository is its own
+    path there (plain http until the repository host serves TLS), with its own credential and
+    password in its environment's vault."""
+    inventory = load(fleet_dir)
+    [store] = inventory.get_group("backups")
+    s = from_data(store.name, store.data)
+    assert s.backup_store and not s.signing_key_ref and s.backup_store_allowed_sources
+    for host in caches(inventory):
+        environment = next(g for g in ("production", "staging", "canary") if g in host.groups)
+        theirs = from_data(host.name, host.data)
+        assert theirs.backup_repository == "rest:http://backup.caches.example.org:8000/{host}/"
+        assert theirs.backup_credential_ref == f"op://nixcache-{environment}/backup-{{host}}/rest-credential"
+        assert theirs.backup_password_ref == f"op://nixcache-{environment}/backup-{{host}}/restic-password"
+        assert not theirs.backup_credential_generate and not theirs.backup_password_generate
+
+
+def test_the_builder_groups_are_empty_and_their_example_matches_the_schema(fleet_dir):
+    """builders and builders_remote exist, empty; the nix_builders example in prod.py's comment
+    is a value the schema accepts (uncommented, it would deploy)."""
+    inventory = load(fleet_dir)
+    assert [h.name for h in inventory.get_group("builders", [])] == []
+    text = (fleet_dir / "prod.py").read_text()
+    example = text[text.index("#   nix_builders = ") : text.index("#   nix_builder_ssh_key_ref")]
+    value = eval("\n".join(line.removeprefix("#") for line in example.splitlines()).split("=", 1)[1])  # noqa: S307
+    s = from_data("cache-a", {"nix_builders": value, "nix_builder_ssh_key_ref": "op://v/i/f"})
+    assert s.nix_builders[0]["host"] == "build-1.<domain>"

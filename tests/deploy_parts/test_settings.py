@@ -59,13 +59,39 @@ def _host_in_inventory(layer: str, data: dict):
 
 
 @pytest.mark.parametrize("layer", ["host", "group", "all", "override"])
-def test_a_misspelt_key_in_any_data_layer_is_an_error_suggesting_the_right_one(layer):
-    host = _host_in_inventory(layer, {"gc_max_sizee": "1G"})
+@pytest.mark.parametrize(
+    ("key", "meant"),
+    [
+        ("gc_max_sizee", "gc_max_size"),  # a declared prefix
+        ("cahce_memory_max", "cache_memory_max"),  # a misspelt prefix: no declared key starts so
+        ("nix_gc_schedul", "nix_gc_schedule"),
+        ("backup_repositry", "backup_repository"),
+        ("memory_max", None),  # no prefix at all, and too far from any key: left alone
+    ],
+)
+def test_a_misspelt_key_in_any_data_layer_is_an_error_suggesting_the_right_one(layer, key, meant):
+    host = _host_in_inventory(layer, {key: "1G"})
+    if meant is None:
+        from_data(host.name, host.data)
+        return
     with pytest.raises(SettingsError) as error:
         from_data(host.name, host.data)
     assert str(error.value) == (
-        "cache-a: host data 'gc_max_sizee' is not a nixcache setting; did you mean 'gc_max_size'?"
+        f"cache-a: host data '{key}' is not a nixcache setting; did you mean '{meant}'?"
     )
+
+
+def test_keys_nixcache_does_not_own_are_never_mistaken_for_misspellings():
+    """pyinfra's connector keys and operation arguments, and the inventories' own keys: each is
+    further from every declared key than the cut-off, so a deploy reading them never fails."""
+    from pyinfra.connectors.docker import connector_data_meta as docker_keys
+    from pyinfra.connectors.ssh import connector_data_meta as ssh_keys
+
+    foreign = {key: "x" for key in [*ssh_keys, *docker_keys]}
+    foreign |= {"_sudo": True, "_su_user": "x", "_use_sudo_password": "x"}
+    foreign |= {"lab_address": "x", "lab_network": "x", "lab_controller_address": "x"}
+    foreign |= {"lab_state_dir": "x", "fleet_domain": "x"}
+    assert from_data("cache-a", foreign).cache_port == 5000
 
 
 def test_correct_keys_from_every_layer_are_read():
@@ -99,6 +125,13 @@ def test_pyinfra_connector_keys_are_not_mistaken_for_nixcache_settings():
         ("signing_key_ref", "secrets/key", "give a secret reference: op://vault/item/field"),
         ("cache_download_compression", "gzip", "give none or zstd"),
         ("cache_download_compression_level", 22, "give a whole number from 1 to 19"),
+        # The checks operations/monitoring.py and hardening.sshd no longer repeat:
+        ("journald_max_retention", "two weeks", "give a systemd time span such as 30m, 2week or 1h 30min"),
+        ("journald_system_max_use", "1 gig", "give bytes with K, M, G or T, e.g. 500M or 1G"),
+        ("disk_alert_threshold_percent", 101, "give a whole number from 1 to 100"),
+        ("disk_alert_threshold_percent", 0, "give a whole number from 1 to 100"),
+        ("node_exporter_listen", "9100", "give [address]:port, e.g. 127.0.0.1:9090 or :9100"),
+        ("ssh_permit_root_login", "maybe", "give one of yes, no, prohibit-password, forced-commands-only"),
     ],
 )
 def test_each_kind_of_bad_value_is_one_line_naming_host_key_value_and_fix(key, value, fix):

@@ -3,7 +3,7 @@
 Every PromQL expression of monitoring/dashboards/nixcache.json and monitoring/rules/nixcache.yml
 is parsed by promtool (as a recording rule), and every metric name in it must be one that a
 running `nixcache serve` exposes on /metrics, one that the textfile writers of this repository
-write (disk check, backups, deploy info), or one of node exporter's and the blackbox exporter's
+write (disk check, backups, deploy info, nix-stats), or one of node exporter's and the blackbox exporter's
 names listed below (checked against a lab host's node exporter in test_monitoring_lab.py).
 """
 
@@ -22,7 +22,7 @@ from conftest import require
 from prometheus_client.parser import text_string_to_metric_families
 from server.helpers import start_server, write_key
 
-from nixcache import alerts
+from nixcache import alerts, nixstats
 from nixcache.backup import state as backup_state
 from operations.monitoring import render_deploy_info
 
@@ -96,7 +96,9 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
         server.stop()
     alerts.write_metrics(str(tmp / "disk.prom"), str(tmp), alerts.Usage(used=1, available=1), 85)
     backup_state.write_metrics(backup_state.BackupState(), tmp / "backup.prom")
+    nixstats.write_metrics(str(tmp / "nix.prom"), nixstats.State(), paths=1, size=1)
     texts += [(tmp / "disk.prom").read_text(), (tmp / "backup.prom").read_text()]
+    texts.append((tmp / "nix.prom").read_text())
     texts.append(render_deploy_info(["k-1:AAAA"], "0.1.0", "build"))
     names = set()
     for text in texts:
