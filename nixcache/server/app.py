@@ -312,7 +312,6 @@ class App:
                 self.store.put_nar(name, body, body.length, limit, before_publish=before_publish)
                 size = request.record.received
                 self.metrics.upload_bytes.inc(size)
-                self.metrics.usage.add_nar(size)
             return Response(201, b"stored\n")
 
         return self._upload(request, "nar", receive)
@@ -321,7 +320,6 @@ class App:
         body = request.body
 
         def receive(limit: int) -> Response:
-            existed = os.path.exists(self._narinfo_prefix + hash_part + ".narinfo")
             push = self.tiers.push if self.tiers is not None else None
             valid = push.narinfo_valid if push is not None else None
             info, published = self.store.put_narinfo(
@@ -330,8 +328,6 @@ class App:
             # Signed now, while it is at hand: clients usually fetch what CI just pushed, and
             # their first fetch then costs no parse and no signature.
             self._cache_signed(hash_part, (published.st_ino, published.st_mtime_ns, published.st_size), info)
-            if not existed:
-                self.metrics.usage.add_entry(request.record.received)
             return Response(201, b"stored\n")
 
         return self._upload(request, "narinfo", receive)

@@ -20,7 +20,7 @@ from nixcache.server.app import App
 from nixcache.server.auth import TokenError, Tokens
 from nixcache.server.config import ServerConfig
 from nixcache.server.http import Server
-from nixcache.server.metrics import Metrics, scan
+from nixcache.server.metrics import Metrics
 from nixcache.server.nixstore.db import NixDbError
 from nixcache.server.nixstore.store import LocalNixStore
 from nixcache.server.store import Store
@@ -28,7 +28,7 @@ from nixcache.server.workers import offload_to
 
 log = logging.getLogger("nixcache.server")
 SERVED_FLUSH_SECONDS = 30
-USAGE_SCAN_SECONDS = 60
+USAGE_CHECK_SECONDS = 3600  # how often to look whether the usage totals are due a full scan
 
 
 class StartupError(Exception):
@@ -109,13 +109,14 @@ def build(config: ServerConfig) -> Server:
     return server
 
 
-def _every(seconds: float, fn, *args) -> None:  # type: ignore[no-untyped-def]
+def _every(seconds: float, fn, *args, first: float | None = None) -> None:  # type: ignore[no-untyped-def]
+    gevent.sleep(seconds if first is None else first)
     while True:
-        gevent.sleep(seconds)
         try:
             fn(*args)
         except Exception:
             log.exception("periodic task %s failed", getattr(fn, "__name__", fn))
+        gevent.sleep(seconds)
 
 
 def run(config: ServerConfig) -> None:
@@ -128,13 +129,14 @@ def run(config: ServerConfig) -> None:
     store = app.store
     threadpool = gevent.get_hub().threadpool
 
-    def refresh_usage() -> None:
-        app.metrics.refresh_usage(threadpool.apply(scan, (store,)))
+    def rescan_usage() -> None:
+        # Uploads and gc keep the totals; a full scan only when they are missing or a day old,
+        # in the thread pool while the server already answers (nixcache/server/usage.py).
+        threadpool.apply(store.usage.rescan_if_stale, (store.root,))
 
-    refresh_usage()
     tasks = [
         gevent.spawn(_every, SERVED_FLUSH_SECONDS, store.flush_served, threadpool.apply),
-        gevent.spawn(_every, USAGE_SCAN_SECONDS, refresh_usage),
+        gevent.spawn(_every, USAGE_CHECK_SECONDS, rescan_usage, first=0),
     ]
 
     def stop() -> None:
