@@ -442,12 +442,13 @@ class Server(StreamServer):
             if message.limit is not None:
                 raise message.limit
             framing = wire.frame(message.version, message.headers, message.duplicate)
-            if framing is wire.NO_BODY_11 and message.method == "GET":
+            if framing is wire.NO_BODY_11 and (message.method == "GET" or message.method == "HEAD"):
                 fast = _NARINFO.fullmatch(message.url)  # an origin-form target, nothing to decode
                 if fast is not None:
                     record.path = message.url.decode()
                     hash_part = fast.group(1).decode()
-                    return self._narinfo(sock, record, hash_part, message.headers.get("authorization"))
+                    authorization = message.headers.get("authorization")
+                    return self._narinfo(sock, record, hash_part, authorization, message.method == "HEAD")
             path, query = wire.split_target(message.url.decode("latin-1"))
         except Refusal as refusal:
             return self._refuse(sock, record, refusal, message)
@@ -503,24 +504,25 @@ class Server(StreamServer):
         return fate != "close"
 
     def _narinfo(
-        self, sock: socket.socket, record: Record, hash_part: str, authorization: str | None
+        self, sock: socket.socket, record: Record, hash_part: str, authorization: str | None, head: bool
     ) -> bool:
-        """The fast path of the most frequent request, a narinfo GET on a kept HTTP/1.1 connection
-        without a body: the route table's answer (`App.narinfo`, hit or miss), without building
-        the Request that no other handler needs: about 15 % less Python work per narinfo (in-process)."""
+        """The fast path of the most frequent requests, a narinfo GET or HEAD (current Nix checks
+        presence with HEAD, mostly of absent paths) on a kept HTTP/1.1 connection without a body:
+        the route table's answer (`App.narinfo`, hit or miss), without building the Request that
+        no other handler needs: about 15 % less Python work per narinfo (in-process)."""
         record.route = "narinfo"
         response = self.app.narinfo(hash_part, authorization)
         record.status = response.status
         record.reason = response.reason
-        head = wire.response_head(response, keep_alive=True, http10=False, date=self._date_header())
-        body = response.body
+        response_head = wire.response_head(response, keep_alive=True, http10=False, date=self._date_header())
+        body = b"" if head else response.body
         try:
-            send_small(sock, head + body)  # type: ignore[operator]
+            send_small(sock, response_head + body)  # type: ignore[operator]
         except OSError:
             record.aborted = True
             self._record(record)
             raise
-        record.sent = len(body)
+        record.sent = len(body)  # type: ignore[arg-type]
         self._record(record)
         return True
 

@@ -336,10 +336,11 @@ class Store:
             raise UploadError(400, f"{hash_part}.narinfo: {error}") from None
         if info.hash_part != hash_part:
             raise UploadError(400, f"{hash_part}.narinfo: StorePath {info.store_path} has another hash")
+        # Checked first so nothing invalid leaves this host or is written, and again below under
+        # the lock; the check refreshes the NAR's mtime just before the fsync's wait.
+        with self.gc_lock(exclusive=False):
+            self._check_nar(hash_part, info)
         if before_publish is not None:
-            # Checked first so nothing invalid leaves this host, and again below under the lock.
-            with self.gc_lock(exclusive=False):
-                self._check_nar(hash_part, info)
             before_publish(info)
         # Made durable first (off the event loop), then, under the shared gc lock, refresh the
         # NAR's mtime, check it and publish: gc re-checks that mtime under the exclusive lock
