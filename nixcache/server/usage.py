@@ -1,17 +1,17 @@
 """The store's usage totals (narinfos, NAR files and their bytes), kept on disk in `<store>/usage`.
 
 Every process that changes the store adjusts the totals as it publishes or deletes a file
-(uploads and pull-throughs in every server worker, `nixcache gc`), so /metrics, answered by
-any worker, shows the whole store without a rescan: one small read per scrape. The file is one
-JSON object padded to a fixed size, rewritten in place under flock(2) (a few syscalls per
-change, no new file); a change is counted in the same locked step as the rename or unlink that
-makes it, so the totals stay exact whoever runs in parallel.
+(uploads and pull-throughs in every server worker, `nixcache gc`, `nixcache verify`'s
+quarantine moves), so /metrics, answered by any worker, shows the whole store without a rescan:
+one small read per scrape. The file is one JSON object padded to a fixed size, rewritten in
+place under flock(2) (a few syscalls per change, no new file). An upload is counted in the same
+locked step as its rename (so two workers replacing one narinfo count it once), gc after each
+batch of deletions (milliseconds later): the totals stay exact whoever runs in parallel.
 
 A full scan (`scan`, one stat per file) sets the base: in the background when a server starts
 and finds no totals, and again once they are older than `RESCAN_SECONDS`, by the one process
 that gets the scan lock (the others skip it). It corrects what no process counted: files
-deleted or restored by hand, verify's quarantine moves, a process killed between a rename and
-its count. Changes made while a scan runs are added to its result, which may count a file the
+deleted or restored by hand, a process killed between a rename and its count. Changes made while a scan runs are added to its result, which may count a file the
 scan also saw: the next scan corrects that.
 """
 
