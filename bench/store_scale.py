@@ -341,7 +341,7 @@ def push_round(name: str, checkout: Path | None, paths: list[str], work: Path) -
     return result
 
 
-def first_narinfo_or_404(port: int, hash_part: str, timeout: float = 30) -> None:
+def first_narinfo_or_404(port: int, hash_part: str, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
