@@ -11,8 +11,9 @@ batch of deletions (milliseconds later): the totals stay exact whoever runs in p
 A full scan (`scan`, one stat per file) sets the base: in the background when a server starts
 and finds no totals, and again once they are older than `RESCAN_SECONDS`, by the one process
 that gets the scan lock (the others skip it). It corrects what no process counted: files
-deleted or restored by hand, a process killed between a rename and its count. Changes made while a scan runs are added to its result, which may count a file the
-scan also saw: the next scan corrects that.
+deleted or restored by hand, a process killed between a rename and its count. Changes made
+while a scan runs are added to its result, which may count a file the scan also saw: the next
+scan corrects that.
 """
 
 from __future__ import annotations
