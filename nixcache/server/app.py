@@ -319,7 +319,6 @@ class App:
                 self.store.put_nar(name, body, body.length, limit, before_publish=before_publish)
                 size = request.record.received
                 self.metrics.upload_bytes.inc(size)
-                self.metrics.usage.add_nar(size)
             return Response(201, b"stored\n")
 
         return self._upload(request, "nar", receive)
@@ -328,12 +327,9 @@ class App:
         body = request.body
 
         def receive(limit: int) -> Response:
-            existed = os.path.exists(self._narinfo_prefix + hash_part + ".narinfo")
             push = self.tiers.push if self.tiers is not None else None
             valid = push.narinfo_valid if push is not None else None
             self.store.put_narinfo(hash_part, body, body.length, min(limit, NARINFO_LIMIT), valid)
-            if not existed:
-                self.metrics.usage.add_entry(request.record.received)
             return Response(201, b"stored\n")
 
         return self._upload(request, "narinfo", receive)

@@ -1,18 +1,16 @@
 """Prometheus metrics of the server, all named nixcache_*.
 
-Store size, GC and verify totals come from disk (a periodic scan, and gc-stats.json and
-verify-stats.json written by `nixcache gc` and `nixcache verify`, which run in other processes),
-so they are read at scrape time.
+Store size, GC and verify totals come from disk (the store's usage file, which every process
+adjusts, nixcache/server/usage.py; gc-stats.json and verify-stats.json written by `nixcache gc`
+and `nixcache verify`, which run in other processes), so they are read at scrape time and are
+the whole store's whichever worker answers.
 """
 
 from __future__ import annotations
 
 import bisect
 import json
-import os
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -25,53 +23,12 @@ from nixcache.server.store import Store
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-@dataclass
-class StoreUsage:
-    entries: int = 0
-    narinfo_bytes: int = 0
-    nar_files: int = 0
-    nar_bytes: int = 0
-    scanned_at: float = 0.0
-
-    # Uploads update the totals at once; the periodic scan corrects them (gc runs elsewhere).
-    def add_nar(self, size: int) -> None:
-        self.nar_files += 1
-        self.nar_bytes += size
-
-    def add_entry(self, size: int) -> None:
-        self.entries += 1
-        self.narinfo_bytes += size
-
-
-def scan(store: Store) -> StoreUsage:
-    """Count narinfos and NAR files and their bytes (one stat per file; run off the event loop)."""
-    usage = StoreUsage(scanned_at=time.time())
-    for directory, is_nar in ((store.narinfo_dir, False), (store.nar_dir, True)):
-        try:
-            entries = os.scandir(directory)
-        except FileNotFoundError:
-            continue
-        with entries:
-            for entry in entries:
-                try:
-                    size = entry.stat().st_size
-                except FileNotFoundError:
-                    continue
-                if is_nar:
-                    usage.nar_files += 1
-                    usage.nar_bytes += size
-                else:
-                    usage.entries += 1
-                    usage.narinfo_bytes += size
-    return usage
-
-
 class _DiskCollector(Collector):
     def __init__(self, metrics: Metrics):
         self.metrics = metrics
 
     def collect(self) -> Iterator[object]:
-        usage = self.metrics.usage
+        usage = self.metrics.store.usage.read()
         yield GaugeMetricFamily(
             "nixcache_store_entries", "Narinfos (store paths) in the store", value=usage.entries
         )
@@ -82,7 +39,9 @@ class _DiskCollector(Collector):
             value=usage.nar_bytes + usage.narinfo_bytes,
         )
         yield GaugeMetricFamily(
-            "nixcache_store_scan_timestamp_seconds", "When the store was last scanned", value=usage.scanned_at
+            "nixcache_store_scan_timestamp_seconds",
+            "When the store was last scanned in full (uploads and gc adjust the totals in between)",
+            value=usage.scanned_at,
         )
         stats = read_gc_stats(self.metrics.store)
         yield CounterMetricFamily(
@@ -268,7 +227,6 @@ class Metrics:
 
     def __init__(self, store: Store):
         self.store = store
-        self.usage = StoreUsage()
         self.resigner: Any = None  # the server's nixcache.server.signed.Resigner, once started
         self.registry = CollectorRegistry()
         self.requests = LabeledCounter(
@@ -336,9 +294,6 @@ class Metrics:
         )
         self.registry.register(_CounterCollector(self))
         self.registry.register(_DiskCollector(self))
-
-    def refresh_usage(self, usage: StoreUsage) -> None:
-        self.usage = usage
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

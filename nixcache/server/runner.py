@@ -22,7 +22,7 @@ from nixcache.server.app import App
 from nixcache.server.auth import TokenError, Tokens
 from nixcache.server.config import ServerConfig
 from nixcache.server.http import Server
-from nixcache.server.metrics import Metrics, scan
+from nixcache.server.metrics import Metrics
 from nixcache.server.nixstore.db import NixDbError
 from nixcache.server.nixstore.store import LocalNixStore
 from nixcache.server.signed import Resigner
@@ -31,7 +31,7 @@ from nixcache.server.workers import offload_to
 
 log = logging.getLogger("nixcache.server")
 SERVED_FLUSH_SECONDS = 30
-USAGE_SCAN_SECONDS = 60
+USAGE_CHECK_SECONDS = 3600  # how often to look whether the usage totals are due a full scan
 
 
 class StartupError(Exception):
@@ -114,13 +114,14 @@ def build(config: ServerConfig) -> Server:
     return server
 
 
-def _every(seconds: float, fn, *args) -> None:  # type: ignore[no-untyped-def]
+def _every(seconds: float, fn, *args, first: float | None = None) -> None:  # type: ignore[no-untyped-def]
+    gevent.sleep(seconds if first is None else first)
     while True:
-        gevent.sleep(seconds)
         try:
             fn(*args)
         except Exception:
             log.exception("periodic task %s failed", getattr(fn, "__name__", fn))
+        gevent.sleep(seconds)
 
 
 def _once(fn) -> None:  # type: ignore[no-untyped-def]
@@ -140,16 +141,17 @@ def run(config: ServerConfig) -> None:
     store = app.store
     threadpool = gevent.get_hub().threadpool
 
-    def refresh_usage() -> None:
-        app.metrics.refresh_usage(threadpool.apply(scan, (store,)))
+    def rescan_usage() -> None:
+        # Uploads and gc keep the totals; a full scan only when they are missing or a day old,
+        # in the thread pool while the server already answers (nixcache/server/usage.py).
+        threadpool.apply(store.usage.rescan_if_stale, (store.root,))
 
-    refresh_usage()
     # Signed narinfos of other keys (a rotation) are served while they are re-signed.
     resigner = app.metrics.resigner = Resigner(store, threadpool.apply)
     resigner.prepare()  # before the first request: texts no client may trust are never served
     tasks = [
         gevent.spawn(_every, SERVED_FLUSH_SECONDS, store.flush_served, threadpool.apply),
-        gevent.spawn(_every, USAGE_SCAN_SECONDS, refresh_usage),
+        gevent.spawn(_every, USAGE_CHECK_SECONDS, rescan_usage, first=0),
         gevent.spawn(_once, resigner.run),
     ]
 

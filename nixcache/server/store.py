@@ -18,6 +18,9 @@ Layout under the store directory (`store` in the config, e.g. /var/lib/nixcache/
     tmp/                     uploads in flight; same filesystem so they can be renamed into place.
                              Emptied when the server starts; never served, never backed up.
     gc-stats.json            totals written by `nixcache gc`, exposed in /metrics
+    usage                    narinfo and NAR counts and bytes, adjusted by every process that
+                             publishes or deletes one (nixcache/server/usage.py); usage.scan-lock
+                             lets one process at a time rescan them
     verify-stats.json        the last `nixcache verify` run and its totals, exposed in /metrics
     quarantine/<time>/       entries `nixcache verify` found damaged, moved aside (never served,
                              never deleted by nixcache; see nixcache/server/verify.py)
@@ -61,6 +64,7 @@ from typing import Any, BinaryIO, TypeVar
 from nixcache.keys import SecretKey
 from nixcache.server import base32, nar, narinfo
 from nixcache.server.narinfo import NarInfo, NarInfoError
+from nixcache.server.usage import UsageFile
 
 T = TypeVar("T")
 UPLOAD_CHUNK = 256 * 1024
@@ -132,6 +136,7 @@ class Store:
         self.signed_dir = self.root / "signed"
         self.keys = list(keys)  # sign what put_narinfo stores; none: gc and verify only delete
         self.gc_stats_file = self.root / "gc-stats.json"
+        self.usage = UsageFile(self.root)
         self._offload = offload or (lambda fn, args: fn(*args))
         self._served: dict[str, int] = {}
 
@@ -254,19 +259,45 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
-    def _write_small(self, target: Path, data: bytes, mtime_ns: int | None = None) -> os.stat_result:
-        """Publish `data` at `target` atomically (with `mtime_ns` as its mtime, when given); the
-        stat of what was published (a rename keeps inode, mtime and size, so it identifies this
-        version of `target`)."""
-        with self._tmp_file(target.name) as (handle, tmp):
+    @contextlib.contextmanager
+    def _staged(
+        self, name: str, data: bytes, mtime_ns: int | None = None
+    ) -> Iterator[tuple[Path, os.stat_result]]:
+        """`data` in a durable temp file (with `mtime_ns` as its mtime, when given), removed unless
+        the caller renames it into place, and its stat (a rename keeps inode, mtime and size, so
+        it identifies the published version). The fsync runs through `offload` (the thread
+        pool): it can take tens of ms, or seconds on a busy disk, and every other request would
+        wait for it on the event loop."""
+        with self._tmp_file(name) as (handle, tmp):
             handle.write(data)
             handle.flush()
             if mtime_ns is not None:
                 os.utime(handle.fileno(), ns=(mtime_ns, mtime_ns))
-            os.fsync(handle.fileno())
-            published = os.fstat(handle.fileno())
+            self._offload(os.fsync, (handle.fileno(),))
+            yield tmp, os.fstat(handle.fileno())
+
+    def _write_small(self, target: Path, data: bytes, mtime_ns: int | None = None) -> os.stat_result:
+        """Publish `data` at `target` atomically, not counted in the store's usage (signed texts,
+        extra files); the stat of what was published."""
+        with self._staged(target.name, data, mtime_ns) as (tmp, published):
             os.replace(tmp, target)
         return published
+
+    def _publish(self, tmp: Path, target: Path, size: int, *, nar: bool) -> None:
+        """Rename `tmp` (`size` bytes) over `target` and count it in the store's usage, in one
+        locked step."""
+        with self.usage.changing() as change:
+            try:
+                replaced = os.stat(target).st_size
+            except FileNotFoundError:
+                replaced = None
+            os.replace(tmp, target)
+            if nar:
+                change.nar_files += replaced is None
+                change.nar_bytes += size - (replaced or 0)
+            else:
+                change.entries += replaced is None
+                change.narinfo_bytes += size - (replaced or 0)
 
     def put_nar(
         self,
@@ -326,9 +357,10 @@ class Store:
             self._offload(os.fsync, (handle.fileno(),))
             # Under the shared gc lock: gc deletes a NAR and its meta as one step under the
             # exclusive lock, so it can never remove the meta we just wrote for a new copy.
-            with self.gc_lock(exclusive=False):
-                self._write_small(self.meta_dir / name, digest.serialize().encode())
-                os.replace(tmp, self.nar_dir / name)
+            meta = digest.serialize().encode()
+            with self._staged(f"{name}.meta", meta) as (meta_tmp, _), self.gc_lock(exclusive=False):
+                os.replace(meta_tmp, self.meta_dir / name)
+                self._publish(tmp, self.nar_dir / name, size, nar=True)
         return digest
 
     def nar_digest(self, name: str) -> nar.NarDigest | None:
@@ -361,17 +393,19 @@ class Store:
             raise UploadError(400, f"{hash_part}.narinfo: {error}") from None
         if info.hash_part != hash_part:
             raise UploadError(400, f"{hash_part}.narinfo: StorePath {info.store_path} has another hash")
-        if before_publish is not None:
-            # Checked first so nothing invalid leaves this host, and again below under the lock.
-            with self.gc_lock(exclusive=False):
-                self._check_nar(hash_part, info)
-            before_publish(info)
-        # Under the shared gc lock, refresh the NAR's mtime, check it and publish: gc re-checks
-        # that mtime under the exclusive lock before deleting a NAR, so it cannot collect this
-        # one between our check and the rename.
+        # Checked first so nothing invalid leaves this host or is written, and again below under
+        # the lock; the check refreshes the NAR's mtime just before the fsync's wait.
         with self.gc_lock(exclusive=False):
             self._check_nar(hash_part, info)
-            published = self._write_small(self.narinfo_path(hash_part), info.render().encode())
+        if before_publish is not None:
+            before_publish(info)
+        # Made durable first (off the event loop), then, under the shared gc lock, refresh the
+        # NAR's mtime, check it and publish: gc re-checks that mtime under the exclusive lock
+        # before deleting a NAR, so it cannot collect this one between our check and the rename.
+        staged = self._staged(f"{hash_part}.narinfo", info.render().encode())
+        with staged as (tmp, published), self.gc_lock(exclusive=False):
+            self._check_nar(hash_part, info)
+            self._publish(tmp, self.narinfo_path(hash_part), published.st_size, nar=False)
             if self.keys:  # signed now: its first GET (often right after a push) reads a file
                 with contextlib.suppress(UploadError, OSError):  # e.g. disk full: none is left,
                     body = info.signed(self.keys, self.store_dir).encode()  # the GET signs it

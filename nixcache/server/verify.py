@@ -473,10 +473,18 @@ class _Quarantine:
             for directory in (self.dir.parent, self.dir, target):
                 directory.mkdir(exist_ok=True)
                 _owned_like(directory, self.store.root)
-        try:
-            os.rename(path, target / path.name)
-        except FileNotFoundError:
-            return
+        with self.store.usage.changing() as change:  # out of the store's usage totals
+            try:
+                size = path.stat().st_size
+                os.rename(path, target / path.name)
+            except FileNotFoundError:
+                return
+            if kind == "narinfo":
+                change.entries -= 1
+                change.narinfo_bytes -= size
+            elif kind == "nar":
+                change.nar_files -= 1
+                change.nar_bytes -= size
         self.report.quarantined += 1
         self.report.quarantine = self.dir
         with open(self.dir / "REASONS", "a") as reasons:

@@ -138,6 +138,8 @@ def frame(version: tuple[int, int], headers: dict[str, str], duplicate: str | No
             raise
     else:
         length = 0  # RFC 9112 6.3 (rule 7): a request without either has no body
+    if length == 0 and keep_alive and not http10:
+        return NO_BODY_11  # a kept request without a body, with more fields (Nix's curl sends 5)
     # RFC 9110 10.1.1: 100-continue is for HTTP/1.1; an HTTP/1.0 client's expectation is ignored.
     expect = not http10 and length != 0 and _tokens(headers.get("expect")) == {"100-continue"}
     return Framing(length, keep_alive, expect, http10)

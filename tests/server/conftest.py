@@ -41,7 +41,9 @@ def start_cache(tmp_path: Path) -> Iterator[StartCache]:
     """Start caches on demand; `extra` flags are appended, `read_token=True` also sets a read token."""
     started: list[Cache] = []
 
-    def start(*extra: str, read_token: bool = False, store: Path | None = None, name: str = "c") -> Cache:
+    def start(
+        *extra: str, read_token: bool = False, store: Path | None = None, name: str = "c", preamble: str = ""
+    ) -> Cache:
         base = tmp_path / name
         base.mkdir(exist_ok=True)
         key_file, key = write_key(base)
@@ -58,7 +60,7 @@ def start_cache(tmp_path: Path) -> Iterator[StartCache]:
             read = secrets.token_urlsafe(24)
             (base / "read-token").write_text(read)
             args += ["--read-token-file", str(base / "read-token")]
-        server = start_server([*args, *extra], home=base, log=base / "server.log")
+        server = start_server([*args, *extra], home=base, log=base / "server.log", preamble=preamble)
         cache = Cache(
             server=server,
             store=store or base / "store",

@@ -50,13 +50,22 @@ class ServerProcess:
 
 
 def start_server(
-    args: list[str], home: Path, log: Path, timeout: float = 20.0, checkout: Path | None = None
+    args: list[str],
+    home: Path,
+    log: Path,
+    timeout: float = 20.0,
+    checkout: Path | None = None,
+    preamble: str = "",
 ) -> ServerProcess:
     """Run `nixcache serve ARGS` and wait (bounded) until it prints where it listens.
-    `checkout`: run that checkout's code (bench/ compares a branch point with this one)."""
+    `checkout`: run that checkout's code (bench/ compares a branch point with this one);
+    `preamble`: Python run in the server process first (a test's stand-in for a slow disk)."""
     env = {**os.environ, "HOME": str(home), "XDG_DATA_HOME": str(home / "data")}
     handle = open(log, "wb")  # noqa: SIM115 - the child writes to it for its whole life
-    proc = subprocess.Popen([*SERVE, *args], stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=checkout)
+    command = SERVE if not preamble else nixcache_cmd("serve")
+    if preamble:
+        command[2] = f"{preamble}\n{command[2]}"
+    proc = subprocess.Popen([*command, *args], stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=checkout)
     handle.close()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -117,7 +117,9 @@ def test_nothing_outside_the_store_is_written(cache: Cache, tmp_path: Path) -> N
     outside = cache.store.parent / "escaped.narinfo"
     _raw(cache, "PUT /nar/../../escaped.narinfo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi")
     assert not outside.exists()
-    assert sorted(p.name for p in cache.store.iterdir()) == ["nar", "nar-meta", "narinfo", "signed", "tmp"]
+    assert sorted(p.name for p in cache.store.iterdir()) == [
+        "nar", "nar-meta", "narinfo", "signed", "tmp", "usage", "usage.scan-lock"
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -229,7 +229,6 @@ class PullThrough:
             log.warning("pulled %s.narinfo not stored: %s", hash_part, error.reason)
             return
         self._forget(hash_part)
-        self.metrics.usage.add_entry(len(data))
 
     # -- extra files ----------------------------------------------------------------------------
 
@@ -305,7 +304,6 @@ class PullThrough:
                 raise TierUnavailable(f"{tier.name} nar/{name}: {error}") from None
             self.metrics.tier_lookups.labels(tier.name, "nar", "hit").inc()
             self.metrics.tier_bytes.labels(tier.name, "read").inc(flight.written)
-            self.metrics.usage.add_nar(flight.written)
             if info is not None and hash_part is not None:
                 self._publish(hash_part, info)
             flight.finish(ok=True)

@@ -1,0 +1,428 @@
+#!/usr/bin/env python3
+"""Benchmark the server and `nixcache gc` on a large store, and pushes while reads run.
+
+    python bench/store_scale.py [--entries 1000000] [--seconds 10] [--checkout DIR]
+                                [--push-paths 500] [--skip-store] [--skip-push]
+
+Store scale (issue 15): writes `--entries` entries in the store's own layout (narinfo, NAR,
+nar-meta; last served spread over 30 days, everything older than gc's grace period) with a
+few syscalls per file, then measures:
+- seconds from starting `nixcache serve` until the first narinfo is answered 200;
+- the server's RSS (VmHWM) after wrk fetched narinfos rotating over every entry for `--seconds`
+  at 16 connections (each process's peak; the store-usage scan has finished by then);
+- `nixcache gc --max-size <half of the store>`: wall time and peak RSS.
+`--checkout DIR` runs another checkout's code (e.g. `git archive <base> | tar -x -C DIR`) the
+same way first, so before and after print side by side.
+
+Pushes (`--push-paths` small paths built with nix-build into /nix/store, root): time of
+`nix copy --to` this server vs `nix copy --to file://` (a local directory), and narinfo latency
+(p50/p99 of GETs at a fixed rate on one keep-alive connection) while the push runs vs idle.
+Prints the load average with each measurement: the machine may be shared. Writes nothing
+outside its temp dirs, which it removes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.client
+import os
+import random
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from nixcache import nixenv
+from nixcache.keys import SecretKey
+from nixcache.server import base32
+
+ALPHABET = "0123456789abcdfghijklmnpqrsvwxyz"
+DAY = 86400
+ROTATE_SAMPLE = 100_000
+
+
+def load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def fast_base32(digest: bytes) -> str:
+    """Nix base32 of `digest` (as base32.encode, checked below), a few times faster."""
+    x = int.from_bytes(digest, "little")
+    n = (len(digest) * 8 - 1) // 5 + 1
+    return "".join(ALPHABET[(x >> (5 * i)) & 31] for i in range(n - 1, -1, -1))
+
+
+def nar_of(contents: bytes) -> bytes:
+    """A valid uncompressed NAR of one regular file."""
+
+    def s(b: bytes) -> bytes:
+        return len(b).to_bytes(8, "little") + b + b"\0" * (-len(b) % 8)
+
+    return b"".join(s(p) for p in (b"nix-archive-1", b"(", b"type", b"regular", b"contents", contents, b")"))
+
+
+def _write(path: str, data: bytes, times: tuple[int, int] | None) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        if times is not None:
+            os.utime(fd, ns=times)
+    finally:
+        os.close(fd)
+
+
+def generate(root: Path, entries: int, seed: int = 1) -> list[str]:
+    """`entries` narinfos with their NARs and metas under `root`; returns the hash parts."""
+    assert fast_base32(b"\x01" * 32) == base32.encode(b"\x01" * 32)
+    rng = random.Random(seed)
+    for d in ("narinfo", "nar", "nar-meta", "tmp"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    narinfo_dir, nar_dir, meta_dir = (str(root / d) for d in ("narinfo", "nar", "nar-meta"))
+    now_ns = time.time_ns()
+    uploaded = (now_ns - 31 * DAY * 10**9,) * 2  # older than gc's grace period, and than any atime
+    hashes: list[str] = []
+    refs: list[str] = []
+    for i in range(entries):
+        nar = nar_of(i.to_bytes(8, "little") * (16 + i % 300))
+        file_hash = fast_base32(hashlib.sha256(nar).digest())
+        name = f"{file_hash}.nar"
+        _write(f"{nar_dir}/{name}", nar, uploaded)
+        _write(f"{meta_dir}/{name}", f"sha256:{file_hash} {len(nar)}\n".encode(), None)
+        h = "".join(rng.choices(ALPHABET, k=32))
+        base = f"{h}-scale-{i}"
+        text = (
+            f"StorePath: /nix/store/{base}\nURL: nar/{name}\nCompression: none\n"
+            f"FileHash: sha256:{file_hash}\nFileSize: {len(nar)}\nNarHash: sha256:{file_hash}\n"
+            f"NarSize: {len(nar)}\nReferences: {' '.join(refs[-3:])}\n"
+            f"Deriver: {''.join(rng.choices(ALPHABET, k=32))}-scale-{i}.drv\n"
+        ).encode()
+        served = now_ns - rng.randrange(30 * DAY) * 10**9
+        _write(f"{narinfo_dir}/{h}.narinfo", text, (served, uploaded[1]))
+        refs.append(base)
+        hashes.append(h)
+    return hashes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def nixcache(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from nixcache.cli import main; main()", *args]
+
+
+def peak_rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process `pid` so far (load-independent, unlike wall time)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def first_narinfo(port: int, hash_part: str, timeout: float = 300) -> float:
+    """Poll until GET /<hash>.narinfo answers 200; the monotonic time it did."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", f"/{hash_part}.narinfo")
+            if conn.getresponse().status == 200:
+                return time.monotonic()
+        except OSError:
+            time.sleep(0.005)
+    raise SystemExit(f"no narinfo from 127.0.0.1:{port} within {timeout}s")
+
+
+WRK_ROTATE = """
+local hashes = {}
+for line in io.lines("%s") do hashes[#hashes + 1] = line end
+local i = 0
+request = function()
+  i = i + 1
+  return wrk.format("GET", "/" .. hashes[(i * 7919) %% #hashes + 1] .. ".narinfo")
+end
+"""
+
+
+def serve(checkout: Path | None, store: Path, work: Path, port: int, extra: list[str]) -> subprocess.Popen:
+    key = work / "key"
+    if not key.exists():
+        key.write_text(SecretKey.generate("bench-1").serialize())
+    return subprocess.Popen(
+        nixcache("serve", "--listen", f"127.0.0.1:{port}", "--store", str(store),
+                 "--signing-key", str(key), "--log-level", "warning", *extra),
+        stdout=subprocess.DEVNULL, stderr=open(work / "server.log", "ab"), cwd=checkout,
+    )  # fmt: skip
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def prepared(store: Path, entries: int) -> list[str]:
+    """The store at `store`, generated unless a complete one of `entries` is there (gc then
+    consumes it: `--prepared` saves the generation time once, e.g. for a 1,000,000-entry run)."""
+    marker = store / f"generated-{entries}"
+    if marker.exists():
+        return marker.read_text().split()
+    started = time.monotonic()
+    hashes = generate(store, entries)
+    print(f"wrote {entries} entries in {time.monotonic() - started:.0f} s (load {load()})", flush=True)
+    subprocess.run(["sync"], check=True)
+    marker.write_text("\n".join(hashes) + "\n")
+    return hashes
+
+
+def store_round(
+    name: str, checkout: Path | None, entries: int, seconds: int, work: Path, store: Path | None
+) -> dict:
+    store = store or work / f"store-{name}"
+    hashes = prepared(store, entries)
+    # wrk's Lua takes minutes to load a million lines: a sample spread over the whole store.
+    sample = random.Random(2).sample(hashes, min(len(hashes), ROTATE_SAMPLE))
+    (work / "hashes").write_text("\n".join(sample) + "\n")
+    (work / "rotate.lua").write_text(WRK_ROTATE % (work / "hashes"))
+    result: dict = {}
+    port = free_port()
+    begin = time.monotonic()
+    proc = serve(checkout, store, work, port, [])
+    try:
+        result["first"] = first_narinfo(port, hashes[len(hashes) // 2]) - begin
+        result["first_cpu"] = cpu_seconds(proc.pid)
+        print(f"[{name}] first narinfo {result['first']:.2f} s after start, server CPU until then "
+              f"{result['first_cpu']:.2f} s (load {load()})", flush=True)  # fmt: skip
+        out = subprocess.run(
+            ["wrk", "-t2", "-c16", f"-d{seconds}s", "-s", str(work / "rotate.lua"), f"http://127.0.0.1:{port}"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        result["rps"] = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+        result["rss"] = peak_rss_mib(proc.pid)
+        print(f"[{name}] {result['rps']:.0f} hits/s rotating over {len(sample)} entries, "
+              f"RSS {result['rss']:.1f} MiB (load {load()})", flush=True)  # fmt: skip
+    finally:
+        stop(proc)
+    size = sum(
+        e.stat().st_size for d in ("narinfo", "nar", "nar-meta") for e in os.scandir(store / d) if e.is_file()
+    )
+    begin = time.monotonic()
+    gc = subprocess.run(
+        ["/usr/bin/time", "-f", "%M %U %S",
+         *nixcache("gc", "--store", str(store), "--max-size", str(size // 2))],
+        capture_output=True, text=True, cwd=checkout,
+    )  # fmt: skip
+    result["gc"] = time.monotonic() - begin
+    if gc.returncode != 0:
+        raise SystemExit(f"gc failed: {gc.stderr}")
+    rss_kib, user, system = gc.stderr.strip().splitlines()[-1].split()
+    result["gc_rss"], result["gc_cpu"] = int(rss_kib) / 1024, float(user) + float(system)
+    result["gc_line"] = gc.stdout.strip().splitlines()[-1]
+    print(f"[{name}] gc --max-size half: {result['gc']:.1f} s, CPU {result['gc_cpu']:.1f} s, ", end="")
+    print(f"RSS {result['gc_rss']:.0f} MiB", end="")
+    print(f" (load {load()})")
+    print(f"[{name}] {result['gc_line']}", flush=True)
+    shutil.rmtree(store)
+    return result
+
+
+# -- pushes ------------------------------------------------------------------------------------
+
+SMALL_CLOSURE = """
+let
+  mk = i: derivation {
+    name = "bench-push-${toString i}";
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" "echo @SALT@ ${toString i} > $out" ];
+  };
+in builtins.genList mk @PATHS@
+"""
+
+
+def build_paths(work: Path, paths: int) -> list[str]:
+    expr = work / "push.nix"
+    expr.write_text(SMALL_CLOSURE.replace("@PATHS@", str(paths)).replace("@SALT@", "store-scale"))
+    built = nixenv.run(["nix-build", "--no-out-link", str(expr)], home=work / "home-build", timeout=1800)
+    if built.returncode != 0:
+        raise SystemExit(f"nix-build failed: {built.stderr.strip().splitlines()[-3:]}")
+    return built.stdout.split()
+
+
+def nix_copy(to: str, paths: list[str], work: Path, tag: str) -> float:
+    netrc = work / "netrc"
+    begin = time.monotonic()
+    copied = nixenv.run(
+        ["nix", "copy", "--to", to, *paths, "--option", "netrc-file", str(netrc)],
+        home=work / f"home-{tag}",
+        timeout=1800,
+    )
+    elapsed = time.monotonic() - begin
+    if copied.returncode != 0:
+        raise SystemExit(f"nix copy --to {to} failed: {copied.stderr.strip()[-500:]}")
+    return elapsed
+
+
+class Reader(threading.Thread):
+    """GET one narinfo every `interval` seconds on one keep-alive connection; latencies in ms."""
+
+    def __init__(self, port: int, hash_part: str, interval: float = 0.005):
+        super().__init__(daemon=True)
+        self.port, self.hash_part, self.interval = port, hash_part, interval
+        self.latencies: list[float] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        next_at = time.monotonic()
+        while not self.done.is_set():
+            start = time.monotonic()
+            conn.request("GET", f"/{self.hash_part}.narinfo")
+            response = conn.getresponse()
+            response.read()
+            self.latencies.append((time.monotonic() - start) * 1000)
+            next_at += self.interval
+            time.sleep(max(0.0, next_at - time.monotonic()))
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def push_round(name: str, checkout: Path | None, paths: list[str], work: Path) -> dict:
+    store = work / f"push-store-{name}"
+    token = secrets.token_urlsafe(16)
+    (work / "token").write_text(token + "\n")
+    (work / "netrc").write_text(f"machine 127.0.0.1\nlogin nix\npassword {token}\n")
+    port = free_port()
+    proc = serve(checkout, store, work, port, ["--push-token-file", str(work / "token")])
+    result: dict = {}
+    try:
+        probe = "0" * 32
+        first_narinfo_or_404(port, probe)
+        idle = Reader(port, probe)
+        idle.start()
+        time.sleep(5)
+        idle.done.set()
+        idle.join()
+        reader = Reader(port, probe)
+        reader.start()
+        result["push"] = nix_copy(f"http://127.0.0.1:{port}", paths, work, f"push-{name}")
+        reader.done.set()
+        reader.join()
+    finally:
+        stop(proc)
+    result["idle_p50"], result["idle_p99"] = pct(idle.latencies, 0.5), pct(idle.latencies, 0.99)
+    result["busy_p50"], result["busy_p99"] = pct(reader.latencies, 0.5), pct(reader.latencies, 0.99)
+    shutil.rmtree(store)
+    print(
+        f"[{name}] nix copy --to http: {result['push']:.1f} s; narinfo p50/p99 idle "
+        f"{result['idle_p50']:.2f}/{result['idle_p99']:.2f} ms, while pushing "
+        f"{result['busy_p50']:.2f}/{result['busy_p99']:.2f} ms (load {load()})",
+        flush=True,
+    )
+    return result
+
+
+def first_narinfo_or_404(port: int, hash_part: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", f"/{hash_part}.narinfo")
+            conn.getresponse().read()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise SystemExit(f"nothing answers on 127.0.0.1:{port}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--entries", type=int, default=100_000)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--checkout", type=Path, help="also run this checkout's code, first (before)")
+    parser.add_argument("--push-paths", type=int, default=500)
+    parser.add_argument("--skip-store", action="store_true")
+    parser.add_argument("--skip-push", action="store_true")
+    parser.add_argument("--work", type=Path, help="temp dir parent (needs ~12 KiB per entry)")
+    parser.add_argument(
+        "--prepared",
+        type=Path,
+        help="a store dir generated by an earlier `--prepare-only` (used up by gc; one run only)",
+    )
+    parser.add_argument("--prepare-only", action="store_true", help="generate --prepared and exit")
+    args = parser.parse_args()
+    if args.prepare_only:
+        if not args.prepared:
+            raise SystemExit("--prepare-only needs --prepared DIR")
+        prepared(args.prepared, args.entries)
+        return 0
+    if args.prepared and args.checkout:
+        raise SystemExit("--prepared holds one store: gc uses it up, so it cannot serve before and after")
+    work = Path(tempfile.mkdtemp(prefix="nixcache-scale-", dir=args.work))
+    runs = ([("before", args.checkout.resolve())] if args.checkout else []) + [("after", None)]
+    try:
+        store_results = {}
+        if not args.skip_store:
+            for name, checkout in runs:
+                store_results[name] = store_round(
+                    name, checkout, args.entries, args.seconds, work, args.prepared
+                )
+        push_results, file_times = {}, []
+        if not args.skip_push:
+            paths = build_paths(work, args.push_paths)
+            for name, checkout in runs:
+                target = work / f"file-cache-{name}"
+                file_times.append(nix_copy(f"file://{target}", paths, work, f"file-{name}"))
+                shutil.rmtree(target)
+                push_results[name] = push_round(name, checkout, paths, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\nload average at the end: {load()} (2 cores, shared with other work)")
+    if store_results:
+        print(f"{args.entries} entries{'':16}" + "".join(f"{n:>12}" for n in store_results) + "   target")
+        for label, key, unit, target in (
+            ("first narinfo after start", "first", "s", "< 1 s"),
+            ("  server CPU until then", "first_cpu", "s", ""),
+            ("hits, 16 conns (100k-entry sample)", "rps", "/s", ""),
+            ("server peak RSS", "rss", "MiB", "< 100 MiB"),
+            ("gc --max-size half", "gc", "s", "< 60 s"),
+            ("  gc CPU (user + system)", "gc_cpu", "s", ""),
+            ("gc peak RSS", "gc_rss", "MiB", ""),
+        ):
+            cells = "".join(f"{r[key]:>9.1f} {unit:<3}" for r in store_results.values())
+            print(f"{label:35}{cells}   {target}")
+    if push_results:
+        file_s = min(file_times)
+        print(f"\nnix copy of {args.push_paths} small paths: file:// {file_s:.1f} s", end="")
+        print(f" (best of {len(file_times)})")
+        for name, r in push_results.items():
+            print(
+                f"  {name:>6}: http {r['push']:.1f} s = {r['push'] / file_s:.2f}x file:// (target <= 3x); "
+                f"narinfo p99 while pushing {r['busy_p99']:.2f} ms vs idle {r['idle_p99']:.2f} ms "
+                f"= {r['busy_p99'] / r['idle_p99']:.2f}x (target <= 2x)"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
