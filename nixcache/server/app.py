@@ -246,7 +246,8 @@ class App:
 
     def get_healthz(self, request: Request) -> Response:
         if self.store.writable():
-            return Response(200, b"ok\n")
+            # Which process answered: with several workers, each has its own (nixcache.server.prefork).
+            return Response(200, b"ok\n", headers=[("X-Nixcache-Pid", str(os.getpid()))])
         return _error(503, f"store {self.store.root} is not writable")
 
     def get_metrics(self, request: Request) -> Response:

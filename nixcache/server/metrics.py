@@ -3,22 +3,36 @@
 Store size, GC and verify totals come from disk (a periodic scan, and gc-stats.json and
 verify-stats.json written by `nixcache gc` and `nixcache verify`, which run in other processes),
 so they are read at scrape time.
+
+With several workers (nixcache.server.prefork) every counter and histogram value is also
+written, as it changes, into this worker's files of a shared directory, in prometheus_client's
+multiprocess format (`MmapedDict`: one mmap'ed file per process and type); a scrape, answered
+by any worker, merges the files of every worker, dead ones included, so totals never go back
+(`MultiProcessCollector.merge`). The write is a slice assignment into the mapping (see
+docs/benchmarks.md for what it costs per request); prometheus_client's own multiprocess values
+would add a lock and a getpid() per increment.
 """
 
 from __future__ import annotations
 
 import bisect
+import glob
 import json
 import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from nixcache.server import verify
+from nixcache.server.prefork import read_worker_stats
 from nixcache.server.store import Store
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -142,36 +156,72 @@ def read_gc_stats(store: Store) -> dict[str, float]:
     return {k: v for k, v in data.items() if isinstance(v, int | float)}
 
 
-class _Child:
-    __slots__ = ("value",)
+class SharedFiles:
+    """This process's files in the shared metrics directory of the workers (one per type, named
+    as prometheus_client's multiprocess mode names them, so its collector reads them)."""
 
-    def __init__(self) -> None:
+    def __init__(self, directory: Path):
+        self.directory = directory
+        pid = os.getpid()
+        self.counters = MmapedDict(str(directory / f"counter_{pid}.db"))
+        self.histograms = MmapedDict(str(directory / f"histogram_{pid}.db"))
+
+    def collect(self) -> dict[str, object]:
+        """Every worker's values, merged: metric name -> family."""
+        files = glob.glob(str(self.directory / "*.db"))
+        return {metric.name: metric for metric in MultiProcessCollector.merge(files, accumulate=True)}
+
+
+def _slot(file: MmapedDict, key: str) -> tuple[MmapedDict, str]:
+    file.write_value(key, 0.0, 0.0)  # the key exists (at 0) from the first labels() on
+    return file, key
+
+
+class _Child:
+    __slots__ = ("_file", "_key", "value")
+
+    def __init__(self, slot: tuple[MmapedDict, str] | None = None) -> None:
         self.value = 0.0
+        self._file, self._key = slot or (None, "")
 
     def inc(self, amount: float = 1) -> None:
         self.value += amount
+        if self._file is not None:
+            self._file.write_value(self._key, self.value, 0.0)
 
 
 class LabeledCounter:
     """A counter with labels, without prometheus_client's per-call locks: the server updates
-    metrics from one event loop thread, and this sits on the path of every request."""
+    metrics from one event loop thread, and this sits on the path of every request. `shared`:
+    values also go to this worker's file of the workers' shared directory."""
 
-    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: tuple[str, ...] = (),
+        shared: SharedFiles | None = None,
+    ):
         self.name = name
         self.documentation = documentation
         self.labelnames = labelnames
+        self.shared = shared
         self.children: dict[tuple[str, ...], _Child] = {}
         if not labelnames:
-            self.children[()] = _Child()
+            self.labels()
 
     def labels(self, *values: str) -> _Child:
         child = self.children.get(values)
         if child is None:
-            child = self.children[values] = _Child()
+            slot = None
+            if self.shared is not None:
+                key = mmap_key(self.name, f"{self.name}_total", self.labelnames, values, self.documentation)
+                slot = _slot(self.shared.counters, key)
+            child = self.children[values] = _Child(slot)
         return child
 
     def inc(self, amount: float = 1) -> None:
-        self.children[()].value += amount
+        self.children[()].inc(amount)
 
     def family(self) -> CounterMetricFamily:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -181,34 +231,62 @@ class LabeledCounter:
 
 
 class _HistogramChild:
-    __slots__ = ("buckets", "counts", "sum")
+    __slots__ = ("_file", "_keys", "_sum_key", "buckets", "counts", "sum")
 
-    def __init__(self, buckets: tuple[float, ...]) -> None:
+    def __init__(
+        self, buckets: tuple[float, ...], file: MmapedDict | None = None, keys: list[str] | None = None
+    ) -> None:
         self.buckets = buckets
         self.counts = [0] * (len(buckets) + 1)
         self.sum = 0.0
+        self._file = file
+        self._keys = keys or []  # per bucket (non-cumulative, as the merge expects), then _sum
+        if file is not None:
+            for key in self._keys:
+                file.write_value(key, 0.0, 0.0)
 
     def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        index = bisect.bisect_left(self.buckets, value)
+        self.counts[index] += 1
         self.sum += value
+        file = self._file
+        if file is not None:
+            file.write_value(self._keys[index], self.counts[index], 0.0)
+            file.write_value(self._keys[-1], self.sum, 0.0)
 
 
 class LabeledHistogram:
     """A histogram with labels, lock-free for the same reason as LabeledCounter."""
 
     def __init__(
-        self, name: str, documentation: str, labelnames: tuple[str, ...], buckets: tuple[float, ...]
+        self,
+        name: str,
+        documentation: str,
+        labelnames: tuple[str, ...],
+        buckets: tuple[float, ...],
+        shared: SharedFiles | None = None,
     ):
         self.name = name
         self.documentation = documentation
         self.labelnames = labelnames
         self.bucket_bounds = buckets
+        self.shared = shared
         self.children: dict[tuple[str, ...], _HistogramChild] = {}
 
     def labels(self, *values: str) -> _HistogramChild:
         child = self.children.get(values)
         if child is None:
-            child = self.children[values] = _HistogramChild(self.bucket_bounds)
+            if self.shared is None:
+                child = _HistogramChild(self.bucket_bounds)
+            else:
+                names, doc = (*self.labelnames, "le"), self.documentation
+                keys = [
+                    mmap_key(self.name, f"{self.name}_bucket", names, (*values, bound), doc)
+                    for bound in [*map(floatToGoString, self.bucket_bounds), "+Inf"]
+                ]
+                keys.append(mmap_key(self.name, f"{self.name}_sum", self.labelnames, values, doc))
+                child = _HistogramChild(self.bucket_bounds, self.shared.histograms, keys)
+            self.children[values] = child
         return child
 
     def family(self) -> HistogramMetricFamily:
@@ -226,12 +304,13 @@ class _TierLookups(LabeledCounter):
     """nixcache_tier_lookups with the local tier's rows derived at scrape time from the narinfo
     hit/miss counter, so the hot path counts once and every tier reads alike in one family."""
 
-    def __init__(self, local: LabeledCounter):
+    def __init__(self, local: LabeledCounter, shared: SharedFiles | None):
         super().__init__(
             "nixcache_tier_lookups",
             "Lookups per tier (local, origin, upstream:<name>) by kind (narinfo, nar) and result "
             "(hit, miss, error)",
             ("tier", "kind", "result"),
+            shared,
         )
         self.local = local
 
@@ -251,61 +330,103 @@ class _CounterCollector(Collector):
             yield metric.family()
 
 
-class Metrics:
-    """The server's metrics in their own registry (no process-global state)."""
+class _SharedCollector(Collector):
+    """The counters and histograms of every worker, merged from the shared directory."""
 
-    def __init__(self, store: Store):
+    def __init__(self, metrics: Metrics, shared: SharedFiles):
+        self.metrics = metrics
+        self.shared = shared
+
+    def collect(self) -> Iterator[object]:
+        merged = self.shared.collect()
+        lookups = merged.get("nixcache_narinfo_lookups")
+        tier_lookups = self.metrics.tier_lookups
+        # The other tiers' rows as counted, the local ones from the merged narinfo lookups (as
+        # _TierLookups derives them in one process).
+        tiers = merged.setdefault(tier_lookups.name, LabeledCounter.family(tier_lookups))
+        if lookups is not None:
+            for sample in lookups.samples:
+                labels = {"tier": "local", "kind": "narinfo", "result": sample.labels["result"]}
+                tiers.add_sample("nixcache_tier_lookups_total", labels, sample.value)
+        for metric in self.metrics.all:
+            yield merged.get(metric.name) or metric.family()
+        if (stats := read_worker_stats(self.shared.directory)) is not None:
+            yield GaugeMetricFamily("nixcache_workers", "Worker processes serving", value=stats["workers"])
+            yield CounterMetricFamily(
+                "nixcache_worker_restarts",
+                "Workers that died and were replaced since the server started",
+                value=stats["restarts"],
+            )
+
+
+class Metrics:
+    """The server's metrics in their own registry (no process-global state). `shared_dir`: the
+    workers' shared directory (nixcache.server.prefork); None for a single process."""
+
+    def __init__(self, store: Store, shared_dir: Path | None = None):
         self.store = store
         self.usage = StoreUsage()
         self.registry = CollectorRegistry()
+        shared = SharedFiles(shared_dir) if shared_dir is not None else None
         self.requests = LabeledCounter(
             "nixcache_http_requests",
             "HTTP requests by route, method and status",
             ("route", "method", "status"),
+            shared,
         )
         self.duration = LabeledHistogram(
             "nixcache_http_request_duration_seconds",
             "Time to answer a request, by route",
             ("route",),
             (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1, 5, 30),
+            shared,
         )
         self.narinfo = LabeledCounter(
-            "nixcache_narinfo_lookups", "Narinfo lookups by result (hit, miss)", ("result",)
+            "nixcache_narinfo_lookups", "Narinfo lookups by result (hit, miss)", ("result",), shared
         )
         self.served_bytes = LabeledCounter(
-            "nixcache_served_bytes", "Body bytes of successful GETs, by route", ("route",)
+            "nixcache_served_bytes", "Body bytes of successful GETs, by route", ("route",), shared
         )
         self.uploads = LabeledCounter(
             "nixcache_uploads",
             "Uploads by kind (nar, narinfo, extra) and result (accepted, rejected)",
             ("kind", "result"),
+            shared,
         )
-        self.upload_bytes = LabeledCounter("nixcache_upload_bytes", "Bytes of accepted NAR uploads")
+        self.upload_bytes = LabeledCounter(
+            "nixcache_upload_bytes", "Bytes of accepted NAR uploads", shared=shared
+        )
         # Per tier (local, origin, upstream:<name>); see nixcache.server.tiers and docs/metrics.md.
-        self.tier_lookups = _TierLookups(self.narinfo)
+        self.tier_lookups = _TierLookups(self.narinfo, shared)
         self.tier_bytes = LabeledCounter(
             "nixcache_tier_bytes",
             "NAR bytes read from a tier (pull-through) or written to it (write-through)",
             ("tier", "direction"),
+            shared,
         )
         self.tier_duration = LabeledHistogram(
             "nixcache_tier_request_duration_seconds",
             "Time a tier took to answer a narinfo lookup, to start a NAR, or to take a write",
             ("tier", "kind"),
             (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 30),
+            shared,
         )
         self.tier_errors = LabeledCounter(
             "nixcache_tier_errors",
             "Tier failures by reason (timeout, unavailable, untrusted, corrupt, malformed)",
             ("tier", "reason"),
+            shared,
         )
         self.tier_writes = LabeledCounter(
             "nixcache_tier_writes",
             "Write-throughs by kind and result (stored, failed)",
             ("tier", "kind", "result"),
+            shared,
         )
         self.negative_hits = LabeledCounter(
-            "nixcache_negative_cache_hits", "Narinfo misses answered from the negative cache"
+            "nixcache_negative_cache_hits",
+            "Narinfo misses answered from the negative cache",
+            shared=shared,
         )
         self.all = (
             self.requests,
@@ -321,7 +442,10 @@ class Metrics:
             self.tier_writes,
             self.negative_hits,
         )
-        self.registry.register(_CounterCollector(self))
+        if shared is None:
+            self.registry.register(_CounterCollector(self))
+        else:
+            self.registry.register(_SharedCollector(self, shared))
         self.registry.register(_DiskCollector(self))
 
     def refresh_usage(self, usage: StoreUsage) -> None:

@@ -1,6 +1,7 @@
 """Start the server: config + keys + tokens + store -> a listening gevent server.
 
-Imported by `nixcache serve` only after `gevent.monkey.patch_all()`.
+Imported by `nixcache serve` only after `gevent.monkey.patch_all()`: in the one process of
+`workers = 1`, or in each worker that nixcache.server.prefork forked (`run(config, worker)`).
 """
 
 from __future__ import annotations
@@ -18,21 +19,21 @@ from nixcache.server import config as configmod
 from nixcache.server import tiers
 from nixcache.server.app import App
 from nixcache.server.auth import TokenError, Tokens
-from nixcache.server.config import ServerConfig
+from nixcache.server.config import ServerConfig, StartupError
 from nixcache.server.http import Server
 from nixcache.server.metrics import Metrics, scan
 from nixcache.server.nixstore.db import NixDbError
 from nixcache.server.nixstore.store import LocalNixStore
+from nixcache.server.prefork import Worker, cannot_listen, create_store
 from nixcache.server.store import Store
 from nixcache.server.workers import offload_to
 
 log = logging.getLogger("nixcache.server")
 SERVED_FLUSH_SECONDS = 30
 USAGE_SCAN_SECONDS = 60
-
-
-class StartupError(Exception):
-    """The server cannot start; the message is the one line a person sees."""
+# SIGTERM: requests in flight may finish for this long (below systemd's 90 s TimeoutStopSec, so
+# the server ends them itself and says so rather than being killed).
+DRAIN_SECONDS = 60.0
 
 
 def load_keys(config: ServerConfig) -> list[SecretKey]:
@@ -71,8 +72,9 @@ def _default_key() -> Path:
     return path
 
 
-def build(config: ServerConfig) -> Server:
-    """Everything up to a bound, not yet serving, server. StartupError with one line otherwise."""
+def build(config: ServerConfig, worker: Worker | None = None) -> Server:
+    """Everything up to a bound, not yet serving, server. StartupError with one line otherwise.
+    `worker`: this process is one of several, serving the parent's socket (and store, created)."""
     keys = load_keys(config)
     try:
         tokens = Tokens.load(config.push_token_file, config.read_token_file)
@@ -80,13 +82,9 @@ def build(config: ServerConfig) -> Server:
         raise StartupError(str(error)) from None
     threadpool = gevent.get_hub().threadpool
     store = Store(config.store, config.store_dir, offload=offload_to(threadpool))
-    try:
-        store.create()
-    except OSError as error:
-        raise StartupError(
-            f"cannot create store {config.store}: {error.strerror}; create it and give it to the service user"
-        ) from None
-    metrics = Metrics(store)
+    if worker is None:
+        create_store(store)
+    metrics = Metrics(store, worker.metrics_dir if worker else None)
     nix_store = None
     if config.nix_store.serve_nix_store:
         try:
@@ -97,15 +95,15 @@ def build(config: ServerConfig) -> Server:
             raise StartupError(str(error)) from None
     app = App(config, store, keys, tokens, metrics, nix_store)
     app.tiers = tiers.build(config, store, metrics, app.cache_info)
+    if worker is not None:
+        listener = socket.socket(fileno=worker.listen_fd)  # gevent's socket: patched by now
+        return Server(listener, app, level=config.log_level, idle_timeout=config.keepalive_timeout)
     host, port = config.host_port()
     server = Server((host, port), app, level=config.log_level, idle_timeout=config.keepalive_timeout)
     try:
         server.init_socket()
     except OSError as error:
-        raise StartupError(
-            f"cannot listen on {config.listen}: {error.strerror}; "
-            "stop what holds the port or choose another --listen"
-        ) from None
+        raise cannot_listen(config.listen, error) from None
     return server
 
 
@@ -118,12 +116,12 @@ def _every(seconds: float, fn, *args) -> None:  # type: ignore[no-untyped-def]
             log.exception("periodic task %s failed", getattr(fn, "__name__", fn))
 
 
-def run(config: ServerConfig) -> None:
-    """Serve until SIGTERM or SIGINT."""
+def run(config: ServerConfig, worker: Worker | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then drain (see Server.drain)."""
     logging.basicConfig(
         level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    server = build(config)
+    server = build(config, worker)
     app: App = server.app
     store = app.store
     threadpool = gevent.get_hub().threadpool
@@ -137,25 +135,17 @@ def run(config: ServerConfig) -> None:
         gevent.spawn(_every, USAGE_SCAN_SECONDS, refresh_usage),
     ]
 
-    def stop() -> None:
-        gevent.spawn(server.stop, timeout=5)
-
-    gevent.signal_handler(signal.SIGTERM, stop)
-    gevent.signal_handler(signal.SIGINT, stop)
+    gevent.signal_handler(signal.SIGTERM, server.drain)
+    gevent.signal_handler(signal.SIGINT, server.drain)
     host, port = server.address[:2]
     names = ", ".join(key.name for key in app.keys)
-    log.warning("serving %s on http://%s:%d (signing keys: %s)", config.store, host, port, names)
+    if worker is None:
+        log.warning("serving %s on http://%s:%d (signing keys: %s)", config.store, host, port, names)
+    else:
+        server.start()
+        worker.ready(f"signing keys: {names}")
     try:
-        server.serve_forever()
+        server.serve_forever(stop_timeout=DRAIN_SECONDS)
     finally:
         gevent.killall(tasks)
         store.flush_served()
-
-
-def with_overrides(config: ServerConfig, **overrides: object) -> ServerConfig:
-    """`config` with the flags that were given (None and empty tuples mean not given)."""
-    given = {k: v for k, v in overrides.items() if v is not None and v != ()}
-    try:
-        return configmod.from_mapping(given, base=config)
-    except configmod.ConfigError as error:
-        raise StartupError(str(error)) from None
