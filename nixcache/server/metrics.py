@@ -4,13 +4,14 @@ Store size, GC and verify totals come from disk (a periodic scan, and gc-stats.j
 verify-stats.json written by `nixcache gc` and `nixcache verify`, which run in other processes),
 so they are read at scrape time.
 
-With several workers (nixcache.server.prefork) every counter and histogram value is also
-written, as it changes, into this worker's files of a shared directory, in prometheus_client's
-multiprocess format (`MmapedDict`: one mmap'ed file per process and type); a scrape, answered
-by any worker, merges the files of every worker, dead ones included, so totals never go back
-(`MultiProcessCollector.merge`). The write is a slice assignment into the mapping (see
-docs/benchmarks.md for what it costs per request); prometheus_client's own multiprocess values
-would add a lock and a getpid() per increment.
+With several workers (nixcache.server.prefork) each worker copies its counter and histogram
+values every FLUSH_SECONDS (and before it answers a scrape, and when it exits) into its files
+of a shared directory, in prometheus_client's multiprocess format (`MmapedDict`: one mmap'ed
+file per process and type); a scrape, answered by any worker, merges the files of every
+worker, dead ones included, so totals never go back (`MultiProcessCollector.merge`). Other
+workers' counts are thus up to a second old, and a killed worker loses its last second. Why
+not write on every update: that cost 4 us per narinfo hit here, the copy costs none on the
+hot path (bench/metrics_cost.py, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from nixcache.server.prefork import read_worker_stats
 from nixcache.server.store import Store
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+FLUSH_SECONDS = 1.0  # how often a worker copies its values into the shared directory
 
 
 @dataclass
@@ -172,28 +174,20 @@ class SharedFiles:
         return {metric.name: metric for metric in MultiProcessCollector.merge(files, accumulate=True)}
 
 
-def _slot(file: MmapedDict, key: str) -> tuple[MmapedDict, str]:
-    file.write_value(key, 0.0, 0.0)  # the key exists (at 0) from the first labels() on
-    return file, key
-
-
 class _Child:
-    __slots__ = ("_file", "_key", "value")
+    __slots__ = ("value",)
 
-    def __init__(self, slot: tuple[MmapedDict, str] | None = None) -> None:
+    def __init__(self) -> None:
         self.value = 0.0
-        self._file, self._key = slot or (None, "")
 
     def inc(self, amount: float = 1) -> None:
         self.value += amount
-        if self._file is not None:
-            self._file.write_value(self._key, self.value, 0.0)
 
 
 class LabeledCounter:
     """A counter with labels, without prometheus_client's per-call locks: the server updates
     metrics from one event loop thread, and this sits on the path of every request. `shared`:
-    values also go to this worker's file of the workers' shared directory."""
+    `flush()` copies the values into this worker's file of the workers' shared directory."""
 
     def __init__(
         self,
@@ -207,21 +201,28 @@ class LabeledCounter:
         self.labelnames = labelnames
         self.shared = shared
         self.children: dict[tuple[str, ...], _Child] = {}
+        self._keys: dict[tuple[str, ...], str] = {}  # label values -> key in the shared file
         if not labelnames:
-            self.labels()
+            self.children[()] = _Child()
 
     def labels(self, *values: str) -> _Child:
         child = self.children.get(values)
         if child is None:
-            slot = None
-            if self.shared is not None:
-                key = mmap_key(self.name, f"{self.name}_total", self.labelnames, values, self.documentation)
-                slot = _slot(self.shared.counters, key)
-            child = self.children[values] = _Child(slot)
+            child = self.children[values] = _Child()
         return child
 
     def inc(self, amount: float = 1) -> None:
-        self.children[()].inc(amount)
+        self.children[()].value += amount
+
+    def flush(self) -> None:
+        """Write every value into the shared file (prometheus_client's mmap'ed format)."""
+        file = self.shared.counters  # type: ignore[union-attr]
+        for values, child in list(self.children.items()):
+            key = self._keys.get(values)
+            if key is None:
+                key = mmap_key(self.name, f"{self.name}_total", self.labelnames, values, self.documentation)
+                self._keys[values] = key
+            file.write_value(key, child.value, 0.0)
 
     def family(self) -> CounterMetricFamily:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -231,28 +232,16 @@ class LabeledCounter:
 
 
 class _HistogramChild:
-    __slots__ = ("_file", "_keys", "_sum_key", "buckets", "counts", "sum")
+    __slots__ = ("buckets", "counts", "sum")
 
-    def __init__(
-        self, buckets: tuple[float, ...], file: MmapedDict | None = None, keys: list[str] | None = None
-    ) -> None:
+    def __init__(self, buckets: tuple[float, ...]) -> None:
         self.buckets = buckets
         self.counts = [0] * (len(buckets) + 1)
         self.sum = 0.0
-        self._file = file
-        self._keys = keys or []  # per bucket (non-cumulative, as the merge expects), then _sum
-        if file is not None:
-            for key in self._keys:
-                file.write_value(key, 0.0, 0.0)
 
     def observe(self, value: float) -> None:
-        index = bisect.bisect_left(self.buckets, value)
-        self.counts[index] += 1
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
         self.sum += value
-        file = self._file
-        if file is not None:
-            file.write_value(self._keys[index], self.counts[index], 0.0)
-            file.write_value(self._keys[-1], self.sum, 0.0)
 
 
 class LabeledHistogram:
@@ -272,22 +261,30 @@ class LabeledHistogram:
         self.bucket_bounds = buckets
         self.shared = shared
         self.children: dict[tuple[str, ...], _HistogramChild] = {}
+        self._keys: dict[tuple[str, ...], list[str]] = {}  # per bucket, then _sum
 
     def labels(self, *values: str) -> _HistogramChild:
         child = self.children.get(values)
         if child is None:
-            if self.shared is None:
-                child = _HistogramChild(self.bucket_bounds)
-            else:
+            child = self.children[values] = _HistogramChild(self.bucket_bounds)
+        return child
+
+    def flush(self) -> None:
+        """Write every bucket (not cumulative: the merge accumulates) and sum into the shared file."""
+        file = self.shared.histograms  # type: ignore[union-attr]
+        for values, child in list(self.children.items()):
+            keys = self._keys.get(values)
+            if keys is None:
                 names, doc = (*self.labelnames, "le"), self.documentation
                 keys = [
                     mmap_key(self.name, f"{self.name}_bucket", names, (*values, bound), doc)
                     for bound in [*map(floatToGoString, self.bucket_bounds), "+Inf"]
                 ]
                 keys.append(mmap_key(self.name, f"{self.name}_sum", self.labelnames, values, doc))
-                child = _HistogramChild(self.bucket_bounds, self.shared.histograms, keys)
-            self.children[values] = child
-        return child
+                self._keys[values] = keys
+            for key, count in zip(keys, child.counts, strict=False):
+                file.write_value(key, count, 0.0)
+            file.write_value(keys[-1], child.sum, 0.0)
 
     def family(self) -> HistogramMetricFamily:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -311,7 +308,7 @@ class _TierLookups(LabeledCounter):
             "(hit, miss, error)",
             ("tier", "kind", "result"),
             shared,
-        )
+        )  # its own rows only, when shared: the merge derives the local ones from all workers
         self.local = local
 
     def family(self) -> CounterMetricFamily:
@@ -367,7 +364,7 @@ class Metrics:
         self.store = store
         self.usage = StoreUsage()
         self.registry = CollectorRegistry()
-        shared = SharedFiles(shared_dir) if shared_dir is not None else None
+        self.shared = shared = SharedFiles(shared_dir) if shared_dir is not None else None
         self.requests = LabeledCounter(
             "nixcache_http_requests",
             "HTTP requests by route, method and status",
@@ -448,8 +445,15 @@ class Metrics:
             self.registry.register(_SharedCollector(self, shared))
         self.registry.register(_DiskCollector(self))
 
+    def flush(self) -> None:
+        """Copy this worker's values into the shared directory (nothing for a single process)."""
+        if self.shared is not None:
+            for metric in self.all:
+                metric.flush()
+
     def refresh_usage(self, usage: StoreUsage) -> None:
         self.usage = usage
 
     def render(self) -> bytes:
+        self.flush()  # this worker's own counts are current in its answer
         return generate_latest(self.registry)

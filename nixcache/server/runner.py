@@ -21,7 +21,7 @@ from nixcache.server.app import App
 from nixcache.server.auth import TokenError, Tokens
 from nixcache.server.config import ServerConfig, StartupError
 from nixcache.server.http import Server
-from nixcache.server.metrics import Metrics, scan
+from nixcache.server.metrics import FLUSH_SECONDS, Metrics, scan
 from nixcache.server.nixstore.db import NixDbError
 from nixcache.server.nixstore.store import LocalNixStore
 from nixcache.server.prefork import Worker, cannot_listen, create_store
@@ -134,6 +134,8 @@ def run(config: ServerConfig, worker: Worker | None = None) -> None:
         gevent.spawn(_every, SERVED_FLUSH_SECONDS, store.flush_served, threadpool.apply),
         gevent.spawn(_every, USAGE_SCAN_SECONDS, refresh_usage),
     ]
+    if worker is not None:  # the other workers' scrapes count this one's requests
+        tasks.append(gevent.spawn(_every, FLUSH_SECONDS, app.metrics.flush))
 
     gevent.signal_handler(signal.SIGTERM, server.drain)
     gevent.signal_handler(signal.SIGINT, server.drain)
@@ -149,3 +151,4 @@ def run(config: ServerConfig, worker: Worker | None = None) -> None:
     finally:
         gevent.killall(tasks)
         store.flush_served()
+        app.metrics.flush()

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from nixcache.server.metrics import FLUSH_SECONDS
 from server.conftest import Cache, StartCache
 from server.helpers import make_entry
 from server.test_cli import serve_fails
@@ -121,6 +122,7 @@ def test_metrics_count_the_requests_of_every_worker(start_cache: StartCache) -> 
             httpx.get(f"{cache.url}/{entry.hash_part}.narinfo", headers={"Connection": "close"}).status_code
             == 404
         )
+    time.sleep(FLUSH_SECONDS + 0.5)  # each worker copies its counts into the shared files
     for _ in range(4):  # whichever worker answers the scrape, it counts the whole server
         text = httpx.get(cache.url + "/metrics", headers={"Connection": "close"}).text
         assert (
