@@ -367,7 +367,7 @@ def rps(args: argparse.Namespace) -> int:
                 for name, base in bases.items():
                     value = wrk_rps(base, paths[kind], connections, args.seconds, work)
                     results.setdefault((name, kind, connections), []).append(value)
-                    line.append(f"{kind[0]}{connections} {name[0]} {value:.0f}")
+                    line.append(f"{kind[0]}{connections} {name} {value:.0f}")
             load = " ".join(f"{x:.2f}" for x in os.getloadavg())
             print(f"round {round_ + 1}: load {load}; " + ", ".join(line), flush=True)
     finally:

@@ -1,13 +1,18 @@
 """`workers > 1`: a parent that forks the worker processes, replaces one that dies, drains them.
 
-One listening socket, bound by the parent before it forks, is shared by every worker: each
-accepts on it in its own gevent loop. SO_REUSEPORT (one socket per worker, the kernel hashing
-connections over them) was the alternative; measured with bench/serve.py on 2 cores it was no
-faster (docs/benchmarks.md), and the shared socket is simpler and more robust: the port is
-bound once (`listen = "…:0"` works, a bad address fails before any fork), connections waiting
-in the queue survive a worker's death (a SO_REUSEPORT socket's queue is reset when its worker
-dies), and no other process of the service user can join the port. Workers take connections
-as they are free to (an idle worker wakes first), which spreads keep-alive clients well.
+Every worker listens on its own socket bound to the same port with SO_REUSEPORT, and the
+kernel spreads new connections over them by a hash of the client's address and port. The
+alternative, one socket bound by the parent before it forks and accepted on by every worker,
+was tried first and measured: 64 connections opened at once (wrk) all went to one worker (each
+worker's loop is woken for every connection, and the first awake takes them all, even taking
+one per wake-up), so keep-alive clients used one core; with SO_REUSEPORT they split 40/24 on 2
+workers (docs/benchmarks.md). The parent still binds the port first, without listening (a
+bound socket that does not listen takes no connections): a busy or bad address fails before
+any fork, `listen = "…:0"` gives every worker the same port, and the port stays this
+service's while workers come and go. What SO_REUSEPORT costs: connections queued on a worker
+that dies are reset (Linux ≥ 5.14 moves them to the other workers with
+net.ipv4.tcp_migrate_req=1, which the deploy does not set yet), and another process of the
+service user could join the port.
 
 gevent and fork: the parent never imports gevent (nor prometheus_client, which imports ssl):
 it has no hub, no thread pool and no patched modules, only `os.fork`, `select` and signals.
@@ -67,9 +72,9 @@ class Worker:
     """What a worker process gets from its parent."""
 
     index: int
-    listen_fd: int
     metrics_dir: Path
     status_fd: int  # the pipe to the parent: one line, "ready …" or "error …"
+    address: socket.socket | None = None  # the parent's socket, bound to the port (see listener)
 
     def ready(self, detail: str) -> None:
         self._tell(f"ready {detail}")
@@ -101,21 +106,34 @@ def cannot_listen(listen: str, error: OSError) -> StartupError:
     )
 
 
-def listen(config: ServerConfig) -> socket.socket:
-    """The listening socket every worker accepts on (as gevent's StreamServer would make it)."""
+def reserve(config: ServerConfig) -> socket.socket:
+    """The parent's socket: bound to the port (resolved when it is 0), never listening, so it
+    takes no connections; the workers bind theirs beside it (`listener`)."""
     host, port = config.host_port()
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock = _reuseport(socket.socket(family, kind, proto))
         sock.bind(address)
-        sock.listen(BACKLOG)
     except socket.gaierror as error:
         raise StartupError(f"cannot listen on {config.listen}: {error.strerror}; give an address") from None
     except OSError as error:
         raise cannot_listen(config.listen, error) from None
+    return sock
+
+
+def listener(reserved: socket.socket, socket_class: type[socket.socket]) -> socket.socket:
+    """A worker's own listening socket on the parent's address (`socket_class`: gevent's)."""
+    sock = _reuseport(socket_class(reserved.family, reserved.type, reserved.proto))
+    sock.bind(reserved.getsockname())
+    sock.listen(BACKLOG)
+    return sock
+
+
+def _reuseport(sock: socket.socket) -> socket.socket:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     return sock
 
 
@@ -180,7 +198,7 @@ class Supervisor:
     # -- the parent's loop -------------------------------------------------------------------
 
     def run(self) -> None:
-        self.sock = listen(self.config)
+        self.sock = reserve(self.config)
         create_store(self.store)
         self.metrics = metrics_dir()
         write_worker_stats(self.metrics, self.count, 0)
@@ -353,7 +371,7 @@ class Supervisor:
 
     def _worker(self, index: int, status_fd: int, parent: int) -> None:
         code = 1
-        worker = Worker(index, -1, self.metrics, status_fd)
+        worker = Worker(index, self.metrics, status_fd)
         try:
             signal.set_wakeup_fd(-1)
             for signum in _SIGNALS:
@@ -365,7 +383,7 @@ class Supervisor:
                 if other.status_fd >= 0:
                     os.close(other.status_fd)
             _die_with(parent)
-            worker.listen_fd = self.sock.detach()
+            worker.address = self.sock
             from gevent import monkey
 
             monkey.patch_all()

@@ -16,7 +16,7 @@ import gevent
 
 from nixcache.keys import KeyFormatError, SecretKey
 from nixcache.server import config as configmod
-from nixcache.server import tiers
+from nixcache.server import prefork, tiers
 from nixcache.server.app import App
 from nixcache.server.auth import TokenError, Tokens
 from nixcache.server.config import ServerConfig, StartupError
@@ -96,7 +96,10 @@ def build(config: ServerConfig, worker: Worker | None = None) -> Server:
     app = App(config, store, keys, tokens, metrics, nix_store)
     app.tiers = tiers.build(config, store, metrics, app.cache_info)
     if worker is not None:
-        listener = socket.socket(fileno=worker.listen_fd)  # gevent's socket: patched by now
+        try:
+            listener = prefork.listener(worker.address, socket.socket)  # gevent's: patched by now
+        except OSError as error:
+            raise cannot_listen(config.listen, error) from None
         return Server(listener, app, level=config.log_level, idle_timeout=config.keepalive_timeout)
     host, port = config.host_port()
     server = Server((host, port), app, level=config.log_level, idle_timeout=config.keepalive_timeout)
