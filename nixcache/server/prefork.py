@@ -6,7 +6,8 @@ alternative, one socket bound by the parent before it forks and accepted on by e
 was tried first and measured: 64 connections opened at once (wrk) all went to one worker (each
 worker's loop is woken for every connection, and the first awake takes them all, even taking
 one per wake-up), so keep-alive clients used one core; with SO_REUSEPORT they split 40/24 on 2
-workers (docs/benchmarks.md). The parent still binds the port first, without listening (a
+workers (docs/benchmarks.md: on the saturated 2-core machine of that day throughput did not
+show the difference; the distribution decided). The parent still binds the port first, without listening (a
 bound socket that does not listen takes no connections): a busy or bad address fails before
 any fork, `listen = "…:0"` gives every worker the same port, and the port stays this
 service's while workers come and go. What SO_REUSEPORT costs: connections queued on a worker
