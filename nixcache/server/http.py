@@ -366,9 +366,9 @@ class Server(StreamServer):
         level: str = "info",
         idle_timeout: float = IDLE_TIMEOUT,
     ):
-        # A pool (unbounded) of the connection handlers, so that stop() waits for them (gevent's default
-        # spawn keeps none, and a SIGTERM would cut every download in flight).
         backlog = None if isinstance(listener, socket.socket) else 1024  # a given socket listens already
+        # An unbounded pool of the connection handlers, so that stop() waits for them (gevent's
+        # default spawn keeps none, and a SIGTERM would cut every download in flight).
         super().__init__(listener, backlog=backlog, spawn=Pool())
         self.app = app
         self.idle_timeout = idle_timeout

@@ -16,7 +16,7 @@ import gevent
 
 from nixcache.keys import KeyFormatError, SecretKey
 from nixcache.server import config as configmod
-from nixcache.server import prefork, tiers
+from nixcache.server import tiers
 from nixcache.server.app import App
 from nixcache.server.auth import TokenError, Tokens
 from nixcache.server.config import ServerConfig, StartupError
@@ -24,7 +24,7 @@ from nixcache.server.http import Server
 from nixcache.server.metrics import FLUSH_SECONDS, Metrics, scan
 from nixcache.server.nixstore.db import NixDbError
 from nixcache.server.nixstore.store import LocalNixStore
-from nixcache.server.prefork import Worker, cannot_listen, create_store
+from nixcache.server.prefork import Worker, cannot_listen, create_store, listener
 from nixcache.server.store import Store
 from nixcache.server.workers import offload_to
 
@@ -97,10 +97,10 @@ def build(config: ServerConfig, worker: Worker | None = None) -> Server:
     app.tiers = tiers.build(config, store, metrics, app.cache_info)
     if worker is not None:
         try:
-            listener = prefork.listener(worker.address, socket.socket)  # gevent's: patched by now
+            sock = listener(worker.address, socket.socket)  # gevent's socket: patched by now
         except OSError as error:
             raise cannot_listen(config.listen, error) from None
-        return Server(listener, app, level=config.log_level, idle_timeout=config.keepalive_timeout)
+        return Server(sock, app, level=config.log_level, idle_timeout=config.keepalive_timeout)
     host, port = config.host_port()
     server = Server((host, port), app, level=config.log_level, idle_timeout=config.keepalive_timeout)
     try:
