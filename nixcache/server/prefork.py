@@ -187,6 +187,7 @@ class Supervisor:
         self.store = Store(config.store, config.store_dir)
         self.slots = [_Slot(index) for index in range(count)]
         self.restarts = 0
+        self.announced = False  # a first worker is ready: the port answers
         self.serving = False  # every worker of the first generation reported ready
         self.stopping = False
         self.stop_since = 0.0
@@ -241,18 +242,22 @@ class Supervisor:
                 if slot.due is not None and slot.due <= now:
                     slot.due = None
                     self._fork(slot)
-            if not self.serving and all(slot.ready for slot in self.slots):
-                self.serving = True
+            if not self.announced and any(slot.ready for slot in self.slots):
+                # The port answers from the first worker on; the others join as they are ready.
+                self.announced = True
                 host, port = self.sock.getsockname()[:2]
                 log.warning(
-                    "serving %s on http://%s:%d (%d workers, pids %s; %s)",
+                    "serving %s on http://%s:%d (%d workers; %s)",
                     self.config.store,
                     host,
                     port,
                     self.count,
-                    " ".join(str(slot.pid) for slot in self.slots),
                     self._detail,
                 )
+            if not self.serving and all(slot.ready for slot in self.slots):
+                self.serving = True
+                pids = " ".join(str(slot.pid) for slot in self.slots)
+                log.info("all %d workers ready, pids %s", self.count, pids)
 
     def _status(self, slot: _Slot) -> None:
         """Read the worker's one status line (or the end of its pipe: it died first)."""

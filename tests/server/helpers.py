@@ -50,9 +50,10 @@ class ServerProcess:
 
 
 def start_server(
-    args: list[str], home: Path, log: Path, timeout: float = 20.0, checkout: Path | None = None
+    args: list[str], home: Path, log: Path, timeout: float = 60.0, checkout: Path | None = None
 ) -> ServerProcess:
-    """Run `nixcache serve ARGS` and wait (bounded) until it prints where it listens.
+    """Run `nixcache serve ARGS` and wait (bounded) until it prints where it listens (60 s: with
+    one worker per core, a start-up on a loaded 2-core machine took 20-30 s).
     `checkout`: run that checkout's code (bench/ compares a branch point with this one)."""
     env = {**os.environ, "HOME": str(home), "XDG_DATA_HOME": str(home / "data")}
     handle = open(log, "wb")  # noqa: SIM115 - the child writes to it for its whole life
