@@ -14,6 +14,12 @@ Builds a synthetic store (narinfos + NARs) in a temp dir, starts this server and
 nginx serves the stored narinfo files as they are; this server signs each one on the fly (and
 caches the signed text). Prints a table; writes nothing outside the temp dir.
 
+--rps measures instead narinfo requests per second with wrk (a Lua script rotating over the
+hashes): hits at 1, 16 and 64 connections, misses (404) at 16, nixcache with `--workers`
+(default: one per core) against nginx with 2 workers and its access log on, the same signed
+files (nginx serves the narinfos as nixcache signs them), alternating server by server each
+round, the load average printed per round (issue 15).
+
 --local-store measures serving this host's own Nix store instead (`[nix_store]`, issue 14): the
 paths are built into /nix/store with nix-build (needs root; the same paths on every run with the
 same --paths and --nar-mib, so reruns build nothing), this server reads Nix's database and
@@ -240,8 +246,13 @@ def wrk(url: str, connections: int, seconds: int) -> float:
 
 
 def peak_rss_mib(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
+    """The largest VmHWM of the server's processes: the process and, with workers, each worker."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    peaks = []
+    for each in [pid, *map(int, children)]:
+        status = Path(f"/proc/{each}/status").read_text()
+        peaks.append(int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024)  # type: ignore[union-attr]
+    return max(peaks)
 
 
 def measure(
@@ -271,6 +282,118 @@ def measure(
     return results
 
 
+NGINX_WORKERS = 2
+
+WRK_ROTATE = """
+local paths = {}
+for line in io.lines("@FILE@") do paths[#paths + 1] = line end
+local i = math.random(#paths)
+request = function()
+  i = i % #paths + 1
+  return wrk.format("GET", paths[i])
+end
+"""
+
+
+def wrk_rps(url: str, paths: list[str], connections: int, seconds: int, work: Path) -> float:
+    """Requests per second that wrk reports, GETs rotating over `paths` (non-2xx counted too)."""
+    listing = work / "wrk-paths.txt"
+    listing.write_text("".join(f"{p}\n" for p in paths))
+    script = work / "rotate.lua"
+    script.write_text(WRK_ROTATE.replace("@FILE@", str(listing)))
+    threads = min(connections, 2)
+    out = subprocess.run(
+        [*NICE, "wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not match:
+        raise SystemExit(f"cannot read wrk output:\n{out}")
+    return float(match.group(1))
+
+
+def rps(args: argparse.Namespace) -> int:
+    """The --rps run: narinfo requests/s of nixcache (workers) and nginx (2 workers, access log)."""
+    work = Path(tempfile.mkdtemp(prefix="nixcache-bench-"))
+    procs: list[subprocess.Popen] = []
+    workers = args.workers or len(os.sched_getaffinity(0))
+    cases = [("hits", 1), ("hits", 16), ("hits", 64), ("misses", 16)]
+    results: dict[tuple[str, str, int], list[float]] = {}
+    try:
+        store = work / "store"
+        hashes, _ = build_store(store, args.paths, 1)
+        (work / "key").write_text(SecretKey.generate("bench-1").serialize())
+        ours_port, nginx_port = free_port(), free_port()
+        ours = subprocess.Popen(
+            [*NICE, sys.executable, "-c", "from nixcache.cli import main; main()", "serve",
+             "--listen", f"127.0.0.1:{ours_port}", "--store", str(store), "--signing-key",
+             str(work / "key"), "--workers", str(workers), *args.server_args.split()],
+            stdout=subprocess.DEVNULL,
+            stderr=open(work / "server.log", "wb"),  # noqa: SIM115
+        )  # fmt: skip
+        procs.append(ours)
+        wait_port(ours_port)
+        import httpx
+
+        signed = work / "signed"  # nginx serves the very bytes nixcache answers
+        (signed / "narinfo").mkdir(parents=True)
+        (signed / "nar").mkdir()
+        with httpx.Client(base_url=f"http://127.0.0.1:{ours_port}") as client:
+            for h in hashes:
+                text = client.get(f"/{h}.narinfo").raise_for_status().text
+                (signed / "narinfo" / f"{h}.narinfo").write_text(text)
+        prefix = work / "nginx"
+        prefix.mkdir()
+        user = "user root;" if os.geteuid() == 0 else ""
+        conf = NGINX_CONF.format(prefix=prefix, port=nginx_port, store=signed, user=user)
+        conf = conf.replace("worker_processes 1;", f"worker_processes {NGINX_WORKERS};")
+        (prefix / "nginx.conf").write_text(conf)
+        nginx_bin = shutil.which("nginx") or "/usr/sbin/nginx"
+        procs.append(
+            subprocess.Popen(
+                [*NICE, nginx_bin, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", "stderr"]
+            )
+        )
+        wait_port(nginx_port)
+        bases = {"nginx": f"http://127.0.0.1:{nginx_port}", "nixcache": f"http://127.0.0.1:{ours_port}"}
+        paths = {
+            "hits": [f"/{h}.narinfo" for h in hashes],
+            "misses": [f"/{base32.encode(os.urandom(20))}.narinfo" for _ in hashes],
+        }
+        for base in bases.values():  # warm-up: caches, signed-narinfo memory, pages
+            wrk_rps(base, paths["hits"], 16, 1, work)
+        print(f"nixcache: {workers} workers; nginx: {NGINX_WORKERS} workers, access log on; "
+              f"{len(hashes)} narinfos, wrk {args.seconds}s per run, {args.rounds} rounds")  # fmt: skip
+        for round_ in range(args.rounds):
+            line = []
+            for kind, connections in cases:
+                for name, base in bases.items():
+                    value = wrk_rps(base, paths[kind], connections, args.seconds, work)
+                    results.setdefault((name, kind, connections), []).append(value)
+                    line.append(f"{kind[0]}{connections} {name} {value:.0f}")
+            load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+            print(f"round {round_ + 1}: load {load}; " + ", ".join(line), flush=True)
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(70)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"{'narinfo requests/s':30}{'nginx':>10}{'nixcache':>10}{'ratio':>8}   (medians)   target")
+    targets = {("hits", 16): ">= 0.8x", ("hits", 64): ">= 0.8x", ("misses", 16): ">= 0.7x"}
+    for kind, connections in cases:
+        ng = statistics.median(results[("nginx", kind, connections)])
+        us = statistics.median(results[("nixcache", kind, connections)])
+        label = f"{kind}, {connections} connection{'s' if connections > 1 else ''}"
+        print(f"{label:30}{ng:>10.0f}{us:>10.0f}{us / ng:>7.2f}x   {targets.get((kind, connections), '')}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--paths", type=int, default=300)
@@ -284,7 +407,11 @@ def main() -> int:
     parser.add_argument(
         "--local-store", action="store_true", help="serve paths built into /nix/store ([nix_store], root)"
     )
+    parser.add_argument("--rps", action="store_true", help="narinfo requests/s at 1-64 connections (wrk)")
+    parser.add_argument("--workers", type=int, default=0, help="--rps: nixcache workers [one per core]")
     args = parser.parse_args()
+    if args.rps:
+        return rps(args)
     if args.local_store and os.geteuid() != 0:
         raise SystemExit("--local-store builds into /nix/store: run it as root")
     for tool in ("nginx", "wrk", "curl"):
@@ -365,7 +492,7 @@ def main() -> int:
     for label, a, b, unit, target in rows:
         print(f"{label:34}{a:>9.1f} {unit:<3}{b:>9.1f} {unit:<3}{b / a:>8.2f}x   {target}")
     print(f"per narinfo: nginx {ng['warm'] / n * 1e6:.0f} us, nixcache {us['warm'] / n * 1e6:.0f} us")
-    print(f"nixcache peak RSS: {rss:.1f} MiB (target < 100 MiB)")
+    print(f"nixcache peak RSS: {rss:.1f} MiB (per process, the largest; target < 100 MiB)")
     return 0
 
 

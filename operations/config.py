@@ -38,6 +38,7 @@ def server_config(
     (deploys/parts/nixhost.py) also serves its own /nix/store."""
     return ServerConfig(
         listen=f"0.0.0.0:{settings.cache_port}",
+        workers=settings.cache_workers,
         store=Path(settings.store_dir),
         # One key, or two during a rotation (operations/rotation.py).
         signing_key_files=[Path(path) for path in rotation.key_files(settings)],

@@ -61,7 +61,7 @@ from nixcache.schema import (
     integer,
     setting,
 )
-from nixcache.server.config import BUCKET, DOWNLOAD_COMPRESSION, ZSTD_LEVEL, ServerConfig
+from nixcache.server.config import BUCKET, DOWNLOAD_COMPRESSION, MAX_WORKERS, ZSTD_LEVEL, ServerConfig
 from operations import group_data
 
 # --- fixed layout on cache hosts -----------------------------------------------------------
@@ -149,17 +149,25 @@ class Settings:
     cache_memory_max: str = setting(
         "2G",
         MEMORY_LIMIT,
-        "Ceiling for the server process; gevent streams NARs, so 2G (the reference's value) is ample.",
+        "Ceiling for the server's processes together (each worker about 50-100 MiB); gevent streams "
+        "NARs, so 2G (the reference's value) is ample up to about 16 workers.",
     )
     cache_tasks_max: int = setting(
-        64,
+        512,
         POSITIVE,
-        "One process, gevent's small thread pool and a few helpers: 64 is room, a fork bomb is not.",
+        "Every worker is a process with gevent's thread pool (up to 10 threads): 512 is room for "
+        "32 workers and helpers, a fork bomb is not.",
     )
     cache_limit_nofile: int = setting(
         65536,
         POSITIVE,
         "One fd per keep-alive connection plus one per NAR being served; Debian's 1024 is too low.",
+    )
+    cache_workers: int = setting(
+        0,
+        integer(0, MAX_WORKERS),
+        "Server worker processes (config.toml `workers`): 0 = one per core of the host, so a "
+        "cache uses every core for the many parallel requests of Nix clients.",
     )
     cache_priority: int = setting(
         30, INT, "nix-cache-info Priority: lower wins; 30 puts this cache ahead of cache.nixos.org (40)."

@@ -268,7 +268,8 @@ class App:
 
     def get_healthz(self, request: Request) -> Response:
         if self.store.writable():
-            return Response(200, b"ok\n")
+            # Which process answered: with several workers, each has its own (nixcache.server.prefork).
+            return Response(200, b"ok\n", headers=[("X-Nixcache-Pid", str(os.getpid()))])
         # Every 503 carries Retry-After: Nix ≥ 2.35 waits that long before it asks again.
         return _error(503, f"store {self.store.root} is not writable", [("Retry-After", str(HEALTH_RETRY))])
 

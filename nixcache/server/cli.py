@@ -17,6 +17,7 @@ _PATH = click.Path(dir_okay=False, path_type=Path)
 @click.option("--config", "config_file", type=_PATH, help="TOML config (e.g. /etc/nixcache/config.toml).")
 @click.option("--store", type=click.Path(file_okay=False, path_type=Path), help="Store directory.")
 @click.option("--listen", help="HOST:PORT to bind [default: 127.0.0.1:5000].")
+@click.option("--workers", type=int, help="Worker processes; 0 = one per core [default: 0].")
 @click.option("--signing-key", "signing_keys", type=_PATH, multiple=True, help="Secret key file; repeatable.")
 @click.option("--push-token-file", type=_PATH, help="File holding the push token.")
 @click.option("--read-token-file", type=_PATH, help="File holding the read token.")
@@ -28,6 +29,7 @@ def serve(
     config_file: Path | None,
     store: Path | None,
     listen: str | None,
+    workers: int | None,
     signing_keys: tuple[Path, ...],
     push_token_file: Path | None,
     read_token_file: Path | None,
@@ -37,19 +39,17 @@ def serve(
     log_level: str | None,
 ) -> None:
     """Serve the binary cache (flags override the config file)."""
-    from gevent import monkey
-
-    monkey.patch_all()
-
+    # The config is read before gevent is imported: with several workers the parent stays an
+    # unpatched process that forks, and each worker patches for itself (nixcache.server.prefork).
     from nixcache.server import config as configmod
-    from nixcache.server import runner
 
     try:
         config = configmod.load(config_file) if config_file else configmod.ServerConfig()
-        config = runner.with_overrides(
+        config = configmod.with_overrides(
             config,
             store=str(store) if store else None,
             listen=listen,
+            workers=workers,
             signing_key_files=[str(p) for p in signing_keys] or None,
             push_token_file=str(push_token_file) if push_token_file else None,
             read_token_file=str(read_token_file) if read_token_file else None,
@@ -58,8 +58,19 @@ def serve(
             accel_redirect_prefix=accel_redirect_prefix,
             log_level=log_level,
         )
-        runner.run(config)
-    except (configmod.ConfigError, runner.StartupError) as error:
+        if config.worker_count() == 1:
+            from gevent import monkey
+
+            monkey.patch_all()
+
+            from nixcache.server import runner
+
+            runner.run(config)
+        else:
+            from nixcache.server import prefork
+
+            prefork.run(config)
+    except (configmod.ConfigError, configmod.StartupError) as error:
         raise click.ClickException(str(error)) from None
 
 

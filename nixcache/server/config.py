@@ -8,6 +8,7 @@ docs/settings.md (generated from these declarations).
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +41,17 @@ from nixcache.schema import (
 DEFAULT_LISTEN = "127.0.0.1:5000"
 DOWNLOAD_COMPRESSION = enum("none", "zstd")  # also the host data key's kind (operations/settings.py)
 ZSTD_LEVEL = integer(1, 19)
+MAX_WORKERS = 256
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class ConfigError(ValueError):
     """The configuration file or a flag holds a value the server cannot use."""
+
+
+class StartupError(Exception):
+    """The server cannot start; the message is the one line a person sees. Here, not in the
+    runner, so the pre-forking parent (which never imports gevent) raises it too."""
 
 
 def default_data_dir() -> Path:
@@ -225,6 +232,13 @@ class ServerConfig:
         "Address and port the server binds (HOST:PORT). Loopback by default: open it to client "
         "networks with the firewall, or put nginx in front.",
     )
+    workers: int = setting(
+        0,
+        integer(0, MAX_WORKERS),
+        "Worker processes serving the port, each with its own event loop (one core each); a "
+        "parent replaces one that dies and drains them all on SIGTERM. 0: one per core this "
+        "process may run on. 1: a single process, no parent.",
+    )
     store: Path = setting(
         kind=FILE,
         factory=default_store,
@@ -324,6 +338,10 @@ class ServerConfig:
         doc="Serving this host's own Nix store, when it runs Nix (nixcache.server.nixstore).",
     )
 
+    def worker_count(self) -> int:
+        """`workers`, with 0 read as the number of cores this process may run on."""
+        return self.workers or len(os.sched_getaffinity(0))
+
     def host_port(self) -> tuple[str, int]:
         """`listen` split into host and port; ConfigError when it is not HOST:PORT."""
         return parse_listen(self.listen)
@@ -344,6 +362,12 @@ def from_mapping(data: dict[str, Any], *, base: ServerConfig | None = None) -> S
         return schema.build(ServerConfig, data, base=base)
     except SchemaError as error:
         raise ConfigError(error.describe()) from None
+
+
+def with_overrides(config: ServerConfig, **overrides: object) -> ServerConfig:
+    """`config` with the flags that were given (None and empty tuples mean not given)."""
+    given = {k: v for k, v in overrides.items() if v is not None and v != ()}
+    return from_mapping(given, base=config)
 
 
 def load(path: Path | str) -> ServerConfig:

@@ -26,6 +26,7 @@ from typing import Any
 
 import gevent
 import httptools
+from gevent.pool import Pool
 from gevent.server import StreamServer
 from gevent.socket import wait_write
 
@@ -386,9 +387,16 @@ class Server(StreamServer):
     """The cache's HTTP/1.1 server on gevent's StreamServer (see the module docstring)."""
 
     def __init__(
-        self, listener: tuple[str, int], app: App, level: str = "info", idle_timeout: float = IDLE_TIMEOUT
+        self,
+        listener: tuple[str, int] | socket.socket,
+        app: App,
+        level: str = "info",
+        idle_timeout: float = IDLE_TIMEOUT,
     ):
-        super().__init__(listener, backlog=1024)
+        backlog = None if isinstance(listener, socket.socket) else 1024  # a given socket listens already
+        # An unbounded pool of the connection handlers, so that stop() waits for them (gevent's
+        # default spawn keeps none, and a SIGTERM would cut every download in flight).
+        super().__init__(listener, backlog=backlog, spawn=Pool())
         self.app = app
         self.idle_timeout = idle_timeout
         # Connection -> when its current request began (the wait for its head). A request without
@@ -398,6 +406,10 @@ class Server(StreamServer):
         # may rightly take longer, get the socket's own timeout and leave the reaper's watch.
         self._waiting: dict[socket.socket, float] = {}
         self._reaper: gevent.Greenlet | None = None
+        # Connections blocked reading their next request head; drain() closes those that have
+        # received nothing of it. Once draining, every answer closes its connection.
+        self._idle: set[_Connection] = set()
+        self.draining = False
         # info: every request; warning: 4xx and 5xx; error: 5xx only
         self.min_status = {"debug": 0, "info": 0, "warning": 400, "error": 500}[level]
         self._children: dict[tuple[str, str, int], tuple[Any, Any, Any]] = {}
@@ -436,6 +448,7 @@ class Server(StreamServer):
             pass  # the client went away or timed out: nothing to answer
         finally:
             self._waiting.pop(sock, None)
+            self._idle.discard(conn)
             sock.close()
 
     def _date_header(self) -> bytes:
@@ -458,10 +471,14 @@ class Server(StreamServer):
             sock.settimeout(None)
             conn.timed = False
         self._waiting[sock] = time.monotonic()
+        idle = self._idle
+        idle.add(conn)
         try:
             message = conn.next_message()
         except Refusal as refusal:
+            idle.discard(conn)
             return self._refuse(sock, Record(client, time.perf_counter()), refusal, None)
+        idle.discard(conn)
         if message is None:
             return False
         record = Record(client, time.perf_counter(), message.method)
@@ -496,7 +513,7 @@ class Server(StreamServer):
         fate = wire.after_response(
             framing, continue_sent=body.continue_sent, body_left=left, drain_limit=DRAIN_LIMIT
         )
-        if conn.upgraded or (left and conn._stopped()):
+        if conn.upgraded or (left and conn._stopped()) or self.draining:
             fate = "close"
         out = response.body
         if framing.http10 and isinstance(out, ChunkedBody):
@@ -545,7 +562,8 @@ class Server(StreamServer):
         response = self.app.narinfo(hash_part, authorization)
         record.status = response.status
         record.reason = response.reason
-        response_head = wire.response_head(response, keep_alive=True, http10=False, date=self._date_header())
+        keep = not self.draining
+        response_head = wire.response_head(response, keep_alive=keep, http10=False, date=self._date_header())
         body = b"" if head else response.body
         try:
             send_small(sock, response_head + body)  # type: ignore[operator]
@@ -555,7 +573,7 @@ class Server(StreamServer):
             raise
         record.sent = len(body)  # type: ignore[arg-type]
         self._record(record)
-        return True
+        return keep
 
     def _refuse(
         self, sock: socket.socket, record: Record, refusal: Refusal, message: _Message | None
@@ -623,6 +641,16 @@ class Server(StreamServer):
             lines, self._log_lines = self._log_lines, []
             sys.stderr.write("\n".join(lines) + "\n")
             sys.stderr.flush()
+
+    def drain(self) -> None:
+        """Stop accepting and close the idle keep-alive connections; requests in flight are
+        answered (with Connection: close) and serve_forever() returns once they are done, or
+        once its stop_timeout has passed (then what is left is cut). nginx shuts down alike."""
+        self.draining = True
+        self.close()
+        for conn in list(self._idle):
+            if conn.parsing is None and not conn.ready:  # nothing of a next request arrived
+                conn.sock.close()  # its handler's blocked recv raises and the handler ends
 
     def stop(self, timeout: float | None = None) -> None:
         if self._reaper is not None:

@@ -4,23 +4,39 @@ Store size, GC and verify totals come from disk (the store's usage file, which e
 adjusts, nixcache/server/usage.py; gc-stats.json and verify-stats.json written by `nixcache gc`
 and `nixcache verify`, which run in other processes), so they are read at scrape time and are
 the whole store's whichever worker answers.
+
+With several workers (nixcache.server.prefork) each worker copies its counter and histogram
+values every FLUSH_SECONDS (and before it answers a scrape, and when it exits) into its files
+of a shared directory, in prometheus_client's multiprocess format (`MmapedDict`: one mmap'ed
+file per process and type); a scrape, answered by any worker, merges the files of every
+worker, dead ones included, so totals never go back (`MultiProcessCollector.merge`). Other
+workers' counts are thus up to a second old, and a killed worker loses its last second. Why
+not write on every update: that cost 4 us per narinfo hit here, the copy costs none on the
+hot path (bench/metrics_cost.py, docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import bisect
+import glob
 import json
+import os
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.mmap_dict import MmapedDict, mmap_key
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
-from nixcache.server import verify
+from nixcache.server import signed, verify
+from nixcache.server.prefork import read_worker_stats
 from nixcache.server.store import Store
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+FLUSH_SECONDS = 1.0  # how often a worker copies its values into the shared directory
 
 
 class _DiskCollector(Collector):
@@ -60,16 +76,17 @@ class _DiskCollector(Collector):
             "When nixcache gc last finished",
             value=stats.get("last_run", 0),
         )
-        resigner = self.metrics.resigner  # nixcache.server.signed: a key rotation's re-signing
+        # nixcache.server.signed: a key rotation's re-signing, done by one worker, counted on disk.
+        pending, done = signed.read_stats(self.metrics.store)
         yield GaugeMetricFamily(
             "nixcache_resign_pending",
             "Stored narinfos still to be re-signed with the current keys (0: signed/ is current)",
-            value=resigner.pending if resigner is not None else 0,
+            value=pending,
         )
         yield CounterMetricFamily(
             "nixcache_resign",
             "Stored narinfos re-signed with the current keys in the background since the start",
-            value=resigner.done if resigner is not None else 0,
+            value=done,
         )
         # From verify-stats.json, written by `nixcache verify` (another process, weekly timer).
         checked = verify.read_stats(self.metrics.store)
@@ -113,6 +130,22 @@ def read_gc_stats(store: Store) -> dict[str, float]:
     return {k: v for k, v in data.items() if isinstance(v, int | float)}
 
 
+class SharedFiles:
+    """This process's files in the shared metrics directory of the workers (one per type, named
+    as prometheus_client's multiprocess mode names them, so its collector reads them)."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        pid = os.getpid()
+        self.counters = MmapedDict(str(directory / f"counter_{pid}.db"))
+        self.histograms = MmapedDict(str(directory / f"histogram_{pid}.db"))
+
+    def collect(self) -> dict[str, object]:
+        """Every worker's values, merged: metric name -> family."""
+        files = glob.glob(str(self.directory / "*.db"))
+        return {metric.name: metric for metric in MultiProcessCollector.merge(files, accumulate=True)}
+
+
 class _Child:
     __slots__ = ("value",)
 
@@ -125,13 +158,22 @@ class _Child:
 
 class LabeledCounter:
     """A counter with labels, without prometheus_client's per-call locks: the server updates
-    metrics from one event loop thread, and this sits on the path of every request."""
+    metrics from one event loop thread, and this sits on the path of every request. `shared`:
+    `flush()` copies the values into this worker's file of the workers' shared directory."""
 
-    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: tuple[str, ...] = (),
+        shared: SharedFiles | None = None,
+    ):
         self.name = name
         self.documentation = documentation
         self.labelnames = labelnames
+        self.shared = shared
         self.children: dict[tuple[str, ...], _Child] = {}
+        self._keys: dict[tuple[str, ...], str] = {}  # label values -> key in the shared file
         if not labelnames:
             self.children[()] = _Child()
 
@@ -143,6 +185,16 @@ class LabeledCounter:
 
     def inc(self, amount: float = 1) -> None:
         self.children[()].value += amount
+
+    def flush(self) -> None:
+        """Write every value into the shared file (prometheus_client's mmap'ed format)."""
+        file = self.shared.counters  # type: ignore[union-attr]
+        for values, child in list(self.children.items()):
+            key = self._keys.get(values)
+            if key is None:
+                key = mmap_key(self.name, f"{self.name}_total", self.labelnames, values, self.documentation)
+                self._keys[values] = key
+            file.write_value(key, child.value, 0.0)
 
     def family(self) -> CounterMetricFamily:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -168,19 +220,43 @@ class LabeledHistogram:
     """A histogram with labels, lock-free for the same reason as LabeledCounter."""
 
     def __init__(
-        self, name: str, documentation: str, labelnames: tuple[str, ...], buckets: tuple[float, ...]
+        self,
+        name: str,
+        documentation: str,
+        labelnames: tuple[str, ...],
+        buckets: tuple[float, ...],
+        shared: SharedFiles | None = None,
     ):
         self.name = name
         self.documentation = documentation
         self.labelnames = labelnames
         self.bucket_bounds = buckets
+        self.shared = shared
         self.children: dict[tuple[str, ...], _HistogramChild] = {}
+        self._keys: dict[tuple[str, ...], list[str]] = {}  # per bucket, then _sum
 
     def labels(self, *values: str) -> _HistogramChild:
         child = self.children.get(values)
         if child is None:
             child = self.children[values] = _HistogramChild(self.bucket_bounds)
         return child
+
+    def flush(self) -> None:
+        """Write every bucket (not cumulative: the merge accumulates) and sum into the shared file."""
+        file = self.shared.histograms  # type: ignore[union-attr]
+        for values, child in list(self.children.items()):
+            keys = self._keys.get(values)
+            if keys is None:
+                names, doc = (*self.labelnames, "le"), self.documentation
+                keys = [
+                    mmap_key(self.name, f"{self.name}_bucket", names, (*values, bound), doc)
+                    for bound in [*map(floatToGoString, self.bucket_bounds), "+Inf"]
+                ]
+                keys.append(mmap_key(self.name, f"{self.name}_sum", self.labelnames, values, doc))
+                self._keys[values] = keys
+            for key, count in zip(keys, child.counts, strict=False):
+                file.write_value(key, count, 0.0)
+            file.write_value(keys[-1], child.sum, 0.0)
 
     def family(self) -> HistogramMetricFamily:
         family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -197,13 +273,14 @@ class _TierLookups(LabeledCounter):
     """nixcache_tier_lookups with the local tier's rows derived at scrape time from the narinfo
     hit/miss counter, so the hot path counts once and every tier reads alike in one family."""
 
-    def __init__(self, local: LabeledCounter):
+    def __init__(self, local: LabeledCounter, shared: SharedFiles | None):
         super().__init__(
             "nixcache_tier_lookups",
             "Lookups per tier (local, origin, upstream:<name>) by kind (narinfo, nar) and result "
             "(hit, miss, error)",
             ("tier", "kind", "result"),
-        )
+            shared,
+        )  # its own rows only, when shared: the merge derives the local ones from all workers
         self.local = local
 
     def family(self) -> CounterMetricFamily:
@@ -222,61 +299,102 @@ class _CounterCollector(Collector):
             yield metric.family()
 
 
-class Metrics:
-    """The server's metrics in their own registry (no process-global state)."""
+class _SharedCollector(Collector):
+    """The counters and histograms of every worker, merged from the shared directory."""
 
-    def __init__(self, store: Store):
+    def __init__(self, metrics: Metrics, shared: SharedFiles):
+        self.metrics = metrics
+        self.shared = shared
+
+    def collect(self) -> Iterator[object]:
+        merged = self.shared.collect()
+        lookups = merged.get("nixcache_narinfo_lookups")
+        tier_lookups = self.metrics.tier_lookups
+        # The other tiers' rows as counted, the local ones from the merged narinfo lookups (as
+        # _TierLookups derives them in one process).
+        tiers = merged.setdefault(tier_lookups.name, LabeledCounter.family(tier_lookups))
+        if lookups is not None:
+            for sample in lookups.samples:
+                labels = {"tier": "local", "kind": "narinfo", "result": sample.labels["result"]}
+                tiers.add_sample("nixcache_tier_lookups_total", labels, sample.value)
+        for metric in self.metrics.all:
+            yield merged.get(metric.name) or metric.family()
+        if (stats := read_worker_stats(self.shared.directory)) is not None:
+            yield GaugeMetricFamily("nixcache_workers", "Worker processes serving", value=stats["workers"])
+            yield CounterMetricFamily(
+                "nixcache_worker_restarts",
+                "Workers that died and were replaced since the server started",
+                value=stats["restarts"],
+            )
+
+
+class Metrics:
+    """The server's metrics in their own registry (no process-global state). `shared_dir`: the
+    workers' shared directory (nixcache.server.prefork); None for a single process."""
+
+    def __init__(self, store: Store, shared_dir: Path | None = None):
         self.store = store
-        self.resigner: Any = None  # the server's nixcache.server.signed.Resigner, once started
         self.registry = CollectorRegistry()
+        self.shared = shared = SharedFiles(shared_dir) if shared_dir is not None else None
         self.requests = LabeledCounter(
             "nixcache_http_requests",
             "HTTP requests by route, method and status",
             ("route", "method", "status"),
+            shared,
         )
         self.duration = LabeledHistogram(
             "nixcache_http_request_duration_seconds",
             "Time to answer a request, by route",
             ("route",),
             (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1, 5, 30),
+            shared,
         )
         self.narinfo = LabeledCounter(
-            "nixcache_narinfo_lookups", "Narinfo lookups by result (hit, miss)", ("result",)
+            "nixcache_narinfo_lookups", "Narinfo lookups by result (hit, miss)", ("result",), shared
         )
         self.served_bytes = LabeledCounter(
-            "nixcache_served_bytes", "Body bytes of successful GETs, by route", ("route",)
+            "nixcache_served_bytes", "Body bytes of successful GETs, by route", ("route",), shared
         )
         self.uploads = LabeledCounter(
             "nixcache_uploads",
             "Uploads by kind (nar, narinfo, listing, log, …) and result (accepted, rejected)",
             ("kind", "result"),
+            shared,
         )
-        self.upload_bytes = LabeledCounter("nixcache_upload_bytes", "Bytes of accepted NAR uploads")
+        self.upload_bytes = LabeledCounter(
+            "nixcache_upload_bytes", "Bytes of accepted NAR uploads", shared=shared
+        )
         # Per tier (local, origin, upstream:<name>); see nixcache.server.tiers and docs/metrics.md.
-        self.tier_lookups = _TierLookups(self.narinfo)
+        self.tier_lookups = _TierLookups(self.narinfo, shared)
         self.tier_bytes = LabeledCounter(
             "nixcache_tier_bytes",
             "NAR bytes read from a tier (pull-through) or written to it (write-through)",
             ("tier", "direction"),
+            shared,
         )
         self.tier_duration = LabeledHistogram(
             "nixcache_tier_request_duration_seconds",
             "Time a tier took to answer a narinfo lookup, to start a NAR, or to take a write",
             ("tier", "kind"),
             (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 30),
+            shared,
         )
         self.tier_errors = LabeledCounter(
             "nixcache_tier_errors",
             "Tier failures by reason (timeout, unavailable, untrusted, corrupt, malformed)",
             ("tier", "reason"),
+            shared,
         )
         self.tier_writes = LabeledCounter(
             "nixcache_tier_writes",
             "Write-throughs by kind and result (stored, failed)",
             ("tier", "kind", "result"),
+            shared,
         )
         self.negative_hits = LabeledCounter(
-            "nixcache_negative_cache_hits", "Narinfo misses answered from the negative cache"
+            "nixcache_negative_cache_hits",
+            "Narinfo misses answered from the negative cache",
+            shared=shared,
         )
         self.all = (
             self.requests,
@@ -292,8 +410,18 @@ class Metrics:
             self.tier_writes,
             self.negative_hits,
         )
-        self.registry.register(_CounterCollector(self))
+        if shared is None:
+            self.registry.register(_CounterCollector(self))
+        else:
+            self.registry.register(_SharedCollector(self, shared))
         self.registry.register(_DiskCollector(self))
 
+    def flush(self) -> None:
+        """Copy this worker's values into the shared directory (nothing for a single process)."""
+        if self.shared is not None:
+            for metric in self.all:
+                metric.flush()
+
     def render(self) -> bytes:
+        self.flush()  # this worker's own counts are current in its answer
         return generate_latest(self.registry)

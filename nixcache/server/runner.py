@@ -1,6 +1,7 @@
 """Start the server: config + keys + tokens + store -> a listening gevent server.
 
-Imported by `nixcache serve` only after `gevent.monkey.patch_all()`.
+Imported by `nixcache serve` only after `gevent.monkey.patch_all()`: in the one process of
+`workers = 1`, or in each worker that nixcache.server.prefork forked (`run(config, worker)`).
 """
 
 from __future__ import annotations
@@ -10,72 +11,35 @@ import os
 import signal
 import socket
 import sys
-from pathlib import Path
 
 import gevent
 import gevent.threadpool
 
-from nixcache.keys import KeyFormatError, SecretKey
-from nixcache.server import config as configmod
 from nixcache.server import tiers
 from nixcache.server.app import App
 from nixcache.server.auth import TokenError, Tokens
-from nixcache.server.config import ServerConfig
+from nixcache.server.config import ServerConfig, StartupError
 from nixcache.server.http import Server
-from nixcache.server.metrics import Metrics
+from nixcache.server.metrics import FLUSH_SECONDS, Metrics
 from nixcache.server.nixstore.db import NixDbError
 from nixcache.server.nixstore.store import LocalNixStore
+from nixcache.server.prefork import Worker, cannot_listen, create_store, listener
 from nixcache.server.signed import Resigner
+from nixcache.server.signing_keys import load_keys
 from nixcache.server.store import Store
 from nixcache.server.workers import offload_to
 
 log = logging.getLogger("nixcache.server")
 SERVED_FLUSH_SECONDS = 30
 USAGE_CHECK_SECONDS = 3600  # how often to look whether the usage totals are due a full scan
+# SIGTERM: requests in flight may finish for this long (below systemd's 90 s TimeoutStopSec, so
+# the server ends them itself and says so rather than being killed).
+DRAIN_SECONDS = 60.0
 
 
-class StartupError(Exception):
-    """The server cannot start; the message is the one line a person sees."""
-
-
-def load_keys(config: ServerConfig) -> list[SecretKey]:
-    """The configured signing keys, or a key generated once under the data dir when none is."""
-    files = list(config.signing_key_files)
-    if not files:
-        files = [_default_key()]
-    keys = []
-    for path in files:
-        try:
-            text = path.read_text()
-        except OSError as error:
-            raise StartupError(
-                f"cannot read signing key {path}: {error.strerror}; "
-                "check the path and that the service user owns it"
-            ) from None
-        try:
-            keys.append(SecretKey.parse(text))
-        except KeyFormatError as error:
-            raise StartupError(
-                f"signing key {path} is malformed: {error}; generate one with 'nixcache keys generate'"
-            ) from None
-    return keys
-
-
-def _default_key() -> Path:
-    from nixcache.keycli import write_private
-
-    path = configmod.default_data_dir() / "signing-key.secret"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        key = SecretKey.generate(f"{socket.gethostname()}-nixcache-1")
-        write_private(path, key.serialize(), force=False)
-        (path.parent / "signing-key.public").write_text(f"{key.public()}\n")
-        log.warning("no signing key configured: generated %s (public key %s)", path, key.public())
-    return path
-
-
-def build(config: ServerConfig) -> Server:
-    """Everything up to a bound, not yet serving, server. StartupError with one line otherwise."""
+def build(config: ServerConfig, worker: Worker | None = None) -> Server:
+    """Everything up to a bound, not yet serving, server. StartupError with one line otherwise.
+    `worker`: this process is one of several, serving the parent's socket (and store, created)."""
     keys = load_keys(config)
     try:
         tokens = Tokens.load(config.push_token_file, config.read_token_file)
@@ -83,13 +47,9 @@ def build(config: ServerConfig) -> Server:
         raise StartupError(str(error)) from None
     threadpool = gevent.get_hub().threadpool
     store = Store(config.store, config.store_dir, offload=offload_to(threadpool), keys=keys)
-    try:
-        store.create()
-    except OSError as error:
-        raise StartupError(
-            f"cannot create store {config.store}: {error.strerror}; create it and give it to the service user"
-        ) from None
-    metrics = Metrics(store)
+    if worker is None:
+        create_store(store)
+    metrics = Metrics(store, worker.metrics_dir if worker else None)
     nix_store = None
     if config.nix_store.serve_nix_store:
         try:
@@ -102,15 +62,18 @@ def build(config: ServerConfig) -> Server:
     app.tiers = tiers.build(config, store, metrics, app.cache_info)
     # Its own pool, one thread per core, whose threads run at a lower priority (encoding.py).
     app.encoding.offload = offload_to(gevent.threadpool.ThreadPool(os.cpu_count() or 1))
+    if worker is not None:
+        try:
+            sock = listener(worker.address, socket.socket)  # gevent's socket: patched by now
+        except OSError as error:
+            raise cannot_listen(config.listen, error) from None
+        return Server(sock, app, level=config.log_level, idle_timeout=config.keepalive_timeout)
     host, port = config.host_port()
     server = Server((host, port), app, level=config.log_level, idle_timeout=config.keepalive_timeout)
     try:
         server.init_socket()
     except OSError as error:
-        raise StartupError(
-            f"cannot listen on {config.listen}: {error.strerror}; "
-            "stop what holds the port or choose another --listen"
-        ) from None
+        raise cannot_listen(config.listen, error) from None
     return server
 
 
@@ -131,12 +94,12 @@ def _once(fn) -> None:  # type: ignore[no-untyped-def]
         log.exception("background task %s failed", getattr(fn, "__name__", fn))
 
 
-def run(config: ServerConfig) -> None:
-    """Serve until SIGTERM or SIGINT."""
+def run(config: ServerConfig, worker: Worker | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then drain (see Server.drain)."""
     logging.basicConfig(
         level=config.log_level.upper(), format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    server = build(config)
+    server = build(config, worker)
     app: App = server.app
     store = app.store
     threadpool = gevent.get_hub().threadpool
@@ -147,33 +110,29 @@ def run(config: ServerConfig) -> None:
         threadpool.apply(store.usage.rescan_if_stale, (store.root,))
 
     # Signed narinfos of other keys (a rotation) are served while they are re-signed.
-    resigner = app.metrics.resigner = Resigner(store, threadpool.apply)
-    resigner.prepare()  # before the first request: texts no client may trust are never served
+    resigner = Resigner(store, threadpool.apply)
+    if worker is None:  # (with workers, the parent prepared it once, before forking)
+        resigner.prepare()  # before the first request: texts no client may trust are never served
     tasks = [
         gevent.spawn(_every, SERVED_FLUSH_SECONDS, store.flush_served, threadpool.apply),
         gevent.spawn(_every, USAGE_CHECK_SECONDS, rescan_usage, first=0),
         gevent.spawn(_once, resigner.run),
     ]
+    if worker is not None:  # the other workers' scrapes count this one's requests
+        tasks.append(gevent.spawn(_every, FLUSH_SECONDS, app.metrics.flush))
 
-    def stop() -> None:
-        gevent.spawn(server.stop, timeout=5)
-
-    gevent.signal_handler(signal.SIGTERM, stop)
-    gevent.signal_handler(signal.SIGINT, stop)
+    gevent.signal_handler(signal.SIGTERM, server.drain)
+    gevent.signal_handler(signal.SIGINT, server.drain)
     host, port = server.address[:2]
     names = ", ".join(key.name for key in app.keys)
-    log.warning("serving %s on http://%s:%d (signing keys: %s)", config.store, host, port, names)
+    if worker is None:
+        log.warning("serving %s on http://%s:%d (signing keys: %s)", config.store, host, port, names)
+    else:
+        server.start()
+        worker.ready(f"signing keys: {names}")
     try:
-        server.serve_forever()
+        server.serve_forever(stop_timeout=DRAIN_SECONDS)
     finally:
         gevent.killall(tasks)
         store.flush_served()
-
-
-def with_overrides(config: ServerConfig, **overrides: object) -> ServerConfig:
-    """`config` with the flags that were given (None and empty tuples mean not given)."""
-    given = {k: v for k, v in overrides.items() if v is not None and v != ()}
-    try:
-        return configmod.from_mapping(given, base=config)
-    except configmod.ConfigError as error:
-        raise StartupError(str(error)) from None
+        app.metrics.flush()

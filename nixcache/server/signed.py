@@ -38,6 +38,7 @@ log = logging.getLogger("nixcache.server.signed")
 KEYS_FILE = "KEYS"
 PROGRESS_FILE = "KEYS.next"
 LOCK_FILE = ".resign.lock"
+STATS_FILE = ".resign-stats.json"  # this start's counts (read_stats), for every worker's /metrics
 ASIDE_PREFIX = "signed.old."  # <store>/signed.old.<ns>: texts of unrelated keys, being deleted
 BATCH = 500  # narinfos per trip to the thread pool: ~50 ms of signing, then the loop gets a turn
 PROGRESS_SECONDS = 10.0
@@ -106,7 +107,7 @@ class Resigner:
         self.batch = batch
         self.wanted = keys_text(store.keys)
         self.pending = 0  # narinfos still to re-sign (nixcache_resign_pending)
-        self.done = 0  # narinfos re-signed by this process (nixcache_resign_total)
+        self.done = 0  # narinfos re-signed since the start (nixcache_resign_total)
 
     def needed(self) -> bool:
         return recorded_keys(self.store) != self.wanted
@@ -119,6 +120,8 @@ class Resigner:
         whose signed/ has no KEYS) starts from an empty signed/, each narinfo signed on its
         first GET until the background run has done them all."""
         store = self.store
+        with contextlib.suppress(FileNotFoundError):  # the counts of the previous start
+            (store.signed_dir / STATS_FILE).unlink()
         recorded = recorded_keys(store)
         if recorded == self.wanted:
             return
@@ -174,6 +177,7 @@ class Resigner:
         through = self._resume_point()
         names = self.offload(_narinfo_names, (store, through))
         self.pending = len(names)
+        self._write_stats()
         previous = recorded_keys(store)
         why = "no signed/KEYS (an older or restored store)" if previous is None else "the keys changed"
         names_now = ", ".join(key.name for key in store.keys)
@@ -192,6 +196,7 @@ class Resigner:
             self.done += self.offload(_resign_batch, (store, chunk))
             self.pending -= len(chunk)
             self._record_progress(chunk[-1])
+            self._write_stats()
             if time.monotonic() - last_log >= PROGRESS_SECONDS:
                 last_log = time.monotonic()
                 log.warning(
@@ -210,6 +215,12 @@ class Resigner:
             time.monotonic() - started,
         )
 
+    def _write_stats(self) -> None:
+        """The counts on disk, for the metrics of whichever worker answers a scrape (one worker
+        re-signs; nixcache.server.prefork)."""
+        data = json.dumps({"pending": self.pending, "done": self.done}).encode()
+        write_atomically(self.store.signed_dir / STATS_FILE, data, mode=0o644)
+
     def _resume_point(self) -> str:
         """The last hash a previous run with the same keys finished, or '' (start over)."""
         try:
@@ -224,6 +235,15 @@ class Resigner:
     def _record_progress(self, through: str) -> None:
         data = json.dumps({"keys": self.wanted, "through": through}).encode()
         write_atomically(self.store.signed_dir / PROGRESS_FILE, data, mode=0o644)
+
+
+def read_stats(store: Store) -> tuple[int, int]:
+    """(pending, done) of this start's re-signing; (0, 0) when none ran."""
+    try:
+        stats = json.loads((store.signed_dir / STATS_FILE).read_text())
+        return int(stats["pending"]), int(stats["done"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0, 0
 
 
 def _holds_texts(store: Store) -> bool:

@@ -147,10 +147,17 @@ class Store:
     # -- setup ---------------------------------------------------------------------------------
 
     def create(self) -> None:
-        """Create the directories (if missing) and drop uploads that a dead process left in tmp/."""
+        """Create the directories (if missing) and drop uploads that a dead process left in tmp/.
+        Only before serving starts: with several workers the parent calls it, once."""
         for directory in (self.narinfo_dir, self.nar_dir, self.meta_dir, self.tmp_dir, self.signed_dir):
             directory.mkdir(parents=True, exist_ok=True)
-        for leftover in self.tmp_dir.iterdir():
+        self.drop_leftovers()
+
+    def drop_leftovers(self, pid: int | None = None) -> None:
+        """Remove the temp files of process `pid` (a dead worker's), or all of them when None.
+        Temp files are named <what>.<pid>.<ns>, and no <what> holds a dot-delimited number."""
+        leftovers = self.tmp_dir.iterdir() if pid is None else self.tmp_dir.glob(f"*.{pid}.*")
+        for leftover in leftovers:
             with contextlib.suppress(OSError):
                 leftover.unlink()
 
@@ -239,7 +246,8 @@ class Store:
 
     @contextlib.contextmanager
     def _tmp_file(self, what: str) -> Iterator[tuple[BinaryIO, Path]]:
-        """A temp file in tmp/ that is removed unless the caller renamed it away."""
+        """A temp file in tmp/ that is removed unless the caller renamed it away. The pid in its
+        name keeps the names of workers apart (two may fetch or receive the same NAR at once)."""
         fd = -1
         path = self.tmp_dir / f"{what}.{os.getpid()}.{time.monotonic_ns()}"
         try:

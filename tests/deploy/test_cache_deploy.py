@@ -161,6 +161,32 @@ def test_service_restarts_after_kill_9(deployed: Run, lab_dir: Path) -> None:
     assert cache_info(host.address).status_code == 200
 
 
+def test_one_worker_per_core_and_a_killed_worker_is_replaced(deployed: Run, lab_dir: Path) -> None:
+    """The sandboxed unit runs the pre-forking parent (cache_workers 0: one worker per core)."""
+    host = hosts(lab_dir)[0]
+    main = on_host(lab_dir, host.name, "systemctl show -p MainPID --value nixcache.service").strip()
+    cores = int(on_host(lab_dir, host.name, "nproc").strip())
+
+    def workers() -> list[str]:
+        return on_host(lab_dir, host.name, f"cat /proc/{main}/task/{main}/children").split()
+
+    first = workers()
+    assert len(first) == cores
+    on_host(lab_dir, host.name, f"kill -9 {first[0]}")
+    now = first
+    for _ in range(40):
+        time.sleep(0.25)
+        assert cache_info(host.address).status_code == 200  # the other workers answer meanwhile
+        now = workers()
+        if len(now) == cores and first[0] not in now:
+            break
+    assert len(now) == cores and first[0] not in now, f"worker {first[0]} was not replaced: {now}"
+    assert on_host(lab_dir, host.name, "systemctl show -p MainPID --value nixcache.service").strip() == main
+    metrics = httpx.get(f"http://{host.address}:{PORT}/metrics", timeout=5).text
+    assert re.search(r"^nixcache_worker_restarts_total [1-9]", metrics, re.M), metrics[-600:]
+    assert re.search(rf"^nixcache_workers {cores}\.0$", metrics, re.M)
+
+
 def nix(args: list[str], home: Path, netrc: Path | None = None) -> subprocess.CompletedProcess[str]:
     extra = ["--option", "netrc-file", str(netrc)] if netrc else []
     return nixenv.run(["nix", *args, *extra], home)

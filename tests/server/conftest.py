@@ -60,6 +60,10 @@ def start_cache(tmp_path: Path) -> Iterator[StartCache]:
             read = secrets.token_urlsafe(24)
             (base / "read-token").write_text(read)
             args += ["--read-token-file", str(base / "read-token")]
+        if "--workers" not in extra:
+            # One process unless a test asks for more: many tests read the order of the log or
+            # in-process state (negative cache, one fetch per NAR); test_workers.py covers N.
+            args += ["--workers", "1"]
         server = start_server([*args, *extra], home=base, log=base / "server.log", preamble=preamble)
         cache = Cache(
             server=server,

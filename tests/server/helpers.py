@@ -53,11 +53,12 @@ def start_server(
     args: list[str],
     home: Path,
     log: Path,
-    timeout: float = 20.0,
+    timeout: float = 60.0,
     checkout: Path | None = None,
     preamble: str = "",
 ) -> ServerProcess:
-    """Run `nixcache serve ARGS` and wait (bounded) until it prints where it listens.
+    """Run `nixcache serve ARGS` and wait (bounded) until it prints where it listens (60 s: with
+    one worker per core, a start-up on a loaded 2-core machine took 20-30 s).
     `checkout`: run that checkout's code (bench/ compares a branch point with this one);
     `preamble`: Python run in the server process first (a test's stand-in for a slow disk)."""
     env = {**os.environ, "HOME": str(home), "XDG_DATA_HOME": str(home / "data")}
