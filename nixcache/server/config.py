@@ -265,6 +265,13 @@ class ServerConfig:
         "When nginx fronts the server: GET /nar/* answers with X-Accel-Redirect: <prefix>/<file> and "
         "nginx sends the bytes from disk. Unset: served here.",
     )
+    front_hits_log: Path | None = setting(
+        None,
+        FILE,
+        "When nginx fronts the server and serves hits from disk: the log it writes them to "
+        '("<method> <status> <bytes> <uri>" lines), read every second to record last-served '
+        "times for gc and count the hits in /metrics, then emptied. Unset: nothing to read.",
+    )
     log_level: str = setting("info", enum(*LOG_LEVELS), "info logs one line per request.")
     keepalive_timeout: float = setting(
         75.0,

@@ -304,6 +304,12 @@ class Metrics:
             "Write-throughs by kind and result (stored, failed)",
             ("tier", "kind", "result"),
         )
+        # Hits nginx served from disk, read from its log (nixcache.server.front).
+        self.front = LabeledCounter(
+            "nixcache_front_requests",
+            "Requests the nginx front answered from the store's files, by route, method and status",
+            ("route", "method", "status"),
+        )
         self.negative_hits = LabeledCounter(
             "nixcache_negative_cache_hits", "Narinfo misses answered from the negative cache"
         )
@@ -320,6 +326,7 @@ class Metrics:
             self.tier_errors,
             self.tier_writes,
             self.negative_hits,
+            self.front,
         )
         self.registry.register(_CounterCollector(self))
         self.registry.register(_DiskCollector(self))

@@ -19,6 +19,7 @@ from nixcache.server import tiers
 from nixcache.server.app import App
 from nixcache.server.auth import TokenError, Tokens
 from nixcache.server.config import ServerConfig
+from nixcache.server.front import HitsLog
 from nixcache.server.http import Server
 from nixcache.server.metrics import Metrics, scan
 from nixcache.server.nixstore.db import NixDbError
@@ -28,6 +29,7 @@ from nixcache.server.workers import offload_to
 
 log = logging.getLogger("nixcache.server")
 SERVED_FLUSH_SECONDS = 30
+FRONT_LOG_SECONDS = 1  # nginx flushes its hits log every second
 USAGE_SCAN_SECONDS = 60
 
 
@@ -137,6 +139,11 @@ def run(config: ServerConfig) -> None:
         gevent.spawn(_every, USAGE_SCAN_SECONDS, refresh_usage),
     ]
 
+    hits = HitsLog(config.front_hits_log, store, app.metrics) if config.front_hits_log else None
+    if hits is not None:
+        hits.ingest()  # what nginx served while the server was down
+        tasks.append(gevent.spawn(_every, FRONT_LOG_SECONDS, hits.ingest))
+
     def stop() -> None:
         gevent.spawn(server.stop, timeout=5)
 
@@ -149,6 +156,9 @@ def run(config: ServerConfig) -> None:
         server.serve_forever()
     finally:
         gevent.killall(tasks)
+        if hits is not None:
+            hits.ingest(final=True)
+            hits.close()
         store.flush_served()
 
 
