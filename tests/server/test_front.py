@@ -265,3 +265,39 @@ def test_hits_served_only_by_nginx_count_and_protect_from_gc(start_fronted: Call
     assert out.returncode == 0, out.stderr
     kept = [(f.cache.store / "narinfo" / f"{e.hash_part}.narinfo").exists() for e in entries]
     assert kept == [True, False, False]
+
+
+def test_the_hits_log_is_read_whole_lines_at_a_time_and_emptied_on_stop(tmp_path: Path) -> None:
+    """In process, without nginx: what nginx's buffered writes can leave in the file."""
+    from nixcache.server.front import HitsLog
+    from nixcache.server.metrics import Metrics
+    from nixcache.server.store import Store
+
+    store = Store(tmp_path / "store")
+    store.create()
+    h = "7m0vbrwknkhk2jh26010az9m9wqzwqr8"
+    (store.narinfo_dir / f"{h}.narinfo").write_text("stored\n")
+    os.utime(store.narinfo_dir / f"{h}.narinfo", (1, 1))
+    metrics = Metrics(store)
+    log = tmp_path / "front-hits.log"
+    log.write_bytes(b"")
+    hits = HitsLog(log, store, metrics)
+    with log.open("ab") as out:
+        out.write(
+            f"GET 200 433 /signed/{h}.narinfo\nHEAD 200 0 /signed/{h}.narinfo\nGET 206 10 /nar/".encode()
+        )
+        out.flush()
+        assert hits.ingest() == 2  # the third line is not complete yet
+        out.write(b"x.nar\nnot a hit line\nGET 404 0 /elsewhere\n")
+        out.flush()
+        assert hits.ingest() == 1
+    assert log.stat().st_size > 0
+    assert hits.ingest(final=True) == 0 and log.stat().st_size == 0
+    family = {tuple(k): c.value for k, c in metrics.front.children.items()}
+    assert family == {("narinfo", "GET", "200"): 1, ("narinfo", "HEAD", "200"): 1, ("nar", "GET", "206"): 1}
+    assert metrics.narinfo.labels("hit").value == 2
+    assert metrics.served_bytes.labels("nar").value == 10
+    store.flush_served()
+    st = os.stat(store.narinfo_dir / f"{h}.narinfo")
+    assert st.st_atime > time.time() - 60 and st.st_mtime == 1  # served now, upload time kept
+    hits.close()
