@@ -208,4 +208,5 @@ health.cache_info(
     name="Health check: /nix-cache-info from the controller",
     url=f"http://{address}:{s.cache_port}/nix-cache-info",
     timeout=s.health_check_timeout,
+    read_token=read_token,
 )
