@@ -75,7 +75,20 @@ def loadavg() -> str:
     return Path("/proc/loadavg").read_text().split(" ", 1)[0]
 
 
-def wrk_rps(url: str, connections: int, seconds: int, script: Path, nice: list[str]) -> float:
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds used so far by `pids` (and their waited-for children)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def workers(master: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{master}/task/{master}/children").read_text().split()]
+
+
+def wrk_rps(url: str, connections: int, seconds: int, script: Path, nice: list[str]) -> tuple[float, int]:
     out = subprocess.run(
         [*nice, "wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url],
         capture_output=True,
@@ -85,7 +98,11 @@ def wrk_rps(url: str, connections: int, seconds: int, script: Path, nice: list[s
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if errors:
         raise SystemExit(f"wrk got {errors.group(1)} error answers from {url}:\n{out}")
-    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    if not requests:
+        raise SystemExit(f"wrk made no request to {url}:\n{out}")
+    return rps, requests
 
 
 def run(args, serve) -> int:  # type: ignore[no-untyped-def]
@@ -171,13 +188,24 @@ def run(args, serve) -> int:  # type: ignore[no-untyped-def]
         direct_misses = statistics.median(
             serve.curl_round(direct, absent, work, absent=True) * 1000 for _ in range(3)
         )
+        # CPU per hit: what serving costs, less disturbed by other load than requests/s. The
+        # front's includes the server's, which reads nginx's hits log meanwhile.
+        cpu_of = {
+            "nginx alone": lambda: workers(procs[1].pid),
+            "front": lambda: [*workers(front.proc.pid), ours.pid],
+        }
         for connections in (16, 64):
             for _ in range(3):
                 for name, base in bases.items():
+                    pids = cpu_of[name]()
+                    before = cpu_seconds(pids)
+                    rps, requests = wrk_rps(base, connections, args.seconds, script, serve.NICE)
+                    time.sleep(1.5)  # the server reads the last second of nginx's log
+                    add(name, f"narinfo {connections} conns (req/s)", rps)
                     add(
                         name,
-                        f"narinfo {connections} conns (req/s)",
-                        wrk_rps(base, connections, args.seconds, script, serve.NICE),
+                        f"CPU per hit {connections} conns (us)",
+                        (cpu_seconds(pids) - before) / requests * 1e6,
                     )
                 print(f"wrk {connections} conns: load average {loadavg()}", file=sys.stderr)
         if not args.narinfo_only:
@@ -215,8 +243,8 @@ def run(args, serve) -> int:  # type: ignore[no-untyped-def]
     print(f"{'':30}{'nginx alone':>14}{'front':>14}{'front/alone':>13}")
     for what in results["front"]:
         a, b = statistics.median(results["nginx alone"][what]), statistics.median(results["front"][what])
-        # Times: alone/front, so above 1 means the front is faster; rates: front/alone.
-        ratio = a / b if "(ms)" in what else b / a
+        # Times and CPU: alone/front, so above 1 means the front is cheaper; rates: front/alone.
+        ratio = a / b if "(ms)" in what or "(us)" in what else b / a
         print(f"{what:30}{a:>14.1f}{b:>14.1f}{ratio:>12.2f}x")
     print(f"404s through the server directly (plain HTTP, 1 conn): {direct_misses:.1f} ms per round")
     print(f"hits the server counted from nginx's log (nixcache_front_requests_total): {counted:.0f}")
