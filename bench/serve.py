@@ -2,7 +2,7 @@
 """Benchmark `nixcache serve` against nginx serving the same store from disk.
 
     python bench/serve.py [--paths 300] [--nar-mib 64] [--seconds 5] [--rounds 15] [--narinfo-only]
-                          [--local-store]
+                          [--local-store] [--front]
 
 Builds a synthetic store (narinfos + NARs) in a temp dir, starts this server and nginx
 (Debian's nginx-light, temp config, loopback only) on it, then measures:
@@ -409,9 +409,16 @@ def main() -> int:
     )
     parser.add_argument("--rps", action="store_true", help="narinfo requests/s at 1-64 connections (wrk)")
     parser.add_argument("--workers", type=int, default=0, help="--rps: nixcache workers [one per core]")
+    parser.add_argument(
+        "--front", action="store_true", help="the deploy's nginx front vs nginx alone (bench/serve_front.py)"
+    )
     args = parser.parse_args()
     if args.rps:
         return rps(args)
+    if args.front:
+        import serve_front
+
+        return serve_front.run(args, sys.modules[__name__])
     if args.local_store and os.geteuid() != 0:
         raise SystemExit("--local-store builds into /nix/store: run it as root")
     for tool in ("nginx", "wrk", "curl"):

@@ -202,7 +202,7 @@ verify.timer(name="nixcache-verify.timer", settings=s, depends_on=build)
 # --- backups, monitoring and nginx front --------------------------------------------------------
 backup_timer()
 monitoring(config=s, public_keys=public_keys, build=build)
-nginx_front(config=s)
+nginx_front(config=s, read_token=read_token, serves_nix_store=serves_nix_store)
 # The Prometheus of the fleet, on the hosts of group `monitoring` (deploys/monitoring.py alone).
 if MONITORING_GROUP in host.groups:
     monitoring_server(config=s)
@@ -213,4 +213,5 @@ health.cache_info(
     name="Health check: /nix-cache-info from the controller",
     url=f"http://{address}:{s.cache_port}/nix-cache-info",
     timeout=s.health_check_timeout,
+    read_token=read_token,
 )

@@ -14,6 +14,7 @@ from pyinfra.operations import files
 
 from nixcache.server.config import NixStoreConfig, OriginConfig, ServerConfig, UpstreamConfig, dump
 from operations import rotation
+from operations.nginx import hits_log
 from operations.settings import (
     CONFIG_DIR,
     PUSH_TOKEN_FILE,
@@ -48,6 +49,7 @@ def server_config(
         accel_redirect_prefix=settings.cache_accel_redirect_prefix if settings.cache_nginx_front else None,
         download_compression=settings.cache_download_compression,
         download_compression_level=settings.cache_download_compression_level,
+        front_hits_log=Path(hits_log(settings.cache_data_dir)) if settings.cache_nginx_front else None,
         gc_max_size=settings.gc_max_size,
         gc_older_than=settings.gc_older_than,
         gc_min_free=settings.gc_min_free,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 from pyinfra import host, logger
-from pyinfra.api import FunctionCommand, operation
+from pyinfra.api import FunctionCommand, HiddenValue, operation
 
 from nixcache.httpcompat import make_httpx_importable
 from operations.settings import SERVICE_NAME, Settings
@@ -24,15 +24,17 @@ import httpx  # noqa: E402
 RETRY_PAUSE = 1.0
 
 
-def probe(url: str, timeout: float) -> str | None:
-    """None when `url` answers 200 with a StoreDir line within `timeout` seconds, else why not."""
+def probe(url: str, timeout: float, read_token: str | None = None) -> str | None:
+    """None when `url` answers 200 with a StoreDir line within `timeout` seconds, else why not.
+    `read_token`: a private cache's, sent as a Bearer token (a header, never in the URL)."""
+    headers = {"Authorization": f"Bearer {read_token}"} if read_token else {}
     deadline = time.monotonic() + timeout
     problem = "no attempt made"
     attempts = max(1, int(timeout / RETRY_PAUSE) + 1)
     for _ in range(attempts):
         remaining = deadline - time.monotonic()
         try:
-            response = httpx.get(url, timeout=max(0.5, min(5.0, remaining)))
+            response = httpx.get(url, headers=headers, timeout=max(0.5, min(5.0, remaining)))
             if response.status_code == 200 and "StoreDir:" in response.text:
                 return None
             problem = f"answers HTTP {response.status_code}"
@@ -55,12 +57,18 @@ def failed_step(message: str) -> FunctionCommand:
 
 
 @operation()
-def cache_info(url: str, timeout: int = Settings.health_check_timeout, unit: str = SERVICE_NAME):
-    """`url` (…/nix-cache-info) answers within `timeout` seconds; checked at execution only."""
+def cache_info(
+    url: str,
+    timeout: int = Settings.health_check_timeout,
+    unit: str = SERVICE_NAME,
+    read_token: HiddenValue | None = None,
+):
+    """`url` (…/nix-cache-info) answers within `timeout` seconds; checked at execution only.
+    `read_token`: the cache's, when it has one (reads need it)."""
     if not host.state.is_executing:
         host.noop(f"{url} is checked when the deploy runs")
         return
-    problem = probe(url, timeout)
+    problem = probe(url, timeout, read_token.unmask() if read_token is not None else None)
     if problem is None:
         host.noop(f"{url} answers")
         return

@@ -1,13 +1,19 @@
-"""The optional nginx front: TLS, HTTP/2, keep-alive, NAR bytes from disk via X-Accel-Redirect.
+"""The optional nginx front: TLS, HTTP/2, keep-alive, and what needs no decision served from disk.
 
-The cache server stays the only judge of who may read what: nginx proxies every request to
-it, and for an authorised `GET /nar/<file>` the server answers with an empty body and
-`X-Accel-Redirect: <ACCEL_REDIRECT_PREFIX><file>`, which nginx serves from the store's `nar/`
-directory through an `internal` location that clients cannot reach directly.
+nginx answers signed narinfos (`<store>/signed/`) and NAR GETs (`<store>/nar/`) itself, with
+`try_files`, for readers whose `Authorization` field is one the deploy rendered into
+READERS_FILE (an nginx `map`: no subrequest per request); everything else goes to the server,
+which stays the judge of misses, uploads, other credentials and the local Nix store. For NAR
+reads it still answers (other credentials) it hands the bytes back with
+`X-Accel-Redirect: <ACCEL_REDIRECT_PREFIX><file>`, served from an `internal` location.
+
+nginx writes its disk hits to HITS_LOG (fixed format), which the server reads to record "last
+served" for gc and to count them in /metrics (nixcache/server/front.py).
 """
 
 from __future__ import annotations
 
+import base64
 import re
 import shlex
 
@@ -18,6 +24,7 @@ from pyinfra.facts.server import Users
 from pyinfra.operations import systemd
 
 from operations import hostfile
+from operations.client import NETRC_LOGIN
 from operations.render import render
 from operations.settings import Settings
 
@@ -29,6 +36,12 @@ DEFAULT_SITE = "/etc/nginx/sites-enabled/default"
 TLS_DIR = "/etc/nginx/nixcache-tls"
 CERT_FILE = f"{TLS_DIR}/cert.pem"
 KEY_FILE = f"{TLS_DIR}/key.pem"
+# The accepted Authorization values (they hold the read token): read by nginx's master, which
+# runs as root, so root-only; never under conf.d (only the site includes it).
+READERS_FILE = "/etc/nginx/nixcache-readers.conf"
+# Where nginx logs the hits it served from disk (nixcache.server.front reads and empties it);
+# in the cache's data dir, which the service may write (ReadWritePaths).
+HITS_LOG_NAME = "front-hits.log"
 NGINX_USER = "www-data"  # Debian's nginx worker user
 NGINX_UNIT = "nginx.service"
 # Self-signed certificates for the lab: P-256 (fast handshakes), valid 825 days (the longest
@@ -39,27 +52,65 @@ SELF_SIGNED_DAYS = 825
 RELOAD = StringCommand(f"systemctl try-reload-or-restart {NGINX_UNIT}")
 
 _PREFIX = re.compile(r"^/[A-Za-z0-9._\-/]*/$")
+# Characters a Bearer token may have to be written into nginx's map as it is.
+_BEARER_SAFE = re.compile(r"^[A-Za-z0-9._~+/=-]+$")
+
+
+def render_readers(read_token: str | None) -> str:
+    """READERS_FILE: the nginx map of `Authorization` values that may read from disk.
+
+    No read token: everyone is a reader. Otherwise the token as a Bearer and as the HTTP Basic
+    password of the login the client deploy writes into netrc (NETRC_LOGIN); any other value
+    (another login, the push token, a wrong token) goes to the server, which decides.
+    """
+    lines = [
+        "# Rendered by nixcache's deploy (operations/nginx.py); local edits are overwritten.",
+        "map $http_authorization $nixcache_reader {",
+    ]
+    if read_token is None:
+        lines.append("    default ok;")
+    else:
+        keys = ["Basic " + base64.b64encode(f"{NETRC_LOGIN}:{read_token}".encode()).decode()]
+        if _BEARER_SAFE.match(read_token):
+            keys.append(f"Bearer {read_token}")
+        # nginx's map hash needs a bucket that holds its longest key (default 64 bytes).
+        bucket = max(64, 1 << (max(map(len, keys)) + 32).bit_length())
+        lines.insert(1, f"map_hash_bucket_size {bucket};")
+        lines += ["    default unknown;", '    "" anonymous;', *(f'    "{key}" ok;' for key in keys)]
+    return "\n".join([*lines, "}", ""])
+
+
+def hits_log(data_dir: str) -> str:
+    """The front's hits log for a cache whose data dir is `data_dir`."""
+    return f"{data_dir.rstrip('/')}/{HITS_LOG_NAME}"
 
 
 def render_site(
     cache_port: int,
     https_port: int,
-    nar_dir: str,
+    store_dir: str,
+    hits_log: str,
     prefix: str = ACCEL_REDIRECT_PREFIX,
     keepalive_timeout: str = Settings.nginx_keepalive_timeout,
     ipv6: bool = True,
+    narinfo_from_disk: bool = True,
+    readers_file: str = READERS_FILE,
 ) -> str:
-    """/etc/nginx/conf.d/nixcache.conf."""
+    """/etc/nginx/conf.d/nixcache.conf; `narinfo_from_disk` False when the server serves the
+    host's own Nix store (it answers narinfos from Nix's database first)."""
     return render(
         "nginx-nixcache.conf.j2",
         cache_port=cache_port,
         https_port=https_port,
-        nar_dir=nar_dir.rstrip("/"),
+        store_dir=store_dir.rstrip("/"),
+        hits_log=hits_log,
         prefix=prefix,
         keepalive_timeout=keepalive_timeout,
         cert_file=CERT_FILE,
         key_file=KEY_FILE,
         ipv6=ipv6,
+        narinfo_from_disk=narinfo_from_disk,
+        readers_file=readers_file,
     )
 
 
@@ -136,18 +187,26 @@ def store_reader(store_dir: str, service_group: str, user: str = NGINX_USER):
 @operation()
 def site(
     cache_port: int,
-    nar_dir: str,
+    store_dir: str,
+    hits_log: str,
+    service_group: str,
+    read_token: HiddenValue | None = None,
     https_port: int = Settings.nginx_https_port,
     prefix: str = ACCEL_REDIRECT_PREFIX,
     keepalive_timeout: str = Settings.nginx_keepalive_timeout,
+    narinfo_from_disk: bool = True,
 ):
     """nginx's nixcache site, checked by ``nginx -t``; nginx running and reloaded on change.
 
     + cache_port: the nixcache server's port on 127.0.0.1
-    + nar_dir: the store's ``nar/`` directory
+    + store_dir: the store (nginx serves its ``signed/`` and ``nar/``)
+    + hits_log: where nginx logs what it served from disk (the server reads and empties it)
+    + service_group: the service's group (it must write the hits log)
+    + read_token: the cache's read token (a secret), None for a public cache
     + https_port: where clients connect
     + prefix: the X-Accel-Redirect location (must match the server's config)
     + keepalive_timeout: idle time of client connections
+    + narinfo_from_disk: False when the server serves the host's own Nix store
 
     Debian's default site (port 80, a welcome page) is disabled: the host serves the cache only.
     """
@@ -158,12 +217,19 @@ def site(
             "only letters, digits, '.', '_', '-'; e.g. '/_nixcache_store/'"
         )
     ipv6 = bool(host.get_fact(File, path="/proc/net/if_inet6"))
-    content = render_site(cache_port, https_port, nar_dir, prefix, keepalive_timeout, ipv6)
+    content = render_site(
+        cache_port, https_port, store_dir, hits_log, prefix, keepalive_timeout, ipv6, narinfo_from_disk
+    )
+    token = read_token.unmask() if read_token is not None else None
+    readers = HiddenValue(render_readers(token), masked_value="<nginx map of the read token>")
     default_site = host.get_fact(File, path=DEFAULT_SITE) is not None
     # A metadata-only fix (chown/chmod) needs no reload; new content or a removed default does.
-    changed = default_site or hostfile.differs(SITE_FILE, content)
+    changed = default_site or hostfile.differs(SITE_FILE, content) or hostfile.differs(READERS_FILE, readers)
     if default_site:
         yield StringCommand(f"rm -f {DEFAULT_SITE}")
+    # Before the site that includes it; root-only: it holds the read token.
+    yield from hostfile.put._inner(READERS_FILE, readers, mode="0600")
+    yield from _hits_log(hits_log, service_group)
     yield from hostfile.put._inner(
         SITE_FILE,
         content,
@@ -174,10 +240,24 @@ def site(
     yield from systemd.service._inner(NGINX_UNIT, running=True, enabled=True, reloaded=changed)
 
 
+def _hits_log(path: str, group: str):
+    """The hits log exists before nginx opens it (as root, which would make it root's 0644),
+    group-writable by the service, which empties it. Its owner is left alone: nginx's master
+    chowns the file to its worker user whenever it reopens logs (Debian's daily logrotate)."""
+    info = host.get_fact(File, path=path)
+    if info is None:
+        yield StringCommand(f"install -m 0660 -o root -g {shlex.quote(group)} /dev/null {shlex.quote(path)}")
+        return
+    if info.get("group") != group:
+        yield StringCommand(f"chgrp {shlex.quote(group)} {shlex.quote(path)}")
+    if info.get("mode") != 660:
+        yield StringCommand(f"chmod 0660 {shlex.quote(path)}")
+
+
 @operation()
 def absent():
     """No nixcache site in nginx (the front was turned off); nginx itself is left alone."""
     if not host.get_fact(File, path=SITE_FILE):
         host.noop(f"{SITE_FILE} is absent")
         return
-    yield StringCommand(f"rm -f {SITE_FILE} && (systemctl reload {NGINX_UNIT} || true)")
+    yield StringCommand(f"rm -f {SITE_FILE} {READERS_FILE} && (systemctl reload {NGINX_UNIT} || true)")

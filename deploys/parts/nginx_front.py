@@ -1,9 +1,9 @@
-"""The optional nginx front (``cache_nginx_front``): TLS, HTTP/2, NAR bytes from disk."""
+"""The optional nginx front (``cache_nginx_front``): TLS, HTTP/2, signed narinfos and NARs from disk."""
 
 from __future__ import annotations
 
 from pyinfra import host
-from pyinfra.api import deploy
+from pyinfra.api import HiddenValue, deploy
 
 from deploys.parts.base import apt_packages
 from nixcache.packages import NGINX_FRONT_PACKAGES
@@ -12,8 +12,13 @@ from operations.settings import Settings, host_secret, settings
 
 
 @deploy("nixcache nginx front")
-def nginx_front(config: Settings | None = None) -> None:
-    """nginx with TLS before the cache when ``cache_nginx_front``; its site removed otherwise."""
+def nginx_front(
+    config: Settings | None = None, read_token: HiddenValue | None = None, serves_nix_store: bool = False
+) -> None:
+    """nginx with TLS before the cache when ``cache_nginx_front``; its site removed otherwise.
+
+    `read_token`: the cache's (nginx lets its holders read from disk); `serves_nix_store`: the
+    server answers narinfos from this host's Nix store, so nginx leaves narinfos to it."""
     s = config or settings()
     if not s.cache_nginx_front:
         nginx.absent(name="No nixcache site in nginx (cache_nginx_front is off)")
@@ -32,8 +37,12 @@ def nginx_front(config: Settings | None = None) -> None:
     nginx.site(
         name="nginx site for the cache",
         cache_port=s.cache_port,
-        nar_dir=f"{s.store_dir}/nar",
+        store_dir=s.store_dir,
+        hits_log=nginx.hits_log(s.cache_data_dir),
+        service_group=s.service_user,
+        read_token=read_token,
         https_port=s.nginx_https_port,
         prefix=s.cache_accel_redirect_prefix,
         keepalive_timeout=s.nginx_keepalive_timeout,
+        narinfo_from_disk=not serves_nix_store,
     )

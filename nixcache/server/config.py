@@ -295,6 +295,13 @@ class ServerConfig:
         "zstd level of download_compression: 1 compresses several times faster than a 1 Gbit/s "
         "link per core and keeps most of level 3's ratio on NARs (docs/benchmarks.md).",
     )
+    front_hits_log: Path | None = setting(
+        None,
+        FILE,
+        "When nginx fronts the server and serves hits from disk: the log it writes them to "
+        '("<method> <status> <bytes> <uri>" lines), read every second to record last-served '
+        "times for gc and count the hits in /metrics, then emptied. Unset: nothing to read.",
+    )
     log_level: str = setting("info", enum(*LOG_LEVELS), "info logs one line per request.")
     keepalive_timeout: float = setting(
         75.0,

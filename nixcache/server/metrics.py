@@ -391,6 +391,13 @@ class Metrics:
             ("tier", "kind", "result"),
             shared,
         )
+        # Hits nginx served from disk, read from its log (nixcache.server.front).
+        self.front = LabeledCounter(
+            "nixcache_front_requests",
+            "Requests the nginx front answered from the store's files, by route, method and status",
+            ("route", "method", "status"),
+            shared,
+        )
         self.negative_hits = LabeledCounter(
             "nixcache_negative_cache_hits",
             "Narinfo misses answered from the negative cache",
@@ -409,6 +416,7 @@ class Metrics:
             self.tier_errors,
             self.tier_writes,
             self.negative_hits,
+            self.front,
         )
         if shared is None:
             self.registry.register(_CounterCollector(self))

@@ -19,6 +19,7 @@ from nixcache.server import tiers
 from nixcache.server.app import App
 from nixcache.server.auth import TokenError, Tokens
 from nixcache.server.config import ServerConfig, StartupError
+from nixcache.server.front import HitsLog
 from nixcache.server.http import Server
 from nixcache.server.metrics import FLUSH_SECONDS, Metrics
 from nixcache.server.nixstore.db import NixDbError
@@ -35,6 +36,7 @@ USAGE_CHECK_SECONDS = 3600  # how often to look whether the usage totals are due
 # SIGTERM: requests in flight may finish for this long (below systemd's 90 s TimeoutStopSec, so
 # the server ends them itself and says so rather than being killed).
 DRAIN_SECONDS = 60.0
+FRONT_LOG_SECONDS = 1  # nginx flushes its hits log every second
 
 
 def build(config: ServerConfig, worker: Worker | None = None) -> Server:
@@ -121,6 +123,14 @@ def run(config: ServerConfig, worker: Worker | None = None) -> None:
     if worker is not None:  # the other workers' scrapes count this one's requests
         tasks.append(gevent.spawn(_every, FLUSH_SECONDS, app.metrics.flush))
 
+    # nginx's disk hits: read by one process (a second would count them twice and race the
+    # truncation), the first worker with several (its replacement takes over if it dies).
+    reads_hits = config.front_hits_log is not None and (worker is None or worker.index == 0)
+    hits = HitsLog(config.front_hits_log, store, app.metrics) if reads_hits else None
+    if hits is not None:
+        hits.ingest()  # what nginx served while the server was down
+        tasks.append(gevent.spawn(_every, FRONT_LOG_SECONDS, hits.ingest))
+
     gevent.signal_handler(signal.SIGTERM, server.drain)
     gevent.signal_handler(signal.SIGINT, server.drain)
     host, port = server.address[:2]
@@ -134,5 +144,8 @@ def run(config: ServerConfig, worker: Worker | None = None) -> None:
         server.serve_forever(stop_timeout=DRAIN_SECONDS)
     finally:
         gevent.killall(tasks)
+        if hits is not None:
+            hits.ingest(final=True)
+            hits.close()
         store.flush_served()
         app.metrics.flush()

@@ -138,7 +138,7 @@ class Store:
         self.gc_stats_file = self.root / "gc-stats.json"
         self.usage = UsageFile(self.root)
         self._offload = offload or (lambda fn, args: fn(*args))
-        self._served: dict[str, int] = {}
+        self._served: dict[str, int | None] = {}
 
     def offload(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         """`fn(*args)` where the server runs slow work: its thread pool (inline without one)."""
@@ -223,8 +223,9 @@ class Store:
         with self.gc_lock(exclusive=False):
             return self._touch_nar_locked(name) and self.nar_digest(name) is not None
 
-    def mark_served(self, hash_part: str, mtime_ns: int) -> None:
-        """Remember that a narinfo was served; `flush_served` records it on disk in a batch."""
+    def mark_served(self, hash_part: str, mtime_ns: int | None) -> None:
+        """Remember that a narinfo was served; `flush_served` records it on disk in a batch.
+        `mtime_ns` None (served by the nginx front, not stat'ed here): read when flushing."""
         self._served[hash_part] = mtime_ns
 
     def flush_served(self, record: Callable[..., Any] | None = None) -> int:
@@ -236,11 +237,12 @@ class Store:
         (record or (lambda fn, args: fn(*args)))(self._record_served, (served,))
         return len(served)
 
-    def _record_served(self, served: dict[str, int]) -> None:
+    def _record_served(self, served: dict[str, int | None]) -> None:
         now = time.time_ns()
         for hash_part, mtime_ns in served.items():
+            path = self.narinfo_path(hash_part)
             with contextlib.suppress(FileNotFoundError):  # collected meanwhile
-                os.utime(self.narinfo_path(hash_part), ns=(now, mtime_ns))
+                os.utime(path, ns=(now, os.stat(path).st_mtime_ns if mtime_ns is None else mtime_ns))
 
     # -- uploads ---------------------------------------------------------------------------------
 

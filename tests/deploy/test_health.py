@@ -12,9 +12,14 @@ import pytest
 from operations import health
 
 
-def serve(status: int, body: bytes) -> Iterator[str]:
+def serve(status: int, body: bytes, token: str | None = None) -> Iterator[str]:
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
+            if token and self.headers.get("Authorization") != f"Bearer {token}":
+                self.send_response(401)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             self.send_response(status)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -51,6 +56,12 @@ def free_port() -> int:
 
 def test_a_cache_answering_nix_cache_info_is_healthy(healthy: str) -> None:
     assert health.probe(healthy, timeout=5) is None
+
+
+def test_a_private_cache_is_asked_with_its_read_token() -> None:
+    for url in serve(200, b"StoreDir: /nix/store\n", token="r34d"):
+        assert health.probe(url, timeout=5, read_token="r34d") is None
+        assert health.probe(url, timeout=1) == "answers HTTP 401"
 
 
 class FakeClock:

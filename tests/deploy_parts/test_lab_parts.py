@@ -6,6 +6,7 @@ Runs after tests/deploy (same shared lab). Tests that change a host's data deplo
 
 from __future__ import annotations
 
+import base64
 import re
 import shutil
 import subprocess
@@ -268,52 +269,147 @@ def curl(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def restart_cache(lab_dir: Path, name: str, base: str, tls: tuple[str, ...]) -> None:
+    """Restart nixcache on `name` and wait (bounded) until it answers through the front."""
+    on_host(lab_dir, name, "systemctl restart nixcache")
+    deadline = time.monotonic() + 20
+    while curl(*tls, "-o", "/dev/null", "-w", "%{http_code}", f"{base}/healthz").stdout != "200":
+        assert time.monotonic() < deadline, f"{name}: nixcache does not answer after a restart"
+        time.sleep(0.5)
+
+
 def test_nginx_front_tls_http2_and_nar_bytes_from_disk(deployed: Run, lab_dir: Path, tmp_path: Path) -> None:
+    """The front with a read token: HTTP/2 over TLS, signed narinfos and NARs (and Ranges of
+    them) from disk, the token checked by nginx's map (never in pyinfra's output), the store's
+    other files unreachable, hits nginx served recorded by the server, a real Nix client."""
     require(shutil.which("curl") is not None, "curl missing (apt-get install curl)")
     host = hosts(lab_dir)[0]
     base = f"https://{host.address}"
+    store = "/var/lib/nixcache/store"
+    data = (
+        "--data", "cache_nginx_front=true",
+        "--data", f"read_token_ref=file://{lab_dir / 'secrets' / 'read-token'}",
+        "--data", "read_token_generate=true",
+    )  # fmt: skip
     try:
-        converged(deploy(lab_dir, "--limit", host.name, "--data", "cache_nginx_front=true"))
-        again = deploy(lab_dir, "--limit", host.name, "--data", "cache_nginx_front=true")
+        first = deploy(lab_dir, "-vvv", "--limit", host.name, *data)
+        converged(first)
+        read_token = (lab_dir / "secrets" / "read-token").read_text().strip()
+        assert read_token and read_token not in first.output  # not even at -vvv
+        basic = base64.b64encode(f"nixcache:{read_token}".encode()).decode()
+        assert basic not in first.output
+        again = deploy(lab_dir, "--limit", host.name, *data)
         converged(again)
         assert parts_changed(again) == []
+        # The map of accepted Authorization values is root's only; nginx's master reads it.
+        assert on_host(lab_dir, host.name, "stat -c %a:%U:%G /etc/nginx/nixcache-readers.conf").strip() == (
+            "600:root:root"
+        )
 
         cert = tmp_path / "cert.pem"
         cert.write_text(on_host(lab_dir, host.name, "cat /etc/nginx/nixcache-tls/cert.pem"))
-        info = curl("--http2", "--cacert", str(cert), "-w", "\n%{http_version}", f"{base}/nix-cache-info")
+        tls = ("--cacert", str(cert))
+        auth = ("-H", f"Authorization: Basic {basic}")
+        info = curl("--http2", *tls, *auth, "-w", "\n%{http_version}", f"{base}/nix-cache-info")
         assert info.returncode == 0, info.stderr  # the self-signed certificate names the host's address
         assert "StoreDir: /nix/store" in info.stdout and info.stdout.endswith("\n2")
 
         path = build_path(tmp_path)
         ssl = {"NIX_SSL_CERT_FILE": str(cert)}
         push(lab_dir, tmp_path, base, host.address, path, ssl)
-        narinfo = curl("--cacert", str(cert), f"{base}/{Path(path).name[:32]}.narinfo").stdout
+        hash_part = Path(path).name[:32]
+        narinfo = curl(*tls, *auth, f"{base}/{hash_part}.narinfo").stdout
         nar_url = re.search(r"^URL: (\S+)$", narinfo, re.M).group(1)
         size = int(re.search(r"^FileSize: (\d+)$", narinfo, re.M).group(1))
-        nar = curl("--cacert", str(cert), "-D", "-", "-o", str(tmp_path / "nar"), f"{base}/{nar_url}")
+        # The sandboxed service (UMask=0027 behind the front) writes the store group-readable.
+        modes = on_host(
+            lab_dir, host.name, f"stat -c %a:%G {store}/narinfo/{hash_part}.narinfo {store}/{nar_url}"
+        )
+        assert modes.split() == ["640:nixcache", "640:nixcache"]
+        # signed/<hash>.narinfo as the server answers (another branch makes the server write it).
+        on_host(
+            lab_dir,
+            host.name,
+            f"install -d -o nixcache -g nixcache -m 0750 {store}/signed && "
+            f"echo {base64.b64encode(narinfo.encode()).decode()} | base64 -d "
+            f"> {store}/signed/{hash_part}.narinfo && "
+            f"chown nixcache:nixcache {store}/signed/{hash_part}.narinfo && "
+            f"chmod 0640 {store}/signed/{hash_part}.narinfo",
+        )
+
+        got = curl("--http2", *tls, *auth, "-D", "-", f"{base}/{hash_part}.narinfo")
+        head, _, body = got.stdout.partition("\n\n")  # text mode: curl's CRLFs read as \n
+        assert head.lower().startswith("http/2 200"), got.stdout
+        # nginx's static file handler answered (ETag, Last-Modified), not the app.
+        assert "etag:" in head.lower() and "content-type: text/x-nix-narinfo" in head.lower()
+        assert body == narinfo
+        refused = curl("--http2", *tls, "-D", "-", "-o", "/dev/null", f"{base}/{hash_part}.narinfo")
+        assert refused.stdout.lower().startswith("http/2 401"), refused.stdout
+        assert 'www-authenticate: basic realm="nixcache"' in refused.stdout.lower()
+
+        nar = curl("--http2", *tls, *auth, "-D", "-", "-o", str(tmp_path / "nar"), f"{base}/{nar_url}")
         headers = nar.stdout.lower()
         assert headers.startswith("http/2 200"), nar.stdout
-        # nginx's static file handler answered (ETag, Last-Modified), not the app's stream.
         assert "etag:" in headers and "last-modified:" in headers and "accept-ranges: bytes" in headers
         assert "content-type: application/x-nix-nar" in headers
         assert (tmp_path / "nar").stat().st_size == size
-        hidden = curl(
-            "--cacert",
-            str(cert),
+        part = curl(
+            "--http2",
+            *tls,
+            *auth,
+            "-r",
+            "10-19",
+            "-D",
+            "-",
             "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            f"{base}/_nixcache_store/{nar_url[4:]}",
+            str(tmp_path / "part"),
+            f"{base}/{nar_url}",
         )
-        assert hidden.stdout == "404"  # internal: only reachable through X-Accel-Redirect
+        assert part.stdout.lower().startswith("http/2 206"), part.stdout
+        assert f"content-range: bytes 10-19/{size}" in part.stdout.lower()
+        assert (tmp_path / "part").read_bytes() == (tmp_path / "nar").read_bytes()[10:20]
 
+        # Only signed/ and nar/ are served from disk; the store's other files never are.
+        nar_file = nar_url.removeprefix("nar/")
+        for hidden in (
+            f"/_nixcache_store/{nar_file}",  # internal: only reachable through X-Accel-Redirect
+            f"/narinfo/{hash_part}.narinfo",
+            f"/nar-meta/{nar_file}",
+            f"/signed/{hash_part}.narinfo",
+            f"/nar/../narinfo/{hash_part}.narinfo",
+            f"/nar/..%2Fnar-meta%2F{nar_file}",
+        ):
+            code = curl("--path-as-is", *tls, *auth, "-o", "/dev/null", "-w", "%{http_code}", base + hidden)
+            assert code.stdout in ("400", "404"), (hidden, code.stdout)
+
+        # The server read nginx's hits log: counted, and recorded as served at its next flush.
+        deadline = time.monotonic() + 15
+        hit = 'nixcache_front_requests_total{method="GET",route="narinfo",status="200"}'
+        while hit not in curl(*tls, f"{base}/metrics").stdout:
+            assert time.monotonic() < deadline, curl(*tls, f"{base}/metrics").stdout[-3000:]
+            time.sleep(0.5)
+        # Last served: only nginx serves this path from here on (the server's own pending marks
+        # are flushed by a restart first), so only the hits log can make its atime recent again.
+        restart_cache(lab_dir, host.name, base, tls)
+        on_host(lab_dir, host.name, f"touch -a -d '10 days ago' {store}/narinfo/{hash_part}.narinfo")
+        again_hit = curl(
+            "--http2", *tls, *auth, "-o", "/dev/null", "-w", "%{http_code}", f"{base}/{hash_part}.narinfo"
+        )
+        assert again_hit.stdout == "200"
+        time.sleep(2.5)  # nginx flushes its log, and the server reads it, every second
+        restart_cache(lab_dir, host.name, base, tls)  # flushes last-served times on stop
+        served = float(on_host(lab_dir, host.name, f"stat -c %X {store}/narinfo/{hash_part}.narinfo"))
+        assert served > time.time() - 3600, "a hit nginx served did not count as served"
+
+        netrc = tmp_path / "read-netrc"
+        netrc.write_text(f"machine {host.address}\nlogin nixcache\npassword {read_token}\n")
+        netrc.chmod(0o600)
         public = str(SecretKey.parse((lab_dir / "secrets" / "signing-key").read_text()).public())
         fetched = nix(
             [
                 "copy", "--from", base, "--to", str(tmp_path / "fresh"), path,
                 "--option", "require-sigs", "true", "--option", "trusted-public-keys", public,
-                "--option", "substituters", "",
+                "--option", "substituters", "", "--option", "netrc-file", str(netrc),
             ],
             tmp_path / "home-fetch", ssl,
         )  # fmt: skip
