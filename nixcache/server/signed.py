@@ -125,6 +125,10 @@ class Resigner:
         recorded = recorded_keys(store)
         if recorded == self.wanted:
             return
+        # Pending from now on, not only once the background run has counted them: a wait for
+        # nixcache_resign_pending 0 (docs/runbook.md, Key rotation) must not pass before it starts.
+        self.pending = store.usage.read().entries
+        self._write_stats()
         if recorded is not None and set(recorded.splitlines()) & set(self.wanted.splitlines()):
             return
         with self._lock() as mine:
@@ -133,6 +137,7 @@ class Resigner:
             aside = store.root / f"{ASIDE_PREFIX}{time.time_ns()}"
             os.rename(store.signed_dir, aside)
             store.signed_dir.mkdir(exist_ok=True)
+            self._write_stats()  # into the new signed/
         log.warning(
             "signed narinfos: signed/ %s none of the keys %s: moved to %s (deleted in the"
             " background); narinfos are signed when asked for until all are re-signed",

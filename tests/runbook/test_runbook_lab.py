@@ -1,15 +1,20 @@
 """docs/runbook.md executed on a lab of its own: every step run as written, its output checked.
 
-The lab: lab1 a cache (group `caches`), lab2 the append-only backup repository host, the
-SeaweedFS origin and a Nix client, lab3 the region that "Adding a region" adds (group `eu_west`). One main
-deploy, one pushed closure and one backup are shared by every section; the sections run in the
-runbook's order, each on what the ones before it left (as an operator's day would). Before some
-steps the test causes the incident the procedure is for (a key lost from the secret store, the
-origin stopped, the fleet on the previous release); those are the only things it does itself.
+The lab: lab1 a cache (group `caches`; later also the building host, group `builders`), lab2
+the append-only backup repository host, the SeaweedFS origin, a Nix client and later the remote
+builder, lab3 the region that "Adding a region" adds (group `eu_west`). One main deploy, one
+pushed closure and one backup are shared by every section; the sections run in the runbook's
+order, each on what the ones before it left (as an operator's day would). Before some steps the
+test causes the incident the procedure is for (lab1 replaced by a blank host, a key lost from
+the secret store, a flipped bit in a stored NAR, the origin stopped, the fleet on the previous
+release); after Key rotation it points the key placeholders at the new key. Those are the only
+things it does itself.
 
 Commands run as written, with only the placeholders of PLACEHOLDERS substituted: controller
 steps through `sh -e` from the checkout's root with `$INV` set, the checkout's `nixcache` first
-on PATH and the project's Nix settings (nixcache.nixenv); host steps through `sh -e` over SSH.
+on PATH and the project's Nix settings (nixcache.nixenv) plus the push token's netrc (the
+controller is also the CI runner); host steps through `sh -e` over SSH. Either way stdout and
+stderr are one stream, in the order printed.
 The last test proves every step was executed, or is marked `Not executed` in the runbook.
 """
 
@@ -52,9 +57,11 @@ PLACEHOLDERS = {
     "client": "lab2, a Nix client",
     "client addr": "lab2's address",
     "origin host": "lab2, which runs SeaweedFS",
-    "signing_key_ref": "the lab's signing key, file://<lab>/secrets/signing-key",
-    "key name": "nixcache-lab-1",
-    "public key": "the lab key's public key",
+    "signing_key_ref": "the caches' key, file://<lab>/secrets/signing-key (after Key rotation: the new one)",
+    "key name": "nixcache-lab-1 (after Key rotation: nixcache-lab-2)",
+    "public key": "that key's public key",
+    "new signing_key_ref": "file://<work>/secrets/next-signing-key, where Key rotation puts the next key",
+    "new key name": "nixcache-lab-2, the name the rotation gives it",
     "store path": "the top path of the closure pushed to lab1 in the setup",
     "hash": "its hash part",
     "missing hash": "a hash no tier has",
@@ -80,6 +87,10 @@ PLACEHOLDERS = {
     "previous release": "the parent of the last commit that changed the nixcache package",
     "rollback dir": "rollback/ in the test's work directory",
     "other hosts": "lab3",
+    "builder": "lab2, the remote builder (a Nix client, no cache)",
+    "builder addr": "lab2's address",
+    "builder host key": "lab2's ed25519 host key, as the lab pinned it (what ssh-keyscan prints)",
+    "nix_builder_ssh_key_ref": "the lab's remote-build key reference, file://<lab>/secrets/nix-builder-ssh-key",
 }
 
 INVENTORY = """\
@@ -141,11 +152,13 @@ class Book:
     # -- running -----------------------------------------------------------------------------
 
     def environ(self) -> dict[str, str]:
-        env = nixenv.environ(self.home)
+        # The controller is also the CI runner: its Nix has the push token for lab1 (netrc).
+        env = nixenv.environ(self.home, {"netrc-file": str(self.work / "netrc")})
         env.update(
             INV=str(self.inventory),
             NIXCACHE_LAB_DIR=str(self.lab.state_dir),
             PATH=f"{self.work / 'bin'}:{os.environ['PATH']}",
+            PYTHONUNBUFFERED="1",  # stdout and stderr in the order written, as on a terminal
         )
         return env
 
@@ -154,14 +167,17 @@ class Book:
             ["sh", "-ec", script],
             cwd=cwd,
             env=self.environ(),
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,  # one stream, in the order printed, as an operator sees it
             text=True,
             timeout=STEP_TIMEOUT,
         )
-        return done.returncode, done.stdout + done.stderr
+        return done.returncode, done.stdout
 
     def on(self, name: str, script: str) -> tuple[int, str]:
-        return self.lab.run(name, ["sh", "-ec", script], timeout=STEP_TIMEOUT)
+        """`script` through `sh -e` on host `name`, its stdout and stderr as one stream."""
+        both = ["sh", "-c", 'PYTHONUNBUFFERED=1 sh -ec "$1" 2>&1', "sh", script]
+        return self.lab.run(name, both, timeout=STEP_TIMEOUT)
 
     def sh(self, name: str, script: str) -> str:
         code, output = self.on(name, script)
@@ -220,6 +236,15 @@ def _previous_release() -> str:
             pytrace=False,
         )
     return f"{last}^"
+
+
+def _host_key(book: Book, name: str) -> str:
+    """`name`'s ed25519 host key (`ssh-ed25519 AAAA…`), from the known hosts the lab wrote."""
+    for line in book.lab.known_hosts.read_text().splitlines():
+        fields = line.split()
+        if fields[:2] == [book.addr(name), "ssh-ed25519"]:
+            return f"{fields[1]} {fields[2]}"
+    raise AssertionError(f"no ed25519 key of {name} in {book.lab.known_hosts}")
 
 
 def _repository(book: Book, name: str) -> str:
@@ -339,6 +364,8 @@ def book(tmp_path_factory: pytest.TempPathFactory):
                 "store path": store_path,
                 "hash": Path(store_path).name[:32],
                 "missing hash": "0" * 32,
+                "new signing_key_ref": f"file://{work / 'secrets' / 'next-signing-key'}",
+                "new key name": "nixcache-lab-2",
                 "passphrase file": str(b.passphrase),
                 "export file": str(work / "signing-key.export"),
                 "max size": "1K",
@@ -356,6 +383,10 @@ def book(tmp_path_factory: pytest.TempPathFactory):
                 "previous release": _previous_release(),
                 "rollback dir": str(work / "rollback"),
                 "other hosts": "lab3",
+                "builder": "lab2",
+                "builder addr": b.addr("lab2"),
+                "builder host key": _host_key(b, "lab2"),
+                "nix_builder_ssh_key_ref": b.ref("nix-builder-ssh-key"),
             }
         )
         print(f"\nrunbook lab set up in {time.monotonic() - started:.0f} s", file=sys.stderr)
@@ -432,6 +463,51 @@ def _start_an_upstream(book: Book) -> None:
     )
 
 
+def _origin(book: Book):
+    """A client of lab2's S3 (the origin), with the lab's credentials."""
+    from minio import Minio
+
+    def secret(name: str) -> str:
+        return Path(book.ref(name).removeprefix("file://")).read_text().strip()
+
+    return Minio(
+        f"{book.addr('lab2')}:8333",
+        access_key=secret("origin-access-key"),
+        secret_key=secret("origin-secret-key"),
+        secure=False,
+    )
+
+
+def _damage_a_nar(book: Book) -> None:
+    """One bit of the pushed top path's NAR flips on lab1's disk (size and mtime unchanged, as bit
+    rot does), and the origin no longer has the path (its retention GC collected it), so nothing
+    but a push can repair it."""
+    narinfo = f"{book.values['hash']}.narinfo"
+    url = book.sh("lab1", f"sed -n 's/^URL: //p' /var/lib/nixcache/store/narinfo/{narinfo}").strip()
+    nar = f"/var/lib/nixcache/store/{url}"
+    book.sh(
+        "lab1",
+        f"python3 -c \"import os; f = open('{nar}', 'r+b'); n = os.path.getsize('{nar}') // 2; "
+        f'f.seek(n); b = f.read(1); f.seek(n); f.write(bytes([b[0] ^ 1])); f.close()"',
+    )
+    origin = _origin(book)
+    for name in (narinfo, url):
+        origin.remove_object("nixcache", name)
+
+
+def _the_new_key_is_the_key(book: Book) -> None:
+    """After Key rotation the caches sign with the new key: the placeholders of the key say so."""
+    ref = book.values["new signing_key_ref"]
+    secret = Path(ref.removeprefix("file://")).read_text()
+    book.values.update(
+        {
+            "signing_key_ref": ref,
+            "key name": book.values["new key name"],
+            "public key": str(SecretKey.parse(secret).public()),
+        }
+    )
+
+
 def _stop_the_origin(book: Book) -> None:
     book.sh("lab2", "systemctl stop seaweedfs.service")
 
@@ -440,17 +516,7 @@ def _origin_serves_objects(book: Book) -> None:
     """The section before restarted SeaweedFS, and its check lists the bucket; reading objects
     can take a few seconds more (its volume server registers again). Wait for that, bounded,
     reading the origin directly: a region asked during the warm-up would answer 404."""
-    from minio import Minio
-
-    def secret(name: str) -> str:
-        return Path(book.ref(name).removeprefix("file://")).read_text().strip()
-
-    client = Minio(
-        f"{book.addr('lab2')}:8333",
-        access_key=secret("origin-access-key"),
-        secret_key=secret("origin-secret-key"),
-        secure=False,
-    )
+    client = _origin(book)
     name = f"{book.values['hash']}.narinfo"
     deadline = time.monotonic() + 60
     while True:
@@ -486,12 +552,18 @@ DIAGNOSE = {
 
 BEFORE = {
     "Adding an upstream #1": _start_an_upstream,
-    # Runs once the restore steps are no longer marked (they are being rewritten).
-    "Lost host (hardware gone, disk dead, instance deleted) #3": _replace_the_host,
+    "Lost host (hardware gone, disk dead, instance deleted) #1": _replace_the_host,
     "Lost or leaked key #3": _lose_the_key,
+    "Corrupted store #1": _damage_a_nar,
     "Origin outage (the environment's S3 bucket does not answer) #1": _stop_the_origin,
     "Rebuilding a region from the origin #1": _origin_serves_objects,
     "Upgrading nixcache on the fleet, one host at a time #1": _fleet_on_the_previous_release,
+}
+
+
+# What the test does after a step, so the placeholders keep naming what the fleet now has.
+AFTER = {
+    "Key rotation #7": _the_new_key_is_the_key,
 }
 
 
@@ -506,6 +578,8 @@ def test_runbook_section(book: Book, section: str) -> None:
         if step.id in BEFORE:
             BEFORE[step.id](book)
         book.run(step)
+        if step.id in AFTER:
+            AFTER[step.id](book)
 
 
 def test_every_step_is_executed_or_marked(book: Book) -> None:
