@@ -32,35 +32,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import reference_nginx
+
 from nixcache.keys import SecretKey
 from nixcache.server import base32, narinfo
-
-NGINX_CONF = """
-daemon off;
-worker_processes 2;
-{user}
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log {prefix}/access.log;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    sendfile on;
-    tcp_nopush on;
-    tcp_nodelay on;
-    keepalive_requests 1000000;
-    open_file_cache off;
-    types {{ text/x-nix-narinfo narinfo; }}
-    server {{
-        listen 127.0.0.1:{port};
-        location ~ "^/([0-9a-z]{{32}})\\.narinfo$" {{ alias {store}/signed/$1.narinfo; }}
-    }}
-}}
-"""
 
 WRK_SCRIPT = """
 local paths = {}
@@ -214,16 +189,13 @@ def main() -> int:
             stderr=open(work / "server.log", "wb"),  # noqa: SIM115
         )  # fmt: skip
         procs.append(ours)
-        prefix = work / "nginx"
-        prefix.mkdir()
-        user = "user root;" if os.geteuid() == 0 else ""
-        (prefix / "nginx.conf").write_text(
-            NGINX_CONF.format(prefix=prefix, port=nginx_port, store=store, user=user)
+        conf = reference_nginx.conf(
+            work / "nginx",
+            nginx_port,
+            [reference_nginx.NARINFO.format(dir=store / "signed")],
+            extra="open_file_cache off;",  # each hit opens its file, as the server does
         )
-        nginx = subprocess.Popen(
-            [*NICE, shutil.which("nginx") or "/usr/sbin/nginx", "-p", str(prefix),
-             "-c", str(prefix / "nginx.conf"), "-e", "stderr"]
-        )  # fmt: skip
+        nginx = reference_nginx.start(work / "nginx", conf, NICE)
         procs.append(nginx)
         wait_port(ours_port)
         wait_port(nginx_port)

@@ -42,37 +42,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import reference_nginx
+
 from nixcache import nixenv
 from nixcache.keys import SecretKey
 from nixcache.server import base32
-
-NGINX_CONF = """
-daemon off;
-worker_processes 1;
-{user}
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log {prefix}/access.log;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    sendfile on;
-    tcp_nopush on;
-    tcp_nodelay on;
-    keepalive_requests 1000000;
-    types {{ text/x-nix-narinfo narinfo; application/x-nix-nar nar xz zst bz2; }}
-    server {{
-        listen 127.0.0.1:{port};
-        location ~ "^/([0-9a-z]{{32}})\\.narinfo$" {{ alias {store}/narinfo/$1.narinfo; }}
-        location /nar/ {{ alias {store}/nar/; }}
-    }}
-}}
-"""
-
 
 # Every process measured (both servers, curl, wrk) runs at this nice level when root, so other
 # work on a shared machine disturbs the measurement less; both servers get the same treatment.
@@ -344,18 +318,12 @@ def rps(args: argparse.Namespace) -> int:
             for h in hashes:
                 text = client.get(f"/{h}.narinfo").raise_for_status().text
                 (signed / "narinfo" / f"{h}.narinfo").write_text(text)
-        prefix = work / "nginx"
-        prefix.mkdir()
-        user = "user root;" if os.geteuid() == 0 else ""
-        conf = NGINX_CONF.format(prefix=prefix, port=nginx_port, store=signed, user=user)
-        conf = conf.replace("worker_processes 1;", f"worker_processes {NGINX_WORKERS};")
-        (prefix / "nginx.conf").write_text(conf)
-        nginx_bin = shutil.which("nginx") or "/usr/sbin/nginx"
-        procs.append(
-            subprocess.Popen(
-                [*NICE, nginx_bin, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", "stderr"]
-            )
-        )
+        locations = [
+            reference_nginx.NARINFO.format(dir=signed / "narinfo"),
+            reference_nginx.NARS.format(store=signed),
+        ]
+        conf = reference_nginx.conf(work / "nginx", nginx_port, locations, workers=NGINX_WORKERS)
+        procs.append(reference_nginx.start(work / "nginx", conf, NICE))
         wait_port(nginx_port)
         bases = {"nginx": f"http://127.0.0.1:{nginx_port}", "nixcache": f"http://127.0.0.1:{ours_port}"}
         paths = {
@@ -451,15 +419,13 @@ def main() -> int:
         if args.local_store:
             wait_port(ours_port)
             big = fill_for_nginx(store, f"http://127.0.0.1:{ours_port}", hashes, big_path, work)
-        prefix = work / "nginx"
-        prefix.mkdir()
-        user = "user root;" if os.geteuid() == 0 else ""
-        conf = NGINX_CONF.format(prefix=prefix, port=nginx_port, store=store, user=user)
-        (prefix / "nginx.conf").write_text(conf)
-        nginx_bin = shutil.which("nginx") or "/usr/sbin/nginx"
-        nginx = subprocess.Popen(
-            [*NICE, nginx_bin, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", "stderr"]
-        )
+        locations = [
+            reference_nginx.NARINFO.format(dir=store / "narinfo"),
+            reference_nginx.NARS.format(store=store),
+        ]
+        # One worker, as in the runs recorded for this mode (one keep-alive connection: one worker works).
+        conf = reference_nginx.conf(work / "nginx", nginx_port, locations, workers=1)
+        nginx = reference_nginx.start(work / "nginx", conf, NICE)
         procs.append(nginx)
         wait_port(ours_port)
         wait_port(nginx_port)

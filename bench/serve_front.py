@@ -28,37 +28,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # operations/ renders the site; tests/support runs it
+import reference_nginx  # noqa: E402
 from support.front import hits_log_for, self_signed, start_front  # noqa: E402
-
-NGINX_ALONE = """
-daemon off;
-worker_processes 2;
-{user}
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log {prefix}/access.log;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    sendfile on;
-    tcp_nopush on;
-    tcp_nodelay on;
-    keepalive_requests 1000000;
-    types {{ text/x-nix-narinfo narinfo; application/x-nix-nar nar xz zst bz2; }}
-    server {{
-        listen 127.0.0.1:{port} ssl http2;
-        ssl_certificate {cert};
-        ssl_certificate_key {key};
-        ssl_session_cache shared:alone:10m;
-        location ~ "^/([0-9a-z]{{32}})\\.narinfo$" {{ alias {store}/signed/$1.narinfo; }}
-        location /nar/ {{ alias {store}/nar/; }}
-    }}
-}}
-"""
 
 # wrk: each request the next narinfo of the list, round robin (per connection thread).
 ROTATE = """
@@ -144,27 +115,12 @@ def run(args, serve) -> int:  # type: ignore[no-untyped-def]
         alone_dir.mkdir()
         cert, key_file = self_signed(alone_dir)
         alone_port = serve.free_port()
-        user = "user root;" if os.geteuid() == 0 else ""
-        (alone_dir / "nginx.conf").write_text(
-            NGINX_ALONE.format(
-                prefix=alone_dir, port=alone_port, store=store, user=user, cert=cert, key=key_file
-            )
-        )
-        nginx_bin = shutil.which("nginx") or "/usr/sbin/nginx"
-        procs.append(
-            subprocess.Popen(
-                [
-                    *serve.NICE,
-                    nginx_bin,
-                    "-p",
-                    str(alone_dir),
-                    "-c",
-                    str(alone_dir / "nginx.conf"),
-                    "-e",
-                    "stderr",
-                ]
-            )
-        )
+        locations = [
+            reference_nginx.NARINFO.format(dir=store / "signed"),
+            reference_nginx.NARS.format(store=store),
+        ]
+        conf = reference_nginx.conf(alone_dir, alone_port, locations, tls=(cert, key_file))
+        procs.append(reference_nginx.start(alone_dir, conf, serve.NICE))
         serve.wait_port(alone_port)
         bases = {"nginx alone": f"https://127.0.0.1:{alone_port}", "front": front.url}
         # curl checks each server's certificate against its own file.
