@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import reference_nginx
+from serve import free_port, wait_port
 
 from nixcache.keys import SecretKey
 from nixcache.server import base32, narinfo
@@ -98,27 +99,6 @@ def in_process(store_root: Path, key: SecretKey, hashes: list[str]) -> list[floa
             assert response.status == 200, response
         passes.append((time.process_time() - start) / len(hashes) * 1e6)
     return passes
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 30) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -197,8 +177,8 @@ def main() -> int:
         )
         nginx = reference_nginx.start(work / "nginx", conf, NICE)
         procs.append(nginx)
-        wait_port(ours_port)
-        wait_port(nginx_port)
+        wait_port(ours_port, timeout=30)  # a large store: the server starts slower than nginx
+        wait_port(nginx_port, timeout=30)
         pids = {"nginx": [nginx.pid, *children(nginx.pid)], "nixcache": [ours.pid]}
         bases = {"nginx": f"http://127.0.0.1:{nginx_port}", "nixcache": f"http://127.0.0.1:{ours_port}"}
         rates: dict[str, list[float]] = {name: [] for name in bases}
