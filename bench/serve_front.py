@@ -104,9 +104,9 @@ def run(args, serve) -> int:  # type: ignore[no-untyped-def]
         procs.append(ours)
         serve.wait_port(port)
         direct = f"http://127.0.0.1:{port}"
-        (store / "signed").mkdir()
+        (store / "signed").mkdir(exist_ok=True)  # the server may have made it at start
         with httpx.Client(base_url=direct) as client:
-            for h in hashes:  # what the server answers, as the signed-narinfo branch will write it
+            for h in hashes:  # the store was written directly: its signed texts are what the server answers
                 body = client.get(f"/{h}.narinfo").raise_for_status().content
                 (store / "signed" / f"{h}.narinfo").write_bytes(body)
 
