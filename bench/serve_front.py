@@ -104,7 +104,7 @@ def run(args, serve) -> int:  # type: ignore[no-untyped-def]
         procs.append(ours)
         serve.wait_port(port)
         direct = f"http://127.0.0.1:{port}"
-        (store / "signed").mkdir()
+        (store / "signed").mkdir(exist_ok=True)  # the server makes it for its own signed narinfos
         with httpx.Client(base_url=direct) as client:
             for h in hashes:  # what the server answers, as the signed-narinfo branch will write it
                 body = client.get(f"/{h}.narinfo").raise_for_status().content
