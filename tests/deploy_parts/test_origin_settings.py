@@ -77,11 +77,12 @@ def test_the_s3_port_is_open_to_origin_allowed_sources_only() -> None:
     s = from_data("lab1", {"origin_allowed_sources": lab, "cache_allowed_sources": lab})
     state, host = _in_host("lab1")
     with state, host:
-        ruleset = firewall.render_ruleset(s)
+        ruleset = firewall.render_ruleset(s, runs_origin=True)
     assert "ip saddr { 10.231.2.0/24 } tcp dport { 8333 } accept" in ruleset
     state, host = _in_host("lab2")
     with state, host:
-        assert "8333" not in firewall.render_ruleset(from_data("lab2", {"cache_allowed_sources": lab}))
+        lab2 = from_data("lab2", {"cache_allowed_sources": lab})
+        assert "8333" not in firewall.render_ruleset(lab2, runs_origin=True)
 
 
 def test_seaweedfs_unit_binds_one_address_and_refuses_a_wildcard() -> None:
