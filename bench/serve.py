@@ -61,6 +61,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop(procs: list[subprocess.Popen], grace: float = 10) -> None:
+    """SIGTERM to every one of `procs` at once, then SIGKILL to those still there after `grace` s."""
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def nar_of(size: int) -> bytes:
     """A valid uncompressed NAR of one file, `size` bytes long give or take 7 (padding)."""
     body = os.urandom(max(0, size - 112))  # the framing around the contents is 112 bytes
@@ -353,13 +365,7 @@ def rps(args: argparse.Namespace) -> int:
             load = " ".join(f"{x:.2f}" for x in os.getloadavg())
             print(f"round {round_ + 1}: load {load}; " + ", ".join(line), flush=True)
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(70)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(procs, 70)
         shutil.rmtree(work, ignore_errors=True)
     print(f"{'narinfo requests/s':30}{'nginx':>10}{'nixcache':>10}{'ratio':>8}   (medians)   target")
     targets = {("hits", 16): ">= 0.8x", ("hits", 64): ">= 0.8x", ("misses", 16): ">= 0.7x"}
@@ -424,13 +430,7 @@ def main() -> int:
         results = measure(bases, hashes, big, work, args.rounds, 0 if args.narinfo_only else args.seconds)
         rss = peak_rss_mib(ours.pid)
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(procs)
         shutil.rmtree(work, ignore_errors=True)
 
     ng, us = results["nginx"], results["nixcache"]

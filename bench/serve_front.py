@@ -183,13 +183,7 @@ def run(args, serve) -> int:  # type: ignore[no-untyped-def]
     finally:
         if front is not None:
             front.stop()
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        serve.stop(procs)
         shutil.rmtree(work, ignore_errors=True)
 
     print(
