@@ -24,7 +24,6 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,7 @@ import time
 from pathlib import Path
 
 import reference_nginx
-from serve import free_port, wait_port
+from serve import free_port, stop, wait_port
 
 from nixcache.keys import SecretKey
 from nixcache.server import base32, narinfo
@@ -193,13 +192,7 @@ def main() -> int:
                 per_hit = cpu[name][-1]
                 print(f"round {number} {name:>8}: {rate:9.0f} req/s, {per_hit:5.0f} us CPU/hit, load {load}")
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(procs)
         shutil.rmtree(work, ignore_errors=True)
     ng, us = statistics.median(rates["nginx"]), statistics.median(rates["nixcache"])
     print(f"\n{args.entries} entries, hits rotating over all of them, {args.connections} connections (wrk)")

@@ -11,8 +11,11 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import IO
 
-_CONF = """
+# The main configuration of every nginx run here (this reference, and tests/support/front.py's
+# deploy front): in the foreground, everything it writes (pid, logs, temp files) under `prefix`.
+_MAIN = """
 daemon off;
 worker_processes {workers};
 {user}
@@ -26,6 +29,11 @@ http {{
     fastcgi_temp_path {prefix}/fastcgi;
     uwsgi_temp_path {prefix}/uwsgi;
     scgi_temp_path {prefix}/scgi;
+{http}
+}}
+"""
+
+_HTTP = """
     sendfile on;
     tcp_nopush on;
     tcp_nodelay on;
@@ -36,9 +44,7 @@ http {{
         listen 127.0.0.1:{port}{listen_options};
 {tls}
 {locations}
-    }}
-}}
-"""
+    }}"""
 
 # A narinfo location serving `<dir>/<hash>.narinfo`, and the NAR files of a store.
 NARINFO = '        location ~ "^/([0-9a-z]{{32}})\\.narinfo$" {{ alias {dir}/$1.narinfo; }}'
@@ -62,23 +68,31 @@ def conf(
             f"        ssl_certificate {tls[0]};\n        ssl_certificate_key {tls[1]};\n"
             "        ssl_session_cache shared:reference:10m;"
         )
-    return _CONF.format(
-        workers=workers,
-        user="user root;" if os.geteuid() == 0 else "",
-        prefix=prefix,
+    http = _HTTP.format(
         port=port,
         listen_options=" ssl http2" if tls is not None else "",
         tls=tls_lines,
         extra=f"    {extra}" if extra else "",
         locations="\n".join(locations),
     )
+    return main(prefix, http, workers=workers)
 
 
-def start(prefix: Path, text: str, nice: list[str]) -> subprocess.Popen[bytes]:
-    """Write `text` as `prefix`/nginx.conf and run nginx on it in the foreground (`nice` first)."""
+def main(prefix: Path, http: str, *, workers: int = 2) -> str:
+    """nginx.conf with everything under `prefix` and `http` (directives, servers) in its http block."""
+    return _MAIN.format(
+        workers=workers, user="user root;" if os.geteuid() == 0 else "", prefix=prefix, http=http.strip("\n")
+    )
+
+
+def start(
+    prefix: Path, text: str, nice: list[str], stderr: IO[bytes] | None = None
+) -> subprocess.Popen[bytes]:
+    """Write `text` as `prefix`/nginx.conf and run nginx on it in the foreground (`nice` first;
+    its own messages to `stderr`, ours if None)."""
     prefix.mkdir(parents=True, exist_ok=True)
     (prefix / "nginx.conf").write_text(text)
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     return subprocess.Popen(
-        [*nice, nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", "stderr"]
+        [*nice, nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", "stderr"], stderr=stderr
     )

@@ -61,6 +61,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop(procs: list[subprocess.Popen], grace: float = 10) -> None:
+    """SIGTERM to every one of `procs` at once, then SIGKILL to those still there after `grace` s."""
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def nar_of(size: int) -> bytes:
     """A valid uncompressed NAR of one file, `size` bytes long give or take 7 (padding)."""
     body = os.urandom(max(0, size - 112))  # the framing around the contents is 112 bytes
@@ -173,6 +185,31 @@ def wait_port(port: int, timeout: float = 15) -> None:
         except OSError:
             time.sleep(0.05)
     raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def start_servers(
+    work: Path, serve_args: list[str], nginx_root: Path, nginx_workers: int, procs: list[subprocess.Popen]
+) -> tuple[dict[str, str], subprocess.Popen]:
+    """`nixcache serve SERVE_ARGS` and nginx (`nginx_workers`) on `nginx_root`'s narinfo/ and nar/,
+    each on a free loopback port at NICE, both added to `procs` (the caller stops them) and both
+    answering on return. Returns their base URLs by name and the server's process."""
+    ours_port, nginx_port = free_port(), free_port()
+    ours = subprocess.Popen(
+        [*NICE, sys.executable, "-c", "from nixcache.cli import main; main()", "serve",
+         "--listen", f"127.0.0.1:{ours_port}", *serve_args],
+        stdout=subprocess.DEVNULL,
+        stderr=open(work / "server.log", "wb"),  # noqa: SIM115
+    )  # fmt: skip
+    procs.append(ours)
+    locations = [
+        reference_nginx.NARINFO.format(dir=nginx_root / "narinfo"),
+        reference_nginx.NARS.format(store=nginx_root),
+    ]
+    conf = reference_nginx.conf(work / "nginx", nginx_port, locations, workers=nginx_workers)
+    procs.append(reference_nginx.start(work / "nginx", conf, NICE))
+    wait_port(ours_port)
+    wait_port(nginx_port)
+    return {"nginx": f"http://127.0.0.1:{nginx_port}", "nixcache": f"http://127.0.0.1:{ours_port}"}, ours
 
 
 def curl_round(base: str, hashes: list[str], work: Path, *, absent: bool = False) -> float:
@@ -299,33 +336,17 @@ def rps(args: argparse.Namespace) -> int:
         store = work / "store"
         hashes, _ = build_store(store, args.paths, 1)
         (work / "key").write_text(SecretKey.generate("bench-1").serialize())
-        ours_port, nginx_port = free_port(), free_port()
-        ours = subprocess.Popen(
-            [*NICE, sys.executable, "-c", "from nixcache.cli import main; main()", "serve",
-             "--listen", f"127.0.0.1:{ours_port}", "--store", str(store), "--signing-key",
-             str(work / "key"), "--workers", str(workers), *args.server_args.split()],
-            stdout=subprocess.DEVNULL,
-            stderr=open(work / "server.log", "wb"),  # noqa: SIM115
-        )  # fmt: skip
-        procs.append(ours)
-        wait_port(ours_port)
+        signed = work / "signed"  # nginx serves the very bytes nixcache answers
+        serve_args = ["--store", str(store), "--signing-key", str(work / "key"), "--workers", str(workers)]
+        bases, _ = start_servers(work, [*serve_args, *args.server_args.split()], signed, NGINX_WORKERS, procs)
         import httpx
 
-        signed = work / "signed"  # nginx serves the very bytes nixcache answers
         (signed / "narinfo").mkdir(parents=True)
         (signed / "nar").mkdir()
-        with httpx.Client(base_url=f"http://127.0.0.1:{ours_port}") as client:
+        with httpx.Client(base_url=bases["nixcache"]) as client:
             for h in hashes:
                 text = client.get(f"/{h}.narinfo").raise_for_status().text
                 (signed / "narinfo" / f"{h}.narinfo").write_text(text)
-        locations = [
-            reference_nginx.NARINFO.format(dir=signed / "narinfo"),
-            reference_nginx.NARS.format(store=signed),
-        ]
-        conf = reference_nginx.conf(work / "nginx", nginx_port, locations, workers=NGINX_WORKERS)
-        procs.append(reference_nginx.start(work / "nginx", conf, NICE))
-        wait_port(nginx_port)
-        bases = {"nginx": f"http://127.0.0.1:{nginx_port}", "nixcache": f"http://127.0.0.1:{ours_port}"}
         paths = {
             "hits": [f"/{h}.narinfo" for h in hashes],
             "misses": [f"/{base32.encode(os.urandom(20))}.narinfo" for _ in hashes],
@@ -344,13 +365,7 @@ def rps(args: argparse.Namespace) -> int:
             load = " ".join(f"{x:.2f}" for x in os.getloadavg())
             print(f"round {round_ + 1}: load {load}; " + ", ".join(line), flush=True)
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(70)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(procs, 70)
         shutil.rmtree(work, ignore_errors=True)
     print(f"{'narinfo requests/s':30}{'nginx':>10}{'nixcache':>10}{'ratio':>8}   (medians)   target")
     targets = {("hits", 16): ">= 0.8x", ("hits", 64): ">= 0.8x", ("misses", 16): ">= 0.7x"}
@@ -407,40 +422,15 @@ def main() -> int:
         key = SecretKey.generate("bench-1")
         (work / "key").write_text(key.serialize())
 
-        ours_port, nginx_port = free_port(), free_port()
-        ours = subprocess.Popen(
-            [*NICE, sys.executable, "-c", "from nixcache.cli import main; main()", "serve",
-             "--listen", f"127.0.0.1:{ours_port}", *config, "--signing-key", str(work / "key"),
-             *args.server_args.split()],
-            stdout=subprocess.DEVNULL,
-            stderr=open(work / "server.log", "wb"),  # noqa: SIM115
-        )  # fmt: skip
-        procs.append(ours)
+        # One nginx worker, as in the runs recorded for this mode (one keep-alive connection: one works).
+        serve_args = [*config, "--signing-key", str(work / "key"), *args.server_args.split()]
+        bases, ours = start_servers(work, serve_args, store, 1, procs)
         if args.local_store:
-            wait_port(ours_port)
-            big = fill_for_nginx(store, f"http://127.0.0.1:{ours_port}", hashes, big_path, work)
-        locations = [
-            reference_nginx.NARINFO.format(dir=store / "narinfo"),
-            reference_nginx.NARS.format(store=store),
-        ]
-        # One worker, as in the runs recorded for this mode (one keep-alive connection: one worker works).
-        conf = reference_nginx.conf(work / "nginx", nginx_port, locations, workers=1)
-        nginx = reference_nginx.start(work / "nginx", conf, NICE)
-        procs.append(nginx)
-        wait_port(ours_port)
-        wait_port(nginx_port)
-
-        bases = {"nginx": f"http://127.0.0.1:{nginx_port}", "nixcache": f"http://127.0.0.1:{ours_port}"}
+            big = fill_for_nginx(store, bases["nixcache"], hashes, big_path, work)
         results = measure(bases, hashes, big, work, args.rounds, 0 if args.narinfo_only else args.seconds)
         rss = peak_rss_mib(ours.pid)
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop(procs)
         shutil.rmtree(work, ignore_errors=True)
 
     ng, us = results["nginx"], results["nixcache"]

@@ -104,7 +104,7 @@ def run(args, serve) -> int:  # type: ignore[no-untyped-def]
         procs.append(ours)
         serve.wait_port(port)
         direct = f"http://127.0.0.1:{port}"
-        (store / "signed").mkdir(exist_ok=True)  # the server may have made it at start
+        (store / "signed").mkdir(exist_ok=True)  # the server makes it for its own signed narinfos
         with httpx.Client(base_url=direct) as client:
             for h in hashes:  # the store was written directly: its signed texts are what the server answers
                 body = client.get(f"/{h}.narinfo").raise_for_status().content
@@ -183,13 +183,7 @@ def run(args, serve) -> int:  # type: ignore[no-untyped-def]
     finally:
         if front is not None:
             front.stop()
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        serve.stop(procs)
         shutil.rmtree(work, ignore_errors=True)
 
     print(

@@ -186,7 +186,9 @@ if next_signing_key is None:
 # --- firewall --------------------------------------------------------------------------------
 firewall.ruleset(
     name="nftables firewall",
-    content=firewall.render_ruleset(s, ssh_port=int(host.data.get("ssh_port") or 22)),
+    content=firewall.render_ruleset(
+        s, ssh_port=int(host.data.get("ssh_port") or 22), runs_origin=runs_origin
+    ),
 )
 
 # --- the environment's S3 origin beside this cache, on hosts of group `origin` ------------------

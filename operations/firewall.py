@@ -47,8 +47,9 @@ def node_exporter_port(listen: str) -> int:
     return int(listen.rsplit(":", 1)[1])
 
 
-def rules(settings: Settings, ssh_port: int = 22) -> list[Rule]:
-    """The accept rules for `settings`, in order."""
+def rules(settings: Settings, ssh_port: int = 22, *, runs_origin: bool = False) -> list[Rule]:
+    """The accept rules for `settings`, in order; origin_s3_port only on a host that `runs_origin`
+    (SeaweedFS listens nowhere else, though origin_allowed_sources may be group data of all)."""
     cache_ports = {settings.cache_port}
     if settings.cache_nginx_front:
         # The server's own port stays open: the deploy's health check asks it directly.
@@ -64,12 +65,15 @@ def rules(settings: Settings, ssh_port: int = 22) -> list[Rule]:
             metrics_ports,
             "node exporter and the cache's /metrics (metrics_allowed_sources)",
         ),
-        (
-            settings.origin_allowed_sources,
-            (settings.origin_s3_port,),
-            "the S3 origin (origin_allowed_sources)",
-        ),
     ]
+    if runs_origin:
+        wanted.append(
+            (
+                settings.origin_allowed_sources,
+                (settings.origin_s3_port,),
+                "the S3 origin (origin_allowed_sources)",
+            )
+        )
     if settings.backup_store:
         wanted.append(
             (
@@ -86,14 +90,15 @@ def rules(settings: Settings, ssh_port: int = 22) -> list[Rule]:
     return out
 
 
-def render_ruleset(settings: Settings, ssh_port: int = 22) -> str:
-    """The text of /etc/nftables.conf for `settings`."""
+def render_ruleset(settings: Settings, ssh_port: int = 22, *, runs_origin: bool) -> str:
+    """The text of /etc/nftables.conf for `settings`; `runs_origin`: the host runs the S3 origin
+    (every deploy that renders the ruleset says so alike, so none of them closes what another opened)."""
     if not settings.ssh_sources:
         raise OperationError(
             f"{host.name}: cache_allowed_sources and ssh_allowed_sources are both empty, so the firewall "
             "would lock everyone out; set cache_allowed_sources to the client networks"
         )
-    return render("nftables.conf.j2", rules=rules(settings, ssh_port))
+    return render("nftables.conf.j2", rules=rules(settings, ssh_port, runs_origin=runs_origin))
 
 
 @operation()

@@ -58,6 +58,11 @@ NETWORK_SYSCTLS: dict[str, tuple[str, str]] = {
         "0",
         "keep-alive connections keep their congestion window between NAR downloads",
     ),
+    "net.ipv4.tcp_migrate_req": (
+        "1",
+        "connections queued on a server worker that exits move to the other workers' sockets"
+        " (SO_REUSEPORT) instead of being reset (Linux >= 5.14; nixcache/server/prefork.py)",
+    ),
     "fs.file-max": ("2097152", "every open NAR and every socket is a file descriptor"),
 }
 

@@ -617,7 +617,10 @@ class Settings:
         "ssh_hostname (in the lab: its lab address). Never a wildcard.",
     )
     origin_allowed_sources: tuple[str, ...] = setting(
-        (), CIDRS, "Networks allowed to reach origin_s3_port: the environment's caches. Empty = nobody."
+        (),
+        CIDRS,
+        "Networks allowed to reach origin_s3_port on hosts of group `origin` (the only ones where"
+        " it opens): the environment's caches. Empty = nobody.",
     )
     origin_user: str = setting(
         "seaweedfs", STR, "Unprivileged user SeaweedFS runs as; owns origin_data_dir only."

@@ -21,6 +21,7 @@ from pyinfra.api import HiddenValue, deploy
 from pyinfra.operations import apt, files
 
 from deploys.parts.base import apt_packages
+from deploys.parts.origin import ORIGIN_GROUP
 from facts.nixcache import HostPython
 from nixcache.backup.config import BackupConfig, dump
 from nixcache.packages import BACKUP_STORE_PACKAGES, CACHE_HOST_PACKAGES
@@ -332,7 +333,9 @@ def backup_store() -> None:
         )
     firewall.ruleset(
         name="nftables firewall",
-        content=firewall.render_ruleset(s, ssh_port=int(host.data.get("ssh_port") or 22)),
+        content=firewall.render_ruleset(
+            s, ssh_port=int(host.data.get("ssh_port") or 22), runs_origin=ORIGIN_GROUP in host.groups
+        ),
     )
     backup.store_units(
         name="Append-only backup repository server and retention timer",

@@ -3,7 +3,7 @@
 Called by deploys/cache.py for a cache host that is also in group `origin` (the lab's first
 host: the origin beside its cache), and by deploys/origin.py for a host of its own. The
 firewall is not its business: both deploys render the one ruleset, which opens
-origin_s3_port to origin_allowed_sources.
+origin_s3_port to origin_allowed_sources on hosts of group `origin` only.
 
 Order: service user and data dir -> the `weed` binary -> identity file from the secret refs
 -> seaweedfs.service -> the bucket exists (checked from the controller). Every step changes

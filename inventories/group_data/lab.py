@@ -65,8 +65,9 @@ cache_memory_max = "512M"
 gc_min_free = "1G"
 gc_max_free = "2G"
 
-# The origin (SeaweedFS on the host of group `origin`): S3 open to the lab network only, throwaway credentials
-# created on the first deploy, a small ceiling for a lab container.
+# The origin (SeaweedFS on the host of group `origin`): S3 open to the lab network only, and on
+# that host only (the firewall opens origin_s3_port on hosts of group `origin`), throwaway
+# credentials created on the first deploy, a small ceiling for a lab container.
 origin_allowed_sources = list(cache_allowed_sources)
 origin_access_key_ref = f"file://{_lab_dir / 'secrets' / 'origin-access-key'}"
 origin_secret_key_ref = f"file://{_lab_dir / 'secrets' / 'origin-secret-key'}"

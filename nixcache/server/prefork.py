@@ -11,9 +11,9 @@ show the difference; the distribution decided). The parent still binds the port 
 bound socket that does not listen takes no connections): a busy or bad address fails before
 any fork, `listen = "…:0"` gives every worker the same port, and the port stays this
 service's while workers come and go. What SO_REUSEPORT costs: connections queued on a worker
-that dies are reset (Linux ≥ 5.14 moves them to the other workers with
-net.ipv4.tcp_migrate_req=1, which the deploy does not set yet), and another process of the
-service user could join the port.
+that dies are reset unless net.ipv4.tcp_migrate_req=1 (Linux ≥ 5.14) moves them to the other
+workers (the deploy sets it: operations/hardening.py), and another process of the service
+user could join the port.
 
 gevent and fork: the parent never imports gevent (nor prometheus_client, which imports ssl):
 it has no hub, no thread pool and no patched modules, only `os.fork`, `select` and signals.

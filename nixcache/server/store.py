@@ -117,6 +117,10 @@ def _is_disk_full(error: OSError) -> bool:
     return error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+# Distinct narinfos remembered as served before they are flushed early (about 15 MB per process).
+SERVED_LIMIT = 100_000
+
+
 class Store:
     """A store directory. `offload` runs CPU-heavy work (decompressing, hashing) off the event loop."""
 
@@ -225,8 +229,13 @@ class Store:
 
     def mark_served(self, hash_part: str, mtime_ns: int | None) -> None:
         """Remember that a narinfo was served; `flush_served` records it on disk in a batch.
-        `mtime_ns` None (served by the nginx front, not stat'ed here): read when flushing."""
+        `mtime_ns` None (served by the nginx front, not stat'ed here): read when flushing.
+        Past SERVED_LIMIT distinct hashes the batch is flushed at once (through `offload`, so
+        the request that fills it waits for those syscalls): a flood of distinct hits between
+        two periodic flushes would otherwise grow the batch without bound."""
         self._served[hash_part] = mtime_ns
+        if len(self._served) >= SERVED_LIMIT:
+            self.flush_served(self._offload)
 
     def flush_served(self, record: Callable[..., Any] | None = None) -> int:
         """Set atime = now on narinfos served since the last flush (mtime kept); count them.

@@ -58,6 +58,14 @@ def test_origin_answers_s3_from_the_controller_with_its_bucket(origin_deployed, 
         assert (lab_dir / "secrets" / name).read_text().strip() not in run.output
 
 
+def test_only_the_origin_host_opens_the_s3_port(origin_deployed, lab_dir: Path) -> None:
+    """The lab's group data gives every host origin_allowed_sources; SeaweedFS runs on lab1 only."""
+    origin_host, *others = hosts(lab_dir)
+    assert f"tcp dport {S3_PORT} accept" in on_host(lab_dir, origin_host.name, "nft list ruleset")
+    for other in others:
+        assert f"dport {S3_PORT}" not in on_host(lab_dir, other.name, "nft list ruleset"), other.name
+
+
 def test_origin_deploy_alone_changes_nothing_after_the_main_job(origin_deployed, lab_dir: Path) -> None:
     """deploys/origin.py and the main job's origin part agree (same units, same firewall)."""
     host, _ = origin_deployed

@@ -33,3 +33,14 @@ def test_without_the_front_only_the_cache_port_opens_and_metrics_stay_closed():
         Rule("ip", ("10.0.0.0/24",), (22,), "SSH for admins and deploys (ssh_allowed_sources)"),
         Rule("ip", ("10.0.0.0/24",), (5000,), "the cache (cache_allowed_sources)"),
     ]
+
+
+def test_the_s3_port_opens_only_on_the_host_that_runs_the_origin():
+    # The lab's group data gives every lab host the same origin_allowed_sources; SeaweedFS
+    # listens on the host of group `origin` only, and only there does the port open.
+    s = from_data(
+        "lab2", {"cache_allowed_sources": ["10.231.2.0/24"], "origin_allowed_sources": ["10.231.2.0/24"]}
+    )
+    s3 = Rule("ip", ("10.231.2.0/24",), (8333,), "the S3 origin (origin_allowed_sources)")
+    assert s3 in rules(s, runs_origin=True)
+    assert [r.ports for r in rules(s, runs_origin=False)] == [(22,), (5000,)]

@@ -110,8 +110,8 @@ def test_sshd_keys_only_and_sysctls_recorded_with_reasons(deployed: Run, lab_dir
         assert "*    hard nofile 1048576" in limits
 
 
-def test_admin_user_logs_in_with_key_and_uses_sudo(deployed: Run, lab_dir: Path, tmp_path: Path) -> None:
-    host = hosts(lab_dir)[-1]
+def admin_key(tmp_path: Path) -> tuple[Path, str]:
+    """A fresh ed25519 key pair for alice: the private key file and the public key line."""
     key = Ed25519PrivateKey.generate()
     private = tmp_path / "alice"
     private.write_bytes(
@@ -121,9 +121,15 @@ def test_admin_user_logs_in_with_key_and_uses_sudo(deployed: Run, lab_dir: Path,
     )
     private.chmod(0o600)
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return private, public.decode() + " alice@test"
+
+
+def test_admin_user_logs_in_with_key_and_uses_sudo(deployed: Run, lab_dir: Path, tmp_path: Path) -> None:
+    host = hosts(lab_dir)[-1]
+    private, public = admin_key(tmp_path)
     extra = tmp_path / "group_data"
     extra.mkdir()
-    users = [{"name": "alice", "ssh_keys": [public.decode() + " alice@test"], "sudo": True}]
+    users = [{"name": "alice", "ssh_keys": [public], "sudo": True}]
     (extra / "lab.py").write_text(f"admin_users = {users!r}\n")
     try:
         run = deploy(lab_dir, "--limit", host.name, "--group-data", str(extra))

@@ -12,31 +12,15 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from deploy.conftest import Run, deploy, pyinfra
 
-from deploy_parts.test_lab_parts import converged, hosts, on_host
+from deploy_parts.test_lab_parts import admin_key, converged, hosts, on_host
 from nixcache.lab import Lab
 from operations.upload import TEMP_PREFIX
 
 pytestmark = pytest.mark.lab
 
 SECRETS = {"push-token": "/etc/nixcache/push-token", "signing-key": "/etc/nixcache/signing-key"}
-
-
-def admin_key(tmp_path: Path) -> tuple[Path, str]:
-    """A fresh ed25519 key pair for alice: the private key file and the public key line."""
-    key = Ed25519PrivateKey.generate()
-    private = tmp_path / "alice"
-    private.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-        )
-    )
-    private.chmod(0o600)
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return private, public.decode() + " alice@test"
 
 
 def test_cache_deploy_as_admin_with_sudo_keeps_secrets_private(

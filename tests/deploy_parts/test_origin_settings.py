@@ -77,11 +77,12 @@ def test_the_s3_port_is_open_to_origin_allowed_sources_only() -> None:
     s = from_data("lab1", {"origin_allowed_sources": lab, "cache_allowed_sources": lab})
     state, host = _in_host("lab1")
     with state, host:
-        ruleset = firewall.render_ruleset(s)
+        ruleset = firewall.render_ruleset(s, runs_origin=True)
     assert "ip saddr { 10.231.2.0/24 } tcp dport { 8333 } accept" in ruleset
     state, host = _in_host("lab2")
     with state, host:
-        assert "8333" not in firewall.render_ruleset(from_data("lab2", {"cache_allowed_sources": lab}))
+        lab2 = from_data("lab2", {"cache_allowed_sources": lab})
+        assert "8333" not in firewall.render_ruleset(lab2, runs_origin=True)
 
 
 def test_seaweedfs_unit_binds_one_address_and_refuses_a_wildcard() -> None:
@@ -95,3 +96,13 @@ def test_seaweedfs_unit_binds_one_address_and_refuses_a_wildcard() -> None:
     state, host = _in_host("lab1")
     with state, host, pytest.raises(Exception, match="never a wildcard"):
         origin.render_unit(wildcard)
+
+
+def test_a_hung_seaweedfs_stop_is_killed_after_ten_seconds() -> None:
+    """SeaweedFS's own shutdown can hang, and systemd's default would wait 90 s: SIGTERM to
+    weed, then SIGKILL to the whole unit 10 s later."""
+    state, host = _in_host("lab1")
+    with state, host:
+        unit = origin.render_unit(from_data("lab1", {"origin_bind_address": "10.231.2.11"}))
+    service = unit.split("[Service]", 1)[1].split("\n[", 1)[0]
+    assert "\nTimeoutStopSec=10s\n" in service and "\nKillMode=mixed\n" in service

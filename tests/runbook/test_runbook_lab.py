@@ -99,6 +99,7 @@ caches = [("lab1", {{"ssh_hostname": "{a1}", "backup_repository": "{repo1}"}})]
 support = [
     ("lab2", {{"ssh_hostname": "{a2}", "backup_store": True, "backup_store_allowed_sources": {sources!r}}}),
 ]
+origin = ["lab2"]  # deploys/origin.py runs SeaweedFS there (the firewall opens S3 in this group only)
 """
 
 ALL_DATA = """\

@@ -7,7 +7,6 @@ import hashlib
 import lzma
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import zstandard
+from support import process
 
 from nixcache.keys import SecretKey
 from nixcache.server import base32
@@ -37,13 +37,7 @@ class ServerProcess:
     log: Path
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        process.stop(self.proc)
 
     def log_lines(self) -> list[str]:
         return self.log.read_text().splitlines()

@@ -1,40 +1,21 @@
 """The deploy's nginx front (operations/nginx.py's site, unchanged but for paths) on loopback.
 
-Runs Debian's real nginx with the site the deploy renders, wrapped in a minimal main config under
-a temp prefix, in front of a `nixcache serve` on 127.0.0.1. Used by tests/server/test_front.py
-and bench/serve.py --front.
+Runs Debian's real nginx with the site the deploy renders, wrapped in bench/reference_nginx.py's
+main config under a temp prefix, in front of a `nixcache serve` on 127.0.0.1. Used by
+tests/server/test_front.py and bench/serve.py --front.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
 import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import reference_nginx
 from operations import nginx
-
-MAIN_CONF = """
-daemon off;
-worker_processes {workers};
-{user}
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-    access_log {prefix}/access.log;
-    client_body_temp_path {prefix}/body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    include {prefix}/nixcache.conf;
-}}
-"""
+from support import process
 
 
 def free_port() -> int:
@@ -79,13 +60,7 @@ class Front:
         return f"https://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        process.stop(self.proc)
 
 
 def hits_log_for(directory: Path) -> Path:
@@ -125,13 +100,9 @@ def start_front(
     site = site.replace(nginx.CERT_FILE, str(cert)).replace(nginx.KEY_FILE, str(key))
     site = site.replace(f"listen {port} ssl", f"listen 127.0.0.1:{port} ssl")  # loopback only
     (prefix / "nixcache.conf").write_text(site)
-    user = "user root;" if os.geteuid() == 0 else ""
-    (prefix / "nginx.conf").write_text(MAIN_CONF.format(prefix=prefix, user=user, workers=workers))
-    binary = shutil.which("nginx") or "/usr/sbin/nginx"
-    proc = subprocess.Popen(
-        [*(nice or []), binary, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", "stderr"],
-        stderr=open(prefix / "stderr.log", "wb"),  # noqa: SIM115 - nginx writes to it for its life
-    )
+    text = reference_nginx.main(prefix, f"    include {prefix}/nixcache.conf;", workers=workers)
+    with open(prefix / "stderr.log", "wb") as stderr:  # nginx keeps its own copy of the descriptor
+        proc = reference_nginx.start(prefix, text, nice or [], stderr=stderr)
     front = Front(proc, port, cert, prefix)
     try:
         wait_port(port)

@@ -38,27 +38,27 @@ def _dump(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def _out_path(name: str, entry: Any) -> str:
+def _entry(where: str, data: bytes, *, structured: bool) -> tuple[dict[str, Any], str]:
+    """The uploaded entry and its outPath, once the fields both layouts share are checked: an
+    object, outPath a store path base name, signatures a list (`structured`: build-trace-v2's
+    {"keyName","sig"} objects allowed besides "name:base64" strings)."""
+    entry = parse_json(where, data)
     if not isinstance(entry, dict):
-        raise ExtraError(f"{name}: a build trace entry is a JSON object")
+        raise ExtraError(f"{where}: a build trace entry is a JSON object")
     out_path = entry.get("outPath")
     if not isinstance(out_path, str) or not is_base_name(out_path):
-        raise ExtraError(f"{name}: outPath {str(out_path)[:80]!r} is not a store path base name")
-    return out_path
-
-
-def _signatures(name: str, entry: dict[str, Any], structured: bool) -> list[Any]:
+        raise ExtraError(f"{where}: outPath {str(out_path)[:80]!r} is not a store path base name")
     sigs = entry.get("signatures", [])
     if not isinstance(sigs, list):
-        raise ExtraError(f"{name}: signatures is not a list")
+        raise ExtraError(f"{where}: signatures is not a list")
     for sig in sigs:
         ok = isinstance(sig, str) and ":" in sig
         if structured and isinstance(sig, dict):
             ok = isinstance(sig.get("keyName"), str) and isinstance(sig.get("sig"), str)
         if not ok:
             form = '{"keyName":…,"sig":…} or ' if structured else ""
-            raise ExtraError(f"{name}: signature {str(sig)[:80]!r} is not {form}'name:base64'")
-    return sigs
+            raise ExtraError(f"{where}: signature {str(sig)[:80]!r} is not {form}'name:base64'")
+    return entry, out_path
 
 
 # -- build-trace-v2 ------------------------------------------------------------------------------
@@ -74,9 +74,7 @@ def validate_trace(name: str, data: bytes) -> str:
     drv, _output = _trace_key(name)
     if not is_drv_name(drv):
         raise ExtraError(f"{where}: {drv[:120]!r} is not a derivation (<hash>-<name>.drv)")
-    entry = parse_json(where, data)
-    out_path = _out_path(where, entry)
-    _signatures(where, entry, structured=True)
+    _, out_path = _entry(where, data, structured=True)
     return out_path
 
 
@@ -100,11 +98,9 @@ def sign_trace(name: str, data: bytes, keys: Iterable[SecretKey]) -> bytes:
 
 def validate_realisation(name: str, data: bytes) -> str:
     where = f"realisations/{name}"
-    entry = parse_json(where, data)
-    out_path = _out_path(where, entry)
+    entry, out_path = _entry(where, data, structured=False)
     if entry.get("id") != name[: -len(".doi")]:
         raise ExtraError(f"{where}: id {str(entry.get('id'))[:100]!r} does not match the file name")
-    _signatures(where, entry, structured=False)
     deps = entry.get("dependentRealisations", {})
     if not isinstance(deps, dict) or not all(isinstance(v, str) and is_base_name(v) for v in deps.values()):
         raise ExtraError(f"{where}: dependentRealisations is not an object of id -> store path base name")
