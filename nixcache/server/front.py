@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 
 from nixcache.server.metrics import Metrics
@@ -56,22 +57,35 @@ class HitsLog:
         Returns the number of lines applied."""
         if self._fd < 0 and not self._open():
             return 0
-        applied = 0
         if os.fstat(self._fd).st_size < self._offset:  # emptied by someone else: start over
             self._offset, self._partial = 0, b""
+        # Counted first, applied once per distinct line: a busy second repeats the same few
+        # thousand narinfos many times, and counting bytes lines is C, applying one is Python.
+        lines: Counter[bytes] = Counter()
         while True:
             chunk = os.pread(self._fd, _READ, self._offset)
             if not chunk:
                 break
             self._offset += len(chunk)
-            lines = (self._partial + chunk).split(b"\n")
-            self._partial = lines.pop()  # nginx writes whole lines; a read may still end mid-write
-            for line in lines:
-                applied += self._apply(line)
+            split = (self._partial + chunk).split(b"\n")
+            self._partial = split.pop()  # nginx writes whole lines; a read may still end mid-write
+            lines.update(split)
+        routes: Counter[tuple[bytes, bytes, bytes]] = Counter()  # (route, method, status): hits
+        sent: Counter[bytes] = Counter()  # route: body bytes of GETs answered 200 or 206
+        for line, count in lines.items():
+            self._apply(line, count, routes, sent)
+        for (route, method, status), count in routes.items():
+            self.metrics.front.labels(route.decode(), method.decode("ascii"), status.decode("ascii")).inc(
+                count
+            )
+            if route == b"narinfo" and status in _FOUND:
+                self.metrics.narinfo.labels("hit").inc(count)
+        for route, size in sent.items():
+            self.metrics.served_bytes.labels(route.decode()).inc(size)
         if not self._partial and (final or self._offset >= EMPTY_AT):
             os.ftruncate(self._fd, 0)
             self._offset = 0
-        return applied
+        return sum(routes.values())
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -95,22 +109,21 @@ class HitsLog:
         self._warned = False
         return True
 
-    def _apply(self, line: bytes) -> int:
+    def _apply(self, line: bytes, count: int, routes: Counter, sent: Counter) -> None:
+        """One distinct line, seen `count` times: marks its narinfo served, adds to the tallies."""
         parts = line.split(b" ", 3)
         if len(parts) != 4 or not parts[2].isdigit():
             log.debug("front_hits_log: skipped a line not in the nixcache_front format: %r", line[:200])
-            return 0
-        method, status, sent, uri = parts
+            return
+        method, status, size, uri = parts
         if uri.startswith(b"/nar/"):
-            route = "nar"
+            route = b"nar"
         elif len(uri) == _NARINFO_LINE_URI and uri.startswith(_SIGNED) and uri.endswith(b".narinfo"):
-            route = "narinfo"
+            route = b"narinfo"
             if status in _FOUND:
-                self.metrics.narinfo.labels("hit").inc()
                 self.store.mark_served(uri[len(_SIGNED) : len(_SIGNED) + 32].decode("ascii"), None)
         else:
-            return 0
-        self.metrics.front.labels(route, method.decode("ascii"), status.decode("ascii")).inc()
+            return
+        routes[route, method, status] += count
         if method == b"GET" and status in (b"200", b"206"):
-            self.metrics.served_bytes.labels(route).inc(int(sent))
-        return 1
+            sent[route] += int(size) * count
