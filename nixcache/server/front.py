@@ -2,9 +2,10 @@
 
 With the front on (operations/nginx.py), nginx answers signed narinfos and NAR GETs from the
 store's files itself, so this server never sees those requests. nginx logs each of them to
-`front_hits_log` as ``<method> <status> <body bytes> <file>`` (its `nixcache_front` log_format,
-buffered, flushed every second; `<file>` is what try_files sent: ``/signed/<hash>.narinfo`` or
-``/nar/<file>``). `HitsLog.ingest`, every second, reads what was appended and
+`front_hits_log` as ``<method> <status> <body bytes> <uri>`` (its `nixcache_front` log_format,
+buffered, flushed every second; `<uri>` is ``/<hash>.narinfo``, whose file is
+``signed/<hash>.narinfo``, or ``/nar/<file>``; sites rendered before wrote
+``/signed/<hash>.narinfo``, still read). `HitsLog.ingest`, every second, reads what was appended and
 
 - marks each narinfo it served as served (`Store.mark_served`: gc's last-served time, so an entry
   served only by nginx is not collected as least recently used);
@@ -33,9 +34,10 @@ log = logging.getLogger("nixcache.server")
 
 EMPTY_AT = 4 * 1024 * 1024  # bytes read before the file is emptied (~40,000 hits)
 _READ = 1024 * 1024
-# nginx logs the URI try_files chose: the file it sent, under the store.
-_SIGNED = b"/signed/"
-_NARINFO_LINE_URI = len(_SIGNED) + 32 + len(".narinfo")
+# A narinfo hit's URI: /<hash>.narinfo (the file is signed/<hash>.narinfo), or the file itself,
+# /signed/<hash>.narinfo, as sites rendered before this one logged it (try_files).
+_NARINFO = b".narinfo"
+_NARINFO_URIS = {len(b"/") + 32 + len(_NARINFO): b"/", len(b"/signed/") + 32 + len(_NARINFO): b"/signed/"}
 # Statuses that answered a narinfo lookup positively (304: the client's copy is current).
 _FOUND = (b"200", b"304")
 
@@ -118,10 +120,10 @@ class HitsLog:
         method, status, size, uri = parts
         if uri.startswith(b"/nar/"):
             route = b"nar"
-        elif len(uri) == _NARINFO_LINE_URI and uri.startswith(_SIGNED) and uri.endswith(b".narinfo"):
+        elif uri.endswith(_NARINFO) and uri[: -32 - len(_NARINFO)] == _NARINFO_URIS.get(len(uri)):
             route = b"narinfo"
             if status in _FOUND:
-                self.store.mark_served(uri[len(_SIGNED) : len(_SIGNED) + 32].decode("ascii"), None)
+                self.store.mark_served(uri[-32 - len(_NARINFO) : -len(_NARINFO)].decode("ascii"), None)
         else:
             return
         routes[route, method, status] += count
