@@ -1,10 +1,12 @@
 """`bench/serve.py --front`: the deploy's nginx front against nginx alone on the same files.
 
 Both are Debian's nginx with 2 workers, TLS (the same self-signed P-256 certificate), sendfile and
-an access log on. "nginx alone" serves `signed/<hash>.narinfo` and `nar/` with two aliases and
-decides nothing; "front" is the site the deploy renders (operations/nginx.py: the map of readers,
-try_files, its hits log) before a `nixcache serve` that reads that log. `signed/` holds what the
-server answers for each narinfo. Measured, alternating the two round by round:
+an access log on: nginx alone its default one (combined format, one write per request), the front
+its hits log (buffered, as the deploy renders it). "nginx alone" serves `signed/<hash>.narinfo`
+and `nar/` with two aliases and decides nothing; "front" is the site the deploy renders
+(operations/nginx.py: the map of readers, files opened from `signed/` and `nar/`, its hits log)
+before a `nixcache serve` that reads that log. `signed/` holds what the server answers for each
+narinfo. Measured, alternating the two round by round:
 - narinfo hits, one keep-alive connection (curl, as Nix uses libcurl): median time per round;
 - narinfo hits, requests/s with wrk on 16 and 64 connections, rotating over every narinfo;
 - absent narinfos (404): nginx alone answers them, the front hands them to the server (and the
@@ -145,10 +147,11 @@ def run(args, serve) -> int:  # type: ignore[no-untyped-def]
             serve.curl_round(direct, absent, work, absent=True) * 1000 for _ in range(3)
         )
         # CPU per hit: what serving costs, less disturbed by other load than requests/s. The
-        # front's includes the server's, which reads nginx's hits log meanwhile.
+        # front's includes the server's (its parent and every worker: the first reads nginx's
+        # hits log meanwhile).
         cpu_of = {
             "nginx alone": lambda: workers(procs[1].pid),
-            "front": lambda: [*workers(front.proc.pid), ours.pid],
+            "front": lambda: [*workers(front.proc.pid), ours.pid, *workers(ours.pid)],
         }
         for connections in (16, 64):
             for _ in range(3):

@@ -1,8 +1,10 @@
 """The optional nginx front: TLS, HTTP/2, keep-alive, and what needs no decision served from disk.
 
-nginx answers signed narinfos (`<store>/signed/`) and NAR GETs (`<store>/nar/`) itself, with
-`try_files`, for readers whose `Authorization` field is one the deploy rendered into
-READERS_FILE (an nginx `map`: no subrequest per request); everything else goes to the server,
+nginx answers signed narinfos (`<store>/signed/`) and NAR GETs (`<store>/nar/`) itself, opening
+the file (absent or unreadable: `error_page` hands the request to the server; no `try_files`,
+whose existence check costs a stat per hit), for readers whose `Authorization` field is one the
+deploy rendered into READERS_FILE (an nginx `map`: no subrequest per request); everything else
+goes to the server,
 which stays the judge of misses, uploads, other credentials and the local Nix store. For NAR
 reads it still answers (other credentials) it hands the bytes back with
 `X-Accel-Redirect: <ACCEL_REDIRECT_PREFIX><file>`, served from an `internal` location.

@@ -2,9 +2,10 @@
 
 With the front on (operations/nginx.py), nginx answers signed narinfos and NAR GETs from the
 store's files itself, so this server never sees those requests. nginx logs each of them to
-`front_hits_log` as ``<method> <status> <body bytes> <file>`` (its `nixcache_front` log_format,
-buffered, flushed every second; `<file>` is what try_files sent: ``/signed/<hash>.narinfo`` or
-``/nar/<file>``). `HitsLog.ingest`, every second, reads what was appended and
+`front_hits_log` as ``<method> <status> <body bytes> <uri>`` (its `nixcache_front` log_format,
+buffered, flushed every second; `<uri>` is ``/<hash>.narinfo``, whose file is
+``signed/<hash>.narinfo``, or ``/nar/<file>``; sites rendered before wrote
+``/signed/<hash>.narinfo``, still read). `HitsLog.ingest`, every second, reads what was appended and
 
 - marks each narinfo it served as served (`Store.mark_served`: gc's last-served time, so an entry
   served only by nginx is not collected as least recently used);
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 
 from nixcache.server.metrics import Metrics
@@ -32,9 +34,10 @@ log = logging.getLogger("nixcache.server")
 
 EMPTY_AT = 4 * 1024 * 1024  # bytes read before the file is emptied (~40,000 hits)
 _READ = 1024 * 1024
-# nginx logs the URI try_files chose: the file it sent, under the store.
-_SIGNED = b"/signed/"
-_NARINFO_LINE_URI = len(_SIGNED) + 32 + len(".narinfo")
+# A narinfo hit's URI: /<hash>.narinfo (the file is signed/<hash>.narinfo), or the file itself,
+# /signed/<hash>.narinfo, as sites rendered before this one logged it (try_files).
+_NARINFO = b".narinfo"
+_NARINFO_URIS = {len(b"/") + 32 + len(_NARINFO): b"/", len(b"/signed/") + 32 + len(_NARINFO): b"/signed/"}
 # Statuses that answered a narinfo lookup positively (304: the client's copy is current).
 _FOUND = (b"200", b"304")
 
@@ -56,22 +59,35 @@ class HitsLog:
         Returns the number of lines applied."""
         if self._fd < 0 and not self._open():
             return 0
-        applied = 0
         if os.fstat(self._fd).st_size < self._offset:  # emptied by someone else: start over
             self._offset, self._partial = 0, b""
+        # Counted first, applied once per distinct line: a busy second repeats the same few
+        # thousand narinfos many times, and counting bytes lines is C, applying one is Python.
+        lines: Counter[bytes] = Counter()
         while True:
             chunk = os.pread(self._fd, _READ, self._offset)
             if not chunk:
                 break
             self._offset += len(chunk)
-            lines = (self._partial + chunk).split(b"\n")
-            self._partial = lines.pop()  # nginx writes whole lines; a read may still end mid-write
-            for line in lines:
-                applied += self._apply(line)
+            split = (self._partial + chunk).split(b"\n")
+            self._partial = split.pop()  # nginx writes whole lines; a read may still end mid-write
+            lines.update(split)
+        routes: Counter[tuple[bytes, bytes, bytes]] = Counter()  # (route, method, status): hits
+        sent: Counter[bytes] = Counter()  # route: body bytes of GETs answered 200 or 206
+        for line, count in lines.items():
+            self._apply(line, count, routes, sent)
+        for (route, method, status), count in routes.items():
+            self.metrics.front.labels(route.decode(), method.decode("ascii"), status.decode("ascii")).inc(
+                count
+            )
+            if route == b"narinfo" and status in _FOUND:
+                self.metrics.narinfo.labels("hit").inc(count)
+        for route, size in sent.items():
+            self.metrics.served_bytes.labels(route.decode()).inc(size)
         if not self._partial and (final or self._offset >= EMPTY_AT):
             os.ftruncate(self._fd, 0)
             self._offset = 0
-        return applied
+        return sum(routes.values())
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -95,22 +111,21 @@ class HitsLog:
         self._warned = False
         return True
 
-    def _apply(self, line: bytes) -> int:
+    def _apply(self, line: bytes, count: int, routes: Counter, sent: Counter) -> None:
+        """One distinct line, seen `count` times: marks its narinfo served, adds to the tallies."""
         parts = line.split(b" ", 3)
         if len(parts) != 4 or not parts[2].isdigit():
             log.debug("front_hits_log: skipped a line not in the nixcache_front format: %r", line[:200])
-            return 0
-        method, status, sent, uri = parts
+            return
+        method, status, size, uri = parts
         if uri.startswith(b"/nar/"):
-            route = "nar"
-        elif len(uri) == _NARINFO_LINE_URI and uri.startswith(_SIGNED) and uri.endswith(b".narinfo"):
-            route = "narinfo"
+            route = b"nar"
+        elif uri.endswith(_NARINFO) and uri[: -32 - len(_NARINFO)] == _NARINFO_URIS.get(len(uri)):
+            route = b"narinfo"
             if status in _FOUND:
-                self.metrics.narinfo.labels("hit").inc()
-                self.store.mark_served(uri[len(_SIGNED) : len(_SIGNED) + 32].decode("ascii"), None)
+                self.store.mark_served(uri[-32 - len(_NARINFO) : -len(_NARINFO)].decode("ascii"), None)
         else:
-            return 0
-        self.metrics.front.labels(route, method.decode("ascii"), status.decode("ascii")).inc()
+            return
+        routes[route, method, status] += count
         if method == b"GET" and status in (b"200", b"206"):
-            self.metrics.served_bytes.labels(route).inc(int(sent))
-        return 1
+            sent[route] += int(size) * count

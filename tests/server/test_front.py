@@ -288,18 +288,26 @@ def test_the_hits_log_is_read_whole_lines_at_a_time_and_emptied_on_stop(tmp_path
     hits = HitsLog(log, store, metrics)
     with log.open("ab") as out:
         out.write(
-            f"GET 200 433 /signed/{h}.narinfo\nHEAD 200 0 /signed/{h}.narinfo\nGET 206 10 /nar/".encode()
+            # (/signed/<hash>.narinfo: what sites rendered before logged; still read)
+            f"GET 200 433 /{h}.narinfo\nHEAD 200 0 /signed/{h}.narinfo\nGET 206 10 /nar/".encode()
         )
         out.flush()
         assert hits.ingest() == 2  # the third line is not complete yet
-        out.write(b"x.nar\nnot a hit line\nGET 404 0 /elsewhere\n")
+        out.write(
+            b"x.nar\nnot a hit line\nGET 404 0 /elsewhere\nGET 200 9 /narinfo/" + h.encode() + b".narinfo\n"
+        )
         out.flush()
         assert hits.ingest() == 1
+        # The same hit many times in one read (a busy second): each one counts.
+        out.write(f"GET 200 433 /{h}.narinfo\n".encode() * 3)
+        out.flush()
+        assert hits.ingest() == 3
     assert log.stat().st_size > 0
     assert hits.ingest(final=True) == 0 and log.stat().st_size == 0
     family = {tuple(k): c.value for k, c in metrics.front.children.items()}
-    assert family == {("narinfo", "GET", "200"): 1, ("narinfo", "HEAD", "200"): 1, ("nar", "GET", "206"): 1}
-    assert metrics.narinfo.labels("hit").value == 2
+    assert family == {("narinfo", "GET", "200"): 4, ("narinfo", "HEAD", "200"): 1, ("nar", "GET", "206"): 1}
+    assert metrics.narinfo.labels("hit").value == 5
+    assert metrics.served_bytes.labels("narinfo").value == 4 * 433
     assert metrics.served_bytes.labels("nar").value == 10
     store.flush_served()
     st = os.stat(store.narinfo_dir / f"{h}.narinfo")
