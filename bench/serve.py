@@ -20,6 +20,12 @@ hashes): hits at 1, 16 and 64 connections, misses (404) at 16, nixcache with `--
 files (nginx serves the narinfos as nixcache signs them), alternating server by server each
 round, the load average printed per round (issue 15).
 
+`--baseline CHECKOUT` (with --rps; e.g. `git worktree add /tmp/base main`) adds a third server,
+`before`: that checkout's `nixcache serve` on a copy of the same store with the same key, in
+the same rounds. With every run the server CPU per request is printed too (user + system time
+of all its processes over the requests wrk made, wrk included in the machine but not in the
+number): on a shared machine that, not requests/s, shows what a change saved.
+
 --local-store measures serving this host's own Nix store instead (`[nix_store]`, issue 14): the
 paths are built into /nix/store with nix-build (needs root; the same paths on every run with the
 same --paths and --nar-mib, so reruns build nothing), this server reads Nix's database and
@@ -43,6 +49,8 @@ import time
 from pathlib import Path
 
 import reference_nginx
+from serve_front import cpu_seconds
+from serve_front import workers as child_pids
 
 from nixcache import nixenv
 from nixcache.keys import SecretKey
@@ -51,6 +59,7 @@ from nixcache.server import base32
 # Every process measured (both servers, curl, wrk) runs at this nice level when root, so other
 # work on a shared machine disturbs the measurement less; both servers get the same treatment.
 NICE = ["nice", "-n", "-10"] if os.geteuid() == 0 else []
+ROOT = Path(__file__).resolve().parent.parent  # the checkout whose server is measured
 
 
 def free_port() -> int:
@@ -269,8 +278,8 @@ end
 """
 
 
-def wrk_rps(url: str, paths: list[str], connections: int, seconds: int, work: Path) -> float:
-    """Requests per second that wrk reports, GETs rotating over `paths` (non-2xx counted too)."""
+def wrk_rps(url: str, paths: list[str], connections: int, seconds: int, work: Path) -> tuple[float, int]:
+    """(requests/s, requests) that wrk reports, GETs rotating over `paths` (non-2xx counted too)."""
     listing = work / "wrk-paths.txt"
     listing.write_text("".join(f"{p}\n" for p in paths))
     script = work / "rotate.lua"
@@ -282,32 +291,53 @@ def wrk_rps(url: str, paths: list[str], connections: int, seconds: int, work: Pa
         text=True,
         check=True,
     ).stdout
-    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if not match:
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    count = re.search(r"(\d+) requests in", out)
+    if not rate or not count:
         raise SystemExit(f"cannot read wrk output:\n{out}")
-    return float(match.group(1))
+    return float(rate.group(1)), int(count.group(1))
+
+
+def start_nixcache(checkout: Path, port: int, store: Path, key: Path, log: Path, extra: list[str]):  # type: ignore[no-untyped-def]
+    """`nixcache serve` of `checkout` (its code, not the installed one: `-c` imports from the
+    working directory) on 127.0.0.1:`port`."""
+    return subprocess.Popen(
+        [*NICE, sys.executable, "-c", "from nixcache.cli import main; main()", "serve",
+         "--listen", f"127.0.0.1:{port}", "--store", str(store), "--signing-key", str(key), *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "wb"),
+        cwd=checkout,
+    )  # fmt: skip
 
 
 def rps(args: argparse.Namespace) -> int:
-    """The --rps run: narinfo requests/s of nixcache (workers) and nginx (2 workers, access log)."""
+    """The --rps run: narinfo requests/s of nixcache (workers) and nginx (2 workers, access log),
+    and of `before` (the --baseline checkout) when given; CPU per request of each."""
     work = Path(tempfile.mkdtemp(prefix="nixcache-bench-"))
     procs: list[subprocess.Popen] = []
     workers = args.workers or len(os.sched_getaffinity(0))
     cases = [("hits", 1), ("hits", 16), ("hits", 64), ("misses", 16)]
     results: dict[tuple[str, str, int], list[float]] = {}
+    cpu: dict[tuple[str, str, int], list[float]] = {}  # µs of server CPU per request
     try:
         store = work / "store"
         hashes, _ = build_store(store, args.paths, 1)
         (work / "key").write_text(SecretKey.generate("bench-1").serialize())
-        ours_port, nginx_port = free_port(), free_port()
-        ours = subprocess.Popen(
-            [*NICE, sys.executable, "-c", "from nixcache.cli import main; main()", "serve",
-             "--listen", f"127.0.0.1:{ours_port}", "--store", str(store), "--signing-key",
-             str(work / "key"), "--workers", str(workers), *args.server_args.split()],
-            stdout=subprocess.DEVNULL,
-            stderr=open(work / "server.log", "wb"),  # noqa: SIM115
-        )  # fmt: skip
+        serve_args = ["--workers", str(workers), *args.server_args.split()]
+        ours_port, nginx_port, before_port = free_port(), free_port(), free_port()
+        if args.baseline is not None:
+            shutil.copytree(store, work / "store-before")  # its own store: the servers share nothing
+        ours = start_nixcache(ROOT, ours_port, store, work / "key", work / "server.log", serve_args)
         procs.append(ours)
+        servers = {"nixcache": ours}
+        if args.baseline is not None:
+            before = start_nixcache(
+                args.baseline.resolve(), before_port, work / "store-before", work / "key",
+                work / "before.log", serve_args,
+            )  # fmt: skip
+            procs.append(before)
+            servers["before"] = before
+            wait_port(before_port)
         wait_port(ours_port)
         import httpx
 
@@ -323,9 +353,12 @@ def rps(args: argparse.Namespace) -> int:
             reference_nginx.NARS.format(store=signed),
         ]
         conf = reference_nginx.conf(work / "nginx", nginx_port, locations, workers=NGINX_WORKERS)
-        procs.append(reference_nginx.start(work / "nginx", conf, NICE))
+        nginx = reference_nginx.start(work / "nginx", conf, NICE)
+        procs.append(nginx)
         wait_port(nginx_port)
-        bases = {"nginx": f"http://127.0.0.1:{nginx_port}", "nixcache": f"http://127.0.0.1:{ours_port}"}
+        servers = {"nginx": nginx, **servers}
+        ports = {"nginx": nginx_port, "nixcache": ours_port, "before": before_port}
+        bases = {name: f"http://127.0.0.1:{ports[name]}" for name in servers}
         paths = {
             "hits": [f"/{h}.narinfo" for h in hashes],
             "misses": [f"/{base32.encode(os.urandom(20))}.narinfo" for _ in hashes],
@@ -333,13 +366,18 @@ def rps(args: argparse.Namespace) -> int:
         for base in bases.values():  # warm-up: caches, signed-narinfo memory, pages
             wrk_rps(base, paths["hits"], 16, 1, work)
         print(f"nixcache: {workers} workers; nginx: {NGINX_WORKERS} workers, access log on; "
-              f"{len(hashes)} narinfos, wrk {args.seconds}s per run, {args.rounds} rounds")  # fmt: skip
+              f"{len(hashes)} narinfos, wrk {args.seconds}s per run, {args.rounds} rounds"
+              + (f"; before: {args.baseline}" if args.baseline else ""))  # fmt: skip
         for round_ in range(args.rounds):
             line = []
             for kind, connections in cases:
                 for name, base in bases.items():
-                    value = wrk_rps(base, paths[kind], connections, args.seconds, work)
+                    pids = [servers[name].pid, *child_pids(servers[name].pid)]
+                    used = cpu_seconds(pids)
+                    value, requests = wrk_rps(base, paths[kind], connections, args.seconds, work)
+                    used = cpu_seconds(pids) - used
                     results.setdefault((name, kind, connections), []).append(value)
+                    cpu.setdefault((name, kind, connections), []).append(used / requests * 1e6)
                     line.append(f"{kind[0]}{connections} {name} {value:.0f}")
             load = " ".join(f"{x:.2f}" for x in os.getloadavg())
             print(f"round {round_ + 1}: load {load}; " + ", ".join(line), flush=True)
@@ -352,13 +390,23 @@ def rps(args: argparse.Namespace) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
         shutil.rmtree(work, ignore_errors=True)
-    print(f"{'narinfo requests/s':30}{'nginx':>10}{'nixcache':>10}{'ratio':>8}   (medians)   target")
+    names = list(bases)
+    ours_vs = [name for name in names if name != "nginx"]
+    print(f"{'narinfo requests/s (medians)':30}" + "".join(f"{n:>10}" for n in names)
+          + "".join(f"{n + '/nginx':>16}" for n in ours_vs) + "   target")  # fmt: skip
     targets = {("hits", 16): ">= 0.8x", ("hits", 64): ">= 0.8x", ("misses", 16): ">= 0.7x"}
     for kind, connections in cases:
-        ng = statistics.median(results[("nginx", kind, connections)])
-        us = statistics.median(results[("nixcache", kind, connections)])
+        got = {n: statistics.median(results[(n, kind, connections)]) for n in names}
         label = f"{kind}, {connections} connection{'s' if connections > 1 else ''}"
-        print(f"{label:30}{ng:>10.0f}{us:>10.0f}{us / ng:>7.2f}x   {targets.get((kind, connections), '')}")
+        print(f"{label:30}" + "".join(f"{got[n]:>10.0f}" for n in names)
+              + "".join(f"{got[n] / got['nginx']:>15.2f}x" for n in ours_vs)
+              + f"   {targets.get((kind, connections), '')}")  # fmt: skip
+    print(f"{'server CPU per request, us':30}" + "".join(f"{n:>10}" for n in names))
+    for kind, connections in cases:
+        label = f"{kind}, {connections} connection{'s' if connections > 1 else ''}"
+        print(
+            f"{label:30}" + "".join(f"{statistics.median(cpu[(n, kind, connections)]):>10.1f}" for n in names)
+        )
     return 0
 
 
@@ -377,6 +425,9 @@ def main() -> int:
     )
     parser.add_argument("--rps", action="store_true", help="narinfo requests/s at 1-64 connections (wrk)")
     parser.add_argument("--workers", type=int, default=0, help="--rps: nixcache workers [one per core]")
+    parser.add_argument(
+        "--baseline", type=Path, help="--rps: a checkout whose server is measured beside, as `before`"
+    )
     parser.add_argument(
         "--front", action="store_true", help="the deploy's nginx front vs nginx alone (bench/serve_front.py)"
     )
