@@ -20,9 +20,10 @@ hashes): hits at 1, 16 and 64 connections, misses (404) at 16, nixcache with `--
 files (nginx serves the narinfos as nixcache signs them), alternating server by server each
 round, the load average printed per round (issue 15).
 
-`--baseline CHECKOUT` (with --rps; e.g. `git worktree add /tmp/base main`) adds a third server,
-`before`: that checkout's `nixcache serve` on a copy of the same store with the same key, in
-the same rounds. With every run the server CPU per request is printed too (user + system time
+`--baseline CHECKOUT` (e.g. `git worktree add /tmp/base main`) adds a third server, `before`:
+that checkout's `nixcache serve` on a copy of the same store (--local-store: the same Nix store,
+its own push store) with the same key, in the same rounds. With --rps the server CPU per request
+is printed too (user + system time
 of all its processes over the requests wrk made, wrk included in the machine but not in the
 number): on a shared machine that, not requests/s, shows what a change saved.
 
@@ -426,7 +427,7 @@ def main() -> int:
     parser.add_argument("--rps", action="store_true", help="narinfo requests/s at 1-64 connections (wrk)")
     parser.add_argument("--workers", type=int, default=0, help="--rps: nixcache workers [one per core]")
     parser.add_argument(
-        "--baseline", type=Path, help="--rps: a checkout whose server is measured beside, as `before`"
+        "--baseline", type=Path, help="a checkout whose server is measured beside, as `before`"
     )
     parser.add_argument(
         "--front", action="store_true", help="the deploy's nginx front vs nginx alone (bench/serve_front.py)"
@@ -458,15 +459,26 @@ def main() -> int:
         key = SecretKey.generate("bench-1")
         (work / "key").write_text(key.serialize())
 
-        ours_port, nginx_port = free_port(), free_port()
+        ours_port, nginx_port, before_port = free_port(), free_port(), free_port()
         ours = subprocess.Popen(
             [*NICE, sys.executable, "-c", "from nixcache.cli import main; main()", "serve",
              "--listen", f"127.0.0.1:{ours_port}", *config, "--signing-key", str(work / "key"),
              *args.server_args.split()],
             stdout=subprocess.DEVNULL,
             stderr=open(work / "server.log", "wb"),  # noqa: SIM115
+            cwd=ROOT,
         )  # fmt: skip
         procs.append(ours)
+        if args.baseline is not None:  # the same paths, its own push store
+            if args.local_store:
+                before_store = work / "push-store-before"
+            else:
+                before_store = work / "store-before"
+                shutil.copytree(store, before_store)
+            procs.append(start_nixcache(
+                args.baseline.resolve(), before_port, before_store, work / "key", work / "before.log",
+                [*config[:-2], *args.server_args.split()],  # `config` without its "--store DIR"
+            ))  # fmt: skip
         if args.local_store:
             wait_port(ours_port)
             big = fill_for_nginx(store, f"http://127.0.0.1:{ours_port}", hashes, big_path, work)
@@ -482,6 +494,9 @@ def main() -> int:
         wait_port(nginx_port)
 
         bases = {"nginx": f"http://127.0.0.1:{nginx_port}", "nixcache": f"http://127.0.0.1:{ours_port}"}
+        if args.baseline is not None:
+            wait_port(before_port)
+            bases["before"] = f"http://127.0.0.1:{before_port}"
         results = measure(bases, hashes, big, work, args.rounds, 0 if args.narinfo_only else args.seconds)
         rss = peak_rss_mib(ours.pid)
     finally:
@@ -516,6 +531,11 @@ def main() -> int:
     for label, a, b, unit, target in rows:
         print(f"{label:34}{a:>9.1f} {unit:<3}{b:>9.1f} {unit:<3}{b / a:>8.2f}x   {target}")
     print(f"per narinfo: nginx {ng['warm'] / n * 1e6:.0f} us, nixcache {us['warm'] / n * 1e6:.0f} us")
+    if "before" in results:
+        was = results["before"]
+        print(f"before ({args.baseline}): narinfo warm {was['warm'] * 1000:.1f} ms"
+              f" ({was['warm'] / ng['warm']:.2f}x nginx), best {was['best'] * 1000:.1f} ms,"
+              f" 404s {was['misses'] * 1000:.1f} ms ({was['misses'] / ng['misses']:.2f}x)")  # fmt: skip
     print(f"nixcache peak RSS: {rss:.1f} MiB (per process, the largest; target < 100 MiB)")
     return 0
 
