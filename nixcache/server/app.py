@@ -162,8 +162,8 @@ class App:
 
     def narinfo(self, hash_part: str, authorization: str | None) -> Response:
         """The answer to GET /<hash_part>.narinfo: also called by the HTTP layer's fast path, so
-        a hit costs one open and read of its signed file and a miss one failed open and a stat
-        (Nix clients ask for many absent paths)."""
+        a hit costs an open, a read and a close of its signed file and a miss a failed open and
+        an access(2) (Nix clients ask for many absent paths)."""
         if not self.tokens.may_read(authorization):
             return self._unauthorized(authorization, "read")
         # This host's own Nix store first (when served), then the push store.
