@@ -20,6 +20,13 @@ hashes): hits at 1, 16 and 64 connections, misses (404) at 16, nixcache with `--
 files (nginx serves the narinfos as nixcache signs them), alternating server by server each
 round, the load average printed per round (issue 15).
 
+`--baseline CHECKOUT` (e.g. `git worktree add /tmp/base main`) adds a third server, `before`:
+that checkout's `nixcache serve` on a copy of the same store (--local-store: the same Nix store,
+its own push store) with the same key, in the same rounds. With --rps the server CPU per request
+is printed too (user + system time
+of all its processes over the requests wrk made, wrk included in the machine but not in the
+number): on a shared machine that, not requests/s, shows what a change saved.
+
 --local-store measures serving this host's own Nix store instead (`[nix_store]`, issue 14): the
 paths are built into /nix/store with nix-build (needs root; the same paths on every run with the
 same --paths and --nar-mib, so reruns build nothing), this server reads Nix's database and
@@ -43,6 +50,8 @@ import time
 from pathlib import Path
 
 import reference_nginx
+from serve_front import cpu_seconds
+from serve_front import workers as child_pids
 
 from nixcache import nixenv
 from nixcache.keys import SecretKey
@@ -51,6 +60,7 @@ from nixcache.server import base32
 # Every process measured (both servers, curl, wrk) runs at this nice level when root, so other
 # work on a shared machine disturbs the measurement less; both servers get the same treatment.
 NICE = ["nice", "-n", "-10"] if os.geteuid() == 0 else []
+ROOT = Path(__file__).resolve().parent.parent  # the checkout whose server is measured
 
 
 def free_port() -> int:
@@ -188,28 +198,36 @@ def wait_port(port: int, timeout: float = 15) -> None:
 
 
 def start_servers(
-    work: Path, serve_args: list[str], nginx_root: Path, nginx_workers: int, procs: list[subprocess.Popen]
-) -> tuple[dict[str, str], subprocess.Popen]:
-    """`nixcache serve SERVE_ARGS` and nginx (`nginx_workers`) on `nginx_root`'s narinfo/ and nar/,
-    each on a free loopback port at NICE, both added to `procs` (the caller stops them) and both
-    answering on return. Returns their base URLs by name and the server's process."""
-    ours_port, nginx_port = free_port(), free_port()
-    ours = subprocess.Popen(
-        [*NICE, sys.executable, "-c", "from nixcache.cli import main; main()", "serve",
-         "--listen", f"127.0.0.1:{ours_port}", *serve_args],
-        stdout=subprocess.DEVNULL,
-        stderr=open(work / "server.log", "wb"),  # noqa: SIM115
-    )  # fmt: skip
-    procs.append(ours)
+    work: Path,
+    serve_args: list[str],
+    nginx_root: Path,
+    nginx_workers: int,
+    procs: list[subprocess.Popen],
+    baseline: tuple[Path, list[str]] | None = None,
+) -> tuple[dict[str, str], dict[str, subprocess.Popen]]:
+    """`nixcache serve SERVE_ARGS` of this checkout and nginx (`nginx_workers`) on `nginx_root`'s
+    narinfo/ and nar/, and with `baseline` (CHECKOUT, ITS_SERVE_ARGS) that checkout's server as
+    "before"; each on a free loopback port at NICE, all added to `procs` (the caller stops them)
+    and all answering on return. Returns their base URLs and their processes by name."""
+    ports = {"nginx": free_port(), "nixcache": free_port()}
+    servers = {"nixcache": start_nixcache(ROOT, ports["nixcache"], work / "server.log", serve_args)}
+    procs.append(servers["nixcache"])
+    if baseline is not None:
+        ports["before"] = free_port()
+        checkout, before_args = baseline
+        log = work / "before.log"
+        servers["before"] = start_nixcache(checkout.resolve(), ports["before"], log, before_args)
+        procs.append(servers["before"])
     locations = [
         reference_nginx.NARINFO.format(dir=nginx_root / "narinfo"),
         reference_nginx.NARS.format(store=nginx_root),
     ]
-    conf = reference_nginx.conf(work / "nginx", nginx_port, locations, workers=nginx_workers)
-    procs.append(reference_nginx.start(work / "nginx", conf, NICE))
-    wait_port(ours_port)
-    wait_port(nginx_port)
-    return {"nginx": f"http://127.0.0.1:{nginx_port}", "nixcache": f"http://127.0.0.1:{ours_port}"}, ours
+    conf = reference_nginx.conf(work / "nginx", ports["nginx"], locations, workers=nginx_workers)
+    servers["nginx"] = reference_nginx.start(work / "nginx", conf, NICE)
+    procs.append(servers["nginx"])
+    for port in ports.values():
+        wait_port(port)
+    return {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}, servers
 
 
 def curl_round(base: str, hashes: list[str], work: Path, *, absent: bool = False) -> float:
@@ -306,8 +324,8 @@ end
 """
 
 
-def wrk_rps(url: str, paths: list[str], connections: int, seconds: int, work: Path) -> float:
-    """Requests per second that wrk reports, GETs rotating over `paths` (non-2xx counted too)."""
+def wrk_rps(url: str, paths: list[str], connections: int, seconds: int, work: Path) -> tuple[float, int]:
+    """(requests/s, requests) that wrk reports, GETs rotating over `paths` (non-2xx counted too)."""
     listing = work / "wrk-paths.txt"
     listing.write_text("".join(f"{p}\n" for p in paths))
     script = work / "rotate.lua"
@@ -319,26 +337,52 @@ def wrk_rps(url: str, paths: list[str], connections: int, seconds: int, work: Pa
         text=True,
         check=True,
     ).stdout
-    match = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if not match:
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    count = re.search(r"(\d+) requests in", out)
+    if not rate or not count:
         raise SystemExit(f"cannot read wrk output:\n{out}")
-    return float(match.group(1))
+    return float(rate.group(1)), int(count.group(1))
+
+
+def start_nixcache(checkout: Path, port: int, log: Path, serve_args: list[str]):  # type: ignore[no-untyped-def]
+    """`nixcache serve SERVE_ARGS` of `checkout` (its code, not the installed one: `-c` imports
+    from the working directory) on 127.0.0.1:`port`."""
+    return subprocess.Popen(
+        [*NICE, sys.executable, "-c", "from nixcache.cli import main; main()", "serve",
+         "--listen", f"127.0.0.1:{port}", *serve_args],
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "wb"),
+        cwd=checkout,
+    )  # fmt: skip
 
 
 def rps(args: argparse.Namespace) -> int:
-    """The --rps run: narinfo requests/s of nixcache (workers) and nginx (2 workers, access log)."""
+    """The --rps run: narinfo requests/s of nixcache (workers) and nginx (2 workers, access log),
+    and of `before` (the --baseline checkout) when given; CPU per request of each."""
     work = Path(tempfile.mkdtemp(prefix="nixcache-bench-"))
     procs: list[subprocess.Popen] = []
     workers = args.workers or len(os.sched_getaffinity(0))
     cases = [("hits", 1), ("hits", 16), ("hits", 64), ("misses", 16)]
     results: dict[tuple[str, str, int], list[float]] = {}
+    cpu: dict[tuple[str, str, int], list[float]] = {}  # µs of server CPU per request
     try:
         store = work / "store"
         hashes, _ = build_store(store, args.paths, 1)
         (work / "key").write_text(SecretKey.generate("bench-1").serialize())
         signed = work / "signed"  # nginx serves the very bytes nixcache answers
-        serve_args = ["--store", str(store), "--signing-key", str(work / "key"), "--workers", str(workers)]
-        bases, _ = start_servers(work, [*serve_args, *args.server_args.split()], signed, NGINX_WORKERS, procs)
+        serve_args = [
+            "--workers",
+            str(workers),
+            "--signing-key",
+            str(work / "key"),
+            *args.server_args.split(),
+        ]
+        baseline = None
+        if args.baseline is not None:
+            shutil.copytree(store, work / "store-before")  # its own store: the servers share nothing
+            baseline = (args.baseline, ["--store", str(work / "store-before"), *serve_args])
+        ours_args = ["--store", str(store), *serve_args]
+        bases, servers = start_servers(work, ours_args, signed, NGINX_WORKERS, procs, baseline)
         import httpx
 
         (signed / "narinfo").mkdir(parents=True)
@@ -354,26 +398,41 @@ def rps(args: argparse.Namespace) -> int:
         for base in bases.values():  # warm-up: caches, signed-narinfo memory, pages
             wrk_rps(base, paths["hits"], 16, 1, work)
         print(f"nixcache: {workers} workers; nginx: {NGINX_WORKERS} workers, access log on; "
-              f"{len(hashes)} narinfos, wrk {args.seconds}s per run, {args.rounds} rounds")  # fmt: skip
+              f"{len(hashes)} narinfos, wrk {args.seconds}s per run, {args.rounds} rounds"
+              + (f"; before: {args.baseline}" if args.baseline else ""))  # fmt: skip
         for round_ in range(args.rounds):
             line = []
             for kind, connections in cases:
                 for name, base in bases.items():
-                    value = wrk_rps(base, paths[kind], connections, args.seconds, work)
+                    pids = [servers[name].pid, *child_pids(servers[name].pid)]
+                    used = cpu_seconds(pids)
+                    value, requests = wrk_rps(base, paths[kind], connections, args.seconds, work)
+                    used = cpu_seconds(pids) - used
                     results.setdefault((name, kind, connections), []).append(value)
+                    cpu.setdefault((name, kind, connections), []).append(used / requests * 1e6)
                     line.append(f"{kind[0]}{connections} {name} {value:.0f}")
             load = " ".join(f"{x:.2f}" for x in os.getloadavg())
             print(f"round {round_ + 1}: load {load}; " + ", ".join(line), flush=True)
     finally:
         stop(procs, 70)
         shutil.rmtree(work, ignore_errors=True)
-    print(f"{'narinfo requests/s':30}{'nginx':>10}{'nixcache':>10}{'ratio':>8}   (medians)   target")
+    names = list(bases)
+    ours_vs = [name for name in names if name != "nginx"]
+    print(f"{'narinfo requests/s (medians)':30}" + "".join(f"{n:>10}" for n in names)
+          + "".join(f"{n + '/nginx':>16}" for n in ours_vs) + "   target")  # fmt: skip
     targets = {("hits", 16): ">= 0.8x", ("hits", 64): ">= 0.8x", ("misses", 16): ">= 0.7x"}
     for kind, connections in cases:
-        ng = statistics.median(results[("nginx", kind, connections)])
-        us = statistics.median(results[("nixcache", kind, connections)])
+        got = {n: statistics.median(results[(n, kind, connections)]) for n in names}
         label = f"{kind}, {connections} connection{'s' if connections > 1 else ''}"
-        print(f"{label:30}{ng:>10.0f}{us:>10.0f}{us / ng:>7.2f}x   {targets.get((kind, connections), '')}")
+        print(f"{label:30}" + "".join(f"{got[n]:>10.0f}" for n in names)
+              + "".join(f"{got[n] / got['nginx']:>15.2f}x" for n in ours_vs)
+              + f"   {targets.get((kind, connections), '')}")  # fmt: skip
+    print(f"{'server CPU per request, us':30}" + "".join(f"{n:>10}" for n in names))
+    for kind, connections in cases:
+        label = f"{kind}, {connections} connection{'s' if connections > 1 else ''}"
+        print(
+            f"{label:30}" + "".join(f"{statistics.median(cpu[(n, kind, connections)]):>10.1f}" for n in names)
+        )
     return 0
 
 
@@ -392,6 +451,9 @@ def main() -> int:
     )
     parser.add_argument("--rps", action="store_true", help="narinfo requests/s at 1-64 connections (wrk)")
     parser.add_argument("--workers", type=int, default=0, help="--rps: nixcache workers [one per core]")
+    parser.add_argument(
+        "--baseline", type=Path, help="a checkout whose server is measured beside, as `before`"
+    )
     parser.add_argument(
         "--front", action="store_true", help="the deploy's nginx front vs nginx alone (bench/serve_front.py)"
     )
@@ -423,12 +485,23 @@ def main() -> int:
         (work / "key").write_text(key.serialize())
 
         # One nginx worker, as in the runs recorded for this mode (one keep-alive connection: one works).
-        serve_args = [*config, "--signing-key", str(work / "key"), *args.server_args.split()]
-        bases, ours = start_servers(work, serve_args, store, 1, procs)
+        serve_args = ["--signing-key", str(work / "key"), *args.server_args.split()]
+        baseline = None
+        if args.baseline is not None:  # the same paths, its own push store
+            if args.local_store:
+                before_store = work / "push-store-before"
+            else:
+                before_store = work / "store-before"
+                shutil.copytree(store, before_store)
+            baseline = (
+                args.baseline,
+                [*config[:-2], "--store", str(before_store), *serve_args],
+            )  # `config` without its "--store DIR"
+        bases, servers = start_servers(work, [*config, *serve_args], store, 1, procs, baseline)
         if args.local_store:
             big = fill_for_nginx(store, bases["nixcache"], hashes, big_path, work)
         results = measure(bases, hashes, big, work, args.rounds, 0 if args.narinfo_only else args.seconds)
-        rss = peak_rss_mib(ours.pid)
+        rss = peak_rss_mib(servers["nixcache"].pid)
     finally:
         stop(procs)
         shutil.rmtree(work, ignore_errors=True)
@@ -455,6 +528,11 @@ def main() -> int:
     for label, a, b, unit, target in rows:
         print(f"{label:34}{a:>9.1f} {unit:<3}{b:>9.1f} {unit:<3}{b / a:>8.2f}x   {target}")
     print(f"per narinfo: nginx {ng['warm'] / n * 1e6:.0f} us, nixcache {us['warm'] / n * 1e6:.0f} us")
+    if "before" in results:
+        was = results["before"]
+        print(f"before ({args.baseline}): narinfo warm {was['warm'] * 1000:.1f} ms"
+              f" ({was['warm'] / ng['warm']:.2f}x nginx), best {was['best'] * 1000:.1f} ms,"
+              f" 404s {was['misses'] * 1000:.1f} ms ({was['misses'] / ng['misses']:.2f}x)")  # fmt: skip
     print(f"nixcache peak RSS: {rss:.1f} MiB (per process, the largest; target < 100 MiB)")
     return 0
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
+from posix import close as _close_file  # see below
 from typing import TYPE_CHECKING, Any
 
 from nixcache.keys import SecretKey
@@ -48,8 +49,14 @@ NAR_PATH = rf"/nar/({narinfo.NAR_NAME})"
 # with the reason in the body (Nix 2.8 prints no body for the HEAD it sends first).
 LZIP_NAR_PATH = r"/nar/([0-9a-df-np-sv-z]{52}\.nar\.lzip)"
 NARINFO_LIMIT = 4 * 1024 * 1024  # the largest narinfo accepted (thousands of references fit)
+# A hit's first read(2) asks for this much: every usual narinfo (a few hundred bytes to a few
+# KiB) in one read, without an fstat for its size first.
+_READ_SIZE = 16 * 1024
 HEALTH_RETRY = 30  # seconds: a store that is not writable is a disk or mount problem, not a blip
 _AUTH_HEADERS = (("WWW-Authenticate", 'Basic realm="nixcache"'),)
+# posix.close is close(2). The server runs monkey-patched, where os.close is gevent's: it first
+# checks the descriptor with fcntl and fstat (for descriptors an event loop may watch, never a
+# regular file, which it then closes as this does): two syscalls and a Python call per narinfo.
 
 
 def _error(status: int, reason: str, headers: Sequence[tuple[str, str]] = ()) -> Response:
@@ -155,8 +162,8 @@ class App:
 
     def narinfo(self, hash_part: str, authorization: str | None) -> Response:
         """The answer to GET /<hash_part>.narinfo: also called by the HTTP layer's fast path, so
-        a hit costs one open and read of its signed file and a miss one failed open and a stat
-        (Nix clients ask for many absent paths)."""
+        a hit costs an open, a read and a close of its signed file and a miss a failed open and
+        an access(2) (Nix clients ask for many absent paths)."""
         if not self.tokens.may_read(authorization):
             return self._unauthorized(authorization, "read")
         # This host's own Nix store first (when served), then the push store.
@@ -182,25 +189,35 @@ class App:
     def _signed_narinfo(self, hash_part: str) -> bytes | None:
         """The stored narinfo as served: signed/<hash>.narinfo, read whole (no parse, no
         signature: this runs per request), or signed now when that file is not there yet (an
-        older store, a key rotation in progress, a race with a push); None when not stored."""
+        older store, a key rotation in progress, a race with a push); None when not stored.
+
+        A hit costs open, read and close (a second read only past _READ_SIZE); its mtime, which
+        gc's last-served time keeps, is read when the served marks are flushed, once per entry
+        and not per request. A miss raises nothing more than the failed open (see _sign_stored)."""
         try:
             fd = os.open(self._signed_prefix + hash_part + ".narinfo", os.O_RDONLY)
         except FileNotFoundError:
             return self._sign_stored(hash_part)
         try:
-            st = os.fstat(fd)
-            body = os.read(fd, st.st_size)
+            body = os.read(fd, _READ_SIZE)
+            if len(body) == _READ_SIZE:  # a narinfo of many references: read on to the end
+                chunks = [body]
+                while chunk := os.read(fd, NARINFO_LIMIT):
+                    chunks.append(chunk)
+                body = b"".join(chunks)
         finally:
-            os.close(fd)
+            _close_file(fd)
         if not body:  # never written so (an empty file is what a crash before fsync leaves)
             return self._sign_stored(hash_part)
-        self.store.mark_served(hash_part, st.st_mtime_ns)  # its mtime is the narinfo's
+        self.store.mark_served(hash_part, None)
         return body
 
     def _sign_stored(self, hash_part: str) -> bytes | None:
         """Sign narinfo/<hash>.narinfo with the current keys and publish signed/ (in the thread
         pool: a write and an fsync) for the next request."""
         path = self._narinfo_prefix + hash_part + ".narinfo"
+        if not os.access(path, os.F_OK):
+            return None  # the usual miss: a second FileNotFoundError costs more than the check
         try:
             with open(path, "rb") as handle:
                 st = os.fstat(handle.fileno())

@@ -381,6 +381,8 @@ def send_chunked(sock: socket.socket, body: ChunkedBody, record: Record, *, fram
 
 
 _js = encode_basestring_ascii  # a str as a JSON string literal, quotes included
+# (client, method) -> the start of their log lines, escaped once rather than per request.
+_OPENINGS: dict[tuple[str, str], str] = {}
 
 
 class Server(StreamServer):
@@ -486,13 +488,14 @@ class Server(StreamServer):
             if message.limit is not None:
                 raise message.limit
             framing = wire.frame(message.version, message.headers, message.duplicate)
-            if framing is wire.NO_BODY_11 and message.method in _FAST_METHODS:
-                fast = _NARINFO.fullmatch(message.url)  # an origin-form target, nothing to decode
-                if fast is not None:
-                    record.path = message.url.decode()
-                    hash_part = fast.group(1).decode()
-                    authorization = message.headers.get("authorization")
-                    return self._narinfo(sock, record, hash_part, authorization, message.method == "HEAD")
+            if (
+                framing is wire.NO_BODY_11
+                and message.method in _FAST_METHODS
+                and _NARINFO.fullmatch(message.url)  # an origin-form target, nothing to decode
+            ):
+                path = record.path = message.url.decode("ascii")  # "/<32 chars>.narinfo"
+                authorization = message.headers.get("authorization")
+                return self._narinfo(sock, record, path[1:33], authorization, message.method == "HEAD")
             path, query = wire.split_target(message.url.decode("latin-1"))
         except Refusal as refusal:
             return self._refuse(sock, record, refusal, message)
@@ -618,9 +621,13 @@ class Server(StreamServer):
         # Method, path (without its query) and route come from parsed, known fields; the reason
         # is the server's own words: no line ever holds bytes copied from a request head.
         reason = record.reason
+        opening = _OPENINGS.get((record.client, method))
+        if opening is None:
+            opening = f'{{"client": {_js(record.client)}, "method": {_js(method)}, '
+            if len(_OPENINGS) < 4096:  # the few clients and methods of a cache, bounded anyway
+                _OPENINGS[(record.client, method)] = opening
         self._log_lines.append(
-            f'{{"client": {_js(record.client)}, "method": {_js(method)}, '
-            f'"path": {_js(record.path[:200])}, "status": {status}, "bytes": {record.sent}, '
+            f'{opening}"path": {_js(record.path[:200])}, "status": {status}, "bytes": {record.sent}, '
             f'"ms": {elapsed * 1000:.3f}, "route": "{route}"'
             + (f', "received": {record.received}' if record.received else "")
             + (f', "reason": {_js(reason)}' if reason else "")

@@ -13,7 +13,7 @@ import pytest
 
 from nixcache.server import base32, narinfo
 from server.conftest import Cache, StartCache
-from server.helpers import make_entry, nar_string, push, start_server, write_key
+from server.helpers import make_entry, nar_string, push, random_hash, start_server, write_key
 
 
 def test_cache_info_pubkey_and_healthz(cache: Cache) -> None:
@@ -595,3 +595,20 @@ def test_a_pushed_narinfo_is_served_as_a_cold_server_would_serve_it(cache: Cache
         restarted.stop()
     assert cold.status_code == 200
     assert cold.text == warm.text
+
+
+def test_a_narinfo_larger_than_one_read_is_served_whole(cache: Cache) -> None:
+    # A hit reads its signed file without asking its size first (app._READ_SIZE at a time):
+    # a path with hundreds of references must still arrive complete, for GET and HEAD alike.
+    references = [f"{random_hash()}-a-dependency-with-a-long-name-{i}" for i in range(800)]
+    entry = make_entry(references=references)
+    push(cache.client, entry, cache.token)
+    for _ in range(2):  # signed on push, then read from signed/
+        response = cache.client.get(f"/{entry.hash_part}.narinfo")
+        assert response.status_code == 200
+        assert len(response.content) > 3 * 16 * 1024
+        served = narinfo.parse(response.text)
+        assert set(served.references) == set(references)
+        assert response.text.endswith("\n") and response.text.count("Sig: ") == 1
+    head = cache.client.head(f"/{entry.hash_part}.narinfo")
+    assert head.headers["content-length"] == str(len(response.content))
