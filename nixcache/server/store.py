@@ -460,9 +460,8 @@ class Store:
                 writes.append((_write_durable_or_none, (signed_tmp, signed, mtime_ns)))
             with self._disk_full_is_507():
                 published, *signed_staged = self._offload_all(writes)
-                if not any(signed_staged):
-                    signed_tmp = None
-                self._offload(self._publish_narinfo, (hash_part, info, tmp, published, signed_tmp))
+                with_signed = signed_tmp if any(signed_staged) else None
+                self._offload(self._publish_narinfo, (hash_part, info, tmp, published, with_signed))
         finally:
             _remove(tmp)
             if signed_tmp is not None:
