@@ -2,7 +2,7 @@
 """Benchmark the server and `nixcache gc` on a large store, and pushes while reads run.
 
     python bench/store_scale.py [--entries 1000000] [--seconds 10] [--checkout DIR]
-                                [--push-paths 500] [--skip-store] [--skip-push]
+                                [--push-paths 500] [--push-rounds 1] [--skip-store] [--skip-push]
 
 Store scale (issue 15): writes `--entries` entries in the store's own layout (narinfo, NAR,
 nar-meta; last served spread over 30 days, everything older than gc's grace period) with a
@@ -16,7 +16,9 @@ same way first, so before and after print side by side.
 
 Pushes (`--push-paths` small paths built with nix-build into /nix/store, root): time of
 `nix copy --to` this server vs `nix copy --to file://` (a local directory), and narinfo latency
-(p50/p99 of GETs at a fixed rate on one keep-alive connection) while the push runs vs idle.
+(p50/p99 of GETs at a fixed rate on one keep-alive connection) idle, while the file:// copy runs
+(the client's own CPU and disk load, nothing uploaded to the server) and while the push runs;
+and the server's CPU per path pushed. `--push-rounds N` alternates the checkouts N times.
 Prints the load average with each measurement: the machine may be shared. Writes nothing
 outside its temp dirs, which it removes.
 """
@@ -33,6 +35,7 @@ import secrets
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -126,9 +129,11 @@ def peak_rss_mib(pid: int) -> float:
     return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of process `pid` so far (load-independent, unlike wall time)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, thread: int | None = None) -> float:
+    """User plus system CPU time of process `pid` (or of its `thread`) so far (load-independent,
+    unlike wall time)."""
+    stat = f"/proc/{pid}/task/{thread}/stat" if thread is not None else f"/proc/{pid}/stat"
+    fields = Path(stat).read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -306,7 +311,17 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def server_cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU seconds of server `pid` and its workers, and of their event loops alone (each
+    worker's main thread: what every other request on that worker waits for)."""
+    children = [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    loops = sum(cpu_seconds(worker, worker) for worker in children or [pid])
+    return cpu_seconds(pid) + sum(map(cpu_seconds, children)), loops
+
+
 def push_round(name: str, checkout: Path | None, paths: list[str], work: Path) -> dict:
+    """Reads idle, while `nix copy --to file://` runs (the client's own load on the machine: no
+    upload reaches the server) and while the same paths are pushed to the server."""
     store = work / f"push-store-{name}"
     token = secrets.token_urlsafe(16)
     (work / "token").write_text(token + "\n")
@@ -322,19 +337,34 @@ def push_round(name: str, checkout: Path | None, paths: list[str], work: Path) -
         time.sleep(5)
         idle.done.set()
         idle.join()
+        client = Reader(port, probe)
+        client.start()
+        target = work / f"file-cache-{name}"
+        result["file"] = nix_copy(f"file://{target}", paths, work, f"file-{name}")
+        client.done.set()
+        client.join()
+        shutil.rmtree(target)
         reader = Reader(port, probe)
         reader.start()
+        cpu, loop = server_cpu_seconds(proc.pid)
         result["push"] = nix_copy(f"http://127.0.0.1:{port}", paths, work, f"push-{name}")
+        cpu_after, loop_after = server_cpu_seconds(proc.pid)
+        result["cpu_ms"] = (cpu_after - cpu) * 1000 / len(paths)
+        result["loop_ms"] = (loop_after - loop) * 1000 / len(paths)
         reader.done.set()
         reader.join()
     finally:
         stop(proc)
-    result["idle_p50"], result["idle_p99"] = pct(idle.latencies, 0.5), pct(idle.latencies, 0.99)
-    result["busy_p50"], result["busy_p99"] = pct(reader.latencies, 0.5), pct(reader.latencies, 0.99)
+    for key, measured in (("idle", idle), ("file", client), ("busy", reader)):
+        result[f"{key}_p50"] = pct(measured.latencies, 0.5)
+        result[f"{key}_p99"] = pct(measured.latencies, 0.99)
     shutil.rmtree(store)
     print(
-        f"[{name}] nix copy --to http: {result['push']:.1f} s; narinfo p50/p99 idle "
-        f"{result['idle_p50']:.2f}/{result['idle_p99']:.2f} ms, while pushing "
+        f"[{name}] nix copy --to file:// {result['file']:.1f} s, --to http {result['push']:.1f} s "
+        f"(server CPU {result['cpu_ms']:.2f} ms per path, {result['loop_ms']:.2f} on the event loops); "
+        f"narinfo p50/p99 idle "
+        f"{result['idle_p50']:.2f}/{result['idle_p99']:.2f} ms, while copying to file:// "
+        f"{result['file_p50']:.2f}/{result['file_p99']:.2f} ms, while pushing "
         f"{result['busy_p50']:.2f}/{result['busy_p99']:.2f} ms (load {load()})",
         flush=True,
     )
@@ -360,6 +390,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--checkout", type=Path, help="also run this checkout's code, first (before)")
     parser.add_argument("--push-paths", type=int, default=500)
+    parser.add_argument("--push-rounds", type=int, default=1, help="push rounds, alternating the checkouts")
     parser.add_argument("--skip-store", action="store_true")
     parser.add_argument("--skip-push", action="store_true")
     parser.add_argument("--work", type=Path, help="temp dir parent (needs ~12 KiB per entry)")
@@ -386,14 +417,12 @@ def main() -> int:
                 store_results[name] = store_round(
                     name, checkout, args.entries, args.seconds, work, args.prepared
                 )
-        push_results, file_times = {}, []
+        push_results: dict[str, list[dict]] = {}
         if not args.skip_push:
             paths = build_paths(work, args.push_paths)
-            for name, checkout in runs:
-                target = work / f"file-cache-{name}"
-                file_times.append(nix_copy(f"file://{target}", paths, work, f"file-{name}"))
-                shutil.rmtree(target)
-                push_results[name] = push_round(name, checkout, paths, work)
+            for _ in range(args.push_rounds):
+                for name, checkout in runs:
+                    push_results.setdefault(name, []).append(push_round(name, checkout, paths, work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -412,14 +441,25 @@ def main() -> int:
             cells = "".join(f"{r[key]:>9.1f} {unit:<3}" for r in store_results.values())
             print(f"{label:35}{cells}   {target}")
     if push_results:
-        file_s = min(file_times)
-        print(f"\nnix copy of {args.push_paths} small paths: file:// {file_s:.1f} s", end="")
-        print(f" (best of {len(file_times)})")
-        for name, r in push_results.items():
+        # Per round, each push against the file:// copy and the idle reads of its own round;
+        # the medians of those ratios over the rounds.
+        print(f"\nnix copy of {args.push_paths} small paths, medians of {args.push_rounds} round(s):")
+        for name, rounds in push_results.items():
+
+            def median(key: str, rounds: list[dict] = rounds) -> float:
+                return statistics.median(r[key] for r in rounds)
+
+            def ratio(a: str, b: str, rounds: list[dict] = rounds) -> float:
+                return statistics.median(r[a] / r[b] for r in rounds)
+
             print(
-                f"  {name:>6}: http {r['push']:.1f} s = {r['push'] / file_s:.2f}x file:// (target <= 3x); "
-                f"narinfo p99 while pushing {r['busy_p99']:.2f} ms vs idle {r['idle_p99']:.2f} ms "
-                f"= {r['busy_p99'] / r['idle_p99']:.2f}x (target <= 2x)"
+                f"  {name:>6}: http {median('push'):.1f} s vs file:// {median('file'):.1f} s = "
+                f"{ratio('push', 'file'):.2f}x (target <= 3x), server CPU {median('cpu_ms'):.2f} ms/path "
+                f"({median('loop_ms'):.2f} on the event loops); "
+                f"narinfo p99 idle {median('idle_p99'):.2f} ms, while copying to file:// "
+                f"{median('file_p99'):.2f} ms ({ratio('file_p99', 'idle_p99'):.2f}x: the client's share), "
+                f"while pushing {median('busy_p99'):.2f} ms = {ratio('busy_p99', 'idle_p99'):.2f}x idle "
+                f"(target <= 2x)"
             )
     return 0
 

@@ -210,7 +210,7 @@ class Resigner:
                     len(names),
                     self.pending,
                 )
-        write_atomically(store.signed_dir / KEYS_FILE, self.wanted.encode(), mode=0o644)
+        self.offload(write_atomically, (store.signed_dir / KEYS_FILE, self.wanted.encode(), 0o644))
         with contextlib.suppress(FileNotFoundError):
             (store.signed_dir / PROGRESS_FILE).unlink()
         log.warning(
@@ -224,7 +224,8 @@ class Resigner:
         """The counts on disk, for the metrics of whichever worker answers a scrape (one worker
         re-signs; nixcache.server.prefork)."""
         data = json.dumps({"pending": self.pending, "done": self.done}).encode()
-        write_atomically(self.store.signed_dir / STATS_FILE, data, mode=0o644)
+        # An fsync and a rename: in the thread pool, as every write of the store while serving.
+        self.offload(write_atomically, (self.store.signed_dir / STATS_FILE, data, 0o644))
 
     def _resume_point(self) -> str:
         """The last hash a previous run with the same keys finished, or '' (start over)."""
@@ -239,7 +240,7 @@ class Resigner:
 
     def _record_progress(self, through: str) -> None:
         data = json.dumps({"keys": self.wanted, "through": through}).encode()
-        write_atomically(self.store.signed_dir / PROGRESS_FILE, data, mode=0o644)
+        self.offload(write_atomically, (self.store.signed_dir / PROGRESS_FILE, data, 0o644))
 
 
 def read_stats(store: Store) -> tuple[int, int]:

@@ -117,6 +117,28 @@ def _is_disk_full(error: OSError) -> bool:
     return error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+def _write_durable(path: Path, data: bytes, mtime_ns: int | None = None) -> os.stat_result:
+    """Create `path` (a new temp file) holding `data` (with `mtime_ns` as its mtime, when
+    given), fsync it and return its stat. Run in the thread pool: creating a file, like every
+    change of the filesystem's metadata, may wait for its journal (milliseconds while other
+    writes commit), and the fsync for the disk."""
+    with open(path, "xb") as handle:
+        handle.write(data)
+        handle.flush()
+        if mtime_ns is not None:
+            os.utime(handle.fileno(), ns=(mtime_ns, mtime_ns))
+        os.fsync(handle.fileno())
+        return os.fstat(handle.fileno())
+
+
+def _write_durable_or_none(path: Path, data: bytes, mtime_ns: int | None = None) -> os.stat_result | None:
+    """`_write_durable`, None when it fails (for derived files that may be missing)."""
+    try:
+        return _write_durable(path, data, mtime_ns)
+    except OSError:
+        return None
+
+
 # Distinct narinfos remembered as served before they are flushed early (about 15 MB per process).
 SERVED_LIMIT = 100_000
 
@@ -142,6 +164,8 @@ class Store:
         self.gc_stats_file = self.root / "gc-stats.json"
         self.usage = UsageFile(self.root)
         self._offload = offload or (lambda fn, args: fn(*args))
+        # Several calls at once where the server can (workers.Offload.all), else one by one.
+        self._offload_all = getattr(offload, "all", None) or (lambda calls: [fn(*args) for fn, args in calls])
         self._served: dict[str, int | None] = {}
 
     def offload(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
@@ -255,51 +279,54 @@ class Store:
 
     # -- uploads ---------------------------------------------------------------------------------
 
+    def _tmp_path(self, what: str) -> Path:
+        """A new name in tmp/. The pid in it keeps the names of workers apart (two may fetch or
+        receive the same NAR at once)."""
+        return self.tmp_dir / f"{what}.{os.getpid()}.{time.monotonic_ns()}"
+
     @contextlib.contextmanager
-    def _tmp_file(self, what: str) -> Iterator[tuple[BinaryIO, Path]]:
-        """A temp file in tmp/ that is removed unless the caller renamed it away. The pid in its
-        name keeps the names of workers apart (two may fetch or receive the same NAR at once)."""
-        fd = -1
-        path = self.tmp_dir / f"{what}.{os.getpid()}.{time.monotonic_ns()}"
+    def _disk_full_is_507(self) -> Iterator[None]:
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            with os.fdopen(fd, "wb") as handle:
-                fd = -1
-                yield handle, path
+            yield
         except OSError as error:
             if _is_disk_full(error):
                 raise UploadError(
                     507, f"no space left in store {self.root}: free space or run nixcache gc"
                 ) from None
             raise
+
+    @contextlib.contextmanager
+    def _tmp_file(self, what: str) -> Iterator[tuple[BinaryIO, Path]]:
+        """A temp file in tmp/ that is removed unless the caller renamed it away. Created in the
+        thread pool (see _write_durable: the journal)."""
+        fd = -1
+        path = self._tmp_path(what)
+        try:
+            with self._disk_full_is_507():
+                fd = self._offload(os.open, (path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+                with os.fdopen(fd, "wb") as handle:
+                    fd = -1
+                    yield handle, path
         finally:
             if fd >= 0:
                 os.close(fd)
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-
-    @contextlib.contextmanager
-    def _staged(
-        self, name: str, data: bytes, mtime_ns: int | None = None
-    ) -> Iterator[tuple[Path, os.stat_result]]:
-        """`data` in a durable temp file (with `mtime_ns` as its mtime, when given), removed unless
-        the caller renames it into place, and its stat (a rename keeps inode, mtime and size, so
-        it identifies the published version). The fsync runs through `offload` (the thread
-        pool): it can take tens of ms, or seconds on a busy disk, and every other request would
-        wait for it on the event loop."""
-        with self._tmp_file(name) as (handle, tmp):
-            handle.write(data)
-            handle.flush()
-            if mtime_ns is not None:
-                os.utime(handle.fileno(), ns=(mtime_ns, mtime_ns))
-            self._offload(os.fsync, (handle.fileno(),))
-            yield tmp, os.fstat(handle.fileno())
+            _remove(path)
 
     def _write_small(self, target: Path, data: bytes, mtime_ns: int | None = None) -> os.stat_result:
         """Publish `data` at `target` atomically, not counted in the store's usage (signed texts,
-        extra files); the stat of what was published."""
-        with self._staged(target.name, data, mtime_ns) as (tmp, published):
+        extra files); the stat of what was published. In the thread pool, in one step: the
+        create, fsync and rename (a rename keeps inode, mtime and size, so the stat identifies
+        the published version)."""
+        with self._disk_full_is_507():
+            return self._offload(self._replace_durably, (target, data, mtime_ns))
+
+    def _replace_durably(self, target: Path, data: bytes, mtime_ns: int | None) -> os.stat_result:
+        tmp = self._tmp_path(target.name)
+        try:
+            published = _write_durable(tmp, data, mtime_ns)
             os.replace(tmp, target)
+        finally:
+            _remove(tmp)
         return published
 
     def _publish(self, tmp: Path, target: Path, size: int, *, nar: bool) -> None:
@@ -373,14 +400,23 @@ class Store:
                 before_publish(name, tmp)
             # Off the event loop: a large NAR's fsync takes tens of ms, which every other
             # connection (and a pull-through's clients, waiting for their last bytes) would wait.
-            self._offload(os.fsync, (handle.fileno(),))
-            # Under the shared gc lock: gc deletes a NAR and its meta as one step under the
-            # exclusive lock, so it can never remove the meta we just wrote for a new copy.
-            meta = digest.serialize().encode()
-            with self._staged(f"{name}.meta", meta) as (meta_tmp, _), self.gc_lock(exclusive=False):
-                os.replace(meta_tmp, self.meta_dir / name)
-                self._publish(tmp, self.nar_dir / name, size, nar=True)
+            # The meta is written and fsync'ed at the same time, in another thread: the
+            # filesystem commits both in one journal transaction, not two in a row.
+            meta_tmp = self._tmp_path(f"{name}.meta")
+            try:
+                meta = digest.serialize().encode()
+                self._offload_all([(os.fsync, (handle.fileno(),)), (_write_durable, (meta_tmp, meta))])
+                self._offload(self._publish_nar, (name, tmp, meta_tmp, size))
+            finally:
+                _remove(meta_tmp)
         return digest
+
+    def _publish_nar(self, name: str, tmp: Path, meta_tmp: Path, size: int) -> None:
+        # Under the shared gc lock: gc deletes a NAR and its meta as one step under the
+        # exclusive lock, so it can never remove the meta we just wrote for a new copy.
+        with self.gc_lock(exclusive=False):
+            os.replace(meta_tmp, self.meta_dir / name)
+            self._publish(tmp, self.nar_dir / name, size, nar=True)
 
     def nar_digest(self, name: str) -> nar.NarDigest | None:
         try:
@@ -413,23 +449,50 @@ class Store:
         if info.hash_part != hash_part:
             raise UploadError(400, f"{hash_part}.narinfo: StorePath {info.store_path} has another hash")
         # Checked first so nothing invalid leaves this host or is written, and again below under
-        # the lock; the check refreshes the NAR's mtime just before the fsync's wait.
-        with self.gc_lock(exclusive=False):
-            self._check_nar(hash_part, info)
+        # the lock; the check refreshes the NAR's mtime just before the fsync's wait. Every step
+        # that touches the disk runs in the thread pool (see _write_durable).
+        self._offload(self._check_nar_locked, (hash_part, info))
         if before_publish is not None:
             before_publish(info)
-        # Made durable first (off the event loop), then, under the shared gc lock, refresh the
-        # NAR's mtime, check it and publish: gc re-checks that mtime under the exclusive lock
-        # before deleting a NAR, so it cannot collect this one between our check and the rename.
-        staged = self._staged(f"{hash_part}.narinfo", info.render().encode())
-        with staged as (tmp, published), self.gc_lock(exclusive=False):
+        # Signed now: its first GET (often right after a push) reads a file. The narinfo and its
+        # signed text (same mtime) are made durable at once, in two threads (one journal commit);
+        # a signed text that cannot be written (e.g. disk full) is left out: the GET signs then.
+        mtime_ns = time.time_ns()
+        tmp = self._tmp_path(f"{hash_part}.narinfo")
+        signed_tmp = self._tmp_path(f"{hash_part}.signed") if self.keys else None
+        try:
+            writes: list[tuple[Callable[..., Any], tuple[Any, ...]]] = [
+                (_write_durable, (tmp, info.render().encode(), mtime_ns))
+            ]
+            if signed_tmp is not None:
+                signed = info.signed(self.keys, self.store_dir).encode()
+                writes.append((_write_durable_or_none, (signed_tmp, signed, mtime_ns)))
+            with self._disk_full_is_507():
+                published, *signed_staged = self._offload_all(writes)
+                with_signed = signed_tmp if any(signed_staged) else None
+                self._offload(self._publish_narinfo, (hash_part, info, tmp, published, with_signed))
+        finally:
+            _remove(tmp)
+            if signed_tmp is not None:
+                _remove(signed_tmp)
+        return info, published
+
+    def _check_nar_locked(self, hash_part: str, info: NarInfo) -> None:
+        with self.gc_lock(exclusive=False):
+            self._check_nar(hash_part, info)
+
+    def _publish_narinfo(
+        self, hash_part: str, info: NarInfo, tmp: Path, published: os.stat_result, signed_tmp: Path | None
+    ) -> None:
+        # Under the shared gc lock, refresh the NAR's mtime, check it and publish: gc re-checks
+        # that mtime under the exclusive lock before deleting a NAR, so it cannot collect this
+        # one between our check and the rename.
+        with self.gc_lock(exclusive=False):
             self._check_nar(hash_part, info)
             self._publish(tmp, self.narinfo_path(hash_part), published.st_size, nar=False)
-            if self.keys:  # signed now: its first GET (often right after a push) reads a file
-                with contextlib.suppress(UploadError, OSError):  # e.g. disk full: none is left,
-                    body = info.signed(self.keys, self.store_dir).encode()  # the GET signs it
-                    self._publish_signed(hash_part, body, published)
-        return info, published
+            if signed_tmp is not None:
+                with contextlib.suppress(OSError):  # none is left then: the GET signs it
+                    self._place_signed(hash_part, published, lambda target: os.replace(signed_tmp, target))
 
     def publish_signed(self, hash_part: str, body: bytes, made_from: os.stat_result) -> bool:
         """Publish `body` as signed/<hash_part>.narinfo if narinfo/<hash_part>.narinfo is still
@@ -442,12 +505,20 @@ class Store:
         # Under the shared gc lock, so gc and verify (exclusive) cannot delete the narinfo in
         # between. Checked again after the rename: a push of a new version by another worker
         # may have landed meanwhile, and an absent signed text is always safe, a stale one not.
+        return self._place_signed(
+            hash_part, made_from, lambda target: self._write_small(target, body, made_from.st_mtime_ns)
+        )
+
+    def _place_signed(
+        self, hash_part: str, made_from: os.stat_result, place: Callable[[Path], object]
+    ) -> bool:
+        """`place(signed/<hash_part>.narinfo)` while narinfo/<hash_part>.narinfo is `made_from`."""
         identity = (made_from.st_ino, made_from.st_mtime_ns)
         if _identity(self.narinfo_path(hash_part)) != identity:
             return False
         target = self.signed_path(hash_part)
         try:
-            self._write_small(target, body, mtime_ns=made_from.st_mtime_ns)
+            place(target)
         except BaseException:
             _remove(target)  # the text of an older version must not outlive a failed write
             raise

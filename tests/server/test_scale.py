@@ -44,6 +44,29 @@ def fsync(fd):
 os.fsync = fsync
 """
 
+# A filesystem whose renames of uploads wait 2 s (a journal busy committing other writes:
+# creating, renaming and re-timing files all wait for it), and whose fsyncs take 0.5 s and
+# count how many run at once (in FSYNCS: one line per fsync, the number running when it began).
+SLOW_METADATA = """
+import os, time
+_replace, _fsync, _sleep = os.replace, os.fsync, time.sleep
+_running = []
+def replace(src, dst, **kwargs):
+    if os.path.basename(os.path.dirname(src)) == "tmp":  # an upload's file, from the store's tmp/
+        _sleep(2.0)
+    return _replace(src, dst, **kwargs)
+def fsync(fd):
+    _running.append(fd)
+    with open(FSYNCS, "a") as log:
+        log.write(f"{len(_running)}\\n")
+    try:
+        _sleep(0.5)
+        _fsync(fd)
+    finally:
+        _running.remove(fd)
+os.replace, os.fsync = replace, fsync
+"""
+
 # A store whose full usage scan takes a minute.
 SLOW_SCAN = """
 import time
@@ -123,6 +146,44 @@ def test_reads_are_not_held_up_by_an_uploads_fsync(start_cache: StartCache) -> N
     assert uploading, "the upload ended before the read: its fsync was not slow"
     assert waited < 1.0, f"a narinfo read waited {waited:.2f} s behind an upload's 2 s fsync"
     assert done == [201]
+    assert cache.client.get(f"/{entry.hash_part}.narinfo").status_code == 200
+
+
+def test_reads_are_answered_while_an_upload_publishes_and_its_fsyncs_overlap(
+    start_cache: StartCache, tmp_path: Path
+) -> None:
+    fsyncs = tmp_path / "fsyncs"
+    cache = start_cache(preamble=f"FSYNCS = {str(fsyncs)!r}\n" + SLOW_METADATA)
+    entry = make_entry()
+    answers: dict[str, int] = {}
+    deadline = time.monotonic() + 60
+    while not (cache.store / "signed" / "KEYS").exists():  # the start's own writes are done
+        assert time.monotonic() < deadline, "signed/KEYS never written"
+        time.sleep(0.1)
+
+    def put(path: str, body: bytes) -> None:
+        with httpx.Client(base_url=cache.url, timeout=60) as client:
+            answers[path] = client.put(path, content=body, auth=cache.auth).status_code
+
+    for path, body in (
+        (f"/nar/{entry.nar_file}", entry.file_bytes),
+        (f"/{entry.hash_part}.narinfo", entry.narinfo()),
+    ):
+        fsyncs.write_text("")
+        uploader = threading.Thread(target=put, args=(path, body))
+        uploader.start()
+        time.sleep(1.0)  # past the fsyncs (0.5 s): the upload renames its files into place now
+        begin = time.monotonic()
+        miss = cache.client.get(f"/{make_entry().hash_part}.narinfo")
+        waited = time.monotonic() - begin
+        uploading = uploader.is_alive()
+        uploader.join(60)
+        assert miss.status_code == 404
+        assert uploading, f"PUT {path} ended before the read: its renames were not slow"
+        assert waited < 1.0, f"a narinfo read waited {waited:.2f} s behind PUT {path}'s 2 s rename"
+        assert answers[path] == 201
+        # The NAR and its meta, the narinfo and its signed text: each pair fsync'ed at once.
+        assert fsyncs.read_text().split() == ["1", "2"], f"PUT {path}: fsyncs one after the other"
     assert cache.client.get(f"/{entry.hash_part}.narinfo").status_code == 200
 
 
