@@ -5,18 +5,19 @@ place for the reads: on the loop, every chunk of the origin's body is a gevent w
 switch and a hand-over to the greenlets that send it on, and receiving, hashing and writing
 take turns with sending to the clients on one thread. Here the origin's body is read into one
 reused buffer on an OS-level blocking socket in a thread of `Fetches` (http.client on the
-unpatched socket module, with the unpatched ssl for https), hashed (hashlib releases the GIL)
+unpatched socket module; for https see _TLSConnection), hashed (hashlib releases the GIL)
 and written to the temp file in that thread, while the event loop sends what is written.
 
 Used for the origin's NAR GETs (a presigned URL: minio signs it, no I/O); everything else,
 small and latency-bound, stays on minio and the event loop. No keep-alive pool: one connection
-per NAR, whose transfer dwarfs the connect.
+per NAR, whose transfer dwarfs the connect (a TLS handshake for an https origin).
 """
 
 from __future__ import annotations
 
 import http.client
 import re
+import ssl
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,8 +28,6 @@ from gevent import monkey
 from nixcache.server.workers import offload_to
 
 _create_connection = monkey.get_original("socket", "create_connection")
-_SSLContext = monkey.get_original("ssl", "SSLContext")
-_PROTOCOL = monkey.get_original("ssl", "PROTOCOL_TLS_CLIENT")
 # Reads of 1 MiB: a quarter of the syscalls and wake-ups of the store's 256 KiB, and on a thread
 # of its own a larger read costs nothing on the event loop (on it, 1 MiB reads cost more CPU).
 CHUNK = 1024 * 1024
@@ -42,8 +41,10 @@ class _Connection(http.client.HTTPConnection):
         self._create_connection = _create_connection  # a real, blocking socket
 
 
-class _TLSConnection(http.client.HTTPSConnection, _Connection):
-    """HTTPSConnection.connect wraps what _Connection's socket factory made."""
+class _TLSConnection(http.client.HTTPSConnection):
+    """https: gevent's socket and ssl (the unpatched ssl module cannot wrap a socket beside
+    gevent's patching), made in the fetch thread, so they wait on that thread's own hub: the
+    reads still block that thread, not the event loop, at the price of a wait per empty read."""
 
 
 class Answer:
@@ -105,9 +106,7 @@ class Fetches:
         connection: http.client.HTTPConnection
         if parts.scheme == "https":
             if self._context is None:
-                context = _SSLContext(_PROTOCOL)  # verifies the certificate and the host name
-                context.load_default_certs()
-                self._context = context
+                self._context = ssl.create_default_context()  # the certificate and the host name
             connection = _TLSConnection(
                 parts.hostname, parts.port, timeout=self._connect_timeout, context=self._context
             )
