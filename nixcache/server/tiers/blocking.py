@@ -117,9 +117,12 @@ class Fetches:
             connection.sock.settimeout(self._read_timeout)
             response = connection.getresponse()
             return Answer(connection, response, self.run)
-        except (OSError, http.client.HTTPException) as error:
+        except OSError as error:
             connection.close()
             return OSError(f"{type(error).__name__}: {error}")
+        except http.client.HTTPException as error:  # its text may quote the (presigned) URL
+            connection.close()
+            return OSError(f"{type(error).__name__}")
 
 
 def _close_late(pending: Any) -> None:

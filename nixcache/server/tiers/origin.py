@@ -6,8 +6,10 @@
 
 so plain Nix tooling and any HTTP front can read the bucket, and a lost region is rebuilt from it.
 The client is minio (docs/decisions/0007-tiers-and-s3-client.md: it adds ~6 MiB to the server
-where boto3 adds ~24 MiB). Credentials are read from the files the config names; they never
-reach argv or the log.
+where boto3 adds ~24 MiB). A NAR's GET is minio's presigned URL fetched in a thread of its own
+(tiers/blocking.py): the bulk transfer off the event loop. Credentials are read from the files
+the config names; they never reach argv or the log (a presigned URL carries a signature, not
+the secret, and is not logged).
 """
 
 from __future__ import annotations
