@@ -319,7 +319,6 @@ class Store:
         progress: Callable[[Path, int], object] | None = None,
         before_publish: Callable[[str, Path], object] | None = None,
         chunk: int = 0,
-        receive_in: Callable[[Callable[..., int], tuple[Any, ...]], int] | None = None,
     ) -> nar.NarDigest:
         """Receive `nar/<name>`: stream to tmp/, check the name is the sha256 of the bytes and the
         content decompresses to a NAR (with the `expected` NarHash/NarSize, when given), then
@@ -330,9 +329,7 @@ class Store:
         `before_publish(name, tmp path)` runs once it verified, before it is made durable and
         visible (the write-through to the origin; a pull-through releases its clients' last
         bytes); what it raises leaves nothing published. `chunk`: the read size (default
-        UPLOAD_CHUNK). `receive_in(fn, args)`: where receiving, hashing and writing run (a
-        pull-through's fetch thread, whose socket blocks; default: here); `progress` is then
-        called from there."""
+        UPLOAD_CHUNK)."""
         compression = narinfo.compression_of(name)
         if compression is None:
             raise UploadError(400, f"nar/{name}: expected nar/<52-char base32 sha256>{narinfo.NAR_FORM}")
@@ -343,8 +340,7 @@ class Store:
         with self._tmp_file(name) as (handle, tmp):
             sha = hashlib.sha256()
             out: BinaryIO = handle if progress is None else _Progress(handle, tmp, progress)  # type: ignore[assignment]
-            copy_args = (body, length, limit, out, sha.update, chunk or UPLOAD_CHUNK)
-            size = receive_in(_copy, copy_args) if receive_in is not None else _copy(*copy_args)
+            size = _copy(body, length, limit, out, sha.update, chunk or UPLOAD_CHUNK)
             handle.flush()
             if sha.digest() != file_sha:
                 raise UploadError(

@@ -12,7 +12,6 @@ Modules, one job each:
     errors.py        the exceptions below
     deadline.py      a deadline on a tier call (gevent.Timeout), counted as a timeout
     origin.py        the S3 bucket (minio client): get, put, stat, list, delete
-    blocking.py      the origin's NAR GETs on a blocking socket in an OS thread of their own
     upstream.py      an HTTP binary cache and the keys it is trusted for
     negative.py      paths recently absent from every tier (TTL)
     pullthrough.py   a local miss: ask the tiers in order within deadlines; fetch a NAR once,

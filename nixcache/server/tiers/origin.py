@@ -6,10 +6,8 @@
 
 so plain Nix tooling and any HTTP front can read the bucket, and a lost region is rebuilt from it.
 The client is minio (docs/decisions/0007-tiers-and-s3-client.md: it adds ~6 MiB to the server
-where boto3 adds ~24 MiB). A NAR's GET is minio's presigned URL fetched in a thread of its own
-(tiers/blocking.py): the bulk transfer off the event loop. Credentials are read from the files
-the config names; they never reach argv or the log (a presigned URL carries a signature, not
-the secret, and is not logged).
+where boto3 adds ~24 MiB). Credentials are read from the files the config names; they never
+reach argv or the log.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ import http.client
 import io
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,14 +28,12 @@ from minio.error import MinioException, S3Error
 from nixcache.server import narinfo
 from nixcache.server.config import ConfigError, OriginConfig
 from nixcache.server.narinfo import NarInfo, NarInfoError
-from nixcache.server.tiers.blocking import Answer, Fetches
 from nixcache.server.tiers.errors import TierError, TierRefused, TierUnavailable
 
 _ABSENT = ("NoSuchKey", "NoSuchObject", "ResourceNotFound")
 _DENIED = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch")
 PART_SIZE = 8 * 1024 * 1024  # minio holds one part in memory: multipart above this bounds it
 _POOL_SIZE = 32  # connections per client: concurrent misses and pushes share them
-_PRESIGNED_FOR = timedelta(minutes=15)  # a NAR GET's URL is used at once, once
 
 
 @dataclass(frozen=True)
@@ -54,13 +50,6 @@ class Source:
     def __init__(self, response: Any, size: int | None):
         self._response = response
         self.size = size
-
-    chunk = 0  # the store's default read size
-
-    @staticmethod
-    def run(fn: Any, args: tuple[Any, ...]) -> Any:
-        """Where the reads may run: here, on the event loop (its socket waits cooperatively)."""
-        return fn(*args)
 
     def read(self, amount: int) -> bytes:
         try:
@@ -119,7 +108,6 @@ class Origin:
         # Reads fail fast (a deadline turns them into a 404); writes may take longer. No urllib3
         # retries: the deadline, not a retry loop, decides how long a client waits.
         self._read = self._client(parts, access, secret, config.nar_deadline)
-        self._fetches = Fetches(_POOL_SIZE, min(config.nar_deadline, 5.0), config.nar_deadline)
         self._write = self._client(parts, access, secret, config.write_timeout)
 
     def _client(self, parts: Any, access: str, secret: str, timeout: float) -> minio.Minio:
@@ -144,17 +132,14 @@ class Origin:
         return client
 
     def _failed(self, doing: str, error: Exception) -> TierError:
-        code = error.code if isinstance(error, S3Error) else None
-        return self._failed_with(doing, code, getattr(error, "code", None) or type(error).__name__)
-
-    def _failed_with(self, doing: str, code: str | None, detail: str) -> TierError:
-        """The TierError for an S3 error `code` (None: no S3 answer; `detail` says what failed)."""
-        if code in _DENIED:
+        if isinstance(error, S3Error) and error.code in _DENIED:
             return TierUnavailable(
-                f"{self.where}: {doing}: {code}; check origin.access_key_file/secret_key_file", "denied"
+                f"{self.where}: {doing}: {error.code}; check origin.access_key_file/secret_key_file",
+                "denied",
             )
-        if code == "NoSuchBucket":
+        if isinstance(error, S3Error) and error.code == "NoSuchBucket":
             return TierUnavailable(f"{self.where}: bucket does not exist; create it", "no_bucket")
+        detail = getattr(error, "code", None) or type(error).__name__
         return TierUnavailable(f"{self.where}: {doing}: {detail}")
 
     # -- reads ------------------------------------------------------------------------------------
@@ -193,21 +178,17 @@ class Origin:
             raise TierRefused(f"{self.where}: {hash_part}.narinfo names {info.store_path}", "malformed")
         return info
 
-    def open_nar(self, name: str) -> Answer | None:
-        """The NAR's body, read in a thread of its own (tiers/blocking.py), or None when absent."""
-        key = f"nar/{name}"
+    def open_nar(self, name: str) -> Source | None:
         try:
-            url = self._read.presigned_get_object(self.bucket, key, expires=_PRESIGNED_FOR)
-            answer = self._fetches.get(url)
-        except MinioException as error:
-            raise self._failed(f"GET {key}", error) from None
-        except OSError as error:
-            raise self._failed_with(f"GET {key}", None, str(error)) from None
-        if answer.status == 200:
-            return answer
-        if answer.code in _ABSENT or (answer.status == 404 and not answer.code):
-            return None
-        raise self._failed_with(f"GET {key}", answer.code, answer.code or f"HTTP {answer.status}")
+            response = self._read.get_object(self.bucket, f"nar/{name}")
+        except S3Error as error:
+            if error.code in _ABSENT:
+                return None
+            raise self._failed(f"GET nar/{name}", error) from None
+        except (MinioException, urllib3.exceptions.HTTPError, OSError) as error:
+            raise self._failed(f"GET nar/{name}", error) from None
+        length = response.headers.get("Content-Length")
+        return Source(response, int(length) if length and length.isdigit() else None)
 
     def stat(self, key: str) -> ObjectStat | None:
         try:

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import gevent
-from gevent import monkey
 from gevent.event import AsyncResult, Event
 
 from nixcache.server.app import NARINFO_LIMIT
@@ -50,7 +49,6 @@ log = logging.getLogger("nixcache.server.tiers")
 FOUND_TTL = 600.0  # a narinfo found in another tier waits this long for its NAR to be asked for
 EXTRA_LIMIT = 64 * 1024 * 1024  # the largest extra file kind (a build log, extras/buildlog.py)
 FOUND_ENTRIES = 4096  # NarInfos of a few KiB (references): a bounded few MiB
-_thread_id = monkey.get_original("_thread", "get_ident")  # the OS thread's (gevent's: the greenlet's)
 
 
 class Tier(Protocol):
@@ -83,42 +81,24 @@ class _Flight:
         self.size: int | None = None
         self.written = 0
         self.fd = -1  # a read descriptor on the temp file (the published NAR after the rename)
-        self._loop_thread = _thread_id()
         self.ready = Event()  # first bytes are in the temp file, or the flight ended
         self.done = False
         self.ok = False
         self.verified = False  # every byte checked (it is made durable and published next)
         self.found = True
         self._tick = Event()
-        self._path: Path | None = None
-        # The fetch thread's wake-up of the event loop (thread-safe; sends coalesce).
-        self._advanced_watcher = gevent.get_hub().loop.async_()
-        self._advanced_watcher.start(self._advanced)
 
     def progress(self, path: Path, written: int) -> None:
-        """Store.put_nar's progress: `written` bytes are in the temp file at `path`. Called on
-        the event loop, or from the fetch thread of a source whose reads block (tiers/blocking.py),
-        which only records it and wakes the loop."""
-        self._path = path
+        if self.fd < 0:
+            self.fd = os.open(path, os.O_RDONLY)
+            if self.size is not None:
+                self.ready.set()
         self.written = written
-        if _thread_id() != self._loop_thread:
-            self._advanced_watcher.send()
-            return
-        self._advanced()
+        self._tick, tick = Event(), self._tick
+        tick.set()
         # A tier that sends faster than we read never blocks this greenlet: yield, so the
         # readers send each chunk now (first byte in milliseconds) rather than at the end.
         gevent.sleep(0)
-
-    def _advanced(self) -> None:
-        """On the event loop: let the readers send what is written."""
-        if self.done or self._path is None:
-            return
-        if self.fd < 0:
-            self.fd = os.open(self._path, os.O_RDONLY)
-            if self.size is not None:
-                self.ready.set()
-        self._tick, tick = Event(), self._tick
-        tick.set()
 
     def verify(self, name: str, path: Path) -> None:
         """Store.put_nar's before_publish: the NAR verified (it is made durable next)."""
@@ -126,8 +106,6 @@ class _Flight:
 
     def finish(self, ok: bool, found: bool = True) -> None:
         self.done, self.ok, self.found = True, ok, found
-        self._advanced_watcher.stop()
-        self._advanced_watcher.close()
         self.ready.set()
         self._tick.set()
         if self.fd >= 0:
@@ -321,8 +299,6 @@ class PullThrough:
                     expected,
                     progress=flight.progress,
                     before_publish=flight.verify,
-                    chunk=source.chunk,
-                    receive_in=source.run,  # the origin's: a thread of its own (tiers/blocking.py)
                 )
             except OSError as error:  # the tier broke off while sending
                 raise TierUnavailable(f"{tier.name} nar/{name}: {error}") from None
