@@ -198,7 +198,7 @@ def test_an_origin_nar_that_is_corrupted_or_hung_is_never_served_or_stored(
     try:
         start = time.monotonic()
         assert us.client.get(f"/nar/{hung.nar_file}").status_code == 404
-        assert time.monotonic() - start < 4
+        assert time.monotonic() - start < 6  # the 2 s nar_deadline, not the default 10 s (slack: load)
     finally:
         os.killpg(seaweed.process.pid, signal.SIGCONT)
     assert metric(us.client, "nixcache_tier_errors_total", tier="origin", reason="timeout") == 1
