@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import httpx  # noqa: E402
+from serve import peak_rss_mib  # noqa: E402
 from server.helpers import make_entry, push, start_server, write_key  # noqa: E402
 from server.tiers_support import write_config  # noqa: E402
 from support.seaweed import Seaweed, start_seaweed  # noqa: E402
@@ -218,7 +219,7 @@ def main() -> int:
                 for entry in entries:
                     push(client, entry, token)
                 timings[name] = time.perf_counter() - start
-        rss = {n: _peak_rss(s.proc.pid) for n, s in (("eu", eu), ("us", us), ("before", before)) if s}
+        rss = {n: peak_rss_mib(s.proc.pid) for n, s in (("eu", eu), ("us", us), ("before", before)) if s}
     finally:
         for server in servers:
             server.stop()
@@ -284,9 +285,12 @@ def _cpu(into: dict, key: tuple[str, int], pids: dict[str, int]) -> Iterator[Non
 
 
 def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process `pid`, all its threads."""
+    """User + system CPU seconds of process `pid` and its children (a server's workers), all
+    their threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return own + sum(_cpu_seconds(int(child)) for child in children)
 
 
 def _new_file_mib_s(path: Path, size: int, chunk: int = 256 * 1024) -> float:
@@ -299,11 +303,6 @@ def _new_file_mib_s(path: Path, size: int, chunk: int = 256 * 1024) -> float:
     elapsed = time.perf_counter() - start
     path.unlink()
     return size / elapsed / 1024**2
-
-
-def _peak_rss(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ write-through push, pull-through miss, origin outage, upstream trust, single-fli
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -161,6 +162,47 @@ def test_origin_outage_reads_stay_404_and_pushes_are_503(
     assert us.client.get(f"/{late.hash_part}.narinfo").status_code == 200
     # A lookup the outage failed was not remembered as absent: served as soon as it is back.
     assert us.client.get(f"/{unfetched.hash_part}.narinfo").status_code == 200
+
+
+def test_an_origin_nar_that_is_corrupted_or_hung_is_never_served_or_stored(
+    start_cache: StartCache,
+    tmp_path: Path,
+    seaweed: Seaweed,  # noqa: F811
+    bucket: str,
+) -> None:
+    """Bytes flipped mid-NAR in the origin cut the client short and store nothing (the upstream
+    test's guarantee, for the origin); a hung origin's NAR is a 404 at the NAR deadline, and it
+    is fetched once the origin answers again."""
+    eu, us = fleet(start_cache, tmp_path, seaweed, bucket, "eu", "us", nar_deadline=2)
+    corrupted = make_entry(os.urandom(8 * 1024 * 1024), compression="none")
+    push(eu.client, corrupted, eu.token)
+    flipped = bytearray(corrupted.file_bytes)
+    flipped[len(flipped) // 2] ^= 0xFF  # past the first chunks: the client is already receiving
+    key = f"nar/{corrupted.nar_file}"
+    seaweed.client().put_object(bucket, key, io.BytesIO(flipped), len(flipped))
+    assert us.client.get(f"/{corrupted.hash_part}.narinfo").status_code == 200
+    try:
+        body = us.client.get(f"/nar/{corrupted.nar_file}")
+    except httpx.HTTPError:
+        pass  # cut short: the client never takes it for a complete NAR
+    else:
+        assert body.status_code != 200, "a corrupted origin NAR was served"
+    assert not (us.store / "nar" / corrupted.nar_file).exists()
+    assert not (us.store / "narinfo" / f"{corrupted.hash_part}.narinfo").exists()
+    assert not list((us.store / "tmp").iterdir())  # no partial file left behind
+    assert metric(us.client, "nixcache_tier_errors_total", tier="origin", reason="corrupt") == 1
+
+    hung = make_entry(os.urandom(2 * 1024 * 1024), compression="none")
+    push(eu.client, hung, eu.token)
+    os.killpg(seaweed.process.pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        assert us.client.get(f"/nar/{hung.nar_file}").status_code == 404
+        assert time.monotonic() - start < 6  # the 2 s nar_deadline, not the default 10 s (slack: load)
+    finally:
+        os.killpg(seaweed.process.pid, signal.SIGCONT)
+    assert metric(us.client, "nixcache_tier_errors_total", tier="origin", reason="timeout") == 1
+    assert us.client.get(f"/nar/{hung.nar_file}").content == hung.file_bytes
 
 
 def test_narinfo_put_with_the_origin_down_publishes_nothing(
