@@ -244,6 +244,29 @@ def test_serving_an_entry_protects_it(cache: Cache, aged: list[Entry]) -> None:
     assert [present(cache, e) for e in aged] == [True] + [False] * 9
 
 
+def test_an_entry_served_while_gc_runs_is_kept(
+    cache: Cache, aged: list[Entry], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gc deletes from what it scanned; an entry served after the scan (its atime moved, as the
+    server's flush of served marks does) is kept, and the others go."""
+    from nixcache.server import gc as gcmod
+
+    scan = gcmod._Scan
+    served = cache.store / "narinfo" / f"{aged[0].hash_part}.narinfo"
+
+    def scan_then_serve(*args: object) -> object:
+        scanned = scan(*args)  # type: ignore[arg-type]
+        os.utime(served, ns=(time.time_ns(), served.stat().st_mtime_ns))
+        return scanned
+
+    monkeypatch.setattr(gcmod, "_Scan", scan_then_serve)
+    result = gcmod.run(gcmod.Limits(store=cache.store, older_than=5 * DAY), echo=lambda _: None)
+    assert present(cache, aged[0])
+    assert [present(cache, entry) for entry in aged[1:5]] == [False] * 4
+    assert result.kept_changed == 1
+    assert_consistent(cache.store)
+
+
 def test_orphan_nars_are_collected_after_a_grace_period(cache: Cache) -> None:
     fresh, stale = make_entry(), make_entry()
     for entry in (fresh, stale):
