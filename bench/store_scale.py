@@ -26,8 +26,11 @@ outside its temp dirs, which it removes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import http.client
+import json
+import multiprocessing
 import os
 import random
 import re
@@ -44,8 +47,9 @@ import time
 from pathlib import Path
 
 from nixcache import nixenv
-from nixcache.keys import SecretKey
-from nixcache.server import base32
+from nixcache.keys import SecretKey, fingerprint
+from nixcache.server import base32, narinfo
+from nixcache.server.usage import StoreUsage
 
 ALPHABET = "0123456789abcdfghijklmnpqrsvwxyz"
 DAY = 86400
@@ -82,35 +86,75 @@ def _write(path: str, data: bytes, times: tuple[int, int] | None) -> None:
         os.close(fd)
 
 
-def generate(root: Path, entries: int, seed: int = 1) -> list[str]:
-    """`entries` narinfos with their NARs and metas under `root`; returns the hash parts."""
-    assert fast_base32(b"\x01" * 32) == base32.encode(b"\x01" * 32)
-    rng = random.Random(seed)
-    for d in ("narinfo", "nar", "nar-meta", "tmp"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    narinfo_dir, nar_dir, meta_dir = (str(root / d) for d in ("narinfo", "nar", "nar-meta"))
-    now_ns = time.time_ns()
+KEY_FILE = "bench-signing-key"  # in a generated store's root: the key its signed/ texts carry
+USAGE_TOTALS = "bench-usage.json"  # and its usage totals, written fresh into each copy of it
+
+
+def _entry_hash(i: int, what: bytes) -> str:
+    return fast_base32(hashlib.sha256(b"%s-%d" % (what, i)).digest())[:32]
+
+
+def _write_chunk(root: str, key_text: str, start: int, stop: int, now_ns: int) -> tuple[list[str], int, int]:
+    """Entries start..stop-1 (each a function of its index alone, so chunks run in parallel):
+    NAR, meta, narinfo as the server stores them, and the signed text it serves."""
+    key = SecretKey.parse(key_text)
     uploaded = (now_ns - 31 * DAY * 10**9,) * 2  # older than gc's grace period, and than any atime
-    hashes: list[str] = []
-    refs: list[str] = []
-    for i in range(entries):
+    rng = random.Random(start)
+    hashes = []
+    narinfo_bytes = nar_bytes = 0
+    for i in range(start, stop):
         nar = nar_of(i.to_bytes(8, "little") * (16 + i % 300))
         file_hash = fast_base32(hashlib.sha256(nar).digest())
         name = f"{file_hash}.nar"
-        _write(f"{nar_dir}/{name}", nar, uploaded)
-        _write(f"{meta_dir}/{name}", f"sha256:{file_hash} {len(nar)}\n".encode(), None)
-        h = "".join(rng.choices(ALPHABET, k=32))
-        base = f"{h}-scale-{i}"
+        _write(f"{root}/nar/{name}", nar, uploaded)
+        _write(f"{root}/nar-meta/{name}", f"sha256:{file_hash} {len(nar)}\n".encode(), None)
+        h = _entry_hash(i, b"path")
+        refs = [f"{_entry_hash(j, b'path')}-scale-{j}" for j in range(max(0, i - 3), i)]
+        store_path = f"/nix/store/{h}-scale-{i}"
         text = (
-            f"StorePath: /nix/store/{base}\nURL: nar/{name}\nCompression: none\n"
+            f"StorePath: {store_path}\nURL: nar/{name}\nCompression: none\n"
             f"FileHash: sha256:{file_hash}\nFileSize: {len(nar)}\nNarHash: sha256:{file_hash}\n"
-            f"NarSize: {len(nar)}\nReferences: {' '.join(refs[-3:])}\n"
-            f"Deriver: {''.join(rng.choices(ALPHABET, k=32))}-scale-{i}.drv\n"
-        ).encode()
+            f"NarSize: {len(nar)}\nReferences: {' '.join(refs)}\n"
+            f"Deriver: {_entry_hash(i, b'drv')}-scale-{i}.drv\n"
+        )
+        message = fingerprint(store_path, f"sha256:{file_hash}", len(nar), [f"/nix/store/{r}" for r in refs])
+        signed = f"{text}Sig: {key.sign(message)}\n"
         served = now_ns - rng.randrange(30 * DAY) * 10**9
-        _write(f"{narinfo_dir}/{h}.narinfo", text, (served, uploaded[1]))
-        refs.append(base)
+        _write(f"{root}/narinfo/{h}.narinfo", text.encode(), (served, uploaded[1]))
+        _write(f"{root}/signed/{h}.narinfo", signed.encode(), uploaded)
         hashes.append(h)
+        narinfo_bytes += len(text)
+        nar_bytes += len(nar)
+    return hashes, narinfo_bytes, nar_bytes
+
+
+def _write_chunk_args(args: tuple) -> tuple[list[str], int, int]:
+    return _write_chunk(*args)
+
+
+def generate(root: Path, entries: int, processes: int | None = None) -> list[str]:
+    """`entries` narinfos with their NARs, metas and signed texts (signed/KEYS: the key in
+    `root/KEY_FILE`) under `root`, written by one process per core, and their usage totals
+    (as the server keeps them, in `root/usage`); returns the hash parts."""
+    assert fast_base32(b"\x01" * 32) == base32.encode(b"\x01" * 32)
+    for d in ("narinfo", "nar", "nar-meta", "signed", "tmp"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    key = SecretKey.generate("bench-1")
+    (root / KEY_FILE).write_text(key.serialize())
+    (root / "signed" / "KEYS").write_text(f"{key.public()}\n")
+    now_ns = time.time_ns()
+    step = 5000
+    jobs = [(str(root), key.serialize(), n, min(n + step, entries), now_ns) for n in range(0, entries, step)]
+    hashes: list[str] = []
+    usage = StoreUsage(scanned_at=time.time())
+    with multiprocessing.get_context("fork").Pool(processes or os.cpu_count()) as pool:
+        for done, narinfo_bytes, nar_bytes in pool.imap(_write_chunk_args, jobs):
+            hashes += done
+            usage = usage.plus(StoreUsage(len(done), narinfo_bytes, len(done), nar_bytes))
+    (root / USAGE_TOTALS).write_text(json.dumps(dataclasses.asdict(usage)))
+    # What the server would serve for one of them, from the stored narinfo: the same bytes.
+    sample = narinfo.parse((root / "narinfo" / f"{hashes[-1]}.narinfo").read_text())
+    assert sample.signed([key], "/nix/store") == (root / "signed" / f"{hashes[-1]}.narinfo").read_text()
     return hashes
 
 
@@ -166,6 +210,7 @@ def serve(checkout: Path | None, store: Path, work: Path, port: int, extra: list
     key = work / "key"
     if not key.exists():
         key.write_text(SecretKey.generate("bench-1").serialize())
+    key.chmod(0o600)
     return subprocess.Popen(
         nixcache("serve", "--listen", f"127.0.0.1:{port}", "--store", str(store),
                  "--signing-key", str(key), "--log-level", "warning", *extra),
@@ -183,11 +228,13 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def prepared(store: Path, entries: int) -> list[str]:
-    """The store at `store`, generated unless a complete one of `entries` is there (gc then
-    consumes it: `--prepared` saves the generation time once, e.g. for a 1,000,000-entry run)."""
+    """The store at `store`, generated unless a complete one of `entries` is there (`--prepared`
+    saves the generation time once, e.g. for a 1,000,000-entry run: each run uses a copy)."""
     marker = store / f"generated-{entries}"
     if marker.exists():
         return marker.read_text().split()
+    if store.exists() and any(store.iterdir()):
+        raise SystemExit(f"{store} holds something other than a complete store of {entries}: remove it")
     started = time.monotonic()
     hashes = generate(store, entries)
     print(f"wrote {entries} entries in {time.monotonic() - started:.0f} s (load {load()})", flush=True)
@@ -196,13 +243,42 @@ def prepared(store: Path, entries: int) -> list[str]:
     return hashes
 
 
+def run_copy(pristine: Path, copy: Path, served: list[str]) -> None:
+    """`copy`: the store `pristine` hard-linked (seconds, not a rewrite of 3 files an entry),
+    so gc's unlinks leave `pristine` whole. What the server and gc change in place gets its
+    own inode first: the usage totals (rewritten in place; written fresh, as a running server
+    keeps them) and the narinfos that will be served (their atime is the last-served mark)."""
+    started = time.monotonic()
+    subprocess.run(["cp", "-al", str(pristine), str(copy)], check=True)
+    usage = copy / "usage"
+    usage.unlink(missing_ok=True)
+    totals = json.loads((copy / USAGE_TOTALS).read_text())
+    usage.write_text(json.dumps({**totals, "scanned_at": time.time()}).ljust(256))
+    for hash_part in served:
+        path = copy / "narinfo" / f"{hash_part}.narinfo"
+        st = path.stat()
+        tmp = path.with_name(f".{path.name}")
+        tmp.write_bytes(path.read_bytes())
+        os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.replace(tmp, path)
+    print(f"hard-linked copy of {pristine} in {time.monotonic() - started:.0f} s (load {load()})", flush=True)
+
+
 def store_round(
-    name: str, checkout: Path | None, entries: int, seconds: int, work: Path, store: Path | None
+    name: str, checkout: Path | None, entries: int, seconds: int, work: Path, pristine: Path | None
 ) -> dict:
-    store = store or work / f"store-{name}"
-    hashes = prepared(store, entries)
+    hashes = prepared(pristine or work / f"store-{name}", entries)
     # wrk's Lua takes minutes to load a million lines: a sample spread over the whole store.
     sample = random.Random(2).sample(hashes, min(len(hashes), ROTATE_SAMPLE))
+    first = hashes[len(hashes) // 2]
+    if pristine is None:
+        store = work / f"store-{name}"
+    else:
+        store = pristine.with_name(f"{pristine.name}-run")
+        shutil.rmtree(store, ignore_errors=True)
+        run_copy(pristine, store, [*sample, first])
+    key = work / "key"
+    key.write_text((store / KEY_FILE).read_text())  # the key signed/ was signed with
     (work / "hashes").write_text("\n".join(sample) + "\n")
     (work / "rotate.lua").write_text(WRK_ROTATE % (work / "hashes"))
     result: dict = {}
@@ -210,7 +286,7 @@ def store_round(
     begin = time.monotonic()
     proc = serve(checkout, store, work, port, [])
     try:
-        result["first"] = first_narinfo(port, hashes[len(hashes) // 2]) - begin
+        result["first"] = first_narinfo(port, first) - begin
         result["first_cpu"] = cpu_seconds(proc.pid)
         print(f"[{name}] first narinfo {result['first']:.2f} s after start, server CPU until then "
               f"{result['first_cpu']:.2f} s (load {load()})", flush=True)  # fmt: skip
@@ -224,9 +300,9 @@ def store_round(
               f"RSS {result['rss']:.1f} MiB (load {load()})", flush=True)  # fmt: skip
     finally:
         stop(proc)
-    size = sum(
-        e.stat().st_size for d in ("narinfo", "nar", "nar-meta") for e in os.scandir(store / d) if e.is_file()
-    )
+    # The server's usage totals (narinfos and NARs; gc also counts the NARs' metas, a few %).
+    usage = json.loads((store / "usage").read_text())
+    size = usage["narinfo_bytes"] + usage["nar_bytes"]
     begin = time.monotonic()
     gc = subprocess.run(
         ["/usr/bin/time", "-f", "%M %U %S",
@@ -243,7 +319,9 @@ def store_round(
     print(f"RSS {result['gc_rss']:.0f} MiB", end="")
     print(f" (load {load()})")
     print(f"[{name}] {result['gc_line']}", flush=True)
+    started = time.monotonic()
     shutil.rmtree(store)
+    print(f"(removed {store} in {time.monotonic() - started:.0f} s)", flush=True)
     return result
 
 
@@ -397,7 +475,8 @@ def main() -> int:
     parser.add_argument(
         "--prepared",
         type=Path,
-        help="a store dir generated by an earlier `--prepare-only` (used up by gc; one run only)",
+        help="a store generated by an earlier `--prepare-only`, left as it is: each run serves "
+        "and collects a hard-linked copy of it, DIR-run, beside it",
     )
     parser.add_argument("--prepare-only", action="store_true", help="generate --prepared and exit")
     args = parser.parse_args()
@@ -406,8 +485,6 @@ def main() -> int:
             raise SystemExit("--prepare-only needs --prepared DIR")
         prepared(args.prepared, args.entries)
         return 0
-    if args.prepared and args.checkout:
-        raise SystemExit("--prepared holds one store: gc uses it up, so it cannot serve before and after")
     work = Path(tempfile.mkdtemp(prefix="nixcache-scale-", dir=args.work))
     runs = ([("before", args.checkout.resolve())] if args.checkout else []) + [("after", None)]
     try:

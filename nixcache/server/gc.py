@@ -26,6 +26,8 @@ upload time, whichever is later.
 from __future__ import annotations
 
 import bisect
+import collections
+import concurrent.futures
 import contextlib
 import fcntl
 import itertools
@@ -45,6 +47,8 @@ from nixcache.server.usage import StoreUsage
 
 GRACE_SECONDS = 3600  # a NAR this young may be waiting for a narinfo: kept, with every entry naming it
 PROGRESS_SECONDS = 2.0
+SCAN_THREADS = 4  # threads reading narinfos during the scan
+SCAN_CHUNK = 512  # narinfos per trip to one of them
 BATCH_SECONDS = 0.002  # the exclusive gc lock is held over deletions for at most about this long
 
 
@@ -150,40 +154,81 @@ def _free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-class _Scan:
-    """Every narinfo of the store, from one pass of os.scandir (one stat and one read each),
-    held in flat arrays (about 90 bytes per entry, so a store of millions fits a small process):
-    entry i is `names[32*i:32*i+32]`, its NAR is known by `hash()` of its file name."""
+NAR_NAME_WIDTH = 64  # bytes kept per NAR file name: nar/<52 base32 chars>.nar[.xz|.zst|…] fits
 
-    def __init__(self, store: Store):
+
+class _Scan:
+    """Every narinfo of the store, from one pass of os.scandir (one stat and one read each, in
+    inode order: on a cold page cache that reads the inode table and the files nearly in disk
+    order rather than in hash order), held in flat arrays (about 150 bytes per entry, so a
+    store of millions fits a small process): entry i is `names[32*i:32*i+32]`, its NAR file
+    `nar_name(i)`, known for sharing and orphan checks by `hash()` of that name. Everything the
+    deletion needs comes from here: it only re-checks, by a stat, what may have changed."""
+
+    def __init__(self, store: Store, narinfo_fd: int):
         self.names = bytearray()  # hash parts, 32 bytes each
         self.sizes = array("q")  # narinfo bytes
         self.nar_bytes = array("q")  # NAR plus meta bytes, as the narinfo gives them
         self.mtimes = array("q")  # st_mtime_ns: a push replaces the file, changing it
+        self.atimes = array("q")  # st_atime in seconds after the scan read it: serving moves it
         self.nar_keys = array("q")  # hash() of the NAR file name (0 and has_nar[i] == 0: none)
         self.has_nar = bytearray()
-        order = array("Q")  # (last used, seconds) << 32 | index: sorted, least recently served first
-        narinfo_dir = os.fsencode(store.narinfo_dir)
-        with os.scandir(narinfo_dir) as entries:
+        self.nar_names = bytearray()  # NAR file names, NAR_NAME_WIDTH bytes each, NUL-padded
+        self.long_names: dict[int, bytes] = {}  # the rare name longer than that (not ours)
+        listed = bytearray()  # hash parts in directory order, 32 bytes each
+        inodes = array("Q")
+        with os.scandir(narinfo_fd) as entries:
             for entry in entries:
                 name = entry.name
-                if len(name) != 40 or not name.endswith(b".narinfo"):
-                    continue
+                if len(name) == 40 and name.endswith(".narinfo"):
+                    listed += name[:32].encode()
+                    inodes.append(entry.inode())
+        by_inode = sorted(range(len(inodes)), key=inodes.__getitem__)
+        del inodes
+        nar_dir = os.fsencode(store.nar_dir)
+
+        def read_chunk(start: int) -> list[tuple]:
+            """Entries by_inode[start:start+SCAN_CHUNK], read in a thread of the pool: the
+            syscalls run while another thread parses, and a cold disk gets several reads at once."""
+            out = []
+            for position in by_inode[start : start + SCAN_CHUNK]:
+                hash_part = bytes(listed[32 * position : 32 * position + 32])
                 try:
-                    st = entry.stat()
-                    fields = _fields(read_quietly(entry.path, 65536))  # type: ignore[arg-type]
+                    st, data, atime = _read(hash_part + b".narinfo", narinfo_fd)
                 except FileNotFoundError:
                     continue
+                fields = _fields(data)
                 url = fields.get(b"URL", b"")
                 nar_name = url[4:] if url.startswith(b"nar/") else b""
-                self.names += name[:32]
-                self.sizes.append(st.st_size)
-                self.mtimes.append(st.st_mtime_ns)
-                self.nar_keys.append(hash(nar_name) if nar_name else 0)
-                self.has_nar.append(1 if nar_name else 0)
-                self.nar_bytes.append(_nar_bytes(store, nar_name, fields) if nar_name else 0)
+                nar_bytes = _nar_bytes(nar_dir, nar_name, fields) if nar_name else 0
                 last_used = max(0, min(int(max(st.st_atime, st.st_mtime)), 0xFFFFFFFF))
-                order.append(last_used << 32 | (len(self.sizes) - 1))
+                out.append((hash_part, st.st_size, st.st_mtime_ns, atime, last_used, nar_name, nar_bytes))
+            return out
+
+        order = array("Q")  # (last used, seconds) << 32 | index: sorted, least recently served first
+        with concurrent.futures.ThreadPoolExecutor(SCAN_THREADS) as pool:
+            window: collections.deque = collections.deque()
+            starts = iter(range(0, len(by_inode), SCAN_CHUNK))
+            for start in itertools.islice(starts, 2 * SCAN_THREADS):
+                window.append(pool.submit(read_chunk, start))
+            while window:
+                chunk = window.popleft().result()
+                for start in itertools.islice(starts, 1):
+                    window.append(pool.submit(read_chunk, start))
+                for hash_part, size, mtime_ns, atime, last_used, nar_name, nar_bytes in chunk:
+                    i = len(self.sizes)
+                    self.names += hash_part
+                    self.sizes.append(size)
+                    self.mtimes.append(mtime_ns)
+                    self.atimes.append(atime)
+                    self.nar_keys.append(hash(nar_name) if nar_name else 0)
+                    self.has_nar.append(1 if nar_name else 0)
+                    if len(nar_name) > NAR_NAME_WIDTH:
+                        self.long_names[i] = nar_name
+                    self.nar_names += nar_name[:NAR_NAME_WIDTH].ljust(NAR_NAME_WIDTH, b"\0")
+                    self.nar_bytes.append(nar_bytes)
+                    order.append(last_used << 32 | i)
+        listed, by_inode = bytearray(), []  # done with: freed before the sorting below
         self.order = array("Q", sorted(order))
         del order
         # NARs named by more than one narinfo are rare: counted in a small dict, the rest are 1.
@@ -201,6 +246,11 @@ class _Scan:
     def hash_part(self, i: int) -> str:
         return self.names[32 * i : 32 * i + 32].decode()
 
+    def nar_name(self, i: int) -> bytes:
+        if i in self.long_names:
+            return self.long_names[i]
+        return bytes(self.nar_names[NAR_NAME_WIDTH * i : NAR_NAME_WIDTH * (i + 1)]).rstrip(b"\0")
+
     def refs(self, key: int) -> int:
         return self.shared.get(key, 1)
 
@@ -209,7 +259,25 @@ class _Scan:
         return found < len(self.referenced) and self.referenced[found] == key
 
 
-def _nar_bytes(store: Store, nar_name: bytes, fields: dict[bytes, bytes]) -> int:
+def _read(name: bytes, dir_fd: int) -> tuple[os.stat_result, bytes, int]:
+    """The stat and first 64 KiB of a narinfo, without touching its atime (our last-served
+    mark, see read_quietly) where the kernel allows; and its atime (seconds) after the read,
+    which only serving it moves from then on."""
+    quiet = True
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOATIME, dir_fd=dir_fd)
+    except PermissionError:  # O_NOATIME needs the file's owner (or root)
+        fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+        quiet = False
+    try:
+        st = os.fstat(fd)
+        data = os.read(fd, 65536)
+        return st, data, int((st if quiet else os.fstat(fd)).st_atime)
+    finally:
+        os.close(fd)
+
+
+def _nar_bytes(nar_dir: bytes, nar_name: bytes, fields: dict[bytes, bytes]) -> int:
     """Bytes of a narinfo's NAR and its meta, from the narinfo (the server checked FileSize
     against the file, and the meta holds "<NarHash> <NarSize>\n"); a stat only without FileSize."""
     meta = len(fields.get(b"NarHash", b"")) + len(fields.get(b"NarSize", b"")) + 2
@@ -217,14 +285,14 @@ def _nar_bytes(store: Store, nar_name: bytes, fields: dict[bytes, bytes]) -> int
         return int(fields[b"FileSize"]) + meta
     except (KeyError, ValueError):
         try:
-            return os.stat(os.path.join(os.fsencode(store.nar_dir), nar_name)).st_size + meta
+            return os.stat(os.path.join(nar_dir, nar_name)).st_size + meta
         except (FileNotFoundError, ValueError):
             return 0
 
 
 class _Lock:
     """The exclusive gc lock, held over a batch of deletions (one flock per batch, not per
-    entry) and never longer than BATCH_SECONDS: the server waits for it on its event loop."""
+    entry) for about BATCH_SECONDS: the server waits for it on its event loop."""
 
     def __init__(self, store: Store):
         self.fd = os.open(store.root / "gc.lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -248,19 +316,59 @@ class _Lock:
         os.close(self.fd)
 
 
+class _Dirs:
+    """Descriptors of the store's directories: gc's stats and unlinks name a file relative to
+    its directory (dir_fd), so the kernel does not walk the store's path for each."""
+
+    def __init__(self, store: Store):
+        self.narinfo = os.open(store.narinfo_dir, os.O_RDONLY | os.O_DIRECTORY)
+        # The others may be missing (a store no server has started on yet): -1, nothing in them.
+        self.signed, self.nar, self.meta = (
+            _open_dir(path) for path in (store.signed_dir, store.nar_dir, store.meta_dir)
+        )
+
+    def close(self) -> None:
+        for fd in (self.narinfo, self.signed, self.nar, self.meta):
+            if fd >= 0:
+                os.close(fd)
+
+
+def _open_dir(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return -1
+
+
+def _stat(name: bytes, dir_fd: int) -> os.stat_result | None:
+    """The stat of `name` in the directory `dir_fd`, None when it (or the directory) is absent."""
+    if dir_fd < 0:
+        return None
+    try:
+        return os.stat(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+
+
 # What deleting one entry did.
 _YOUNG = "young"  # nothing: its NAR is in the grace period
-_CHANGED = "changed"  # nothing: the narinfo was pushed again or removed since the scan
+_CHANGED = "changed"  # nothing: the narinfo was pushed again, served or removed since the scan
 _NARINFO = "narinfo"  # the narinfo (its NAR stays: another kept narinfo names it, or it was gone)
 _WHOLE = "whole"  # the narinfo, then its NAR and the NAR's meta
 
 
-def _age(path: Path | str | bytes, now: float) -> float | None:
-    """Seconds since `path` was modified; None when it is gone."""
-    try:
-        return now - os.stat(path).st_mtime
-    except FileNotFoundError:
-        return None
+def _age(name: bytes, now: float, dir_fd: int) -> float | None:
+    """Seconds since `name` in the directory `dir_fd` was modified; None when it is gone."""
+    st = _stat(name, dir_fd)
+    return None if st is None else now - st.st_mtime
+
+
+def _unlink_all(names: list[bytes], dir_fd: int) -> None:
+    if dir_fd < 0:
+        return
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=dir_fd)
 
 
 def run(limits: Limits, *, dry_run: bool = False, echo: Callable[[str], object] = print) -> Result:
@@ -273,8 +381,16 @@ def run(limits: Limits, *, dry_run: bool = False, echo: Callable[[str], object] 
     what it scanned, so it prints what the real run does unless pushes come in between.
     """
     store = Store(limits.store)
+    dirs = _Dirs(store)
+    try:
+        return _run(store, dirs, limits, dry_run, echo)
+    finally:
+        dirs.close()
+
+
+def _run(store: Store, dirs: _Dirs, limits: Limits, dry_run: bool, echo: Callable[[str], object]) -> Result:
     now = time.time()
-    scanned = _Scan(store)
+    scanned = _Scan(store, dirs.narinfo)
     result = Result()
     verb = "would delete" if dry_run else "deleted"
     last_progress = time.monotonic()
@@ -294,24 +410,20 @@ def run(limits: Limits, *, dry_run: bool = False, echo: Callable[[str], object] 
 
     # NARs no narinfo names: abandoned pushes. Old ones go whatever the limits. Each is looked at
     # (one stat) only here; NARs that a narinfo names are known from the narinfo.
-    nar_dir = os.fsencode(store.nar_dir)
     present = []  # hash() of every NAR file name, for the meta files below
     orphans: list[tuple[bytes, int, float]] = []  # name, bytes (with meta), age
-    with os.scandir(nar_dir) as nars:
+    with os.scandir(dirs.nar) if dirs.nar >= 0 else contextlib.nullcontext(()) as nars:
         for nar in nars:
-            key = hash(nar.name)
+            name = os.fsencode(nar.name)
+            key = hash(name)
             present.append(key)
             if not scanned.names_a_nar(key):
                 try:
                     st = nar.stat()
                 except FileNotFoundError:
                     continue
-                meta = os.path.join(os.fsencode(store.meta_dir), nar.name)
-                try:
-                    meta_size = os.stat(meta).st_size
-                except FileNotFoundError:
-                    meta_size = 0
-                orphans.append((nar.name, st.st_size + meta_size, now - st.st_mtime))
+                meta = _stat(name, dirs.meta)
+                orphans.append((name, st.st_size + (meta.st_size if meta else 0), now - st.st_mtime))
     present.sort()
     nar_present = array("q", present)
     del present
@@ -332,16 +444,14 @@ def run(limits: Limits, *, dry_run: bool = False, echo: Callable[[str], object] 
         run only counts it); bytes freed."""
         if not dry_run:
             lock.hold()
-            path = os.path.join(nar_dir, name)
-            age = _age(path, time.time())
-            if age is None or age <= GRACE_SECONDS:
+            st = _stat(name, dirs.nar)
+            if st is None or time.time() - st.st_mtime <= GRACE_SECONDS:
                 return 0  # a narinfo naming it was just uploaded, or a pusher HEADed it
-            nar_size = os.stat(path).st_size
-            os.unlink(path)
+            os.unlink(name, dir_fd=dirs.nar)
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(os.fsencode(store.meta_dir), name))
+                os.unlink(name, dir_fd=dirs.meta)
             pending.nar_files += 1
-            pending.nar_bytes += nar_size
+            pending.nar_bytes += st.st_size
             count_freed()
         result.deleted_nars += 1
         return size
@@ -350,50 +460,76 @@ def run(limits: Limits, *, dry_run: bool = False, echo: Callable[[str], object] 
         """A dry run's prediction: whether entry i's NAR is too young to delete (one stat)."""
         if not scanned.has_nar[i]:
             return False
-        name = nar_file_of(store.narinfo_path(scanned.hash_part(i)))
-        age = _age(store.nar_path(name), now) if name else None
+        age = _age(scanned.nar_name(i), now, dirs.nar)
         return age is not None and age <= GRACE_SECONDS
 
-    def delete_entry(i: int, with_nar: bool) -> str:
-        """Delete the narinfo scanned as entry i and, `with_nar`, the NAR it names: one step
-        under the exclusive lock, narinfo first, nothing at all when the NAR is in the grace
-        period or the narinfo changed since the scan. One of _YOUNG _CHANGED _NARINFO _WHOLE."""
+    refs_left = dict(scanned.shared)  # shared NARs: narinfos still naming them
+
+    def delete_batch(batch: list[int]) -> list[str]:
+        """Delete the entries scanned as `batch` (indexes), in one hold of the exclusive lock:
+        each is checked (its narinfo is the one scanned and not served since, its NAR out of
+        the grace period; a stat each), then the signed texts of those that passed go, then
+        their narinfos, then the NARs no kept narinfo names and their metas, so that at no
+        moment a narinfo or its signed text names a missing NAR. The outcome of each, in
+        order: one of _YOUNG _CHANGED _NARINFO _WHOLE."""
+        outcomes = []
         if dry_run:
-            if in_grace(i):
-                return _YOUNG
-            return _WHOLE if with_nar else _NARINFO
-        hash_part = scanned.hash_part(i)
-        narinfo_path = store.narinfo_path(hash_part)
+            for i in batch:
+                key = scanned.nar_keys[i]
+                if in_grace(i):
+                    outcomes.append(_YOUNG)
+                    continue
+                last_ref = scanned.has_nar[i] and refs_left.get(key, 1) == 1
+                if key in refs_left:
+                    refs_left[key] -= 1
+                outcomes.append(_WHOLE if last_ref else _NARINFO)
+            return outcomes
+        narinfos, nars = [], []
         lock.hold()
-        try:
-            st = os.stat(narinfo_path)
-            nar_name = nar_file_of(narinfo_path) if scanned.has_nar[i] else None
-        except FileNotFoundError:
-            return _CHANGED
-        if st.st_mtime_ns != scanned.mtimes[i] or st.st_size != scanned.sizes[i]:
-            return _CHANGED
-        nar_path = None
-        if scanned.has_nar[i]:
-            if nar_name is None or hash(nar_name.encode()) != scanned.nar_keys[i]:
-                return _CHANGED
-            nar_path = store.nar_path(nar_name)
-            age = _age(nar_path, time.time())
-            if age is None:
-                nar_path = None  # a broken entry: only its narinfo is left to delete
-            elif age <= GRACE_SECONDS:
-                return _YOUNG  # a narinfo naming it was just uploaded, or a pusher HEADed it
-        store.delete_narinfo(hash_part)  # its signed text first: never served alone
-        pending.entries += 1
-        pending.narinfo_bytes += st.st_size
-        if not (with_nar and nar_path is not None):
-            return _NARINFO
-        nar_size = os.stat(nar_path).st_size
-        os.unlink(nar_path)
-        pending.nar_files += 1
-        pending.nar_bytes += nar_size
-        with contextlib.suppress(FileNotFoundError):
-            (store.meta_dir / nar_path.name).unlink()
-        return _WHOLE
+        checked_at = time.time()
+        for i in batch:
+            name = bytes(scanned.names[32 * i : 32 * i + 32]) + b".narinfo"
+            try:
+                st = os.stat(name, dir_fd=dirs.narinfo)
+            except FileNotFoundError:
+                outcomes.append(_CHANGED)
+                continue
+            if (
+                st.st_mtime_ns != scanned.mtimes[i]
+                or st.st_size != scanned.sizes[i]
+                or int(st.st_atime) > scanned.atimes[i]
+            ):
+                outcomes.append(_CHANGED)  # pushed again or served since the scan
+                continue
+            nar_name = None
+            if scanned.has_nar[i]:
+                nar_name = scanned.nar_name(i)
+                nar_st = _stat(nar_name, dirs.nar)
+                if nar_st is None:
+                    nar_name = None  # a broken entry: only its narinfo is left to delete
+                elif checked_at - nar_st.st_mtime <= GRACE_SECONDS:
+                    outcomes.append(_YOUNG)  # a narinfo naming it was just uploaded, or HEADed
+                    continue
+            narinfos.append(name)
+            pending.entries += 1
+            pending.narinfo_bytes += st.st_size
+            key = scanned.nar_keys[i]
+            last_ref = refs_left.get(key, 1) == 1
+            if key in refs_left:
+                refs_left[key] -= 1
+            if nar_name is None or not last_ref:
+                outcomes.append(_NARINFO)
+                continue
+            nars.append(nar_name)
+            pending.nar_files += 1
+            pending.nar_bytes += nar_st.st_size  # type: ignore[union-attr]
+            outcomes.append(_WHOLE)
+        if dirs.signed >= 0:
+            _unlink_all(narinfos, dirs.signed)  # signed texts first: never served alone
+        _unlink_all(narinfos, dirs.narinfo)
+        _unlink_all(nars, dirs.nar)
+        _unlink_all(nars, dirs.meta)
+        return outcomes
 
     try:
         for name, size, age in orphans:
@@ -401,59 +537,78 @@ def run(limits: Limits, *, dry_run: bool = False, echo: Callable[[str], object] 
                 result.freed_bytes += delete_orphan(name, size)
         count_freed(force=True)
         # Meta files whose NAR is gone (an upload killed between the two renames).
-        if not dry_run:
-            meta_dir = os.fsencode(store.meta_dir)
-            with os.scandir(meta_dir) as metas:
+        if not dry_run and dirs.meta >= 0:
+            with os.scandir(dirs.meta) as metas:
                 for meta in metas:
-                    found = bisect.bisect_left(nar_present, hash(meta.name))
-                    if found < len(nar_present) and nar_present[found] == hash(meta.name):
+                    key = hash(os.fsencode(meta.name))
+                    found = bisect.bisect_left(nar_present, key)
+                    if found < len(nar_present) and nar_present[found] == key:
                         continue
-                    age = _age(meta.path, now)
+                    age = _age(os.fsencode(meta.name), now, dirs.meta)
                     if age is not None and age > GRACE_SECONDS:
                         with contextlib.suppress(FileNotFoundError):
-                            os.unlink(meta.path)
+                            os.unlink(meta.name, dir_fd=dirs.meta)
         del nar_present
 
         free_triggered = limits.min_free is not None and free_start < limits.min_free
 
-        def too_big() -> bool:
-            return limits.max_size is not None and total - result.freed_bytes > limits.max_size
+        def too_big(planned: int = 0) -> bool:
+            return limits.max_size is not None and total - result.freed_bytes - planned > limits.max_size
 
-        def too_full() -> bool:
+        def too_full(planned: int = 0) -> bool:
             return (
                 free_triggered
                 and limits.max_free is not None
-                and free_start + result.freed_bytes < limits.max_free
+                and free_start + result.freed_bytes + planned < limits.max_free
             )
 
         kept_old = 0  # entries older than --older-than that had to stay
-        refs_left = dict(scanned.shared)  # shared NARs: narinfos still naming them
-        for packed in scanned.order:
-            i = packed & 0xFFFFFFFF
-            last_used = packed >> 32
-            too_old = limits.older_than is not None and last_used < now - limits.older_than
-            if not (too_old or too_big() or too_full()):
-                break  # sorted by last use: later entries are newer, and the size limits hold
-            key = scanned.nar_keys[i]
-            has_nar = scanned.has_nar[i]
-            last_ref = has_nar and refs_left.get(key, 1) == 1
-            outcome = delete_entry(i, with_nar=bool(last_ref))
-            count_freed()
-            if outcome == _YOUNG:
-                result.kept_young += 1
-                kept_old += too_old
-                continue  # a newer entry may still have an old NAR
-            if outcome == _CHANGED:
-                result.kept_changed += 1
-                continue
-            result.deleted_entries += 1
-            result.deleted.append(scanned.hash_part(i))
-            result.freed_bytes += scanned.sizes[i]
-            if key in refs_left:
-                refs_left[key] -= 1
-            if outcome == _WHOLE:
-                result.deleted_nars += 1
-                result.freed_bytes += scanned.nar_bytes[i]
+        batch_size = 16  # entries per hold of the lock: adapted so that a hold lasts BATCH_SECONDS
+        position, order = 0, scanned.order
+        while position < len(order):
+            # The next entries a limit asks for, counted as if each one were freed whole (a
+            # batch never frees more than that, so it never goes past a size limit).
+            batch: list[int] = []
+            too_old: list[bool] = []
+            planned = 0
+            planned_refs: dict[int, int] = {}
+            while position < len(order) and len(batch) < batch_size:
+                i = order[position] & 0xFFFFFFFF
+                old = limits.older_than is not None and (order[position] >> 32) < now - limits.older_than
+                if not (old or too_big(planned) or too_full(planned)):
+                    break  # sorted by last use: later entries are newer, and the size limits hold
+                position += 1
+                batch.append(i)
+                too_old.append(old)
+                key = scanned.nar_keys[i]
+                refs = planned_refs.get(key, refs_left.get(key, 1))
+                planned_refs[key] = refs - 1
+                whole = scanned.has_nar[i] and refs == 1
+                planned += scanned.sizes[i] + (scanned.nar_bytes[i] if whole else 0)
+            if not batch:
+                break
+            started = time.monotonic()
+            outcomes = delete_batch(batch)
+            held = time.monotonic() - started
+            count_freed(force=True)
+            if held < BATCH_SECONDS / 2:
+                batch_size = min(batch_size * 2, 4096)
+            elif held > BATCH_SECONDS:
+                batch_size = max(batch_size // 2, 1)
+            for i, old, outcome in zip(batch, too_old, outcomes, strict=True):
+                if outcome == _YOUNG:
+                    result.kept_young += 1
+                    kept_old += old
+                    continue  # a newer entry may still have an old NAR
+                if outcome == _CHANGED:
+                    result.kept_changed += 1
+                    continue
+                result.deleted_entries += 1
+                result.deleted.append(scanned.hash_part(i))
+                result.freed_bytes += scanned.sizes[i]
+                if outcome == _WHOLE:
+                    result.deleted_nars += 1
+                    result.freed_bytes += scanned.nar_bytes[i]
             if time.monotonic() - last_progress > PROGRESS_SECONDS:
                 last_progress = time.monotonic()
                 echo(

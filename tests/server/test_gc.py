@@ -244,6 +244,29 @@ def test_serving_an_entry_protects_it(cache: Cache, aged: list[Entry]) -> None:
     assert [present(cache, e) for e in aged] == [True] + [False] * 9
 
 
+def test_an_entry_served_while_gc_runs_is_kept(
+    cache: Cache, aged: list[Entry], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gc deletes from what it scanned; an entry served after the scan (its atime moved, as the
+    server's flush of served marks does) is kept, and the others go."""
+    from nixcache.server import gc as gcmod
+
+    scan = gcmod._Scan
+    served = cache.store / "narinfo" / f"{aged[0].hash_part}.narinfo"
+
+    def scan_then_serve(*args: object) -> object:
+        scanned = scan(*args)  # type: ignore[arg-type]
+        os.utime(served, ns=(time.time_ns(), served.stat().st_mtime_ns))
+        return scanned
+
+    monkeypatch.setattr(gcmod, "_Scan", scan_then_serve)
+    result = gcmod.run(gcmod.Limits(store=cache.store, older_than=5 * DAY), echo=lambda _: None)
+    assert present(cache, aged[0])
+    assert [present(cache, entry) for entry in aged[1:5]] == [False] * 4
+    assert result.kept_changed == 1
+    assert_consistent(cache.store)
+
+
 def test_orphan_nars_are_collected_after_a_grace_period(cache: Cache) -> None:
     fresh, stale = make_entry(), make_entry()
     for entry in (fresh, stale):
@@ -322,13 +345,15 @@ def test_gc_refuses_a_directory_that_is_not_a_store(tmp_path: Path) -> None:
 def test_gc_racing_pushes_never_orphans_a_narinfo(cache: Cache, monkeypatch: pytest.MonkeyPatch) -> None:
     """Collect in a loop while a pusher re-pushes the same paths as nix copy does (HEAD the NAR,
     PUT it only when missing, then PUT the narinfo): every push succeeds and no narinfo ever
-    names a missing NAR. The grace period is cut to 0.2 s so NARs become collectable quickly;
+    names a missing NAR. The grace period is cut to 1 s so NARs become collectable quickly (a
+    narinfo PUT checks its NAR before and after its fsync: under load that took over 0.2 s, and
+    gc, polling, collected the NAR in between, as it may once a push outlasts the grace period);
     only narinfos are aged (NAR mtimes are the server's protocol with gc and are left alone)."""
     import threading
 
     from nixcache.server import gc as gcmod
 
-    monkeypatch.setattr(gcmod, "GRACE_SECONDS", 0.2)
+    monkeypatch.setattr(gcmod, "GRACE_SECONDS", 1.0)
     entries = [make_entry(os.urandom(2000)) for _ in range(20)]
     for entry in entries:
         push(cache.client, entry, cache.token)
@@ -346,7 +371,7 @@ def test_gc_racing_pushes_never_orphans_a_narinfo(cache: Cache, monkeypatch: pyt
             runs.append(gcmod.run(limits, echo=lambda _: None))
             time.sleep(0.01)
 
-    time.sleep(0.3)  # past the grace period
+    time.sleep(1.1)  # past the grace period
     collector = threading.Thread(target=collect)
     collector.start()
     failures = []
@@ -366,7 +391,7 @@ def test_gc_racing_pushes_never_orphans_a_narinfo(cache: Cache, monkeypatch: pyt
                 if put.status_code != 201:
                     failures.append(put.text)
                 assert_consistent(cache.store)
-            time.sleep(0.25)  # let the NARs age past the grace period again
+            time.sleep(1.05)  # let the NARs age past the grace period again
     finally:
         stop.set()
         collector.join(30)

@@ -19,6 +19,7 @@ when there are logs or debuginfo files.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -60,10 +61,16 @@ def collect(
     """Delete (or, with dry_run, count) extra files whose path is gone; `deleted`: the hash
     parts whose narinfos this run deleted (or would delete)."""
     now = time.time() if now is None else now
-    gone = set(deleted)
-    names = (p.name for p in store.narinfo_dir.iterdir())
-    kept = {name[: -len(".narinfo")] for name in names if name.endswith(".narinfo")} - gone
     result = ExtrasResult()
+    root = store.root
+    listings, logs, indexes = _files(root / "ls"), _files(root / "log"), _files(root / "debuginfo")
+    traces = {directory: _files(root / directory) for directory in ("build-trace-v2", "realisations")}
+    if not (listings or logs or indexes or any(traces.values())):
+        return result  # nothing to look at: no list of the narinfos (a million names, say)
+    gone = set(deleted)
+    names = os.listdir(store.narinfo_dir)
+    kept = {name[: -len(".narinfo")] for name in names if name.endswith(".narinfo")} - gone
+    del names
 
     def drop(path: Path, immediately: bool = False) -> None:
         try:
@@ -78,12 +85,10 @@ def collect(
         result.deleted += 1
         result.freed_bytes += st.st_size
 
-    root = store.root
-    for path in _files(root / "ls"):
+    for path in listings:
         hash_part = path.name[: -len(".ls")]
         if hash_part not in kept:
             drop(path, immediately=hash_part in gone)
-    logs, indexes = _files(root / "log"), _files(root / "debuginfo")
     named = _named_by(store.narinfo_path(h) for h in kept) if logs or indexes else set()
     for path in indexes:
         if debuginfo.archive_of(path.read_bytes()) not in named:
@@ -92,7 +97,7 @@ def collect(
         if path.name not in named:
             drop(path)
     for directory in ("build-trace-v2", "realisations"):
-        for path in _files(root / directory):
+        for path in traces[directory]:
             out_path = buildtrace.out_path_of(path.read_bytes())
             if out_path is None or out_path[:32] not in kept:
                 drop(path)
