@@ -8,7 +8,9 @@ order, each on what the ones before it left (as an operator's day would). Before
 test causes the incident the procedure is for (lab1 replaced by a blank host, a key lost from
 the secret store, a flipped bit in a stored NAR, the origin stopped, the fleet on the previous
 release); after Key rotation it points the key placeholders at the new key. Those are the only
-things it does itself.
+things it does itself, besides checking Key rotation's phases from outside (the keys lab1 serves,
+what the client's Nix trusts and substitutes, reruns that change nothing, the main deploy
+refusing the client).
 
 Commands run as written, with only the placeholders of PLACEHOLDERS substituted: controller
 steps through `sh -e` from the checkout's root with `$INV` set, the checkout's `nixcache` first
