@@ -41,6 +41,7 @@ from nixcache.keys import SecretKey
 from nixcache.lab import state as lab_state
 from nixcache.lab.ssh import ssh_argv
 from nixcache.secrets import resolve
+from nixcache.server.metrics import FLUSH_SECONDS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 METRICS_FILE = "/var/lib/prometheus/node-exporter/nixcache_backup.prom"
@@ -297,21 +298,29 @@ class Drill:
         if not copied.exists():
             raise PhaseError(f"nix copy reported success but {copied} is missing")
         if self.scenario == "region-loss":
-            metrics = run(["curl", "-sS", "--fail", f"{self.url()}/metrics"], timeout=30, what="GET /metrics")
-            hits = sum(
-                sample.value
-                for family in text_string_to_metric_families(metrics)
-                for sample in family.samples
-                if sample.name == "nixcache_tier_lookups_total"
-                and sample.labels.get("tier") == "origin"
-                and sample.labels.get("result") == "hit"
-            )
+            # With several workers a scrape shows the other workers' counts up to FLUSH_SECONDS
+            # late: read again until the hit shows, for a little longer than that.
+            deadline = time.monotonic() + FLUSH_SECONDS + 2
+            while (hits := self.origin_hits()) < 1 and time.monotonic() < deadline:
+                time.sleep(0.5)
             if hits < 1:
                 raise PhaseError(
                     f"{self.url()}/metrics shows no origin hit: the path did not come from the origin"
                 )
             self.echo(f"  pulled through from the origin ({hits:.0f} origin hits in /metrics)")
         self.echo(f"  {self.store_path} served by the replacement, signed by {self.public_key.split(':')[0]}")
+
+    def origin_hits(self) -> float:
+        """The cache's origin hits, from its /metrics."""
+        metrics = run(["curl", "-sS", "--fail", f"{self.url()}/metrics"], timeout=30, what="GET /metrics")
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(metrics)
+            for sample in family.samples
+            if sample.name == "nixcache_tier_lookups_total"
+            and sample.labels.get("tier") == "origin"
+            and sample.labels.get("result") == "hit"
+        )
 
     def down(self) -> None:
         run(["nixcache", "lab", "down"], env=self.env, timeout=300, what="nixcache lab down")

@@ -8,7 +8,9 @@ order, each on what the ones before it left (as an operator's day would). Before
 test causes the incident the procedure is for (lab1 replaced by a blank host, a key lost from
 the secret store, a flipped bit in a stored NAR, the origin stopped, the fleet on the previous
 release); after Key rotation it points the key placeholders at the new key. Those are the only
-things it does itself.
+things it does itself, besides checking Key rotation's phases from outside (the keys lab1 serves,
+what the client's Nix trusts and substitutes, reruns that change nothing, the main deploy
+refusing the client).
 
 Commands run as written, with only the placeholders of PLACEHOLDERS substituted: controller
 steps through `sh -e` from the checkout's root with `$INV` set, the checkout's `nixcache` first
@@ -31,8 +33,9 @@ import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
-from deploy.conftest import lab_group_data
+from deploy.conftest import Run, lab_group_data
 from support import nixbuild
 from support.runbook import Step, check, parse, substitute, uncovered
 
@@ -542,6 +545,96 @@ def _fleet_on_the_previous_release(book: Book) -> None:
     assert book.values["previous build"] != book.values["build"], "the previous release builds the same wheel"
 
 
+# -- Key rotation, checked from outside beyond the steps' own Expect lines ---------------------
+# (what tests/deploy/test_rotation.py checked on the session lab, which this lab's fleet of a
+# cache and a Nix client in one inventory already is)
+
+NEXT_KEY_FILE = "/etc/nixcache/signing-key.next"
+CLIENT_CONF = "/etc/nix/nixcache.conf"
+
+
+def _served_keys(book: Book) -> list[str]:
+    response = httpx.get(f"http://{book.addr('lab1')}:5000/pubkey", timeout=10)
+    assert response.status_code == 200, response.text
+    return response.text.split()
+
+
+def _trusted_on_the_client(book: Book) -> list[str]:
+    """What the client's Nix itself says it trusts (not only what its file says)."""
+    shown = book.sh("lab2", "nix --extra-experimental-features nix-command show-config")
+    line = next(line for line in shown.splitlines() if line.startswith("trusted-public-keys = "))
+    return line.split(" = ", 1)[1].split()
+
+
+def _the_client_substitutes_a_new_push(book: Book) -> None:
+    """A fresh path pushed to lab1 is substituted by the client's Nix from lab1."""
+    salt = uuid.uuid4().hex
+    path = nixbuild.build(
+        f'derivation {{ name = "rot-{salt[:8]}"; system = builtins.currentSystem; builder = "/bin/sh";'
+        f' args = [ "-c" "echo {salt} > $out" ]; }}',
+        book.work / f"rotation-{salt[:8]}",
+    )
+    url = f"http://{book.addr('lab1')}:5000"
+    pushed = nixenv.run(
+        ["nix", "copy", "--to", url, path, "--option", "netrc-file", str(book.work / "netrc")],
+        book.work / f"rotation-{salt[:8]}" / "home",
+    )
+    assert pushed.returncode == 0, pushed.stderr
+    realised = book.sh("lab2", f"nix-store --realise {path} 2>&1 && cat {path}")
+    assert f"from '{url}'" in realised, realised
+    assert realised.strip().endswith(salt), realised
+
+
+def _rotate_again_changes_nothing(book: Book) -> None:
+    """The runbook's "running the same command again reports no changes", run."""
+    code, output = book.controller("pyinfra -y $INV deploys/rotate_key.py")
+    again = Run(code, output, 0)
+    assert code == 0 and again.totals()["error"] == 0, output[-4000:]
+    assert again.totals()["changed"] == 0, again.changed_operations()
+
+
+def _the_next_key(book: Book) -> str:
+    secret = Path(book.values["new signing_key_ref"].removeprefix("file://")).read_text()
+    assert SecretKey.parse(secret).name == book.values["new key name"]
+    return str(SecretKey.parse(secret).public())
+
+
+def _the_main_deploy_refuses_the_client(book: Book) -> None:
+    """With a client in $INV, deploys/cache.py without --limit refuses it in one line naming it
+    and the fix, instead of making it a cache."""
+    code, output = book.controller("pyinfra -y $INV deploys/cache.py")
+    assert code != 0, output[-4000:]
+    assert "lab2: is a Nix client of the caches" in output, output[-4000:]
+    assert "--limit <the caches' group>" in output, output[-4000:]
+
+
+def _introduced(book: Book) -> None:
+    old, new = book.values["public key"], _the_next_key(book)
+    assert _served_keys(book) == [old, new]
+    assert _trusted_on_the_client(book) == [old, new]
+    _the_client_substitutes_a_new_push(book)
+    _rotate_again_changes_nothing(book)
+
+
+def _retired(book: Book) -> None:
+    new = _the_next_key(book)
+    assert _served_keys(book) == [new]
+    assert _trusted_on_the_client(book) == [new]
+
+
+def _made_permanent(book: Book) -> None:
+    new = _the_next_key(book)
+    assert _served_keys(book) == [new]
+    assert book.sh("lab1", f"ls {NEXT_KEY_FILE} 2>&1 || true").strip().endswith("No such file or directory")
+    installed = book.sh("lab1", "cat /etc/nixcache/signing-key").strip()
+    assert installed == Path(book.values["new signing_key_ref"].removeprefix("file://")).read_text().strip()
+    assert book.sh("lab2", f"test ! -e {NEXT_KEY_FILE} && echo none").strip() == "none"
+    assert _trusted_on_the_client(book) == [new]
+    assert re.search(rf"trusted-public-keys = {re.escape(new)}\n", book.sh("lab2", f"cat {CLIENT_CONF}"))
+    _the_client_substitutes_a_new_push(book)
+    _rotate_again_changes_nothing(book)
+
+
 # What the test shows beside a failed step's output, to say why.
 DIAGNOSE = {
     "Rebuilding a region from the origin #1": (
@@ -559,11 +652,16 @@ BEFORE = {
     "Origin outage (the environment's S3 bucket does not answer) #1": _stop_the_origin,
     "Rebuilding a region from the origin #1": _origin_serves_objects,
     "Upgrading nixcache on the fleet, one host at a time #1": _fleet_on_the_previous_release,
+    "Key rotation #1": _the_main_deploy_refuses_the_client,
 }
 
 
-# What the test does after a step, so the placeholders keep naming what the fleet now has.
+# What the test does after a step: checks from outside (Key rotation), and placeholders that
+# keep naming what the fleet now has.
 AFTER = {
+    "Key rotation #2": _introduced,
+    "Key rotation #4": _retired,
+    "Key rotation #6": _made_permanent,
     "Key rotation #7": _the_new_key_is_the_key,
 }
 
