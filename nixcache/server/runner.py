@@ -24,11 +24,11 @@ from nixcache.server.http import Server
 from nixcache.server.metrics import FLUSH_SECONDS, Metrics
 from nixcache.server.nixstore.db import NixDbError
 from nixcache.server.nixstore.store import LocalNixStore
+from nixcache.server.offload import offload_to
 from nixcache.server.prefork import Worker, cannot_listen, create_store, listener
 from nixcache.server.signed import Resigner
 from nixcache.server.signing_keys import load_keys
 from nixcache.server.store import Store
-from nixcache.server.workers import offload_to
 
 log = logging.getLogger("nixcache.server")
 SERVED_FLUSH_SECONDS = 30

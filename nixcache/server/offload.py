@@ -1,7 +1,7 @@
 """Slow work (decompressing, hashing, and every write to the store's disk) off the event loop, in
 gevent's thread pool.
 
-gevent's pool reports an exception raised in a worker through the hub, which prints a full
+gevent's pool reports an exception raised in one of its threads through the hub, which prints a full
 traceback, even when the caller handles it (a refused NAR is an expected 400, not a crash). So
 the worker returns the exception as a value and the caller raises it in its own greenlet, with
 its traceback intact, where the usual handling applies.
