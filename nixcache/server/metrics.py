@@ -15,14 +15,15 @@ here, the copy costs nothing on the hot path (bench/metrics_cost.py, docs/benchm
 A scrape is exact: the worker answering it asks the others to copy first (`SharedFiles.
 ask_others`: FLUSH_SIGNAL to the parent, which relays it to every serving worker), waits until
 each has (its generation, a number in its `flushed_<pid>` file bumped after every copy, has
-moved past the one read before asking), copies its own and merges. A request whose response
-a client has received is counted by then: a worker counts a request right after sending its
-last byte, before it next yields to its event loop, where the signal is handled (except a
-request whose unread body it drains after answering: counted once drained). The wait is bounded by FLUSH_WAIT_SECONDS: a
-worker stuck in a long computation, stopped or killed (SIGKILL: the parent has not reaped it
-yet) does not hang the scrape, which then answers with that worker's last copy and counts
-nixcache_scrape_flush_timeouts_total. Workers still copy every FLUSH_SECONDS on their own, so
-such a copy is at most that old, and a killed worker loses at most its last FLUSH_SECONDS.
+moved past the one read before asking), copies its own and merges. A request whose response a
+client has received is counted by then: a worker counts a request right after sending its last
+byte, before it next yields to its event loop, where the signal is handled (except a request
+whose unread body it drains after answering: counted once drained). The wait is bounded by
+FLUSH_WAIT_SECONDS: a worker stuck in a long computation, stopped or killed (SIGKILL: the
+parent has not reaped it yet) does not hang the scrape, which then answers with that worker's
+last copy and counts nixcache_scrape_flush_timeouts_total. Workers still copy every
+FLUSH_SECONDS on their own, so such a copy is at most that old, and a killed worker loses at
+most its last FLUSH_SECONDS.
 """
 
 from __future__ import annotations

@@ -344,7 +344,7 @@ class Supervisor:
 
     def _publish(self) -> None:
         serving = [slot.pid for slot in self.slots if slot.pid and slot.ready]
-        write_worker_stats(self.metrics, self.count, self.restarts, serving)  # type: ignore[arg-type]
+        write_worker_stats(self.metrics, self.count, self.restarts, serving)
 
     def _relay_flush(self) -> None:
         """A worker's scrape asked: every serving worker copies its counters now. Signals that
