@@ -5,14 +5,25 @@ adjusts, nixcache/server/usage.py; gc-stats.json and verify-stats.json written b
 and `nixcache verify`, which run in other processes), so they are read at scrape time and are
 the whole store's whichever worker answers.
 
-With several workers (nixcache.server.prefork) each worker copies its counter and histogram
-values every FLUSH_SECONDS (and before it answers a scrape, and when it exits) into its files
-of a shared directory, in prometheus_client's multiprocess format (`MmapedDict`: one mmap'ed
-file per process and type); a scrape, answered by any worker, merges the files of every
-worker, dead ones included, so totals never go back (`MultiProcessCollector.merge`). Other
-workers' counts are thus up to a second old, and a killed worker loses its last second. Why
-not write on every update: that cost 4 us per narinfo hit here, the copy costs none on the
-hot path (bench/metrics_cost.py, docs/benchmarks.md).
+With several workers (nixcache.server.prefork) each worker keeps its counter and histogram
+values in memory and copies them into its files of a shared directory, in prometheus_client's
+multiprocess format (`MmapedDict`: one mmap'ed file per process and type); a scrape, answered
+by any worker, merges the files of every worker, dead ones included, so totals never go back
+(`MultiProcessCollector.merge`). Why not write on every update: that cost 4 us per narinfo hit
+here, the copy costs nothing on the hot path (bench/metrics_cost.py, docs/benchmarks.md).
+
+A scrape is exact: the worker answering it asks the others to copy first (`SharedFiles.
+ask_others`: FLUSH_SIGNAL to the parent, which relays it to every serving worker), waits until
+each has (its generation, a number in its `flushed_<pid>` file bumped after every copy, has
+moved past the one read before asking), copies its own and merges. A request whose response a
+client has received is counted by then: a worker counts a request right after sending its last
+byte, before it next yields to its event loop, where the signal is handled (except a request
+whose unread body it drains after answering: counted once drained). The wait is bounded by
+FLUSH_WAIT_SECONDS: a worker stuck in a long computation, stopped or killed (SIGKILL: the
+parent has not reaped it yet) does not hang the scrape, which then answers with that worker's
+last copy and counts nixcache_scrape_flush_timeouts_total. Workers still copy every
+FLUSH_SECONDS on their own, so such a copy is at most that old, and a killed worker loses at
+most its last FLUSH_SECONDS.
 """
 
 from __future__ import annotations
@@ -20,7 +31,10 @@ from __future__ import annotations
 import bisect
 import glob
 import json
+import mmap
 import os
+import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,11 +46,14 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from nixcache.server import signed, verify
-from nixcache.server.prefork import read_worker_stats
+from nixcache.server.prefork import FLUSH_SIGNAL, read_worker_stats
 from nixcache.server.store import Store
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-FLUSH_SECONDS = 1.0  # how often a worker copies its values into the shared directory
+FLUSH_SECONDS = 1.0  # how often a worker copies its values into the shared directory unasked
+FLUSH_WAIT_SECONDS = 0.2  # how long a scrape waits for the other workers' copies
+_POLL_SECONDS = 0.001  # how often it looks whether they are done (a copy takes well under 1 ms)
+_GENERATION = struct.Struct("=Q")  # an aligned 8-byte store: read whole or not at all on x86-64
 
 
 class _DiskCollector(Collector):
@@ -132,13 +149,67 @@ def read_gc_stats(store: Store) -> dict[str, float]:
 
 class SharedFiles:
     """This process's files in the shared metrics directory of the workers (one per type, named
-    as prometheus_client's multiprocess mode names them, so its collector reads them)."""
+    as prometheus_client's multiprocess mode names them, so its collector reads them), and its
+    flush generation (`flushed_<pid>`, not a .db file: the merge leaves it alone)."""
 
     def __init__(self, directory: Path):
         self.directory = directory
-        pid = os.getpid()
+        self.pid = pid = os.getpid()
         self.counters = MmapedDict(str(directory / f"counter_{pid}.db"))
         self.histograms = MmapedDict(str(directory / f"histogram_{pid}.db"))
+        fd = os.open(directory / f"flushed_{pid}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, _GENERATION.size)
+            self._generation = mmap.mmap(fd, _GENERATION.size)
+        finally:
+            os.close(fd)
+        self.generation = 0
+
+    def flushed(self) -> None:
+        """Say that the values in the files are this process's current ones."""
+        self.generation += 1
+        _GENERATION.pack_into(self._generation, 0, self.generation)
+
+    def read_generation(self, pid: int) -> int | None:
+        """Worker `pid`'s flush generation; None once its file is gone."""
+        try:
+            fd = os.open(self.directory / f"flushed_{pid}", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            data = os.pread(fd, _GENERATION.size, 0)
+        finally:
+            os.close(fd)
+        return _GENERATION.unpack(data)[0] if len(data) == _GENERATION.size else None
+
+    def ask_others(self, wait: float = FLUSH_WAIT_SECONDS) -> bool:
+        """Have every other serving worker copy its values into its files now, waiting at most
+        `wait` seconds (time.sleep: gevent's in a worker, so this worker serves meanwhile).
+        False when one of them did not in time."""
+        stats = read_worker_stats(self.directory)
+        # Only the parent that forked this process relays (prefork.Supervisor._relay_flush).
+        if stats is None or stats.get("parent") != os.getppid():
+            return True
+        seen = {}
+        for pid in stats.get("pids", ()):
+            if pid != self.pid and (generation := self.read_generation(pid)) is not None:
+                seen[pid] = generation
+        if not seen:
+            return True
+        try:
+            os.kill(stats["parent"], FLUSH_SIGNAL)
+        except ProcessLookupError:  # the parent is gone, and the workers go with it
+            return False
+        deadline = time.monotonic() + wait
+        while True:
+            # A generation past the one seen: a copy made after the asking (it also drops a
+            # worker whose file is gone).
+            seen = {pid: gen for pid, gen in seen.items() if self.read_generation(pid) == gen}
+            if not seen:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(_POLL_SECONDS)
 
     def collect(self) -> dict[str, object]:
         """Every worker's values, merged: metric name -> family."""
@@ -403,6 +474,12 @@ class Metrics:
             "Narinfo misses answered from the negative cache",
             shared=shared,
         )
+        self.flush_timeouts = LabeledCounter(
+            "nixcache_scrape_flush_timeouts",
+            "Scrapes answered before every other worker had copied its counts (one was busy or "
+            "dead): those counts were up to a second old",
+            shared=shared,
+        )
         self.all = (
             self.requests,
             self.duration,
@@ -417,6 +494,7 @@ class Metrics:
             self.tier_writes,
             self.negative_hits,
             self.front,
+            self.flush_timeouts,
         )
         if shared is None:
             self.registry.register(_CounterCollector(self))
@@ -429,7 +507,12 @@ class Metrics:
         if self.shared is not None:
             for metric in self.all:
                 metric.flush()
+            self.shared.flushed()
 
     def render(self) -> bytes:
+        """The whole server's metrics: with workers, every other worker's counts as of now (at
+        most FLUSH_WAIT_SECONDS spent asking for them, see the module's docstring)."""
+        if self.shared is not None and not self.shared.ask_others():
+            self.flush_timeouts.inc()
         self.flush()  # this worker's own counts are current in its answer
         return generate_latest(self.registry)

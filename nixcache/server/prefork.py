@@ -25,8 +25,13 @@ Workers share nothing but the store on disk (its writes are atomic renames of te
 whose names hold the writer's pid) and a metrics directory: every worker writes its counters
 there (prometheus_client's multiprocess file format, nixcache.server.metrics), so /metrics,
 answered by any worker, counts the whole server. The parent writes workers.json there (the
-number of workers and of restarts) and wipes the directory at start and exit; it lives in
-systemd's RuntimeDirectory ($RUNTIME_DIRECTORY) when there is one, else in a private temp dir.
+number of workers and of restarts, its own pid and the pids of the workers serving) and wipes
+the directory at start and exit; it lives in systemd's RuntimeDirectory ($RUNTIME_DIRECTORY)
+when there is one, else in a private temp dir. A worker answering a scrape sends the parent
+FLUSH_SIGNAL, and the parent relays it to every serving worker, which copies its counters into
+the directory at once (the scraper waits for that, bounded: nixcache.server.metrics). Through
+the parent, not from worker to worker: only the parent knows, from waitpid, which pids are
+still its workers, so a signal never reaches a process that merely reused a dead worker's pid.
 
 SIGTERM or SIGINT: the parent closes its copy of the socket and sends SIGTERM to every worker,
 which stops accepting, closes its idle connections, finishes the requests in flight (for up to
@@ -54,6 +59,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from nixcache.server.config import ServerConfig, StartupError
 from nixcache.server.signed import Resigner
@@ -67,7 +73,8 @@ BACKOFF_MAX = 30.0
 KILL_AFTER = 75.0  # seconds after SIGTERM: a worker still draining is killed (DRAIN_SECONDS + margin)
 WORKER_STATS = "workers.json"
 _PR_SET_PDEATHSIG = 1
-_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT)
+FLUSH_SIGNAL = signal.SIGUSR1  # a scrape asks every worker to copy its counters (see above)
+_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, FLUSH_SIGNAL)
 
 
 @dataclass
@@ -140,14 +147,16 @@ def _reuseport(sock: socket.socket) -> socket.socket:
     return sock
 
 
-def write_worker_stats(directory: Path, workers: int, restarts: int) -> None:
-    """What the parent knows, for the workers' scrapes (renamed into place)."""
+def write_worker_stats(directory: Path, workers: int, restarts: int, pids: list[int]) -> None:
+    """What the parent knows, for the workers' scrapes (renamed into place): `pids`, the workers
+    serving, whose counts a scrape waits for; `parent`, who relays the scrape's FLUSH_SIGNAL."""
     tmp = directory / f".{WORKER_STATS}.tmp"
-    tmp.write_text(json.dumps({"workers": workers, "restarts": restarts}))
+    stats = {"workers": workers, "restarts": restarts, "parent": os.getpid(), "pids": pids}
+    tmp.write_text(json.dumps(stats))
     os.replace(tmp, directory / WORKER_STATS)
 
 
-def read_worker_stats(directory: Path) -> dict[str, int] | None:
+def read_worker_stats(directory: Path) -> dict[str, Any] | None:
     try:
         return json.loads((directory / WORKER_STATS).read_text())
     except (FileNotFoundError, ValueError):
@@ -210,7 +219,7 @@ class Supervisor:
         Resigner(Store(self.config.store, self.config.store_dir, keys=keys)).prepare()
         _preload()
         self.metrics = metrics_dir()
-        write_worker_stats(self.metrics, self.count, 0)
+        self._publish()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(self._wake_w)
         for signum in _SIGNALS:
@@ -239,6 +248,8 @@ class Supervisor:
                     self._status(starting[fd])
             if (signal.SIGTERM in signals or signal.SIGINT in signals) and not self.stopping:
                 self._begin_stop()
+            if FLUSH_SIGNAL in signals:
+                self._relay_flush()
             self._reap()
             if self.stopping:
                 self._kill_stragglers()
@@ -282,6 +293,7 @@ class Supervisor:
         if kind == "ready":
             slot.ready = True
             self._detail = detail
+            self._publish()  # from now on scrapes wait for its counts
             if self.serving:
                 log.warning("worker %d (pid %d) is serving again", slot.index, slot.pid)
         else:
@@ -304,6 +316,9 @@ class Supervisor:
             self._status(slot)  # its last words, if any
         pid, slot.pid = slot.pid, 0
         self.store.drop_leftovers(pid)  # an upload or fetch it had in tmp/
+        if self.serving and not self.stopping:
+            self.restarts += 1
+        self._publish()  # scrapes no longer wait for it
         if self.stopping:
             return
         how = _exit_description(status)
@@ -312,8 +327,6 @@ class Supervisor:
             self._begin_stop()
             self.startup_error = slot.error or f"worker {slot.index} {how}; see the log above"
             return
-        self.restarts += 1
-        write_worker_stats(self.metrics, self.count, self.restarts)
         lived = time.monotonic() - slot.started
         slot.failures = slot.failures + 1 if lived < WORKER_SETTLED or not slot.ready else 0
         delay = 0.0 if slot.failures <= 1 else min(BACKOFF_MAX, 2.0 ** (slot.failures - 2))
@@ -328,6 +341,18 @@ class Supervisor:
             delay,
             self.restarts,
         )
+
+    def _publish(self) -> None:
+        serving = [slot.pid for slot in self.slots if slot.pid and slot.ready]
+        write_worker_stats(self.metrics, self.count, self.restarts, serving)
+
+    def _relay_flush(self) -> None:
+        """A worker's scrape asked: every serving worker copies its counters now. Signals that
+        arrived together were merged into one; one copy after the asking serves them all."""
+        for slot in self.slots:
+            if slot.pid and slot.ready:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(slot.pid, FLUSH_SIGNAL)
 
     def _begin_stop(self) -> None:
         """Stop accepting (the workers' copies of the socket close as they drain), SIGTERM all."""
@@ -389,6 +414,8 @@ class Supervisor:
             signal.set_wakeup_fd(-1)
             for signum in _SIGNALS:
                 signal.signal(signum, signal.SIG_DFL)
+            # Ignored until the worker's loop takes it (runner.run), never its default (exit).
+            signal.signal(FLUSH_SIGNAL, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
             os.close(self._wake_r)
             os.close(self._wake_w)

@@ -25,7 +25,7 @@ from nixcache.server.metrics import FLUSH_SECONDS, Metrics
 from nixcache.server.nixstore.db import NixDbError
 from nixcache.server.nixstore.store import LocalNixStore
 from nixcache.server.offload import offload_to
-from nixcache.server.prefork import Worker, cannot_listen, create_store, listener
+from nixcache.server.prefork import FLUSH_SIGNAL, Worker, cannot_listen, create_store, listener
 from nixcache.server.signed import Resigner
 from nixcache.server.signing_keys import load_keys
 from nixcache.server.store import Store
@@ -122,6 +122,10 @@ def run(config: ServerConfig, worker: Worker | None = None) -> None:
     ]
     if worker is not None:  # the other workers' scrapes count this one's requests
         tasks.append(gevent.spawn(_every, FLUSH_SECONDS, app.metrics.flush))
+        # Another worker's scrape asks for them now (Metrics.render). The handler runs in the
+        # loop between greenlets, never inside a request's code; libev installs it with
+        # SA_RESTART, so a system call of the thread pools that it interrupts resumes.
+        gevent.signal_handler(FLUSH_SIGNAL, app.metrics.flush)
 
     # nginx's disk hits: read by one process (a second would count them twice and race the
     # truncation), the first worker with several (its replacement takes over if it dies).

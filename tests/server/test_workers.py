@@ -3,17 +3,19 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import os
 import re
 import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from nixcache.server.metrics import FLUSH_SECONDS
 from server.conftest import Cache, StartCache
 from server.helpers import make_entry
 from server.test_cli import serve_fails
@@ -110,31 +112,120 @@ def test_sigterm_lets_a_slow_download_finish_then_exits_0(start_cache: StartCach
     idle.close()
 
 
-def test_metrics_count_the_requests_of_every_worker(start_cache: StartCache) -> None:
+def scrape(cache: Cache, timeout: float = 10) -> str:
+    """A /metrics answer on a fresh connection (so either worker may answer it)."""
+    response = httpx.get(cache.url + "/metrics", headers={"Connection": "close"}, timeout=timeout)
+    assert response.status_code == 200
+    return response.text
+
+
+def test_a_scrape_right_after_requests_counts_every_workers_requests(start_cache: StartCache) -> None:
+    # No wait between the last request and the scrape: each round ends with requests answered
+    # by both workers, so whichever answers the scrape, the other's newest requests must be in
+    # it (when the other workers copied their counts only once a second, every round failed).
     cache = start_cache("--workers", "2")
-    pids: set[int] = set()
-    served = 0
-    deadline = time.monotonic() + 60
-    while len(pids) < 2 or served < 20:
-        assert time.monotonic() < deadline, f"only {pids} answered"
-        pids.add(answering_pid(cache))
-        served += 1
     entry = make_entry()
-    for _ in range(5):  # narinfo misses, counted on the hot path
-        assert (
-            httpx.get(f"{cache.url}/{entry.hash_part}.narinfo", headers={"Connection": "close"}).status_code
-            == 404
-        )
-    time.sleep(FLUSH_SECONDS + 0.5)  # each worker copies its counts into the shared files
-    for _ in range(4):  # whichever worker answers the scrape, it counts the whole server
-        text = httpx.get(cache.url + "/metrics", headers={"Connection": "close"}).text
+    served = misses = 0
+    deadline = time.monotonic() + 60  # the second worker may take some seconds to start
+    for _ in range(6):
+        pids: set[int] = set()
+        while len(pids) < 2 or len(pids) + served % 7 < 5:  # a varying count of requests a round
+            assert time.monotonic() < deadline, f"only {pids} answered"
+            pids.add(answering_pid(cache))
+            served += 1
+        for _ in range(3):  # narinfo misses, counted on the hot path
+            url = f"{cache.url}/{entry.hash_part}.narinfo"
+            assert httpx.get(url, headers={"Connection": "close"}).status_code == 404
+            misses += 1
+        text = scrape(cache)
         assert (
             metric(text, 'nixcache_http_requests_total{method="GET",route="healthz",status="200"}') == served
         )
-        assert metric(text, 'nixcache_narinfo_lookups_total{result="miss"}') == 5
-        assert metric(text, 'nixcache_tier_lookups_total{kind="narinfo",result="miss",tier="local"}') == 5
         assert metric(text, 'nixcache_http_request_duration_seconds_count{route="healthz"}') == served
+        assert metric(text, 'nixcache_narinfo_lookups_total{result="miss"}') == misses
+        local_misses = 'nixcache_tier_lookups_total{kind="narinfo",result="miss",tier="local"}'
+        assert metric(text, local_misses) == misses
         assert metric(text, "nixcache_workers") == 2
+        assert metric(text, "nixcache_scrape_flush_timeouts_total") == 0
+
+
+def test_a_stopped_worker_delays_a_scrape_only_briefly(start_cache: StartCache) -> None:
+    cache = start_cache("--workers", "2")
+    pids = pids_answering(cache, 2)
+    assert len(pids) == 2
+    stopped = min(pids)
+    os.kill(stopped, signal.SIGSTOP)  # as busy as a worker can be: it handles nothing
+    try:
+        # A connection the kernel gives the stopped worker is never answered: try from other
+        # ports (the kernel picks the worker by the client's port) until the running one answers.
+        for _ in range(20):
+            try:
+                text = scrape(cache, timeout=3)
+                break
+            except httpx.TimeoutException:
+                continue
+        else:
+            raise AssertionError("no scrape was answered within 3 s")
+        assert metric(text, "nixcache_scrape_flush_timeouts_total") == 1
+        assert metric(text, "nixcache_workers") == 2
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    assert metric(scrape(cache), "nixcache_scrape_flush_timeouts_total") == 1  # the other copies again
+
+
+def test_scrapes_do_not_disturb_uploads_and_downloads_in_flight(start_cache: StartCache) -> None:
+    # Every scrape signals every worker; the signal may land in any thread, a thread pool's
+    # included (an upload's decompression and hashing run there), mid system call.
+    cache = start_cache("--workers", "2")
+    assert len(pids_answering(cache, 2)) == 2
+    big = make_entry(os.urandom(8 << 20), compression="none")
+    response = cache.client.put(f"/nar/{big.nar_file}", content=big.file_bytes, auth=cache.auth)
+    assert response.status_code == 201
+    scrapes = 0
+    stop = threading.Event()
+
+    def scrape_until_stopped() -> None:
+        nonlocal scrapes
+        while not stop.is_set():
+            scrape(cache)
+            scrapes += 1
+
+    scraper = concurrent.futures.ThreadPoolExecutor(2)
+    running = [scraper.submit(scrape_until_stopped) for _ in range(2)]
+    try:
+        for _ in range(3):
+            uploaded = make_entry(os.urandom(4 << 20), compression="xz")  # decompressed while received
+            response = httpx.put(
+                f"{cache.url}/nar/{uploaded.nar_file}",
+                content=slowly(uploaded.file_bytes),
+                auth=cache.auth,
+                timeout=30,
+            )
+            assert response.status_code == 201, response.text
+            digest = hashlib.sha256()
+            with httpx.stream("GET", f"{cache.url}/nar/{big.nar_file}", timeout=30) as response:
+                assert response.status_code == 200
+                for chunk in response.iter_bytes(256 * 1024):
+                    digest.update(chunk)
+                    time.sleep(0.005)  # a slow client: the sendfile of the NAR waits on the socket
+            assert digest.digest() == hashlib.sha256(big.file_bytes).digest()
+            fetched = cache.client.get(f"/nar/{uploaded.nar_file}")
+            assert fetched.content == uploaded.file_bytes
+    finally:
+        stop.set()
+        for future in running:
+            future.result()
+        scraper.shutdown()
+    assert scrapes >= 20, f"only {scrapes} scrapes ran beside the transfers"
+    text = scrape(cache)
+    assert metric(text, 'nixcache_uploads_total{kind="nar",result="accepted"}') == 4
+
+
+def slowly(data: bytes, chunk: int = 64 * 1024) -> Iterator[bytes]:
+    """A request body sent in pieces with pauses, so the upload is in flight for a while."""
+    for start in range(0, len(data), chunk):
+        yield data[start : start + chunk]
+        time.sleep(0.002)
 
 
 @pytest.mark.parametrize(
