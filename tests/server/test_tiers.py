@@ -305,13 +305,19 @@ def test_a_pulled_nar_reaches_the_client_while_it_is_still_being_fetched(
 # -- single flight -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_twenty_clients_one_uncached_large_nar_one_fetch(
     start_cache: StartCache,
     tmp_path: Path,
     seaweed: Seaweed,  # noqa: F811
     bucket: str,
+    workers: int,
 ) -> None:
-    eu, us = fleet(start_cache, tmp_path, seaweed, bucket, "eu", "us")
+    """One origin fetch for the host, whichever worker each client's connection lands on (with
+    2 workers, 20 connections all on one of them is a chance of 1 in 2^19)."""
+    config = write_config(tmp_path / "tiers.toml", seaweed=seaweed, bucket=bucket)
+    eu = start_cache("--config", str(config), name="eu")
+    us = start_cache("--config", str(config), "--workers", str(workers), name="us")
     entry = make_entry(os.urandom(64 * 1024 * 1024), compression="none")
     push(eu.client, entry, eu.token)
     assert us.client.get(f"/{entry.hash_part}.narinfo").status_code == 200

@@ -16,6 +16,7 @@ Modules, one job each:
     negative.py      paths recently absent from every tier (TTL)
     pullthrough.py   a local miss: ask the tiers in order within deadlines; fetch a NAR once,
                      stream it to every waiting client while it is verified and stored
+    flightlock.py    one fetch per host: the other workers stream the fetching one's temp file
     writethrough.py  a push: NAR and narinfo to the origin before the narinfo is published here
     origin_gc.py     retention by age and size on the bucket, with the local gc's guarantees
 
@@ -25,6 +26,9 @@ Errors (the tree of `TierError`; none of them reaches a reader as a 5xx):
     ├── TierUnavailable      unreachable, timed out, or answered with a server error
     └── TierRefused          answered, but with something this cache will not take
                              (malformed narinfo, untrusted or missing signature)
+
+    FetchAborted (an OSError) a NAR failed while a client was receiving it: its connection is
+                             cut short, never completed with wrong bytes
 
 This package imports gevent (deadlines, single-flight): only the server process, after
 monkey-patching, builds it (`build`).

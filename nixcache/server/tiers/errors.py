@@ -24,3 +24,8 @@ class TierRefused(TierError):
     """The tier answered with something this cache will not take (malformed, untrusted)."""
 
     reason = "refused"
+
+
+class FetchAborted(OSError):
+    """A pulled-through NAR failed while a client was receiving it: its connection is cut (an
+    OSError, as a broken connection is, so the HTTP layer closes it without an answer)."""

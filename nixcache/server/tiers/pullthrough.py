@@ -6,7 +6,8 @@ narinfo cannot be published locally before its NAR is here (the store's visibili
 a client usually asks for the NAR next. A path no tier has is remembered in the negative cache.
 A tier that fails or overruns its deadline counts an error and is skipped: a read is never a 5xx.
 
-NARs. Concurrent requests for one NAR share one `_Flight`: one fetch, into the store's tmp/
+NARs. Concurrent requests for one NAR share one `_Flight` (and the workers of a host share it
+through tiers/flightlock.py, each streaming the one temp file): one fetch, into the store's tmp/
 through `Store.put_nar` (the upload verification: FileHash is the file name, FileSize, NarHash
 and NarSize of the narinfo), while every waiting client reads the temp file as it grows. The
 last byte is held back until the NAR verified and was published, so a corrupted NAR never
@@ -41,7 +42,8 @@ from nixcache.server.nar import NarDigest
 from nixcache.server.narinfo import NarInfo
 from nixcache.server.store import Store, UploadError
 from nixcache.server.tiers.deadline import within
-from nixcache.server.tiers.errors import TierError, TierUnavailable
+from nixcache.server.tiers.errors import FetchAborted, TierError, TierUnavailable
+from nixcache.server.tiers.flightlock import FlightLock, Followed, follow, readable
 from nixcache.server.tiers.negative import NegativeCache
 from nixcache.server.wire import FileBody, StreamBody
 
@@ -62,10 +64,6 @@ class Tier(Protocol):
     def open_nar(self, name: str) -> Any: ...
 
 
-class FetchAborted(OSError):
-    """A pulled-through NAR failed while a client was receiving it: its connection is cut."""
-
-
 @dataclass
 class _Found:
     tier: Tier
@@ -76,8 +74,9 @@ class _Found:
 class _Flight:
     """One NAR being fetched: the temp file it grows in and how much of it is written."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, lock: FlightLock):
         self.name = name
+        self.lock = lock  # the other workers' way to this flight
         self.size: int | None = None
         self.written = 0
         self.fd = -1  # a read descriptor on the temp file (the published NAR after the rename)
@@ -92,6 +91,7 @@ class _Flight:
         if self.fd < 0:
             self.fd = os.open(path, os.O_RDONLY)
             if self.size is not None:
+                self.lock.announce(path, self.size)
                 self.ready.set()
         self.written = written
         self._tick, tick = Event(), self._tick
@@ -106,6 +106,7 @@ class _Flight:
 
     def finish(self, ok: bool, found: bool = True) -> None:
         self.done, self.ok, self.found = True, ok, found
+        self.lock.release()  # after the NAR (and its narinfo) was published, or failed
         self.ready.set()
         self._tick.set()
         if self.fd >= 0:
@@ -138,6 +139,24 @@ class _Flight:
                 position = limit
         finally:
             handle.close()
+
+
+def _follower(followed: Followed, stall: float) -> Iterator[FileBody]:
+    """Another worker's fetch of a NAR, streamed from its temp file as it grows (sendfile(2))."""
+    handle = os.fdopen(followed.fd, "rb")
+    try:
+        position, quiet_since = 0, time.monotonic()
+        while position < followed.size:
+            limit = readable(followed)
+            if position >= limit:
+                if time.monotonic() - quiet_since > stall:
+                    raise FetchAborted(f"{followed.published.name}: the other worker's fetch stalled")
+                gevent.sleep(0.005)
+                continue
+            yield FileBody(handle, position, limit - position)
+            position, quiet_since = limit, time.monotonic()
+    finally:
+        handle.close()
 
 
 class PullThrough:
@@ -265,7 +284,22 @@ class PullThrough:
                 info = None
                 if tier is None:
                     return None
-            flight = self._flights[name] = _Flight(name)
+            lock = FlightLock.claim(self.store.tmp_dir, name)
+            if lock is None:  # another worker is fetching it: stream its temp file
+                followed = follow(self.store.tmp_dir, name, self.store.nar_path(name), tier.nar_deadline)
+                if followed is not None:
+                    return StreamBody(_follower(followed, stall=60.0), followed.size)
+                if self.store.nar_path(name).exists():
+                    return None  # it published the NAR meanwhile: the caller serves the file
+                lock = FlightLock.claim(self.store.tmp_dir, name)  # its fetch ended unpublished
+                if lock is None:
+                    return None  # still no bytes past the NAR deadline: a miss for now, as for its clients
+            if self.store.nar_path(name).exists():  # published by another worker just now
+                lock.release()
+                return None
+            # From here on this worker's other requests share the flight (no yield since the
+            # claim), and the other workers follow its temp file.
+            flight = self._flights[name] = _Flight(name, lock)
             gevent.spawn(self._fetch, flight, tier, info, hash_part)
         flight.ready.wait()
         if flight.done:
