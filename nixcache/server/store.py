@@ -164,7 +164,7 @@ class Store:
         self.gc_stats_file = self.root / "gc-stats.json"
         self.usage = UsageFile(self.root)
         self._offload = offload or (lambda fn, args: fn(*args))
-        # Several calls at once where the server can (workers.Offload.all), else one by one.
+        # Several calls at once where the server can (offload.Offload.all), else one by one.
         self._offload_all = getattr(offload, "all", None) or (lambda calls: [fn(*args) for fn, args in calls])
         self._served: dict[str, int | None] = {}
 
