@@ -43,7 +43,7 @@ from nixcache.server.narinfo import NarInfo
 from nixcache.server.store import Store, UploadError
 from nixcache.server.tiers.deadline import within
 from nixcache.server.tiers.errors import FetchAborted, TierError, TierUnavailable
-from nixcache.server.tiers.flightlock import FlightLock, Followed, follow, readable
+from nixcache.server.tiers.flightlock import POLL_SECONDS, FlightLock, Followed, follow, readable
 from nixcache.server.tiers.negative import NegativeCache
 from nixcache.server.wire import FileBody, StreamBody
 
@@ -151,7 +151,7 @@ def _follower(followed: Followed, stall: float) -> Iterator[FileBody]:
             if position >= limit:
                 if time.monotonic() - quiet_since > stall:
                     raise FetchAborted(f"{followed.published.name}: the other worker's fetch stalled")
-                gevent.sleep(0.005)
+                gevent.sleep(POLL_SECONDS)
                 continue
             yield FileBody(handle, position, limit - position)
             position, quiet_since = limit, time.monotonic()
