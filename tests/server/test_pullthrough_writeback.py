@@ -9,7 +9,7 @@ from pathlib import Path
 import gevent
 
 from nixcache.server.tiers.flightlock import FlightLock
-from nixcache.server.tiers.pullthrough import WRITEBACK_BYTES, _Flight
+from nixcache.server.tiers.pullthrough import WRITEBACK_BYTES, WRITEBACKS, _Flight
 
 NAME = "1b2m2y8asgtpgvf4jsa7z3ixbh2xbbh6k3vjc0ihfvf8pncnvj9n.nar"
 CHUNK = 1024 * 1024
@@ -72,3 +72,32 @@ def test_a_failed_writeback_is_left_to_the_final_fsync(tmp_path: Path) -> None:
     assert not flight._flushing, "the next writeback may start"
     flight.finish(ok=False)
     assert _open_fds() == before
+
+
+def test_past_the_writebacks_limit_a_pull_skips_its_turn(tmp_path: Path) -> None:
+    started: list[int] = []
+
+    def offload(fn, args):
+        started.append(args[0])
+        return fn(*args)
+
+    lock = FlightLock.claim(tmp_path, NAME)
+    assert lock is not None
+    flight = _Flight(NAME, lock, offload)
+    flight.size = 2 * WRITEBACK_BYTES
+    temp = tmp_path / "nar.1.4"
+    temp.write_bytes(b"x")
+    held = 0
+    while WRITEBACKS.acquire(blocking=False):  # other pulls' writebacks take every slot
+        held += 1
+    try:
+        flight.progress(temp, WRITEBACK_BYTES)
+        gevent.sleep(0.01)
+        assert not started, "no thread of the pool taken past the limit"
+    finally:
+        for _ in range(held):
+            WRITEBACKS.release()
+    flight.progress(temp, WRITEBACK_BYTES + 1)
+    gevent.sleep(0.01)
+    assert len(started) == 1, "the next piece takes its turn once a slot is free"
+    flight.finish(ok=True)

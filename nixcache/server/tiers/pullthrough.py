@@ -38,6 +38,7 @@ from typing import Any, Protocol
 
 import gevent
 from gevent.event import AsyncResult, Event
+from gevent.lock import BoundedSemaphore
 
 from nixcache.server.app import NARINFO_LIMIT
 from nixcache.server.metrics import Metrics
@@ -59,6 +60,10 @@ FOUND_ENTRIES = 4096  # NarInfos of a few KiB (references): a bounded few MiB
 # a buffer that still fits the L2 cache that the hash reads it from (docs/benchmarks.md).
 FETCH_CHUNK = 1024 * 1024
 WRITEBACK_BYTES = 8 * 1024 * 1024  # flushed while a NAR arrives (4 MiB: no shorter final fsync)
+# At most this many writebacks of a worker at once, whatever the number of pulls: each holds a
+# thread of the pool that every write of the store shares (a pull whose turn it is not skips
+# it; its final fsync does the rest).
+WRITEBACKS = BoundedSemaphore(2)
 
 
 class Tier(Protocol):
@@ -105,7 +110,8 @@ class _Flight:
                 self.lock.announce(path, self.size)
                 self.ready.set()
         self.written = written
-        if not self._flushing and written - self._flushed >= WRITEBACK_BYTES:
+        due = not self._flushing and written - self._flushed >= WRITEBACK_BYTES
+        if due and WRITEBACKS.acquire(blocking=False):
             self._flushed, self._flushing = written, True
             gevent.spawn(self._write_back, os.dup(self.fd))
         self._tick, tick = Event(), self._tick
@@ -123,6 +129,7 @@ class _Flight:
         finally:
             os.close(fd)
             self._flushing = False
+            WRITEBACKS.release()
 
     def verify(self, name: str, path: Path) -> None:
         """Store.put_nar's before_publish: the NAR verified (it is made durable next)."""
