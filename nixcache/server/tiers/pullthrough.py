@@ -16,8 +16,8 @@ reaches a client as a complete response: its connection is cut short instead (an
 the whole NAR can count on the path being stored here. The fsync runs in the thread pool, so
 the other connections are served meanwhile. So that it has little left to do, the flight has
 each WRITEBACK_BYTES written so far flushed to disk while the rest arrives (an fdatasync in the
-thread pool, one at a time): 64 MiB written at once took the final fsync ~28 ms here, with the
-writeback along the way ~4 ms.)
+thread pool, one per NAR at a time, WRITEBACKS per worker): 64 MiB written at once took the
+final fsync ~28 ms here, with the writeback along the way ~4 ms.)
 Once the NAR is published, the narinfo that named it is published locally too (with its signed
 text, by Store.put_narinfo): the next request is a local hit, one file read.
 
