@@ -2,7 +2,7 @@
 """Benchmark the tiers: local hits, pull-through from the origin, direct S3, write-through pushes.
 
     python bench/tiers.py [--paths 200] [--nar-mib 64] [--pushes 500] [--rounds 5] [--nar-rounds 3]
-                          [--baseline CHECKOUT]
+                          [--baseline CHECKOUT] [--recycle-pages] [--nar-only]
 
 Starts SeaweedFS (`weed mini`, loopback, as the tests do) and three `nixcache serve`: `eu` and
 `us` share the origin bucket, `plain` has no origin. Then, side by side in one run:
@@ -25,6 +25,7 @@ Firecracker with free page reporting), new page-cache pages are that slow while 
 deleted file just freed are not: `--recycle-pages` writes and deletes a file of three NARs'
 size before each cold NAR (direct S3 included), as a long-running cache host's full page cache
 recycles its pages; without it every NAR lands on fresh memory.
+`--nar-only` measures the NAR rows alone (no narinfo latency, no pushes).
 Prints a table; writes nothing outside its temp dir. The S3 credentials are throwaway ones and go
 to curl in a config file, not on its command line.
 """
@@ -133,10 +134,14 @@ def main() -> int:
         action="store_true",
         help="before each cold NAR, write and delete a file of 3 NARs' size (see below)",
     )
+    parser.add_argument("--nar-only", action="store_true", help="only the NAR throughput and CPU rows")
     args = parser.parse_args()
+    if args.nar_only:
+        args.paths, args.pushes = 0, 0
     if not shutil.which("curl"):
         raise SystemExit("curl not found: apt-get install curl")
 
+    load_start = os.getloadavg()[0]
     work = Path(tempfile.mkdtemp(prefix="nixcache-bench-tiers-"))
     weed = start_seaweed(work / "seaweed")
     servers = []
@@ -167,11 +172,12 @@ def main() -> int:
         # narinfo latency: local (eu), cold pull-through (us, each path once), direct S3.
         local = [f"{eu.url}/{e.hash_part}.narinfo" for e in small]
         direct = [f"{s3}/{e.hash_part}.narinfo" for e in small]
-        narinfo_round(work, local)  # warm the signed-narinfo cache, as a busy cache has it
-        narinfo_round(work, direct, weed)
-        cold = narinfo_round(work, [f"{us.url}/{e.hash_part}.narinfo" for e in small])
-        local_t = statistics.median(narinfo_round(work, local) for _ in range(args.rounds))
-        direct_t = statistics.median(narinfo_round(work, direct, weed) for _ in range(args.rounds))
+        if small:
+            narinfo_round(work, local)  # warm the signed-narinfo cache, as a busy cache has it
+            narinfo_round(work, direct, weed)
+            cold = narinfo_round(work, [f"{us.url}/{e.hash_part}.narinfo" for e in small])
+            local_t = statistics.median(narinfo_round(work, local) for _ in range(args.rounds))
+            direct_t = statistics.median(narinfo_round(work, direct, weed) for _ in range(args.rounds))
 
         # NAR throughput: cold pull-throughs (never fetched by anyone) vs direct S3, interleaved.
         size = len(big[0].file_bytes)
@@ -228,13 +234,14 @@ def main() -> int:
 
     n = len(small)
     print(f"SeaweedFS {weed.endpoint} on loopback; {n} narinfos; NARs of {args.nar_mib} MiB (uncompressed)")
-    print("narinfo, one keep-alive connection (curl)      total       per request")
-    for label, seconds in (
-        ("local hit (eu), median", local_t),
-        ("pull-through from origin (us), cold", cold),
-        ("direct S3 GET (SigV4), median", direct_t),
-    ):
-        print(f"  {label:42}{seconds * 1000:>8.1f} ms {seconds / n * 1e6:>9.0f} us")
+    if n:
+        print("narinfo, one keep-alive connection (curl)      total       per request")
+        for label, seconds in (
+            ("local hit (eu), median", local_t),
+            ("pull-through from origin (us), cold", cold),
+            ("direct S3 GET (SigV4), median", direct_t),
+        ):
+            print(f"  {label:42}{seconds * 1000:>8.1f} ms {seconds / n * 1e6:>9.0f} us")
     print(f"NAR throughput, median of {args.nar_rounds} rounds            1 conn      16 conns")
 
     def row(label: str, one: float, sixteen: float, unit: str = "MiB/s", digits: int = 1) -> None:
@@ -257,11 +264,13 @@ def main() -> int:
     print(f"  reference: writing a {args.nar_mib} MiB new file here{write_floor:>14.1f} MiB/s")
     pulled = 2 * args.nar_rounds
     print(f"  origin NAR fetches by us: {fetches:.0f} (for {pulled} NARs pulled by 1 or 16 clients)")
-    print(f"push of {args.pushes} small paths (NAR + narinfo PUT, one connection)")
-    for name, seconds in timings.items():
-        print(f"  {name:42}{seconds:>8.2f} s {seconds / args.pushes * 1000:>9.1f} ms/path")
+    if args.pushes:
+        print(f"push of {args.pushes} small paths (NAR + narinfo PUT, one connection)")
+        for name, seconds in timings.items():
+            print(f"  {name:42}{seconds:>8.2f} s {seconds / args.pushes * 1000:>9.1f} ms/path")
     peaks = ", ".join(f"{name} {mib:.1f} MiB" for name, mib in rss.items())
     print(f"peak RSS: {peaks} (target < 100 MiB)")
+    print(f"load average (1 min) at start {load_start:.1f}, at end {os.getloadavg()[0]:.1f}")
     return 0
 
 
@@ -285,12 +294,15 @@ def _cpu(into: dict, key: tuple[str, int], pids: dict[str, int]) -> Iterator[Non
 
 
 def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process `pid` and its children (a server's workers), all
-    their threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds of process `pid` and its children (a server's workers), all their threads:
+    the scheduler's nanosecond count (/proc/…/schedstat), not /proc/…/stat's 10 ms ticks, which
+    are too coarse for the ~100 ms a NAR costs."""
+    own = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            own += int((task / "schedstat").read_text().split()[0])
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return own + sum(_cpu_seconds(int(child)) for child in children)
+    return own / 1e9 + sum(_cpu_seconds(int(child)) for child in children)
 
 
 def _new_file_mib_s(path: Path, size: int, chunk: int = 256 * 1024) -> float:
