@@ -206,7 +206,8 @@ class _Connection:
         try:
             data = self.raw.recv(size)  # what the client sent already, without gevent's wrapper
         except BlockingIOError:
-            data = self.sock.recv(size)  # nothing yet: gevent's recv waits on the event loop
+            wait_readable(self.sock)
+            data = self.sock.recv(size)  # gevent's: should the wake-up have been spurious, it waits again
         if not data:
             self.eof = True
             return 0
@@ -325,6 +326,16 @@ def raw_socket(sock: socket.socket) -> socket.socket:
     when the call would block do they take over, to wait on the event loop. When gevent closes
     its socket (the idle reaper, drain) it closes this one too: a call then raises OSError."""
     return getattr(sock, "_sock", sock)  # not a gevent socket (tests): the socket itself
+
+
+def wait_readable(sock: socket.socket) -> None:
+    """Wait on the event loop until `sock` is readable, as gevent's own recv does after EAGAIN
+    (the socket's timeout applies; OSError once another greenlet closed it). Called after our
+    raw recv found nothing, it spares gevent's recv a second recv(2) that would fail alike: with
+    one keep-alive connection every request waits so."""
+    event = getattr(sock, "_read_event", None)
+    if event is not None:
+        sock._wait(event)  # type: ignore[attr-defined]
 
 
 def send_small(sock: socket.socket, data: bytes, raw: socket.socket | None = None) -> None:
