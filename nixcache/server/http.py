@@ -641,10 +641,12 @@ class Server(StreamServer):
                 metrics.served_bytes.labels(route),
             )
             self._children[key] = children
-        children[0].inc()
-        children[1].observe(elapsed)
-        if record.sent and method == "GET" and 200 <= status < 300 and not record.aborted:
-            children[2].inc(record.sent)
+        requests, duration, served = children
+        requests.inc()
+        duration.observe(elapsed)
+        sent = record.sent
+        if sent and 200 <= status < 300 and method == "GET" and not record.aborted:
+            served.inc(sent)
         if status < self.min_status:
             return
         # One JSON object per line, built by hand with the json module's C string escaper
@@ -658,7 +660,7 @@ class Server(StreamServer):
             if len(_OPENINGS) < 4096:  # the few clients and methods of a cache, bounded anyway
                 _OPENINGS[(record.client, method)] = opening
         self._log_lines.append(
-            f'{opening}"path": {_js(record.path[:200])}, "status": {status}, "bytes": {record.sent}, '
+            f'{opening}"path": {_js(record.path[:200])}, "status": {status}, "bytes": {sent}, '
             f'"ms": {elapsed * 1000:.3f}, "route": "{route}"'
             + (f', "received": {record.received}' if record.received else "")
             + (f', "reason": {_js(reason)}' if reason else "")
