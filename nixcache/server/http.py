@@ -122,10 +122,11 @@ class _Connection:
     """A client connection: what recv(2) returns goes into llhttp, whose callbacks (the methods
     named on_*) queue up parsed messages in `ready`."""
 
-    __slots__ = ("eof", "error", "parser", "parsing", "ready", "sock", "timed", "upgraded")
+    __slots__ = ("eof", "error", "parser", "parsing", "raw", "ready", "sock", "timed", "upgraded")
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
+        self.raw = raw_socket(sock)
         self.parser = httptools.HttpRequestParser(self)
         # Both are RFC behaviour, not leniency: a higher HTTP/1.x minor version is served as 1.1
         # (RFC 9110 6.2; wire.frame answers other major versions with 505), and a request with
@@ -202,7 +203,11 @@ class _Connection:
 
     def _fill(self, size: int) -> int:
         """Read once from the socket into the parser; the bytes read, 0 at the end of the stream."""
-        data = self.sock.recv(size)
+        try:
+            data = self.raw.recv(size)  # what the client sent already, without gevent's wrapper
+        except BlockingIOError:
+            wait_readable(self.sock)
+            data = self.sock.recv(size)  # gevent's: should the wake-up have been spurious, it waits again
         if not data:
             self.eof = True
             return 0
@@ -313,12 +318,36 @@ class _NoBody:
 _NO_BODY = _NoBody()
 
 
-def send_small(sock: socket.socket, data: bytes) -> None:
+def raw_socket(sock: socket.socket) -> socket.socket:
+    """The non-blocking socket under gevent's cooperative one (the same file descriptor).
+
+    A recv(2) or send(2) that can proceed is called on it directly: gevent's methods are Python
+    code around the same call (~1.5 us per request of a narinfo hit, bench/serve.py --rps); only
+    when the call would block do they take over, to wait on the event loop. When gevent closes
+    its socket (the idle reaper, drain) it closes this one too: a call then raises OSError."""
+    return getattr(sock, "_sock", sock)  # not a gevent socket (tests): the socket itself
+
+
+def wait_readable(sock: socket.socket) -> None:
+    """Wait on the event loop until `sock` is readable, as gevent's own recv does after EAGAIN
+    (the socket's timeout applies; OSError once another greenlet closed it). Called after our
+    raw recv found nothing, it spares gevent's recv a second recv(2) that would fail alike: with
+    one keep-alive connection every request waits so."""
+    event = getattr(sock, "_read_event", None)
+    if event is not None:
+        sock._wait(event)  # type: ignore[attr-defined]
+
+
+def send_small(sock: socket.socket, data: bytes, raw: socket.socket | None = None) -> None:
     """sendall() for an answer that usually fits the socket buffer: one send(2), the rest if any.
 
     gevent's sendall() asks the kernel for SO_SNDBUF on every call to size its chunks; for a
-    narinfo that extra syscall is a measurable share of the request."""
-    sent = sock.send(data)
+    narinfo that extra syscall is a measurable share of the request. `raw`: the socket under
+    `sock` (raw_socket), tried first."""
+    try:
+        sent = (raw or sock).send(data)
+    except BlockingIOError:
+        sent = 0
     if sent < len(data):
         sock.sendall(memoryview(data)[sent:])
 
@@ -417,7 +446,9 @@ class Server(StreamServer):
         self._children: dict[tuple[str, str, int], tuple[Any, Any, Any]] = {}
         self._date = (0, b"")
         self._log_lines: list[str] = []
-        self._log_flush_pending = False
+        # A timer of the event loop, not a greenlet per batch (spawn_later made one, ~2 % of a
+        # narinfo hit's CPU): it calls flush_log in the hub, which only writes what is batched.
+        self._log_timer: Any = None
 
     # -- connection loop -------------------------------------------------------------------------
 
@@ -495,7 +526,7 @@ class Server(StreamServer):
             ):
                 path = record.path = message.url.decode("ascii")  # "/<32 chars>.narinfo"
                 authorization = message.headers.get("authorization")
-                return self._narinfo(sock, record, path[1:33], authorization, message.method == "HEAD")
+                return self._narinfo(conn, record, path[1:33], authorization, message.method == "HEAD")
             path, query = wire.split_target(message.url.decode("latin-1"))
         except Refusal as refusal:
             return self._refuse(sock, record, refusal, message)
@@ -541,9 +572,9 @@ class Server(StreamServer):
                 finally:
                     out.close()
             elif message.method == "HEAD":
-                send_small(sock, head)
+                send_small(sock, head, conn.raw)
             else:
-                send_small(sock, head + out)
+                send_small(sock, head + out, conn.raw)
                 record.sent = len(out)
             if fate == "drain":
                 body.drain()
@@ -555,7 +586,7 @@ class Server(StreamServer):
         return fate != "close"
 
     def _narinfo(
-        self, sock: socket.socket, record: Record, hash_part: str, authorization: str | None, head: bool
+        self, conn: _Connection, record: Record, hash_part: str, authorization: str | None, head: bool
     ) -> bool:
         """The fast path of the most frequent requests, a narinfo GET or HEAD (current Nix checks
         presence with HEAD, mostly of absent paths) on a kept HTTP/1.1 connection without a body:
@@ -569,7 +600,7 @@ class Server(StreamServer):
         response_head = wire.response_head(response, keep_alive=keep, http10=False, date=self._date_header())
         body = b"" if head else response.body
         try:
-            send_small(sock, response_head + body)  # type: ignore[operator]
+            send_small(conn.sock, response_head + body, conn.raw)  # type: ignore[operator]
         except OSError:
             record.aborted = True
             self._record(record)
@@ -610,10 +641,12 @@ class Server(StreamServer):
                 metrics.served_bytes.labels(route),
             )
             self._children[key] = children
-        children[0].inc()
-        children[1].observe(elapsed)
-        if record.sent and method == "GET" and 200 <= status < 300 and not record.aborted:
-            children[2].inc(record.sent)
+        requests, duration, served = children
+        requests.inc()
+        duration.observe(elapsed)
+        sent = record.sent
+        if sent and 200 <= status < 300 and method == "GET" and not record.aborted:
+            served.inc(sent)
         if status < self.min_status:
             return
         # One JSON object per line, built by hand with the json module's C string escaper
@@ -627,7 +660,7 @@ class Server(StreamServer):
             if len(_OPENINGS) < 4096:  # the few clients and methods of a cache, bounded anyway
                 _OPENINGS[(record.client, method)] = opening
         self._log_lines.append(
-            f'{opening}"path": {_js(record.path[:200])}, "status": {status}, "bytes": {record.sent}, '
+            f'{opening}"path": {_js(record.path[:200])}, "status": {status}, "bytes": {sent}, '
             f'"ms": {elapsed * 1000:.3f}, "route": "{route}"'
             + (f', "received": {record.received}' if record.received else "")
             + (f', "reason": {_js(reason)}' if reason else "")
@@ -637,13 +670,15 @@ class Server(StreamServer):
         )
         if len(self._log_lines) >= LOG_BATCH:
             self.flush_log()
-        elif not self._log_flush_pending:
-            self._log_flush_pending = True
-            gevent.spawn_later(LOG_FLUSH_SECONDS, self.flush_log)
+        elif self._log_timer is None:
+            self._log_timer = timer = gevent.get_hub().loop.timer(LOG_FLUSH_SECONDS)
+            timer.start(self.flush_log)
 
     def flush_log(self) -> None:
         """Write the batched request lines: one write(2) per batch instead of one per request."""
-        self._log_flush_pending = False
+        if self._log_timer is not None:
+            self._log_timer.close()  # flushed now: the next line starts the next batch's timer
+            self._log_timer = None
         if self._log_lines:
             lines, self._log_lines = self._log_lines, []
             sys.stderr.write("\n".join(lines) + "\n")

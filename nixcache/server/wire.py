@@ -294,13 +294,16 @@ _PREFIXES: dict[tuple[int, str | None, bool, bool], bytes] = {}
 def response_head(response: Response, *, keep_alive: bool, http10: bool, date: bytes) -> bytes:
     """The status line and fields of `response`, blank line included; `date` is a whole
     `Date: …\\r\\n` line (RFC 9110 6.6.1)."""
-    if not response.headers and response.status >= 200 and response.status != 204:
-        key = (response.status, response.content_type, keep_alive, http10)
-        prefix = _PREFIXES.get(key)
+    status = response.status
+    if not response.headers and status >= 200 and status != 204:
+        prefix = _PREFIXES.get((status, response.content_type, keep_alive, http10))
         if prefix is None:
             head = _head(response, keep_alive, http10)
-            prefix = _PREFIXES[key] = head[: head.index(b"Content-Length: ") + len(b"Content-Length: ")]
-        return b"%s%d\r\n%s\r\n" % (prefix, response.length, date)
+            prefix = head[: head.index(b"Content-Length: ") + len(b"Content-Length: ")]
+            _PREFIXES[(status, response.content_type, keep_alive, http10)] = prefix
+        body = response.body
+        length = len(body) if type(body) is bytes else response.length  # most answers: bytes
+        return b"%s%d\r\n%s\r\n" % (prefix, length, date)
     return _head(response, keep_alive, http10) + date + b"\r\n"
 
 

@@ -348,6 +348,23 @@ def test_one_structured_log_line_per_request(cache: Cache) -> None:
     assert {"client", "method", "ms", "bytes", "route"} <= set(lines[-1])
 
 
+def test_log_lines_of_later_batches_are_written_too(cache: Cache) -> None:
+    """Each batch of request lines is written by a timer armed by its first line: after one
+    batch went out, the next request's line still arrives without more traffic."""
+    import json
+
+    def paths() -> list[str]:
+        return [json.loads(line)["path"] for line in cache.server.log_lines() if line.startswith("{")]
+
+    for round_ in range(3):
+        path = f"/{base32.encode(bytes([round_]) * 20)}.narinfo"
+        cache.client.get(path)
+        deadline = time.monotonic() + 5
+        while path not in paths() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert path in paths()
+
+
 def test_metrics(cache: Cache) -> None:
     entry = make_entry()
     push(cache.client, entry, cache.token)
