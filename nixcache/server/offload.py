@@ -9,8 +9,10 @@ its traceback intact, where the usual handling applies.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
+
+import gevent
 
 
 class _Raised:
@@ -35,14 +37,22 @@ def _outcome(value: Any) -> Any:
 
 class Offload:
     """`offload(fn, args)` for `Store`: runs `fn(*args)` in `threadpool`, raises what it raised.
-    Each call wakes a pool thread and then the event loop: the store hands over all the disk
-    work of an upload in one call rather than one per file operation."""
+    `offload.all(calls)` runs several at once (e.g. two fsyncs, which the filesystem then commits
+    in one journal transaction instead of one after the other)."""
 
     def __init__(self, threadpool: Any):
         self.threadpool = threadpool
 
     def __call__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
         return _outcome(self.threadpool.apply(_capture, (fn, args)))
+
+    def all(self, calls: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]]) -> list[Any]:
+        """The results of `fn(*args)` for each of `calls`, run in parallel; once every one has
+        ended, raises what the first that failed raised."""
+        if gevent.get_hub() is not self.threadpool.hub:  # in one of the pool's threads itself:
+            return [fn(*args) for fn, args in calls]  # (as threadpool.apply does) run them here
+        pending = [self.threadpool.spawn(_capture, fn, args) for fn, args in calls]
+        return [_outcome(result) for result in [task.get() for task in pending]]
 
 
 def offload_to(threadpool: Any) -> Offload:

@@ -139,6 +139,16 @@ def _write_durable_or_none(path: Path, data: bytes, mtime_ns: int | None = None)
         return None
 
 
+def _fsync_directory(*directories: Path) -> None:
+    """Put the renames into each of `directories` so far on disk."""
+    for directory in directories:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 # Distinct narinfos remembered as served before they are flushed early (about 15 MB per process).
 SERVED_LIMIT = 100_000
 
@@ -164,9 +174,9 @@ class Store:
         self.gc_stats_file = self.root / "gc-stats.json"
         self.usage = UsageFile(self.root)
         self._offload = offload or (lambda fn, args: fn(*args))
+        # Several calls at once where the server can (offload.Offload.all), else one by one.
+        self._offload_all = getattr(offload, "all", None) or (lambda calls: [fn(*args) for fn, args in calls])
         self._served: dict[str, int | None] = {}
-        self._directories: list[int] = []  # see _sync_directories
-        self._directories_pid = 0
 
     def offload(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         """`fn(*args)` where the server runs slow work: its thread pool (inline without one)."""
@@ -379,15 +389,14 @@ class Store:
                     400,
                     f"nar/{name}: the body hashes to {base32.encode(sha.digest())}, not to its name",
                 )
-            # One hand-off to the thread pool for the rest (two with a before_publish, which runs
-            # here): each costs the loop and the pool thread a wake-up, several times what a
-            # small NAR's file operations cost.
+            # The tmp file (when the NAR was small enough to be held in memory) is created in the
+            # same hand-off to the thread pool as the verification: each hand-off wakes a pool
+            # thread and then the loop.
             verify = (staged, name, compression, sha.digest(), size, expected)
-            if before_publish is None:
-                return self._offload(self._verify_and_publish_nar, verify)
             digest = self._offload(self._verify_nar, verify)
-            before_publish(name, staged.path)
-            self._offload(self._publish_nar_durably, (staged, name, digest, size))
+            if before_publish is not None:
+                before_publish(name, staged.path)
+            self._publish_nar_durably(staged, name, digest, size)
         return digest
 
     def _verify_nar(
@@ -418,20 +427,15 @@ class Store:
             )
         return digest
 
-    def _verify_and_publish_nar(self, *verify: Any) -> nar.NarDigest:
-        staged, name, _compression, _sha, size, _expected = verify
-        digest = self._verify_nar(*verify)
-        self._publish_nar_durably(staged, name, digest, size)
-        return digest
-
     def _publish_nar_durably(self, staged: _Staged, name: str, digest: nar.NarDigest, size: int) -> None:
-        """fsync the NAR, write and fsync its meta, rename both into place (in the thread pool: a
-        large NAR's fsync takes tens of ms, which every other connection would wait)."""
+        """fsync the NAR while its meta is written and fsync'ed, in two pool threads (the disk
+        writes both at once: a push waits for one round of disk writes instead of two), then
+        rename both into place. In the thread pool: a large NAR's fsync takes tens of ms, which
+        every other connection would wait."""
         meta_tmp = self._tmp_path(f"{name}.meta")
         try:
-            staged.sync()
-            _write_durable(meta_tmp, digest.serialize().encode())
-            self._publish_nar(name, staged.path, meta_tmp, size)
+            self._offload_all([(staged.sync, ()), (_write_durable, (meta_tmp, digest.serialize().encode()))])
+            self._offload(self._publish_nar, (name, staged.path, meta_tmp, size))
         finally:
             _remove(meta_tmp)
 
@@ -472,38 +476,41 @@ class Store:
             raise UploadError(400, f"{hash_part}.narinfo: {error}") from None
         if info.hash_part != hash_part:
             raise UploadError(400, f"{hash_part}.narinfo: StorePath {info.store_path} has another hash")
-        # With a write-through, checked before anything leaves this host; without one, in the
-        # same hand-off to the thread pool as the writes (one wake-up of each side per upload).
-        # Either way checked again under the lock when publishing; the check refreshes the NAR's
-        # mtime just before the fsyncs' wait.
+        # Checked first so nothing invalid leaves this host or is written, and again below under
+        # the lock; the check refreshes the NAR's mtime just before the fsyncs' wait. Every step
+        # that touches the disk runs in the thread pool (see _write_durable).
+        self._offload(self._check_nar_locked, (hash_part, info))
         if before_publish is not None:
-            self._offload(self._check_nar_locked, (hash_part, info))
             before_publish(info)
         # Signed now: its first GET (often right after a push) reads a file. The narinfo and its
         # signed text share one mtime; a signed text that cannot be written (e.g. disk full) is
         # left out: the GET signs then.
         signed = info.signed(self.keys, self.store_dir).encode() if self.keys else None
-        store = (hash_part, info, info.render().encode(), signed, before_publish is None)
+        store = (hash_part, info, info.render().encode(), signed)
         with self._disk_full_is_507():
-            published = self._offload(self._store_narinfo, store)
+            published = self._store_narinfo(*store)
         return info, published
 
     def _store_narinfo(
-        self, hash_part: str, info: NarInfo, text: bytes, signed: bytes | None, check_first: bool
+        self, hash_part: str, info: NarInfo, text: bytes, signed: bytes | None
     ) -> os.stat_result:
-        """Write the narinfo and its signed text durably in tmp/, publish them, and sync the
-        directories that make it and its NAR reachable (in the thread pool)."""
-        if check_first:  # nothing is written for a narinfo whose NAR is not here
-            self._check_nar_locked(hash_part, info)
+        """Make the narinfo reachable and durable in two rounds of disk writes in the thread
+        pool: (1) in parallel threads, the narinfo and its signed text written and fsync'ed in
+        tmp/ while nar/ and nar-meta/ are fsync'ed (the NAR's PUT synced its bytes, not its
+        renames); (2) both renamed into place and narinfo/ fsync'ed. Its 201 survives a crash."""
         mtime_ns = time.time_ns()
         tmp = self._tmp_path(f"{hash_part}.narinfo")
         signed_tmp = self._tmp_path(f"{hash_part}.signed") if signed is not None else None
         try:
-            published = _write_durable(tmp, text, mtime_ns)
-            if signed_tmp is not None and _write_durable_or_none(signed_tmp, signed, mtime_ns) is None:  # type: ignore[arg-type]
-                signed_tmp = None
-            self._publish_narinfo(hash_part, info, tmp, published, signed_tmp)
-            self._sync_directories()
+            writes: list[tuple[Callable[..., Any], tuple[Any, ...]]] = [
+                (_write_durable, (tmp, text, mtime_ns)),
+                (_fsync_directory, (self.nar_dir, self.meta_dir)),
+            ]
+            if signed_tmp is not None:
+                writes.insert(1, (_write_durable_or_none, (signed_tmp, signed, mtime_ns)))
+            published, *signed_staged, _ = self._offload_all(writes)
+            with_signed = signed_tmp if any(signed_staged) else None
+            self._offload(self._publish_narinfo, (hash_part, info, tmp, published, with_signed))
         finally:
             _remove(tmp)
             if signed_tmp is not None:
@@ -526,18 +533,7 @@ class Store:
             if signed_tmp is not None:
                 with contextlib.suppress(OSError):  # none is left then: the GET signs it
                     self._place_signed(hash_part, published, lambda target: os.replace(signed_tmp, target))
-
-    def _sync_directories(self) -> None:
-        """fsync nar-meta/, nar/ and narinfo/: the renames that made a narinfo and its NAR
-        reachable are on disk once this returns (a NAR's PUT syncs its bytes, not its rename;
-        the narinfo's PUT, which makes it reachable, syncs both). The first fsync commits the
-        filesystem's journal with every rename so far; the other two then find nothing to do."""
-        if self._directories_pid != os.getpid():  # one set per process (forked workers)
-            flags = os.O_RDONLY | os.O_DIRECTORY
-            self._directories = [os.open(d, flags) for d in (self.meta_dir, self.nar_dir, self.narinfo_dir)]
-            self._directories_pid = os.getpid()
-        for fd in self._directories:
-            os.fsync(fd)
+        _fsync_directory(self.narinfo_dir)  # the rename on disk before the 201 (signed/ is derived)
 
     def publish_signed(self, hash_part: str, body: bytes, made_from: os.stat_result) -> bool:
         """Publish `body` as signed/<hash_part>.narinfo if narinfo/<hash_part>.narinfo is still
