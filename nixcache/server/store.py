@@ -139,6 +139,16 @@ def _write_durable_or_none(path: Path, data: bytes, mtime_ns: int | None = None)
         return None
 
 
+def _fsync_directory(*directories: Path) -> None:
+    """Put the renames into each of `directories` so far on disk."""
+    for directory in directories:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 # Distinct narinfos remembered as served before they are flushed early (about 15 MB per process).
 SERVED_LIMIT = 100_000
 
@@ -296,21 +306,18 @@ class Store:
             raise
 
     @contextlib.contextmanager
-    def _tmp_file(self, what: str) -> Iterator[tuple[BinaryIO, Path]]:
-        """A temp file in tmp/ that is removed unless the caller renamed it away. Created in the
-        thread pool (see _write_durable: the journal)."""
-        fd = -1
-        path = self._tmp_path(what)
+    def _staged(self, what: str, *, eager: bool) -> Iterator[_Staged]:
+        """An upload's temp file in tmp/ (see _Staged), removed unless the caller renamed it away;
+        created at once when `eager`, in the thread pool (see _write_durable: the journal)."""
+        staged = _Staged(self._tmp_path(what), self._offload, 0 if eager else UPLOAD_CHUNK)
         try:
             with self._disk_full_is_507():
-                fd = self._offload(os.open, (path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-                with os.fdopen(fd, "wb") as handle:
-                    fd = -1
-                    yield handle, path
+                if eager:
+                    self._offload(staged.materialize, ())
+                yield staged
         finally:
-            if fd >= 0:
-                os.close(fd)
-            _remove(path)
+            staged.close()
+            _remove(staged.path)
 
     def _write_small(self, target: Path, data: bytes, mtime_ns: int | None = None) -> os.stat_result:
         """Publish `data` at `target` atomically, not counted in the store's usage (signed texts,
@@ -373,43 +380,64 @@ class Store:
             file_sha = base32.decode(name[:52], 32)
         except ValueError as error:  # e.g. a first character above '1': more than 256 bits
             raise UploadError(400, f"nar/{name}: the name is not a sha256 in Nix base32 ({error})") from None
-        with self._tmp_file(name) as (handle, tmp):
+        with self._staged(name, eager=progress is not None) as staged:
             sha = hashlib.sha256()
-            out: BinaryIO = handle if progress is None else _Progress(handle, tmp, progress)  # type: ignore[assignment]
+            out: Any = staged if progress is None else _Progress(staged, progress)
             size = _copy(body, length, limit, out, sha.update, chunk or UPLOAD_CHUNK)
-            handle.flush()
             if sha.digest() != file_sha:
                 raise UploadError(
                     400,
                     f"nar/{name}: the body hashes to {base32.encode(sha.digest())}, not to its name",
                 )
-            try:
-                if compression == "none":  # the file is the NAR: its sha256 is the NarHash
-                    digest = nar.plain_digest(tmp, sha.digest(), size)
-                else:
-                    digest = self._offload(nar.digest, (tmp, compression))
-            except nar.NarError as error:
-                raise UploadError(400, f"nar/{name}: {error}") from None
-            if expected is not None and digest != expected:
-                raise UploadError(
-                    400,
-                    f"nar/{name}: holds NarHash {digest.nar_hash} NarSize {digest.nar_size}, "
-                    f"not {expected.nar_hash} {expected.nar_size} as its narinfo says",
-                )
+            # The tmp file (when the NAR was small enough to be held in memory) is created in the
+            # same hand-off to the thread pool as the verification: each hand-off wakes a pool
+            # thread and then the loop.
+            verify = (staged, name, compression, sha.digest(), size, expected)
+            digest = self._offload(self._verify_nar, verify)
             if before_publish is not None:
-                before_publish(name, tmp)
-            # Off the event loop: a large NAR's fsync takes tens of ms, which every other
-            # connection (and a pull-through's clients, waiting for their last bytes) would wait.
-            # The meta is written and fsync'ed at the same time, in another thread: the
-            # filesystem commits both in one journal transaction, not two in a row.
-            meta_tmp = self._tmp_path(f"{name}.meta")
-            try:
-                meta = digest.serialize().encode()
-                self._offload_all([(os.fsync, (handle.fileno(),)), (_write_durable, (meta_tmp, meta))])
-                self._offload(self._publish_nar, (name, tmp, meta_tmp, size))
-            finally:
-                _remove(meta_tmp)
+                before_publish(name, staged.path)
+            self._publish_nar_durably(staged, name, digest, size)
         return digest
+
+    def _verify_nar(
+        self,
+        staged: _Staged,
+        name: str,
+        compression: str,
+        file_sha: bytes,
+        size: int,
+        expected: nar.NarDigest | None,
+    ) -> nar.NarDigest:
+        """The NAR's digest once its file is complete in tmp/; UploadError when it is no NAR or not
+        the `expected` one."""
+        staged.materialize()
+        staged.flush()
+        try:
+            if compression == "none":  # the file is the NAR: its sha256 is the NarHash
+                digest = nar.plain_digest(staged.path, file_sha, size)
+            else:
+                digest = nar.digest(staged.path, compression)
+        except nar.NarError as error:
+            raise UploadError(400, f"nar/{name}: {error}") from None
+        if expected is not None and digest != expected:
+            raise UploadError(
+                400,
+                f"nar/{name}: holds NarHash {digest.nar_hash} NarSize {digest.nar_size}, "
+                f"not {expected.nar_hash} {expected.nar_size} as its narinfo says",
+            )
+        return digest
+
+    def _publish_nar_durably(self, staged: _Staged, name: str, digest: nar.NarDigest, size: int) -> None:
+        """fsync the NAR while its meta is written and fsync'ed, in two pool threads (the disk
+        writes both at once: a push waits for one round of disk writes instead of two), then
+        rename both into place. In the thread pool: a large NAR's fsync takes tens of ms, which
+        every other connection would wait."""
+        meta_tmp = self._tmp_path(f"{name}.meta")
+        try:
+            self._offload_all([(staged.sync, ()), (_write_durable, (meta_tmp, digest.serialize().encode()))])
+            self._offload(self._publish_nar, (name, staged.path, meta_tmp, size))
+        finally:
+            _remove(meta_tmp)
 
     def _publish_nar(self, name: str, tmp: Path, meta_tmp: Path, size: int) -> None:
         # Under the shared gc lock: gc deletes a NAR and its meta as one step under the
@@ -449,33 +477,45 @@ class Store:
         if info.hash_part != hash_part:
             raise UploadError(400, f"{hash_part}.narinfo: StorePath {info.store_path} has another hash")
         # Checked first so nothing invalid leaves this host or is written, and again below under
-        # the lock; the check refreshes the NAR's mtime just before the fsync's wait. Every step
+        # the lock; the check refreshes the NAR's mtime just before the fsyncs' wait. Every step
         # that touches the disk runs in the thread pool (see _write_durable).
         self._offload(self._check_nar_locked, (hash_part, info))
         if before_publish is not None:
             before_publish(info)
         # Signed now: its first GET (often right after a push) reads a file. The narinfo and its
-        # signed text (same mtime) are made durable at once, in two threads (one journal commit);
-        # a signed text that cannot be written (e.g. disk full) is left out: the GET signs then.
+        # signed text share one mtime; a signed text that cannot be written (e.g. disk full) is
+        # left out: the GET signs then.
+        signed = info.signed(self.keys, self.store_dir).encode() if self.keys else None
+        store = (hash_part, info, info.render().encode(), signed)
+        with self._disk_full_is_507():
+            published = self._store_narinfo(*store)
+        return info, published
+
+    def _store_narinfo(
+        self, hash_part: str, info: NarInfo, text: bytes, signed: bytes | None
+    ) -> os.stat_result:
+        """Make the narinfo reachable and durable in two rounds of disk writes in the thread
+        pool: (1) in parallel threads, the narinfo and its signed text written and fsync'ed in
+        tmp/ while nar/ and nar-meta/ are fsync'ed (the NAR's PUT synced its bytes, not its
+        renames); (2) both renamed into place and narinfo/ fsync'ed. Its 201 survives a crash."""
         mtime_ns = time.time_ns()
         tmp = self._tmp_path(f"{hash_part}.narinfo")
-        signed_tmp = self._tmp_path(f"{hash_part}.signed") if self.keys else None
+        signed_tmp = self._tmp_path(f"{hash_part}.signed") if signed is not None else None
         try:
             writes: list[tuple[Callable[..., Any], tuple[Any, ...]]] = [
-                (_write_durable, (tmp, info.render().encode(), mtime_ns))
+                (_write_durable, (tmp, text, mtime_ns)),
+                (_fsync_directory, (self.nar_dir, self.meta_dir)),
             ]
             if signed_tmp is not None:
-                signed = info.signed(self.keys, self.store_dir).encode()
-                writes.append((_write_durable_or_none, (signed_tmp, signed, mtime_ns)))
-            with self._disk_full_is_507():
-                published, *signed_staged = self._offload_all(writes)
-                with_signed = signed_tmp if any(signed_staged) else None
-                self._offload(self._publish_narinfo, (hash_part, info, tmp, published, with_signed))
+                writes.insert(1, (_write_durable_or_none, (signed_tmp, signed, mtime_ns)))
+            published, *signed_staged, _ = self._offload_all(writes)
+            with_signed = signed_tmp if any(signed_staged) else None
+            self._offload(self._publish_narinfo, (hash_part, info, tmp, published, with_signed))
         finally:
             _remove(tmp)
             if signed_tmp is not None:
                 _remove(signed_tmp)
-        return info, published
+        return published
 
     def _check_nar_locked(self, hash_part: str, info: NarInfo) -> None:
         with self.gc_lock(exclusive=False):
@@ -493,6 +533,7 @@ class Store:
             if signed_tmp is not None:
                 with contextlib.suppress(OSError):  # none is left then: the GET signs it
                     self._place_signed(hash_part, published, lambda target: os.replace(signed_tmp, target))
+        _fsync_directory(self.narinfo_dir)  # the rename on disk before the 201 (signed/ is derived)
 
     def publish_signed(self, hash_part: str, body: bytes, made_from: os.stat_result) -> bool:
         """Publish `body` as signed/<hash_part>.narinfo if narinfo/<hash_part>.narinfo is still
@@ -570,20 +611,62 @@ class Store:
         self._write_small(target, data)
 
 
+class _Staged:
+    """An upload's temp file: its first `memory` bytes are held here, and the file is created
+    (through `offload`: the journal) only when more arrive, or by `materialize` in the thread
+    pool's step that verifies and publishes it, so a small NAR costs one hand-off to the pool
+    instead of one per file operation. `memory` 0: created before the first byte (eager)."""
+
+    def __init__(self, path: Path, offload: Callable[..., Any], memory: int):
+        self.path = path
+        self._offload = offload
+        self._memory = memory
+        self._held = bytearray()
+        self._handle: BinaryIO | None = None
+
+    def write(self, chunk: bytes) -> None:
+        if self._handle is None:
+            if len(self._held) + len(chunk) <= self._memory:
+                self._held += chunk
+                return
+            self._offload(self.materialize, ())
+        self._handle.write(chunk)  # type: ignore[union-attr]
+
+    def flush(self) -> None:
+        if self._handle is not None:
+            self._handle.flush()
+
+    def materialize(self) -> None:
+        """Create the file (exclusively) holding what was held so far, once."""
+        if self._handle is None:
+            self._handle = open(self.path, "xb")  # noqa: SIM115 - closed by close()
+            self._handle.write(self._held)
+            self._held = bytearray()
+
+    def sync(self) -> None:
+        """Everything written so far on disk (the file must exist: materialize first)."""
+        assert self._handle is not None
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+
+
 class _Progress:
     """A temp file's writer that reports each chunk once it is in the file (not in a buffer)."""
 
-    def __init__(self, handle: BinaryIO, path: Path, progress: Callable[[Path, int], object]):
-        self.handle = handle
-        self.path = path
+    def __init__(self, staged: _Staged, progress: Callable[[Path, int], object]):
+        self.staged = staged
         self.progress = progress
         self.written = 0
 
     def write(self, chunk: bytes) -> None:
-        self.handle.write(chunk)
-        self.handle.flush()
+        self.staged.write(chunk)
+        self.staged.flush()
         self.written += len(chunk)
-        self.progress(self.path, self.written)
+        self.progress(self.staged.path, self.written)
 
 
 def _copy(
@@ -618,7 +701,7 @@ def _copy(
         if update is not None:
             update(chunk)
         if out is not None:
-            out.write(chunk)  # a full disk raises in the caller's _tmp_file: 507
+            out.write(chunk)  # a full disk raises in the caller's _staged: 507
     if length is not None and total != length:
         raise UploadError(400, f"upload ended after {total} of {length} bytes")
     return total

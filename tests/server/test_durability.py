@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import os
 import signal
 import socket
@@ -10,9 +11,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from conftest import require
 
+from nixcache.keys import SecretKey
 from nixcache.server import narinfo
+from nixcache.server.store import Store
 from server.conftest import Cache, StartCache
 from server.helpers import make_entry, push
 
@@ -86,3 +90,47 @@ def test_pushing_a_nar_again_repairs_its_damaged_meta(cache: Cache) -> None:
     assert refused.status_code == 400 and "upload the NAR again" in refused.text
     push(cache.client, entry, cache.token)
     assert cache.client.get(f"/{entry.hash_part}.narinfo").status_code == 200
+
+
+def test_a_narinfo_is_answered_only_once_it_and_its_nar_are_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The order of the syscalls that make an upload durable: each file fsync'ed before it is
+    renamed into place, and the narinfo's PUT returning only after the directories that hold
+    its NAR and the NAR's meta (renamed by the NAR's PUT) and itself (after its rename) were
+    fsync'ed."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        target = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        events.append(("fsync", f"{target.name}/" if target.is_dir() else target.name))
+
+    def replace(src: str | Path, dst: str | Path) -> None:
+        real_replace(src, dst)
+        events.append(("rename", Path(src).name))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    store = Store(tmp_path / "store", keys=[SecretKey.generate("test-1")])
+    store.create()
+    entry = make_entry()
+    store.put_nar(entry.nar_file, io.BytesIO(entry.file_bytes), len(entry.file_bytes), 1 << 30)
+    nar_events, events[:] = list(events), []
+    body = entry.narinfo().encode()
+    store.put_narinfo(entry.hash_part, io.BytesIO(body), len(body), 1 << 20)
+
+    def synced_before_renamed(steps: list[tuple[str, str]], prefix: str) -> None:
+        name = next(what for step, what in steps if step == "rename" and what.startswith(prefix))
+        assert steps.index(("fsync", name)) < steps.index(("rename", name)), steps
+
+    synced_before_renamed(nar_events, entry.nar_file + ".")
+    synced_before_renamed(nar_events, f"{entry.nar_file}.meta.")
+    synced_before_renamed(events, f"{entry.hash_part}.narinfo.")
+    synced_before_renamed(events, f"{entry.hash_part}.signed.")
+    assert ("fsync", "nar/") in events and ("fsync", "nar-meta/") in events, events
+    renamed = next(
+        i for i, (step, what) in enumerate(events) if (step, what[:33]) == ("rename", f"{entry.hash_part}.")
+    )
+    assert ("fsync", "narinfo/") in events[renamed:], events
