@@ -400,3 +400,32 @@ def test_gc_racing_pushes_never_orphans_a_narinfo(cache: Cache, monkeypatch: pyt
     assert failures == []
     assert sum(r.deleted_nars for r in runs) > 0, "gc never deleted a NAR: the race was not exercised"
     assert_consistent(cache.store)
+
+
+def test_a_scan_that_reads_slowly_goes_on_in_threads_with_the_same_outcome(
+    cache: Cache, aged: list[Entry], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Narinfos are read in gc's own thread while they come from the page cache, and by a
+    pool of threads once a chunk reads slowly (a cold disk): here every chunk looks slow."""
+    from nixcache.server import gc as gcmod
+
+    monkeypatch.setattr(gcmod, "SCAN_CHUNK", 3)
+    monkeypatch.setattr(gcmod, "COLD_READ_SECONDS", 0.0)
+    result = gcmod.run(gcmod.Limits(store=cache.store, older_than=5.5 * DAY), echo=lambda _: None)
+    assert sorted(result.deleted) == sorted(entry.hash_part for entry in aged[:5])
+    assert [present(cache, entry) for entry in aged] == [False] * 5 + [True] * 5
+    assert_consistent(cache.store)
+
+
+def test_the_nar_file_of_a_narinfo_is_found_on_any_line(tmp_path: Path) -> None:
+    from nixcache.server.gc import nar_file_of
+
+    path = tmp_path / "x.narinfo"
+    for text, expected in (
+        ("URL: nar/a.nar\nStorePath: /nix/store/x\n", "a.nar"),
+        ("StorePath: /nix/store/x\nURL: nar/b.nar.xz\r\n", "b.nar.xz"),
+        ("StorePath: /nix/store/x\nNotURL: nar/c.nar\n", None),
+        ("StorePath: /nix/store/x\nURL: http://elsewhere/d.nar\n", None),
+    ):
+        path.write_text(text)
+        assert nar_file_of(path) == expected
