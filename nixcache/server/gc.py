@@ -394,6 +394,34 @@ def _unlink_all(names: list[bytes], dir_fd: int) -> None:
             os.unlink(name, dir_fd=dir_fd)
 
 
+def _nar_total(scanned: _Scan, nar_present: array, named: int) -> int:
+    """Bytes of the NARs (with metas) the narinfos name and that are there, each counted once."""
+    shared = scanned.shared
+    if named == len(scanned.referenced) - sum(count - 1 for count in shared.values()):
+        # Every NAR named is there (the usual case): a sum, less the repeats of shared NARs.
+        total = sum(scanned.nar_bytes)
+        if shared:
+            seen: set[int] = set()
+            for i in itertools.compress(range(len(scanned)), map(shared.__contains__, scanned.nar_keys)):
+                key = scanned.nar_keys[i]
+                if scanned.has_nar[i] and key in seen:
+                    total -= scanned.nar_bytes[i]
+                seen.add(key)
+        return total
+    # Broken entries (a NAR missing) free nothing of it: each entry is looked up.
+    total = 0
+    counted: set[int] = set()
+    for i in range(len(scanned)):
+        key = scanned.nar_keys[i]
+        if scanned.has_nar[i] and (key not in shared or key not in counted):
+            found = bisect.bisect_left(nar_present, key)
+            if found < len(nar_present) and nar_present[found] == key:
+                total += scanned.nar_bytes[i]
+            if key in shared:
+                counted.add(key)
+    return total
+
+
 def run(limits: Limits, *, dry_run: bool = False, echo: Callable[[str], object] = print) -> Result:
     """Collect; returns what was (or, with dry_run, would be) deleted, and prints one summary line.
 
@@ -435,31 +463,27 @@ def _run(store: Store, dirs: _Dirs, limits: Limits, dry_run: bool, echo: Callabl
     # (one stat) only here; NARs that a narinfo names are known from the narinfo.
     present = []  # hash() of every NAR file name, for the meta files below
     orphans: list[tuple[bytes, int, float]] = []  # name, bytes (with meta), age
+    referenced, n_referenced, find = scanned.referenced, len(scanned.referenced), bisect.bisect_left
+    named = 0  # NAR files a narinfo names: as many as the names the narinfos give, unless broken
     with os.scandir(dirs.nar) if dirs.nar >= 0 else contextlib.nullcontext(()) as nars:
         for nar in nars:
             name = os.fsencode(nar.name)
             key = hash(name)
             present.append(key)
-            if not scanned.names_a_nar(key):
-                try:
-                    st = nar.stat()
-                except FileNotFoundError:
-                    continue
-                meta = _stat(name, dirs.meta)
-                orphans.append((name, st.st_size + (meta.st_size if meta else 0), now - st.st_mtime))
+            found = find(referenced, key)
+            if found < n_referenced and referenced[found] == key:
+                named += 1
+                continue
+            try:
+                st = nar.stat()
+            except FileNotFoundError:
+                continue
+            meta = _stat(name, dirs.meta)
+            orphans.append((name, st.st_size + (meta.st_size if meta else 0), now - st.st_mtime))
     present.sort()
     nar_present = array("q", present)
     del present
-    total = sum(scanned.sizes) + sum(size for _, size, _ in orphans)
-    counted: set[int] = set()
-    for i in range(len(scanned)):
-        key = scanned.nar_keys[i]
-        if scanned.has_nar[i] and (key not in scanned.shared or key not in counted):
-            found = bisect.bisect_left(nar_present, key)
-            if found < len(nar_present) and nar_present[found] == key:  # a broken entry frees none
-                total += scanned.nar_bytes[i]
-            if key in scanned.shared:
-                counted.add(key)
+    total = sum(scanned.sizes) + sum(size for _, size, _ in orphans) + _nar_total(scanned, nar_present, named)
     free_start = _free_bytes(store.root)
 
     def delete_orphan(name: bytes, size: int) -> int:
@@ -562,10 +586,11 @@ def _run(store: Store, dirs: _Dirs, limits: Limits, dry_run: bool, echo: Callabl
         # Meta files whose NAR is gone (an upload killed between the two renames).
         if not dry_run and dirs.meta >= 0:
             with os.scandir(dirs.meta) as metas:
+                n_present = len(nar_present)
                 for meta in metas:
                     key = hash(os.fsencode(meta.name))
-                    found = bisect.bisect_left(nar_present, key)
-                    if found < len(nar_present) and nar_present[found] == key:
+                    found = find(nar_present, key)
+                    if found < n_present and nar_present[found] == key:
                         continue
                     age = _age(os.fsencode(meta.name), now, dirs.meta)
                     if age is not None and age > GRACE_SECONDS:

@@ -429,3 +429,20 @@ def test_the_nar_file_of_a_narinfo_is_found_on_any_line(tmp_path: Path) -> None:
     ):
         path.write_text(text)
         assert nar_file_of(path) == expected
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_the_store_size_counts_a_shared_nar_once_and_a_missing_one_not(cache: Cache, broken: bool) -> None:
+    from nixcache.server import gc as gcmod
+
+    first = make_entry(os.urandom(5_000), compression="none")
+    lone = make_entry(os.urandom(7_000), compression="none")
+    for entry in (first, sharing(first), lone):
+        push(cache.client, entry, cache.token)
+    if broken:  # a narinfo whose NAR is gone (the store damaged by hand, say)
+        (cache.store / "nar" / lone.nar_file).unlink()
+        (cache.store / "nar-meta" / lone.nar_file).unlink()
+    result = gcmod.run(
+        gcmod.Limits(store=cache.store, older_than=30 * DAY), dry_run=True, echo=lambda _: None
+    )
+    assert result.store_bytes == store_bytes(cache.store)
