@@ -390,8 +390,10 @@ def _unlink_all(names: list[bytes], dir_fd: int) -> None:
     if dir_fd < 0:
         return
     for name in names:
-        with contextlib.suppress(FileNotFoundError):
+        try:  # noqa: SIM105 (contextlib.suppress costs three calls; this runs millions of times)
             os.unlink(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
 
 
 def _nar_total(scanned: _Scan, nar_present: array, named: int) -> int:
@@ -532,50 +534,64 @@ def _run(store: Store, dirs: _Dirs, limits: Limits, dry_run: bool, echo: Callabl
                 outcomes.append(_WHOLE if last_ref else _NARINFO)
             return outcomes
         narinfos, nars = [], []
+        names, mtimes, sizes, atimes, has_nar = (
+            scanned.names,
+            scanned.mtimes,
+            scanned.sizes,
+            scanned.atimes,
+            scanned.has_nar,
+        )
+        narinfo_dir, nar_dir, nar_keys, nar_name_of = (
+            dirs.narinfo,
+            dirs.nar,
+            scanned.nar_keys,
+            scanned.nar_name,
+        )
+        freed_narinfo_bytes = freed_nar_bytes = 0
         lock.hold()
-        checked_at = time.time()
+        young_before = time.time() - GRACE_SECONDS  # a NAR modified since may have a new narinfo
         for i in batch:
-            name = bytes(scanned.names[32 * i : 32 * i + 32]) + b".narinfo"
+            name = bytes(names[32 * i : 32 * i + 32]) + b".narinfo"
             try:
-                st = os.stat(name, dir_fd=dirs.narinfo)
+                st = os.stat(name, dir_fd=narinfo_dir)
             except FileNotFoundError:
                 outcomes.append(_CHANGED)
                 continue
-            if (
-                st.st_mtime_ns != scanned.mtimes[i]
-                or st.st_size != scanned.sizes[i]
-                or int(st.st_atime) > scanned.atimes[i]
-            ):
+            if st.st_mtime_ns != mtimes[i] or st.st_size != sizes[i] or int(st.st_atime) > atimes[i]:
                 outcomes.append(_CHANGED)  # pushed again or served since the scan
                 continue
             nar_name = None
-            if scanned.has_nar[i]:
-                nar_name = scanned.nar_name(i)
-                nar_st = _stat(nar_name, dirs.nar)
+            if has_nar[i]:
+                nar_name = nar_name_of(i)
+                nar_st = _stat(nar_name, nar_dir)
                 if nar_st is None:
                     nar_name = None  # a broken entry: only its narinfo is left to delete
-                elif checked_at - nar_st.st_mtime <= GRACE_SECONDS:
+                elif nar_st.st_mtime >= young_before:
                     outcomes.append(_YOUNG)  # a narinfo naming it was just uploaded, or HEADed
                     continue
             narinfos.append(name)
-            pending.entries += 1
-            pending.narinfo_bytes += st.st_size
-            key = scanned.nar_keys[i]
-            last_ref = refs_left.get(key, 1) == 1
-            if key in refs_left:
+            freed_narinfo_bytes += st.st_size
+            key = nar_keys[i]
+            if key in refs_left:  # a shared NAR goes with the last narinfo naming it
                 refs_left[key] -= 1
+                last_ref = refs_left[key] == 0
+            else:
+                last_ref = True
             if nar_name is None or not last_ref:
                 outcomes.append(_NARINFO)
                 continue
             nars.append(nar_name)
-            pending.nar_files += 1
-            pending.nar_bytes += nar_st.st_size  # type: ignore[union-attr]
+            freed_nar_bytes += nar_st.st_size  # type: ignore[union-attr]
             outcomes.append(_WHOLE)
         if dirs.signed >= 0:
             _unlink_all(narinfos, dirs.signed)  # signed texts first: never served alone
         _unlink_all(narinfos, dirs.narinfo)
         _unlink_all(nars, dirs.nar)
         _unlink_all(nars, dirs.meta)
+        pending.entries += len(narinfos)
+        pending.narinfo_bytes += freed_narinfo_bytes
+        pending.nar_files += len(nars)
+        pending.nar_bytes += freed_nar_bytes
         return outcomes
 
     try:
@@ -610,6 +626,17 @@ def _run(store: Store, dirs: _Dirs, limits: Limits, dry_run: bool, echo: Callabl
                 and free_start + result.freed_bytes + planned < limits.max_free
             )
 
+        def bytes_wanted() -> int:
+            """Bytes the size and free-space limits still ask for (0: none): too_big(planned)
+            and too_full(planned) are `planned < bytes_wanted()`, computed once per batch."""
+            wanted = 0
+            if limits.max_size is not None:
+                wanted = max(wanted, total - result.freed_bytes - limits.max_size)
+            if free_triggered and limits.max_free is not None:
+                wanted = max(wanted, limits.max_free - free_start - result.freed_bytes)
+            return wanted
+
+        old_before = now - limits.older_than if limits.older_than is not None else -1  # last used
         kept_old = 0  # entries older than --older-than that had to stay
         batch_size = 16  # entries per hold of the lock: adapted so that a hold lasts BATCH_SECONDS
         position, order = 0, scanned.order
@@ -620,10 +647,11 @@ def _run(store: Store, dirs: _Dirs, limits: Limits, dry_run: bool, echo: Callabl
             too_old: list[bool] = []
             planned = 0
             planned_refs: dict[int, int] = {}
+            wanted = bytes_wanted()
             while position < len(order) and len(batch) < batch_size:
                 i = order[position] & 0xFFFFFFFF
-                old = limits.older_than is not None and (order[position] >> 32) < now - limits.older_than
-                if not (old or too_big(planned) or too_full(planned)):
+                old = (order[position] >> 32) < old_before
+                if not (old or planned < wanted):
                     break  # sorted by last use: later entries are newer, and the size limits hold
                 position += 1
                 batch.append(i)
