@@ -33,6 +33,7 @@ import fcntl
 import itertools
 import json
 import os
+import resource
 import time
 from array import array
 from collections.abc import Callable, Iterator
@@ -49,7 +50,7 @@ GRACE_SECONDS = 3600  # a NAR this young may be waiting for a narinfo: kept, wit
 PROGRESS_SECONDS = 2.0
 SCAN_CHUNK = 512  # narinfos read between two looks at the clock (or per trip to a thread)
 SCAN_THREADS = 4  # threads reading narinfos once they come from the disk
-COLD_READ_SECONDS = 100e-6  # a narinfo read slower than this (on average) was not in the page cache
+COLD_WAITS = 0.25  # reads of a chunk that waited for the disk (a sleep each), beyond which it is cold
 BATCH_SECONDS = 0.002  # the exclusive gc lock is held over deletions for at most about this long
 
 
@@ -168,9 +169,10 @@ class _Scan:
 
     The narinfos are read in this thread while they come from the page cache: threads would
     hand the GIL over at every syscall, which costs more than the read (16 µs a narinfo with 4
-    threads, 8.5 µs in one, measured on a 1,000,000-entry store). Once a chunk reads slower
-    than COLD_READ_SECONDS a narinfo (a cold disk), the rest go to SCAN_THREADS threads, so
-    that the disk gets several reads at once."""
+    threads, 8.5 µs in one, measured on a 1,000,000-entry store). Once more than COLD_WAITS
+    of a chunk's reads waited for the disk (counted as the thread's voluntary context switches:
+    unlike its time, not moved by other work on the machine), the rest go to SCAN_THREADS
+    threads, so that a cold disk gets several reads at once."""
 
     def __init__(self, store: Store, narinfo_fd: int):
         self.names = bytearray()  # hash parts, 32 bytes each
@@ -213,9 +215,9 @@ class _Scan:
         def chunks() -> Iterator[list[tuple]]:
             starts = iter(range(0, len(by_inode), SCAN_CHUNK))
             for start in starts:
-                began = time.monotonic()
+                waits = _waits()
                 chunk = read_chunk(start)
-                cold = time.monotonic() - began > COLD_READ_SECONDS * SCAN_CHUNK
+                cold = _waits() - waits > COLD_WAITS * SCAN_CHUNK
                 yield chunk
                 if cold:
                     break
@@ -280,6 +282,11 @@ class _Scan:
     def names_a_nar(self, key: int) -> bool:
         found = bisect.bisect_left(self.referenced, key)
         return found < len(self.referenced) and self.referenced[found] == key
+
+
+def _waits() -> int:
+    """Times this thread has slept so far (on a read from the disk, say; not when preempted)."""
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
 
 
 def _read(name: bytes, dir_fd: int) -> tuple[os.stat_result, bytes, int]:

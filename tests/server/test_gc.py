@@ -410,7 +410,7 @@ def test_a_scan_that_reads_slowly_goes_on_in_threads_with_the_same_outcome(
     from nixcache.server import gc as gcmod
 
     monkeypatch.setattr(gcmod, "SCAN_CHUNK", 3)
-    monkeypatch.setattr(gcmod, "COLD_READ_SECONDS", 0.0)
+    monkeypatch.setattr(gcmod, "COLD_WAITS", -1.0)
     result = gcmod.run(gcmod.Limits(store=cache.store, older_than=5.5 * DAY), echo=lambda _: None)
     assert sorted(result.deleted) == sorted(entry.hash_part for entry in aged[:5])
     assert [present(cache, entry) for entry in aged] == [False] * 5 + [True] * 5
