@@ -175,45 +175,47 @@ class _Scan:
     threads, so that a cold disk gets several reads at once."""
 
     def __init__(self, store: Store, narinfo_fd: int):
-        self.names = bytearray()  # hash parts, 32 bytes each
-        self.sizes = array("q")  # narinfo bytes
-        self.nar_bytes = array("q")  # NAR plus meta bytes, as the narinfo gives them
-        self.mtimes = array("q")  # st_mtime_ns: a push replaces the file, changing it
-        self.atimes = array("q")  # st_atime in seconds after the scan read it: serving moves it
-        self.nar_keys = array("q")  # hash() of the NAR file name (0 and has_nar[i] == 0: none)
-        self.has_nar = bytearray()
-        self.nar_names = bytearray()  # NAR file names, NAR_NAME_WIDTH bytes each, NUL-padded
-        self.long_names: dict[int, bytes] = {}  # the rare name longer than that (not ours)
-        listed = bytearray()  # hash parts in directory order, 32 bytes each
-        by_inode = array("Q")  # (inode, low 32 bits) << 32 | position in `listed`
+        # Entry i is the i-th narinfo listed; the arrays are sized once, from the listing.
+        self.names = bytearray()  # hash parts, 32 bytes each, in directory order
+        by_inode = array("Q")  # (inode, low 32 bits) << 32 | index
         with os.scandir(narinfo_fd) as entries:
             for entry in entries:
                 name = entry.name
                 if len(name) == 40 and name.endswith(".narinfo"):
                     by_inode.append((entry.inode() & 0xFFFFFFFF) << 32 | len(by_inode))
-                    listed += name[:32].encode()
+                    self.names += name[:32].encode()
         by_inode = array("Q", sorted(by_inode))
+        n = len(by_inode)
+        self.sizes = array("q", bytes(8 * n))  # narinfo bytes
+        self.nar_bytes = array("q", bytes(8 * n))  # NAR plus meta bytes, as the narinfo gives them
+        self.mtimes = array("q", bytes(8 * n))  # st_mtime_ns: a push replaces the file, changing it
+        self.atimes = array("q", bytes(8 * n))  # st_atime (s) after the scan read it: serving moves it
+        self.nar_keys = array("q", bytes(8 * n))  # hash() of the NAR file name (0 and has_nar 0: none)
+        self.has_nar = bytearray(n)
+        self.nar_names = bytearray(NAR_NAME_WIDTH * n)  # NAR file names, NUL-padded
+        self.long_names: dict[int, bytes] = {}  # the rare name longer than that (not ours)
+        # A narinfo gone between the listing and its read keeps zeros, and is in no order below.
         nar_dir = os.fsencode(store.nar_dir)
+        names = self.names
 
         def read_chunk(start: int) -> list[tuple]:
             """Entries by_inode[start:start+SCAN_CHUNK]: a list of what the arrays keep."""
             out = []
             for key in by_inode[start : start + SCAN_CHUNK]:
-                position = key & 0xFFFFFFFF
-                hash_part = bytes(listed[32 * position : 32 * position + 32])
+                i = key & 0xFFFFFFFF
                 try:
-                    st, data, atime = _read(hash_part + b".narinfo", narinfo_fd)
+                    st, data, atime = _read(bytes(names[32 * i : 32 * i + 32]) + b".narinfo", narinfo_fd)
                 except FileNotFoundError:
                     continue
                 url = _field(data, b"\nURL: ") or b""
                 nar_name = url[4:] if url.startswith(b"nar/") else b""
                 nar_bytes = _nar_bytes(nar_dir, nar_name, data) if nar_name else 0
                 last_used = max(0, min(int(max(st.st_atime, st.st_mtime)), 0xFFFFFFFF))
-                out.append((hash_part, st.st_size, st.st_mtime_ns, atime, last_used, nar_name, nar_bytes))
+                out.append((i, st.st_size, st.st_mtime_ns, atime, last_used, nar_name, nar_bytes))
             return out
 
         def chunks() -> Iterator[list[tuple]]:
-            starts = iter(range(0, len(by_inode), SCAN_CHUNK))
+            starts = iter(range(0, n, SCAN_CHUNK))
             for start in starts:
                 waits = _waits()
                 chunk = read_chunk(start)
@@ -232,28 +234,19 @@ class _Scan:
                     yield chunk
 
         order = array("Q")  # (last used, seconds) << 32 | index: sorted, least recently served first
-        names, sizes, mtimes, atimes = self.names, self.sizes, self.mtimes, self.atimes
-        nar_keys, has_nar, nar_names, all_nar_bytes = (
-            self.nar_keys,
-            self.has_nar,
-            self.nar_names,
-            self.nar_bytes,
-        )
+        sizes, mtimes, atimes, nar_keys = self.sizes, self.mtimes, self.atimes, self.nar_keys
+        has_nar, nar_names, all_nar_bytes = self.has_nar, self.nar_names, self.nar_bytes
         for chunk in chunks():
-            for hash_part, size, mtime_ns, atime, last_used, nar_name, nar_bytes in chunk:
-                i = len(sizes)
-                names += hash_part
-                sizes.append(size)
-                mtimes.append(mtime_ns)
-                atimes.append(atime)
-                nar_keys.append(hash(nar_name) if nar_name else 0)
-                has_nar.append(1 if nar_name else 0)
-                if len(nar_name) > NAR_NAME_WIDTH:
-                    self.long_names[i] = nar_name
-                nar_names += nar_name[:NAR_NAME_WIDTH].ljust(NAR_NAME_WIDTH, b"\0")
-                all_nar_bytes.append(nar_bytes)
+            for i, size, mtime_ns, atime, last_used, nar_name, nar_bytes in chunk:
+                sizes[i], mtimes[i], atimes[i], all_nar_bytes[i] = size, mtime_ns, atime, nar_bytes
+                if nar_name:
+                    nar_keys[i], has_nar[i] = hash(nar_name), 1
+                    if len(nar_name) > NAR_NAME_WIDTH:
+                        self.long_names[i] = nar_name
+                    else:
+                        nar_names[NAR_NAME_WIDTH * i : NAR_NAME_WIDTH * i + len(nar_name)] = nar_name
                 order.append(last_used << 32 | i)
-        listed, by_inode = bytearray(), array("Q")  # done with: freed before the sorting below
+        by_inode = array("Q")  # done with: freed before the sorting below
         self.order = array("Q", sorted(order))
         del order
         # NARs named by more than one narinfo are rare: counted in a small dict, the rest are 1.
