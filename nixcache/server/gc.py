@@ -174,7 +174,9 @@ class _Scan:
     unlike its time, not moved by other work on the machine), the rest go to SCAN_THREADS
     threads, so that a cold disk gets several reads at once."""
 
-    def __init__(self, store: Store, narinfo_fd: int):
+    def __init__(self, store: Store, narinfo_fd: int, echo: Callable[[str], object] = lambda _: None):
+        self.threaded = False  # whether the reads went to the threads (a cold disk)
+        started = last_progress = time.monotonic()
         # Entry i is the i-th narinfo listed; the arrays are sized once, from the listing.
         self.names = bytearray()  # hash parts, 32 bytes each, in directory order
         by_inode = array("Q")  # (inode, low 32 bits) << 32 | index
@@ -223,6 +225,9 @@ class _Scan:
                 yield chunk
                 if cold:
                     break
+            else:
+                return
+            self.threaded = True
             with concurrent.futures.ThreadPoolExecutor(SCAN_THREADS) as pool:
                 window = collections.deque(
                     pool.submit(read_chunk, start) for start in itertools.islice(starts, 2 * SCAN_THREADS)
@@ -236,7 +241,10 @@ class _Scan:
         order = array("Q")  # (last used, seconds) << 32 | index: sorted, least recently served first
         sizes, mtimes, atimes, nar_keys = self.sizes, self.mtimes, self.atimes, self.nar_keys
         has_nar, nar_names, all_nar_bytes = self.has_nar, self.nar_names, self.nar_bytes
-        for chunk in chunks():
+        for read, chunk in enumerate(chunks(), 1):
+            if time.monotonic() - last_progress > PROGRESS_SECONDS:
+                last_progress = time.monotonic()
+                echo(f"gc: read {min(read * SCAN_CHUNK, n)} of {n} narinfos")
             for i, size, mtime_ns, atime, last_used, nar_name, nar_bytes in chunk:
                 sizes[i], mtimes[i], atimes[i], all_nar_bytes[i] = size, mtime_ns, atime, nar_bytes
                 if nar_name:
@@ -247,6 +255,9 @@ class _Scan:
                         nar_names[NAR_NAME_WIDTH * i : NAR_NAME_WIDTH * i + len(nar_name)] = nar_name
                 order.append(last_used << 32 | i)
         by_inode = array("Q")  # done with: freed before the sorting below
+        if time.monotonic() - started > PROGRESS_SECONDS:
+            how = f"{SCAN_THREADS} threads: the disk was cold" if self.threaded else "from the page cache"
+            echo(f"gc: read {n} narinfos in {time.monotonic() - started:.1f} s ({how})")
         self.order = array("Q", sorted(order))
         del order
         # NARs named by more than one narinfo are rare: counted in a small dict, the rest are 1.
@@ -443,7 +454,8 @@ def run(limits: Limits, *, dry_run: bool = False, echo: Callable[[str], object] 
 
 def _run(store: Store, dirs: _Dirs, limits: Limits, dry_run: bool, echo: Callable[[str], object]) -> Result:
     now = time.time()
-    scanned = _Scan(store, dirs.narinfo)
+    scanned = _Scan(store, dirs.narinfo, echo)
+    scanned_at = time.monotonic()
     result = Result()
     verb = "would delete" if dry_run else "deleted"
     last_progress = time.monotonic()
@@ -613,6 +625,11 @@ def _run(store: Store, dirs: _Dirs, limits: Limits, dry_run: bool, echo: Callabl
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(meta.name, dir_fd=dirs.meta)
         del nar_present
+        if time.monotonic() - scanned_at > PROGRESS_SECONDS:
+            echo(
+                f"gc: listed the NAR files and metas in {time.monotonic() - scanned_at:.1f} s "
+                f"({len(orphans)} named by no narinfo); deleting"
+            )
 
         free_triggered = limits.min_free is not None and free_start < limits.min_free
 
