@@ -51,6 +51,7 @@ PROGRESS_SECONDS = 2.0
 SCAN_CHUNK = 512  # narinfos read between two looks at the clock (or per trip to a thread)
 SCAN_THREADS = 4  # threads reading narinfos once they come from the disk
 COLD_WAITS = 0.25  # reads of a chunk that waited for the disk (a sleep each), beyond which it is cold
+COLD_BURST = 32  # chunks read by the threads after a cold one, before this thread tries again
 BATCH_SECONDS = 0.002  # the exclusive gc lock is held over deletions for at most about this long
 
 
@@ -171,11 +172,12 @@ class _Scan:
     hand the GIL over at every syscall, which costs more than the read (16 µs a narinfo with 4
     threads, 8.5 µs in one, measured on a 1,000,000-entry store). Once more than COLD_WAITS
     of a chunk's reads waited for the disk (counted as the thread's voluntary context switches:
-    unlike its time, not moved by other work on the machine), the rest go to SCAN_THREADS
-    threads, so that a cold disk gets several reads at once."""
+    unlike its time, not moved by other work on the machine), the next COLD_BURST chunks go to
+    SCAN_THREADS threads, so that a cold disk gets several reads at once; then this thread
+    tries again (a store is often cold in parts: what other work evicted)."""
 
     def __init__(self, store: Store, narinfo_fd: int, echo: Callable[[str], object] = lambda _: None):
-        self.threaded = False  # whether the reads went to the threads (a cold disk)
+        self.threaded = False  # whether some reads went to the threads (a cold disk)
         started = last_progress = time.monotonic()
         # Entry i is the i-th narinfo listed; the arrays are sized once, from the listing.
         self.names = bytearray()  # hash parts, 32 bytes each, in directory order
@@ -218,25 +220,26 @@ class _Scan:
 
         def chunks() -> Iterator[list[tuple]]:
             starts = iter(range(0, n, SCAN_CHUNK))
-            for start in starts:
-                waits = _waits()
-                chunk = read_chunk(start)
-                cold = _waits() - waits > COLD_WAITS * SCAN_CHUNK
-                yield chunk
-                if cold:
-                    break
-            else:
-                return
-            self.threaded = True
-            with concurrent.futures.ThreadPoolExecutor(SCAN_THREADS) as pool:
-                window = collections.deque(
-                    pool.submit(read_chunk, start) for start in itertools.islice(starts, 2 * SCAN_THREADS)
-                )
-                while window:
-                    chunk = window.popleft().result()
-                    for start in itertools.islice(starts, 1):
-                        window.append(pool.submit(read_chunk, start))
+            with contextlib.ExitStack() as stack:
+                for start in starts:
+                    waits = _waits()
+                    chunk = read_chunk(start)
+                    cold = _waits() - waits > COLD_WAITS * SCAN_CHUNK
                     yield chunk
+                    if cold:  # the next COLD_BURST chunks in the threads, then this thread again
+                        if not self.threaded:
+                            pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(SCAN_THREADS))
+                            self.threaded = True
+                        burst = iter(list(itertools.islice(starts, COLD_BURST)))
+                        window = collections.deque(
+                            pool.submit(read_chunk, start)
+                            for start in itertools.islice(burst, 2 * SCAN_THREADS)
+                        )
+                        while window:
+                            chunk = window.popleft().result()
+                            for start in itertools.islice(burst, 1):
+                                window.append(pool.submit(read_chunk, start))
+                            yield chunk
 
         order = array("Q")  # (last used, seconds) << 32 | index: sorted, least recently served first
         sizes, mtimes, atimes, nar_keys = self.sizes, self.mtimes, self.atimes, self.nar_keys
@@ -256,7 +259,9 @@ class _Scan:
                 order.append(last_used << 32 | i)
         by_inode = array("Q")  # done with: freed before the sorting below
         if time.monotonic() - started > PROGRESS_SECONDS:
-            how = f"{SCAN_THREADS} threads: the disk was cold" if self.threaded else "from the page cache"
+            how = (
+                f"{SCAN_THREADS} threads where the disk was cold" if self.threaded else "from the page cache"
+            )
             echo(f"gc: read {n} narinfos in {time.monotonic() - started:.1f} s ({how})")
         self.order = array("Q", sorted(order))
         del order

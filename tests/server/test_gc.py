@@ -406,11 +406,12 @@ def test_a_scan_that_reads_slowly_goes_on_in_threads_with_the_same_outcome(
     cache: Cache, aged: list[Entry], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Narinfos are read in gc's own thread while they come from the page cache, and by a
-    pool of threads once a chunk reads slowly (a cold disk): here every chunk looks slow."""
+    pool of threads for a while after a chunk that waited for the disk: here every chunk did."""
     from nixcache.server import gc as gcmod
 
     monkeypatch.setattr(gcmod, "SCAN_CHUNK", 3)
     monkeypatch.setattr(gcmod, "COLD_WAITS", -1.0)
+    monkeypatch.setattr(gcmod, "COLD_BURST", 1)  # this thread, the threads, this thread, …
     result = gcmod.run(gcmod.Limits(store=cache.store, older_than=5.5 * DAY), echo=lambda _: None)
     assert sorted(result.deleted) == sorted(entry.hash_part for entry in aged[:5])
     assert [present(cache, entry) for entry in aged] == [False] * 5 + [True] * 5
