@@ -48,7 +48,7 @@ from nixcache.server.usage import StoreUsage
 
 GRACE_SECONDS = 3600  # a NAR this young may be waiting for a narinfo: kept, with every entry naming it
 PROGRESS_SECONDS = 2.0
-SCAN_CHUNK = 512  # narinfos read between two looks at the clock (or per trip to a thread)
+SCAN_CHUNK = 512  # narinfos read between two counts of the thread's waits (or per trip to a thread)
 SCAN_THREADS = 4  # threads reading narinfos once they come from the disk
 COLD_WAITS = 0.25  # reads of a chunk that waited for the disk (a sleep each), beyond which it is cold
 COLD_BURST = 32  # chunks read by the threads after a cold one, before this thread tries again
