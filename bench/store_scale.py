@@ -318,6 +318,8 @@ def store_round(
     print(f"[{name}] gc --max-size half: {result['gc']:.1f} s, CPU {result['gc_cpu']:.1f} s, ", end="")
     print(f"RSS {result['gc_rss']:.0f} MiB", end="")
     print(f" (load {load()})")
+    for line in gc.stdout.strip().splitlines()[:-1]:  # gc's progress: where the time went
+        print(f"[{name}]   {line}")
     print(f"[{name}] {result['gc_line']}", flush=True)
     started = time.monotonic()
     shutil.rmtree(store)

@@ -400,3 +400,50 @@ def test_gc_racing_pushes_never_orphans_a_narinfo(cache: Cache, monkeypatch: pyt
     assert failures == []
     assert sum(r.deleted_nars for r in runs) > 0, "gc never deleted a NAR: the race was not exercised"
     assert_consistent(cache.store)
+
+
+def test_a_scan_that_reads_slowly_goes_on_in_threads_with_the_same_outcome(
+    cache: Cache, aged: list[Entry], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Narinfos are read in gc's own thread while they come from the page cache, and by a
+    pool of threads for a while after a chunk that waited for the disk: here every chunk did."""
+    from nixcache.server import gc as gcmod
+
+    monkeypatch.setattr(gcmod, "SCAN_CHUNK", 3)
+    monkeypatch.setattr(gcmod, "COLD_WAITS", -1.0)
+    monkeypatch.setattr(gcmod, "COLD_BURST", 1)  # this thread, the threads, this thread, …
+    result = gcmod.run(gcmod.Limits(store=cache.store, older_than=5.5 * DAY), echo=lambda _: None)
+    assert sorted(result.deleted) == sorted(entry.hash_part for entry in aged[:5])
+    assert [present(cache, entry) for entry in aged] == [False] * 5 + [True] * 5
+    assert_consistent(cache.store)
+
+
+def test_the_nar_file_of_a_narinfo_is_found_on_any_line(tmp_path: Path) -> None:
+    from nixcache.server.gc import nar_file_of
+
+    path = tmp_path / "x.narinfo"
+    for text, expected in (
+        ("URL: nar/a.nar\nStorePath: /nix/store/x\n", "a.nar"),
+        ("StorePath: /nix/store/x\nURL: nar/b.nar.xz\r\n", "b.nar.xz"),
+        ("StorePath: /nix/store/x\nNotURL: nar/c.nar\n", None),
+        ("StorePath: /nix/store/x\nURL: http://elsewhere/d.nar\n", None),
+    ):
+        path.write_text(text)
+        assert nar_file_of(path) == expected
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_the_store_size_counts_a_shared_nar_once_and_a_missing_one_not(cache: Cache, broken: bool) -> None:
+    from nixcache.server import gc as gcmod
+
+    first = make_entry(os.urandom(5_000), compression="none")
+    lone = make_entry(os.urandom(7_000), compression="none")
+    for entry in (first, sharing(first), lone):
+        push(cache.client, entry, cache.token)
+    if broken:  # a narinfo whose NAR is gone (the store damaged by hand, say)
+        (cache.store / "nar" / lone.nar_file).unlink()
+        (cache.store / "nar-meta" / lone.nar_file).unlink()
+    result = gcmod.run(
+        gcmod.Limits(store=cache.store, older_than=30 * DAY), dry_run=True, echo=lambda _: None
+    )
+    assert result.store_bytes == store_bytes(cache.store)
