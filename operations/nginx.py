@@ -47,6 +47,9 @@ MAIN_FILE = "/etc/nginx/modules-enabled/90-nixcache.conf"
 # the logs and the TLS files.
 WORKER_FILES = 65536
 OPEN_FILE_CACHE_MAX = 16384
+# Seconds nginx may serve a cached descriptor before it checks the file's name again: a file gc
+# or verify deleted, or a push or key rotation replaced (by rename), may be served that long.
+OPEN_FILE_CACHE_VALID = 1
 TLS_DIR = "/etc/nginx/nixcache-tls"
 CERT_FILE = f"{TLS_DIR}/cert.pem"
 KEY_FILE = f"{TLS_DIR}/key.pem"
@@ -135,6 +138,7 @@ def render_site(
         main_file=MAIN_FILE,
         worker_files=WORKER_FILES,
         open_file_cache_max=OPEN_FILE_CACHE_MAX,
+        open_file_cache_valid=OPEN_FILE_CACHE_VALID,
     )
 
 
