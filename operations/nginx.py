@@ -42,11 +42,16 @@ DEFAULT_SITE = "/etc/nginx/sites-enabled/default"
 # Main-context settings (worker_rlimit_nofile): Debian's nginx.conf includes modules-enabled/*.conf
 # in its main context, conf.d/*.conf only inside http {}.
 MAIN_FILE = "/etc/nginx/modules-enabled/90-nixcache.conf"
-# Descriptors each worker may hold, and how many of them the site's open_file_cache may keep:
-# the rest is room for Debian's 768 worker_connections (two descriptors each when proxied),
-# the logs and the TLS files.
-WORKER_FILES = 65536
-OPEN_FILE_CACHE_MAX = 16384
+# Descriptors each worker may hold: the soft and hard limit each worker sets for itself. At most
+# the hard limit nginx's master inherits (systemd's default: 524288), or the worker cannot set
+# it (without CAP_SYS_RESOURCE, in some containers) and stays at 1,024 with a cache sized for
+# more; 16,384 is within what hosts and containers commonly allow.
+WORKER_FILES = 16384
+# Debian's nginx.conf: each connection proxied to the server holds two descriptors.
+DEBIAN_WORKER_CONNECTIONS = 768
+# Files each of the two disk locations (signed/, nar/: one open_file_cache each) may keep open:
+# what the limit leaves after the connections and a margin for logs, TLS files and upstreams.
+OPEN_FILE_CACHE_MAX = (WORKER_FILES - 2 * DEBIAN_WORKER_CONNECTIONS - 1024) // 2
 # Seconds nginx may serve a cached descriptor before it checks the file's name again: a file gc
 # or verify deleted, or a push or key rotation replaced (by rename), may be served that long.
 OPEN_FILE_CACHE_VALID = 1
