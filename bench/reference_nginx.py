@@ -18,6 +18,7 @@ from typing import IO
 _MAIN = """
 daemon off;
 worker_processes {workers};
+{top}
 {user}
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
@@ -78,10 +79,16 @@ def conf(
     return main(prefix, http, workers=workers)
 
 
-def main(prefix: Path, http: str, *, workers: int = 2) -> str:
-    """nginx.conf with everything under `prefix` and `http` (directives, servers) in its http block."""
+def main(prefix: Path, http: str, *, workers: int = 2, top: str = "") -> str:
+    """nginx.conf with everything under `prefix` and `http` (directives, servers) in its http block;
+    `top`: main-context directives (the front's: what Debian's nginx.conf includes from
+    modules-enabled/)."""
     return _MAIN.format(
-        workers=workers, user="user root;" if os.geteuid() == 0 else "", prefix=prefix, http=http.strip("\n")
+        workers=workers,
+        top=top,
+        user="user root;" if os.geteuid() == 0 else "",
+        prefix=prefix,
+        http=http.strip("\n"),
     )
 
 

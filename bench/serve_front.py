@@ -4,9 +4,10 @@ Both are Debian's nginx with 2 workers, TLS (the same self-signed P-256 certific
 an access log on: nginx alone its default one (combined format, one write per request), the front
 its hits log (buffered, as the deploy renders it). "nginx alone" serves `signed/<hash>.narinfo`
 and `nar/` with two aliases and decides nothing; "front" is the site the deploy renders
-(operations/nginx.py: the map of readers, files opened from `signed/` and `nar/`, its hits log)
-before a `nixcache serve` that reads that log. `signed/` holds what the server answers for each
-narinfo. Measured, alternating the two round by round:
+(operations/nginx.py: the map of readers, files opened from `signed/` and `nar/` with
+`open_file_cache`, its hits log) and its main-context file (`worker_rlimit_nofile`, room for
+that cache) before a `nixcache serve` that reads that log. `signed/` holds what the server
+answers for each narinfo. Measured, alternating the two round by round:
 - narinfo hits, one keep-alive connection (curl, as Nix uses libcurl): median time per round;
 - narinfo hits, requests/s with wrk on 16 and 64 connections, rotating over every narinfo;
 - absent narinfos (404): nginx alone answers them, the front hands them to the server (and the

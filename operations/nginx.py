@@ -11,6 +11,10 @@ reads it still answers (other credentials) it hands the bytes back with
 
 nginx writes its disk hits to HITS_LOG (fixed format), which the server reads to record "last
 served" for gc and to count them in /metrics (nixcache/server/front.py).
+
+nginx keeps the descriptors of the files it serves open between requests (`open_file_cache`),
+which needs more open files per worker than Debian's 1,024: MAIN_FILE raises the limit from the
+main context without editing Debian's nginx.conf.
 """
 
 from __future__ import annotations
@@ -35,6 +39,22 @@ from operations.settings import Settings
 ACCEL_REDIRECT_PREFIX = Settings.cache_accel_redirect_prefix
 SITE_FILE = "/etc/nginx/conf.d/nixcache.conf"
 DEFAULT_SITE = "/etc/nginx/sites-enabled/default"
+# Main-context settings (worker_rlimit_nofile): Debian's nginx.conf includes modules-enabled/*.conf
+# in its main context, conf.d/*.conf only inside http {}.
+MAIN_FILE = "/etc/nginx/modules-enabled/90-nixcache.conf"
+# Descriptors each worker may hold: the soft and hard limit each worker sets for itself. At most
+# the hard limit nginx's master inherits (systemd's default: 524288), or the worker cannot set
+# it (without CAP_SYS_RESOURCE, in some containers) and stays at 1,024 with a cache sized for
+# more; 16,384 is within what hosts and containers commonly allow.
+WORKER_FILES = 16384
+# Debian's nginx.conf: each connection proxied to the server holds two descriptors.
+DEBIAN_WORKER_CONNECTIONS = 768
+# Files each of the two disk locations (signed/, nar/: one open_file_cache each) may keep open:
+# what the limit leaves after the connections and a margin for logs, TLS files and upstreams.
+OPEN_FILE_CACHE_MAX = (WORKER_FILES - 2 * DEBIAN_WORKER_CONNECTIONS - 1024) // 2
+# Seconds nginx may serve a cached descriptor before it checks the file's name again: a file gc
+# or verify deleted, or a push or key rotation replaced (by rename), may be served that long.
+OPEN_FILE_CACHE_VALID = 1
 TLS_DIR = "/etc/nginx/nixcache-tls"
 CERT_FILE = f"{TLS_DIR}/cert.pem"
 KEY_FILE = f"{TLS_DIR}/key.pem"
@@ -82,6 +102,13 @@ def render_readers(read_token: str | None) -> str:
     return "\n".join([*lines, "}", ""])
 
 
+def render_main() -> str:
+    """MAIN_FILE: nginx's main-context settings for the front (the workers' open files)."""
+    return render(
+        "nginx-nixcache-main.conf.j2", worker_files=WORKER_FILES, open_file_cache_max=OPEN_FILE_CACHE_MAX
+    )
+
+
 def hits_log(data_dir: str) -> str:
     """The front's hits log for a cache whose data dir is `data_dir`."""
     return f"{data_dir.rstrip('/')}/{HITS_LOG_NAME}"
@@ -113,6 +140,10 @@ def render_site(
         ipv6=ipv6,
         narinfo_from_disk=narinfo_from_disk,
         readers_file=readers_file,
+        main_file=MAIN_FILE,
+        worker_files=WORKER_FILES,
+        open_file_cache_max=OPEN_FILE_CACHE_MAX,
+        open_file_cache_valid=OPEN_FILE_CACHE_VALID,
     )
 
 
@@ -211,6 +242,8 @@ def site(
     + narinfo_from_disk: False when the server serves the host's own Nix store
 
     Debian's default site (port 80, a welcome page) is disabled: the host serves the cache only.
+    MAIN_FILE (the workers' open files) is installed with the site, and a change to it reloads
+    nginx as well: new workers take the new limit.
     """
     # Checked before any fact is asked: the prefix goes into nginx's config and the server's.
     if not _PREFIX.match(prefix):
@@ -224,11 +257,25 @@ def site(
     )
     token = read_token.unmask() if read_token is not None else None
     readers = HiddenValue(render_readers(token), masked_value="<nginx map of the read token>")
+    main = render_main()
     default_site = host.get_fact(File, path=DEFAULT_SITE) is not None
     # A metadata-only fix (chown/chmod) needs no reload; new content or a removed default does.
-    changed = default_site or hostfile.differs(SITE_FILE, content) or hostfile.differs(READERS_FILE, readers)
+    changed = (
+        default_site
+        or hostfile.differs(SITE_FILE, content)
+        or hostfile.differs(READERS_FILE, readers)
+        or hostfile.differs(MAIN_FILE, main)
+    )
     if default_site:
         yield StringCommand(f"rm -f {DEFAULT_SITE}")
+    # Before the site, whose open_file_cache needs the room it makes.
+    yield from hostfile.put._inner(
+        MAIN_FILE,
+        main,
+        check="nginx -t -q",
+        check_in_place=True,
+        fix="fix operations/templates/nginx-nixcache-main.conf.j2 (nginx -t names the line), then rerun",
+    )
     # Before the site that includes it; root-only: it holds the read token.
     yield from hostfile.put._inner(READERS_FILE, readers, mode="0600")
     yield from _hits_log(hits_log, service_group)
@@ -262,4 +309,6 @@ def absent():
     if not host.get_fact(File, path=SITE_FILE):
         host.noop(f"{SITE_FILE} is absent")
         return
-    yield StringCommand(f"rm -f {SITE_FILE} {READERS_FILE} && (systemctl reload {NGINX_UNIT} || true)")
+    yield StringCommand(
+        f"rm -f {SITE_FILE} {READERS_FILE} {MAIN_FILE} && (systemctl reload {NGINX_UNIT} || true)"
+    )

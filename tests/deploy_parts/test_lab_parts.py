@@ -28,6 +28,7 @@ from nixcache.keys import SecretKey
 from nixcache.lab import Lab
 from nixcache.lab.state import load
 from operations.hardening import NETWORK_SYSCTLS
+from operations.nginx import WORKER_FILES
 
 pytestmark = pytest.mark.lab
 
@@ -311,6 +312,11 @@ def test_nginx_front_tls_http2_and_nar_bytes_from_disk(deployed: Run, lab_dir: P
         assert on_host(lab_dir, host.name, "stat -c %a:%U:%G /etc/nginx/nixcache-readers.conf").strip() == (
             "600:root:root"
         )
+        # Room for the site's open_file_cache: Debian's nginx.conf included the deploy's
+        # main-context file, and the reload gave the workers its limit (systemd's is 1,024).
+        workers = "for p in $(pgrep -u www-data -x nginx); do grep 'open files' /proc/$p/limits; done"
+        limits = [line.split()[3:5] for line in on_host(lab_dir, host.name, workers).splitlines() if line]
+        assert limits and all(limit == [str(WORKER_FILES)] * 2 for limit in limits), limits
 
         cert = tmp_path / "cert.pem"
         cert.write_text(on_host(lab_dir, host.name, "cat /etc/nginx/nixcache-tls/cert.pem"))

@@ -1,8 +1,8 @@
 """The deploy's nginx front (operations/nginx.py's site, unchanged but for paths) on loopback.
 
-Runs Debian's real nginx with the site the deploy renders, wrapped in bench/reference_nginx.py's
-main config under a temp prefix, in front of a `nixcache serve` on 127.0.0.1. Used by
-tests/server/test_front.py and bench/serve.py --front.
+Runs Debian's real nginx with the site and the main-context file the deploy renders, wrapped in
+bench/reference_nginx.py's main config under a temp prefix, in front of a `nixcache serve` on
+127.0.0.1. Used by tests/server/test_front.py and bench/serve.py --front.
 """
 
 from __future__ import annotations
@@ -100,7 +100,14 @@ def start_front(
     site = site.replace(nginx.CERT_FILE, str(cert)).replace(nginx.KEY_FILE, str(key))
     site = site.replace(f"listen {port} ssl", f"listen 127.0.0.1:{port} ssl")  # loopback only
     (prefix / "nixcache.conf").write_text(site)
-    text = reference_nginx.main(prefix, f"    include {prefix}/nixcache.conf;", workers=workers)
+    # The deploy's main-context file, included where Debian's nginx.conf includes modules-enabled/.
+    (prefix / "nixcache-main.conf").write_text(nginx.render_main())
+    text = reference_nginx.main(
+        prefix,
+        f"    include {prefix}/nixcache.conf;",
+        workers=workers,
+        top=f"include {prefix}/nixcache-main.conf;",
+    )
     with open(prefix / "stderr.log", "wb") as stderr:  # nginx keeps its own copy of the descriptor
         proc = reference_nginx.start(prefix, text, nice or [], stderr=stderr)
     front = Front(proc, port, cert, prefix)
