@@ -482,15 +482,13 @@ def _run(store: Store, dirs: _Dirs, limits: Limits, dry_run: bool, echo: Callabl
     # (one stat) only here; NARs that a narinfo names are known from the narinfo.
     present = []  # hash() of every NAR file name, for the meta files below
     orphans: list[tuple[bytes, int, float]] = []  # name, bytes (with meta), age
-    referenced, n_referenced, find = scanned.referenced, len(scanned.referenced), bisect.bisect_left
     named = 0  # NAR files a narinfo names: as many as the names the narinfos give, unless broken
     with os.scandir(dirs.nar) if dirs.nar >= 0 else contextlib.nullcontext(()) as nars:
         for nar in nars:
             name = os.fsencode(nar.name)
             key = hash(name)
             present.append(key)
-            found = find(referenced, key)
-            if found < n_referenced and referenced[found] == key:
+            if scanned.names_a_nar(key):
                 named += 1
                 continue
             try:
@@ -619,7 +617,7 @@ def _run(store: Store, dirs: _Dirs, limits: Limits, dry_run: bool, echo: Callabl
         # Meta files whose NAR is gone (an upload killed between the two renames).
         if not dry_run and dirs.meta >= 0:
             with os.scandir(dirs.meta) as metas:
-                n_present = len(nar_present)
+                n_present, find = len(nar_present), bisect.bisect_left
                 for meta in metas:
                     key = hash(os.fsencode(meta.name))
                     found = find(nar_present, key)
