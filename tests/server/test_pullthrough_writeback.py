@@ -15,6 +15,15 @@ NAME = "1b2m2y8asgtpgvf4jsa7z3ixbh2xbbh6k3vjc0ihfvf8pncnvj9n.nar"
 CHUNK = 1024 * 1024
 
 
+def _flight(tmp_path: Path, offload, size: int) -> _Flight:
+    """A flight of NAME whose writebacks go through `offload` (the store's thread pool)."""
+    lock = FlightLock.claim(tmp_path, NAME)
+    assert lock is not None
+    flight = _Flight(NAME, lock, offload)
+    flight.size = size
+    return flight
+
+
 def _open_fds() -> set[str]:
     gevent.sleep(0)  # the hub's own descriptors (its loop) exist before the count
     return set(os.listdir("/proc/self/fd"))
@@ -37,11 +46,8 @@ def test_a_nar_is_flushed_every_writeback_bytes_one_fdatasync_at_a_time(
         return fn(*args)
 
     before = _open_fds()
-    lock = FlightLock.claim(tmp_path, NAME)
-    assert lock is not None
-    flight = _Flight(NAME, lock, offload)
     size = 3 * WRITEBACK_BYTES + CHUNK
-    flight.size = size
+    flight = _flight(tmp_path, offload, size)
     temp = tmp_path / "nar.1.2"
     chunk = os.urandom(CHUNK)
     with open(temp, "wb") as out:
@@ -61,10 +67,7 @@ def test_a_failed_writeback_is_left_to_the_final_fsync(tmp_path: Path) -> None:
         raise OSError(5, "Input/output error")
 
     before = _open_fds()
-    lock = FlightLock.claim(tmp_path, NAME)
-    assert lock is not None
-    flight = _Flight(NAME, lock, offload)
-    flight.size = 2 * WRITEBACK_BYTES
+    flight = _flight(tmp_path, offload, 2 * WRITEBACK_BYTES)
     temp = tmp_path / "nar.1.3"
     temp.write_bytes(b"x")
     flight.progress(temp, WRITEBACK_BYTES)
@@ -81,10 +84,7 @@ def test_past_the_writebacks_limit_a_pull_skips_its_turn(tmp_path: Path) -> None
         started.append(args[0])
         return fn(*args)
 
-    lock = FlightLock.claim(tmp_path, NAME)
-    assert lock is not None
-    flight = _Flight(NAME, lock, offload)
-    flight.size = 2 * WRITEBACK_BYTES
+    flight = _flight(tmp_path, offload, 2 * WRITEBACK_BYTES)
     temp = tmp_path / "nar.1.4"
     temp.write_bytes(b"x")
     held = 0
