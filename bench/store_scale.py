@@ -8,8 +8,12 @@ Store scale (issue 15): writes `--entries` entries in the store's own layout (na
 nar-meta; last served spread over 30 days, everything older than gc's grace period) with a
 few syscalls per file, then measures:
 - seconds from starting `nixcache serve` until the first narinfo is answered 200;
-- the server's RSS (VmHWM) after wrk fetched narinfos rotating over every entry for `--seconds`
-  at 16 connections (each process's peak; the store-usage scan has finished by then);
+- hits at 16 connections rotating over every entry (a sample of up to 100,000 spread over the
+  store), `--seconds` per round, two rounds each of the server and of nginx serving the same
+  signed/ files (bench/reference_nginx.py), alternating after a warm-up: requests/s, the ratio and
+  CPU per hit of each;
+- the server's RSS (VmHWM) after those rounds (each process's peak; the store-usage scan has
+  finished by then);
 - `nixcache gc --max-size <half of the store>`: wall time and peak RSS.
 `--checkout DIR` runs another checkout's code (e.g. `git archive <base> | tar -x -C DIR`) the
 same way first, so before and after print side by side.
@@ -45,6 +49,11 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+import reference_nginx
+from serve_front import cpu_seconds as cpu_seconds_of
+from serve_front import workers as child_pids
+from serve_front import wrk_rps
 
 from nixcache import nixenv
 from nixcache.keys import SecretKey, fingerprint
@@ -264,6 +273,62 @@ def run_copy(pristine: Path, copy: Path, served: list[str]) -> None:
     print(f"hard-linked copy of {pristine} in {time.monotonic() - started:.0f} s (load {load()})", flush=True)
 
 
+def hits_against_nginx(
+    name: str, server: int, port: int, store: Path, work: Path, seconds: int, entries: int
+) -> dict:
+    """Hits at 16 connections rotating over the sample, the server against nginx serving the
+    same signed/ files (reference_nginx: 2 workers, access log on, open_file_cache off as the
+    server opens each file): a warm-up of nginx first (the sample's files into the page cache
+    for both), then two rounds each, alternating; medians of requests/s and CPU per hit."""
+    nginx_port = free_port()
+    prefix = work / f"nginx-{name}"
+    conf = reference_nginx.conf(
+        prefix, nginx_port, [reference_nginx.NARINFO.format(dir=store / "signed")],
+        extra="open_file_cache off;",
+    )  # fmt: skip
+    nginx = reference_nginx.start(prefix, conf, [], stderr=open(work / "nginx.log", "ab"))  # noqa: SIM115
+    script = work / "rotate.lua"
+    try:
+        wait_port(nginx_port)
+        servers = {
+            "nginx": (f"http://127.0.0.1:{nginx_port}", lambda: [nginx.pid, *child_pids(nginx.pid)]),
+            "nixcache": (f"http://127.0.0.1:{port}", lambda: [server, *child_pids(server)]),
+        }
+        wrk_rps(servers["nginx"][0], 16, 3, script, [])  # warm-up, not counted
+        rates: dict[str, list[float]] = {"nginx": [], "nixcache": []}
+        cpu: dict[str, list[float]] = {"nginx": [], "nixcache": []}
+        for number in (1, 2):
+            for who, (url, pids) in servers.items():
+                before = cpu_seconds_of(pids())
+                rate, count = wrk_rps(url, 16, seconds, script, [])
+                cpu[who].append((cpu_seconds_of(pids()) - before) / count * 1e6)
+                rates[who].append(rate)
+                print(f"[{name}] round {number} {who:>8}: {rate:7.0f} hits/s rotating over {entries} "
+                      f"entries, {cpu[who][-1]:5.1f} us CPU per hit (load {load()})", flush=True)  # fmt: skip
+    finally:
+        stop(nginx)
+    rps, nginx_rps = statistics.median(rates["nixcache"]), statistics.median(rates["nginx"])
+    return {
+        "rps": rps,
+        "nginx_rps": nginx_rps,
+        "vs_nginx": statistics.median(a / b for a, b in zip(rates["nixcache"], rates["nginx"], strict=True)),
+        "cpu_us": statistics.median(cpu["nixcache"]),
+        "nginx_cpu_us": statistics.median(cpu["nginx"]),
+    }
+
+
+def wait_port(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout} s") from None
+            time.sleep(0.05)
+
+
 def store_round(
     name: str, checkout: Path | None, entries: int, seconds: int, work: Path, pristine: Path | None
 ) -> dict:
@@ -290,14 +355,9 @@ def store_round(
         result["first_cpu"] = cpu_seconds(proc.pid)
         print(f"[{name}] first narinfo {result['first']:.2f} s after start, server CPU until then "
               f"{result['first_cpu']:.2f} s (load {load()})", flush=True)  # fmt: skip
-        out = subprocess.run(
-            ["wrk", "-t2", "-c16", f"-d{seconds}s", "-s", str(work / "rotate.lua"), f"http://127.0.0.1:{port}"],
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
-        result["rps"] = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+        result.update(hits_against_nginx(name, proc.pid, port, store, work, seconds, len(sample)))
         result["rss"] = peak_rss_mib(proc.pid)
-        print(f"[{name}] {result['rps']:.0f} hits/s rotating over {len(sample)} entries, "
-              f"RSS {result['rss']:.1f} MiB (load {load()})", flush=True)  # fmt: skip
+        print(f"[{name}] server peak RSS {result['rss']:.1f} MiB", flush=True)
     finally:
         stop(proc)
     # The server's usage totals (narinfos and NARs; gc also counts the NARs' metas, a few %).
@@ -512,6 +572,10 @@ def main() -> int:
             ("first narinfo after start", "first", "s", "< 1 s"),
             ("  server CPU until then", "first_cpu", "s", ""),
             ("hits, 16 conns (100k-entry sample)", "rps", "/s", ""),
+            ("  nginx, same files and client", "nginx_rps", "/s", ""),
+            ("  nixcache / nginx (median of rounds)", "vs_nginx", "x", ">= 0.7x"),
+            ("  server CPU per hit", "cpu_us", "us", ""),
+            ("  nginx CPU per hit", "nginx_cpu_us", "us", ""),
             ("server peak RSS", "rss", "MiB", "< 100 MiB"),
             ("gc --max-size half", "gc", "s", "< 60 s"),
             ("  gc CPU (user + system)", "gc_cpu", "s", ""),
