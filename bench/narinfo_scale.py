@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -33,6 +32,8 @@ from pathlib import Path
 
 import reference_nginx
 from serve import free_port, stop, wait_port
+from serve_front import cpu_seconds, wrk_rps
+from serve_front import workers as children
 
 from nixcache.keys import SecretKey
 from nixcache.server import base32, narinfo
@@ -100,38 +101,6 @@ def in_process(store_root: Path, key: SecretKey, hashes: list[str]) -> list[floa
     return passes
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time of `pids` and their children that exited (nginx's workers)."""
-    total = 0.0
-    for pid in pids:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
-
-
-def children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
-def wrk(url: str, script: Path, connections: int, seconds: int) -> tuple[float, int]:
-    """(requests/s, requests) that wrk reports; SystemExit on any non-2xx answer."""
-    out = subprocess.run(
-        [*NICE, "wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    if "Non-2xx" in out or "Socket errors" in out:
-        raise SystemExit(f"wrk saw errors against {url}:\n{out}")
-    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    count = re.search(r"(\d+) requests in", out)
-    if not rate or not count:
-        raise SystemExit(f"cannot read wrk output:\n{out}")
-    return float(rate.group(1)), int(count.group(1))
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--entries", type=int, default=100_000)
@@ -178,14 +147,14 @@ def main() -> int:
         procs.append(nginx)
         wait_port(ours_port, timeout=30)  # a large store: the server starts slower than nginx
         wait_port(nginx_port, timeout=30)
-        pids = {"nginx": [nginx.pid, *children(nginx.pid)], "nixcache": [ours.pid]}
+        pids = {"nginx": [nginx.pid, *children(nginx.pid)], "nixcache": [ours.pid, *children(ours.pid)]}
         bases = {"nginx": f"http://127.0.0.1:{nginx_port}", "nixcache": f"http://127.0.0.1:{ours_port}"}
         rates: dict[str, list[float]] = {name: [] for name in bases}
         cpu: dict[str, list[float]] = {name: [] for name in bases}
         for number in range(1, args.rounds + 1):
             for name, base in bases.items():
                 before = cpu_seconds(pids[name])
-                rate, count = wrk(base, script, args.connections, args.seconds)
+                rate, count = wrk_rps(base, args.connections, args.seconds, script, NICE)
                 cpu[name].append((cpu_seconds(pids[name]) - before) / count * 1e6)
                 rates[name].append(rate)
                 load = " ".join(f"{x:.2f}" for x in os.getloadavg())

@@ -51,6 +51,7 @@ import time
 from pathlib import Path
 
 import reference_nginx
+from serve import wait_port
 from serve_front import cpu_seconds as cpu_seconds_of
 from serve_front import workers as child_pids
 from serve_front import wrk_rps
@@ -315,18 +316,6 @@ def hits_against_nginx(
         "cpu_us": statistics.median(cpu["nixcache"]),
         "nginx_cpu_us": statistics.median(cpu["nginx"]),
     }
-
-
-def wait_port(port: int, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout} s") from None
-            time.sleep(0.05)
 
 
 def store_round(
