@@ -27,11 +27,13 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from nixcache.atomicfile import write_atomically
 from nixcache.keys import KeyFormatError, PublicKey, SecretKey
-from nixcache.server import narinfo
+from nixcache.server import base32, narinfo
+from nixcache.server.narinfo import HASH_LEN
 from nixcache.server.store import Store, read_quietly
 
 log = logging.getLogger("nixcache.server.signed")
@@ -175,13 +177,13 @@ class Resigner:
 
     def _delete_set_aside(self) -> None:
         for path in self.store.root.glob(f"{ASIDE_PREFIX}*"):
-            self.offload(shutil.rmtree, (path, True))
+            self.offload(_delete_texts, (path,))
 
     def _resign(self) -> None:
         store = self.store
         through = self._resume_point()
-        names = self.offload(_narinfo_names, (store, through))
-        self.pending = len(names)
+        total, buckets = self.offload(_narinfo_names, (store, through))
+        self.pending = total
         self._write_stats()
         previous = recorded_keys(store)
         why = "no signed/KEYS (an older or restored store)" if previous is None else "the keys changed"
@@ -191,31 +193,34 @@ class Resigner:
             "signed narinfos: %s: re-signing %d with %s in the background%s; the current texts are"
             " served meanwhile",
             why,
-            len(names),
+            total,
             names_now,
             resumed,
         )
         started = last_log = time.monotonic()
-        for start in range(0, len(names), self.batch):
-            chunk = names[start : start + self.batch]
-            self.done += self.offload(_resign_batch, (store, chunk))
-            self.pending -= len(chunk)
-            self._record_progress(chunk[-1])
-            self._write_stats()
-            if time.monotonic() - last_log >= PROGRESS_SECONDS:
-                last_log = time.monotonic()
-                log.warning(
-                    "signed narinfos: re-signed %d of %d, %d to go",
-                    start + len(chunk),
-                    len(names),
-                    self.pending,
-                )
+        for bucket in buckets:
+            names = self.offload(_unpacked, (bucket,))
+            bucket.clear()  # its memory back as the run goes on
+            for start in range(0, len(names), self.batch):
+                chunk = names[start : start + self.batch]
+                self.done += self.offload(_resign_batch, (store, chunk))
+                self.pending -= len(chunk)
+                self._record_progress(chunk[-1])
+                self._write_stats()
+                if time.monotonic() - last_log >= PROGRESS_SECONDS:
+                    last_log = time.monotonic()
+                    log.warning(
+                        "signed narinfos: re-signed %d of %d, %d to go",
+                        total - self.pending,
+                        total,
+                        self.pending,
+                    )
         self.offload(write_atomically, (store.signed_dir / KEYS_FILE, self.wanted.encode(), 0o644))
         with contextlib.suppress(FileNotFoundError):
             (store.signed_dir / PROGRESS_FILE).unlink()
         log.warning(
             "signed narinfos: all %d re-signed with %s in %.1f s; signed/KEYS updated",
-            len(names),
+            total,
             names_now,
             time.monotonic() - started,
         )
@@ -252,20 +257,57 @@ def read_stats(store: Store) -> tuple[int, int]:
         return 0, 0
 
 
+def _delete_texts(directory: Path) -> None:
+    """Delete a set-aside signed/ (a flat directory of one text per narinfo) while reading it:
+    shutil.rmtree lists a directory whole before it deletes anything, and for 1,000,000 texts
+    that list put the worker at ~190 MiB of RSS (docs/benchmarks.md). Passes until one finds
+    nothing more to delete; what cannot be deleted is left, as rmtree(ignore_errors) did."""
+    while True:
+        deleted = 0
+        with contextlib.suppress(FileNotFoundError), os.scandir(directory) as entries:
+            for entry in entries:
+                with contextlib.suppress(OSError):
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path)  # none of ours, small; an error: not counted
+                    else:
+                        os.unlink(entry.path)
+                    deleted += 1
+        if not deleted:
+            break
+    with contextlib.suppress(OSError):
+        os.rmdir(directory)
+
+
 def _holds_texts(store: Store) -> bool:
     with os.scandir(store.signed_dir) as entries:
         return any(entry.name.endswith(".narinfo") for entry in entries)
 
 
-def _narinfo_names(store: Store, after: str) -> list[str]:
-    """Hash parts of the stored narinfos, in name order, past `after` (one pass of scandir)."""
+def _narinfo_names(store: Store, after: str) -> tuple[int, list[bytearray]]:
+    """Hash parts of the stored narinfos past `after`, in one pass of scandir: (how many, one
+    bytearray per two first characters in name order, each name packed in HASH_LEN ascii
+    bytes). Packed, 1,000,000 names take 30 MB, and a bucket is a thousandth of them; a sorted
+    list of str took ~110 MB more at its peak, which put a re-signing worker past its RSS
+    budget (docs/benchmarks.md). Two characters, not one: a store whose names are not spread
+    evenly (bench/store_scale.py's use two values of the first) still gets small buckets."""
+    alphabet = sorted(base32.ALPHABET)  # sorted: name order
+    buckets = {a + b: bytearray() for a in alphabet for b in alphabet}
+    count = 0
     with os.scandir(store.narinfo_dir) as entries:
-        names = [
-            entry.name[: -len(".narinfo")]
-            for entry in entries
-            if entry.name.endswith(".narinfo") and not entry.name.startswith(".")
-        ]
-    return sorted(name for name in names if name > after)
+        for entry in entries:
+            name = entry.name
+            if len(name) == HASH_LEN + len(".narinfo") and name.endswith(".narinfo"):
+                hash_part = name[:HASH_LEN]
+                bucket = buckets.get(hash_part[:2])  # None: not a name of ours (".tmp…", upper case)
+                if bucket is not None and hash_part > after:
+                    bucket += hash_part.encode("ascii")
+                    count += 1
+    return count, [bucket for bucket in buckets.values() if bucket]
+
+
+def _unpacked(bucket: bytearray) -> list[str]:
+    """One bucket of _narinfo_names as sorted hash parts."""
+    return sorted(bucket[i : i + HASH_LEN].decode("ascii") for i in range(0, len(bucket), HASH_LEN))
 
 
 def _resign_batch(store: Store, hash_parts: list[str]) -> int:
