@@ -4,6 +4,7 @@ bounded memory."""
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,12 +35,14 @@ class NarDigest:
         return cls(nar_hash, int(size))
 
 
-def digest(path: Path, compression: str) -> NarDigest:
-    """Hash the decompressed content of `path`, reading 1 MiB at a time whatever the ratio."""
+def digest(path: Path | bytes, compression: str) -> NarDigest:
+    """Hash the decompressed content of `path` (or of these bytes: a small upload held in
+    memory), reading 1 MiB at a time whatever the ratio."""
     sha = hashlib.sha256()
     size = 0
     try:
-        with open(path, "rb") as raw, codecs.decoder(raw, compression) as stream:
+        opened = io.BytesIO(path) if isinstance(path, bytes) else open(path, "rb")  # noqa: SIM115
+        with opened as raw, codecs.decoder(raw, compression) as stream:
             head = b""
             while True:
                 chunk = stream.read(CHUNK)
@@ -60,11 +63,14 @@ def digest(path: Path, compression: str) -> NarDigest:
     return NarDigest(base32.format_sha256(sha.digest()), size)
 
 
-def plain_digest(path: Path, sha256: bytes, size: int) -> NarDigest:
+def plain_digest(path: Path | bytes, sha256: bytes, size: int) -> NarDigest:
     """The digest of an uncompressed NAR whose file sha256 and size are known (computed while it
-    was received): only the header is read again."""
-    with open(path, "rb") as handle:
-        head = handle.read(len(NAR_MAGIC))
+    was received): only the header is read again (of the file, or of these bytes)."""
+    if isinstance(path, bytes):
+        head = path[: len(NAR_MAGIC)]
+    else:
+        with open(path, "rb") as handle:
+            head = handle.read(len(NAR_MAGIC))
     if head != NAR_MAGIC:
         found = codecs.sniff(head)
         if found is not None:

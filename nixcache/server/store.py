@@ -176,6 +176,10 @@ class Store:
         self._offload = offload or (lambda fn, args: fn(*args))
         # Several calls at once where the server can (offload.Offload.all), else one by one.
         self._offload_all = getattr(offload, "all", None) or (lambda calls: [fn(*args) for fn, args in calls])
+        # Those calls, then one more step in the thread that ended last (offload.Offload.then).
+        self._offload_then = getattr(offload, "then", None) or (
+            lambda calls, last: last([fn(*args) for fn, args in calls])
+        )
         self._served: dict[str, int | None] = {}
 
     def offload(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
@@ -317,7 +321,8 @@ class Store:
                 yield staged
         finally:
             staged.close()
-            _remove(staged.path)
+            if not staged.placed:  # renamed into nar/: no unlink (a failed lookup) on the loop
+                _remove(staged.path)
 
     def _write_small(self, target: Path, data: bytes, mtime_ns: int | None = None) -> os.stat_result:
         """Publish `data` at `target` atomically, not counted in the store's usage (signed texts,
@@ -392,12 +397,47 @@ class Store:
             # The tmp file (when the NAR was small enough to be held in memory) is created in the
             # same hand-off to the thread pool as the verification: each hand-off wakes a pool
             # thread and then the loop.
+            if before_publish is None and staged.held is not None:
+                return self._publish_held_nar(staged, name, compression, sha.digest(), size, expected)
             verify = (staged, name, compression, sha.digest(), size, expected)
             digest = self._offload(self._verify_nar, verify)
             if before_publish is not None:
                 before_publish(name, staged.path)
             self._publish_nar_durably(staged, name, digest, size)
         return digest
+
+    def _publish_held_nar(
+        self,
+        staged: _Staged,
+        name: str,
+        compression: str,
+        file_sha: bytes,
+        size: int,
+        expected: nar.NarDigest | None,
+    ) -> nar.NarDigest:
+        """A NAR held in memory (a small push), verified, made durable and published in one
+        round of the thread pool: one thread verifies the bytes and writes and fsyncs the meta
+        while another writes and fsyncs the NAR's temp file, and the one that ends last renames
+        both into place (the loop waits for one hand-off, not three). Nothing is renamed unless
+        both succeeded."""
+        meta_tmp = self._tmp_path(f"{name}.meta")
+        held = bytes(staged.held or b"")  # the NAR thread empties staged.held as it writes it
+
+        def verify_and_write_meta() -> nar.NarDigest:
+            digest = self._nar_digest_of(held, name, compression, file_sha, size, expected)
+            _write_durable(meta_tmp, digest.serialize().encode())
+            return digest
+
+        def publish(results: list[Any]) -> nar.NarDigest:
+            self._publish_nar(name, staged.path, meta_tmp, size)
+            staged.placed = True
+            return results[0]
+
+        try:
+            return self._offload_then([(verify_and_write_meta, ()), (staged.persist, ())], publish)
+        finally:
+            if not staged.placed:
+                _remove(meta_tmp)
 
     def _verify_nar(
         self,
@@ -412,11 +452,23 @@ class Store:
         the `expected` one."""
         staged.materialize()
         staged.flush()
+        return self._nar_digest_of(staged.path, name, compression, file_sha, size, expected)
+
+    @staticmethod
+    def _nar_digest_of(
+        source: Path | bytes,
+        name: str,
+        compression: str,
+        file_sha: bytes,
+        size: int,
+        expected: nar.NarDigest | None,
+    ) -> nar.NarDigest:
+        """The digest of the NAR file at `source` (or these bytes); UploadError as _verify_nar."""
         try:
             if compression == "none":  # the file is the NAR: its sha256 is the NarHash
-                digest = nar.plain_digest(staged.path, file_sha, size)
+                digest = nar.plain_digest(source, file_sha, size)
             else:
-                digest = nar.digest(staged.path, compression)
+                digest = nar.digest(source, compression)
         except nar.NarError as error:
             raise UploadError(400, f"nar/{name}: {error}") from None
         if expected is not None and digest != expected:
@@ -476,46 +528,61 @@ class Store:
             raise UploadError(400, f"{hash_part}.narinfo: {error}") from None
         if info.hash_part != hash_part:
             raise UploadError(400, f"{hash_part}.narinfo: StorePath {info.store_path} has another hash")
-        # Checked first so nothing invalid leaves this host or is written, and again below under
-        # the lock; the check refreshes the NAR's mtime just before the fsyncs' wait. Every step
-        # that touches the disk runs in the thread pool (see _write_durable).
-        self._offload(self._check_nar_locked, (hash_part, info))
+        # Its NAR is checked under the gc lock as the narinfo is published (below); with a
+        # write-through also first, so nothing invalid leaves this host. Every step that touches
+        # the disk runs in the thread pool (see _write_durable).
         if before_publish is not None:
+            self._offload(self._check_nar_locked, (hash_part, info))
             before_publish(info)
-        # Signed now: its first GET (often right after a push) reads a file. The narinfo and its
-        # signed text share one mtime; a signed text that cannot be written (e.g. disk full) is
-        # left out: the GET signs then.
-        signed = info.signed(self.keys, self.store_dir).encode() if self.keys else None
-        store = (hash_part, info, info.render().encode(), signed)
         with self._disk_full_is_507():
-            published = self._store_narinfo(*store)
+            published = self._store_narinfo(hash_part, info)
         return info, published
 
-    def _store_narinfo(
-        self, hash_part: str, info: NarInfo, text: bytes, signed: bytes | None
-    ) -> os.stat_result:
-        """Make the narinfo reachable and durable in two rounds of disk writes in the thread
-        pool: (1) in parallel threads, the narinfo and its signed text written and fsync'ed in
-        tmp/ while nar/ and nar-meta/ are fsync'ed (the NAR's PUT synced its bytes, not its
-        renames); (2) both renamed into place and narinfo/ fsync'ed. Its 201 survives a crash."""
+    def _store_narinfo(self, hash_part: str, info: NarInfo) -> os.stat_result:
+        """Make the narinfo reachable and durable in two rounds of disk writes, in one hand-off
+        to the thread pool: (1) in parallel threads, the narinfo rendered, written and fsync'ed
+        in tmp/, its signed text made (signed now: its first GET, often right after a push,
+        reads a file) and written and fsync'ed, while nar/ and nar-meta/ are fsync'ed (the
+        NAR's PUT synced its bytes, not its renames); (2) in the thread that ended last, the
+        NAR checked under the gc lock, both renamed into place and narinfo/ fsync'ed. Its 201
+        survives a crash. The narinfo and its signed text share one mtime; a signed text that
+        cannot be written (e.g. disk full) is left out: the GET signs then."""
         mtime_ns = time.time_ns()
         tmp = self._tmp_path(f"{hash_part}.narinfo")
-        signed_tmp = self._tmp_path(f"{hash_part}.signed") if signed is not None else None
+        signed_tmp = self._tmp_path(f"{hash_part}.signed") if self.keys else None
+        done = [False]
+
+        def write_narinfo() -> os.stat_result:
+            return _write_durable(tmp, info.render().encode(), mtime_ns)
+
+        def write_signed(path: Path) -> os.stat_result | None:
+            return _write_durable_or_none(path, info.signed(self.keys, self.store_dir).encode(), mtime_ns)
+
+        def publish(results: list[Any]) -> os.stat_result:
+            published, signed_staged = results[0], results[1] if signed_tmp is not None else None
+            with_signed = signed_tmp if signed_staged is not None else None
+            try:
+                self._publish_narinfo(hash_part, info, tmp, published, with_signed)
+            finally:  # what was not renamed (a refused NAR, a signed text left out)
+                done[0] = True
+                _remove(tmp)
+                if signed_tmp is not None:
+                    _remove(signed_tmp)
+            return published
+
+        writes: list[tuple[Callable[..., Any], tuple[Any, ...]]] = [
+            (write_narinfo, ()),
+            (_fsync_directory, (self.nar_dir, self.meta_dir)),
+        ]
+        if signed_tmp is not None:
+            writes.insert(1, (write_signed, (signed_tmp,)))
         try:
-            writes: list[tuple[Callable[..., Any], tuple[Any, ...]]] = [
-                (_write_durable, (tmp, text, mtime_ns)),
-                (_fsync_directory, (self.nar_dir, self.meta_dir)),
-            ]
-            if signed_tmp is not None:
-                writes.insert(1, (_write_durable_or_none, (signed_tmp, signed, mtime_ns)))
-            published, *signed_staged, _ = self._offload_all(writes)
-            with_signed = signed_tmp if any(signed_staged) else None
-            self._offload(self._publish_narinfo, (hash_part, info, tmp, published, with_signed))
+            return self._offload_then(writes, publish)
         finally:
-            _remove(tmp)
-            if signed_tmp is not None:
-                _remove(signed_tmp)
-        return published
+            if not done[0]:  # failed before publishing: its temp files
+                _remove(tmp)
+                if signed_tmp is not None:
+                    _remove(signed_tmp)
 
     def _check_nar_locked(self, hash_part: str, info: NarInfo) -> None:
         with self.gc_lock(exclusive=False):
@@ -623,6 +690,12 @@ class _Staged:
         self._memory = memory
         self._held = bytearray()
         self._handle: BinaryIO | None = None
+        self.placed = False  # renamed into place: nothing to remove
+
+    @property
+    def held(self) -> bytearray | None:
+        """The bytes held so far while the file is not created, else None."""
+        return self._held if self._handle is None else None
 
     def write(self, chunk: bytes) -> None:
         if self._handle is None:
@@ -648,6 +721,13 @@ class _Staged:
         assert self._handle is not None
         self._handle.flush()
         os.fsync(self._handle.fileno())
+
+    def persist(self) -> None:
+        """Create the file if it is not yet, put all of it on disk (`materialize`, `sync`) and
+        close it (here, in the thread pool: not on the loop)."""
+        self.materialize()
+        self.sync()
+        self._handle.close()  # type: ignore[union-attr]
 
     def close(self) -> None:
         if self._handle is not None:
