@@ -198,23 +198,19 @@ class Resigner:
             resumed,
         )
         started = last_log = time.monotonic()
-        for bucket in buckets:
-            names = self.offload(_unpacked, (bucket,))
-            bucket.clear()  # its memory back as the run goes on
-            for start in range(0, len(names), self.batch):
-                chunk = names[start : start + self.batch]
-                self.done += self.offload(_resign_batch, (store, chunk))
-                self.pending -= len(chunk)
-                self._record_progress(chunk[-1])
-                self._write_stats()
-                if time.monotonic() - last_log >= PROGRESS_SECONDS:
-                    last_log = time.monotonic()
-                    log.warning(
-                        "signed narinfos: re-signed %d of %d, %d to go",
-                        total - self.pending,
-                        total,
-                        self.pending,
-                    )
+        for chunk in self._chunks(buckets):
+            self.done += self.offload(_resign_batch, (store, chunk))
+            self.pending -= len(chunk)
+            self._record_progress(chunk[-1])
+            self._write_stats()
+            if time.monotonic() - last_log >= PROGRESS_SECONDS:
+                last_log = time.monotonic()
+                log.warning(
+                    "signed narinfos: re-signed %d of %d, %d to go",
+                    total - self.pending,
+                    total,
+                    self.pending,
+                )
         self.offload(write_atomically, (store.signed_dir / KEYS_FILE, self.wanted.encode(), 0o644))
         with contextlib.suppress(FileNotFoundError):
             (store.signed_dir / PROGRESS_FILE).unlink()
@@ -224,6 +220,20 @@ class Resigner:
             names_now,
             time.monotonic() - started,
         )
+
+    def _chunks(self, buckets: list[bytearray]) -> Iterator[list[str]]:
+        """The names of _narinfo_names in order, `batch` at a time across buckets (a small
+        store's buckets hold a name or two each: one batch, one progress write per bucket would
+        be a thousand of each), each bucket unpacked only when its turn comes."""
+        names: list[str] = []
+        for bucket in buckets:
+            names += self.offload(_unpacked, (bucket,))
+            bucket.clear()  # its memory back as the run goes on
+            while len(names) >= self.batch:
+                yield names[: self.batch]
+                del names[: self.batch]
+        if names:
+            yield names
 
     def _write_stats(self) -> None:
         """The counts on disk, for the metrics of whichever worker answers a scrape (one worker
