@@ -397,39 +397,31 @@ class Store:
             # The tmp file (when the NAR was small enough to be held in memory) is created in the
             # same hand-off to the thread pool as the verification: each hand-off wakes a pool
             # thread and then the loop.
+            arrived = _ArrivedNar(name, compression, sha.digest(), size, expected)
             if before_publish is None and staged.held is not None:
-                return self._publish_held_nar(staged, name, compression, sha.digest(), size, expected)
-            verify = (staged, name, compression, sha.digest(), size, expected)
-            digest = self._offload(self._verify_nar, verify)
+                return self._publish_held_nar(staged, arrived)
+            digest = self._offload(self._verify_nar, (staged, arrived))
             if before_publish is not None:
                 before_publish(name, staged.path)
             self._publish_nar_durably(staged, name, digest, size)
         return digest
 
-    def _publish_held_nar(
-        self,
-        staged: _Staged,
-        name: str,
-        compression: str,
-        file_sha: bytes,
-        size: int,
-        expected: nar.NarDigest | None,
-    ) -> nar.NarDigest:
+    def _publish_held_nar(self, staged: _Staged, arrived: _ArrivedNar) -> nar.NarDigest:
         """A NAR held in memory (a small push), verified, made durable and published in one
         round of the thread pool: one thread verifies the bytes and writes and fsyncs the meta
         while another writes and fsyncs the NAR's temp file, and the one that ends last renames
         both into place (the loop waits for one hand-off, not three). Nothing is renamed unless
         both succeeded."""
-        meta_tmp = self._tmp_path(f"{name}.meta")
+        meta_tmp = self._tmp_path(f"{arrived.name}.meta")
         held = bytes(staged.held or b"")  # the NAR thread empties staged.held as it writes it
 
         def verify_and_write_meta() -> nar.NarDigest:
-            digest = self._nar_digest_of(held, name, compression, file_sha, size, expected)
+            digest = arrived.digest(held)
             _write_durable(meta_tmp, digest.serialize().encode())
             return digest
 
         def publish(results: list[Any]) -> nar.NarDigest:
-            self._publish_nar(name, staged.path, meta_tmp, size)
+            self._publish_nar(arrived.name, staged.path, meta_tmp, arrived.size)
             staged.placed = True
             return results[0]
 
@@ -439,45 +431,12 @@ class Store:
             if not staged.placed:
                 _remove(meta_tmp)
 
-    def _verify_nar(
-        self,
-        staged: _Staged,
-        name: str,
-        compression: str,
-        file_sha: bytes,
-        size: int,
-        expected: nar.NarDigest | None,
-    ) -> nar.NarDigest:
+    def _verify_nar(self, staged: _Staged, arrived: _ArrivedNar) -> nar.NarDigest:
         """The NAR's digest once its file is complete in tmp/; UploadError when it is no NAR or not
         the `expected` one."""
         staged.materialize()
         staged.flush()
-        return self._nar_digest_of(staged.path, name, compression, file_sha, size, expected)
-
-    @staticmethod
-    def _nar_digest_of(
-        source: Path | bytes,
-        name: str,
-        compression: str,
-        file_sha: bytes,
-        size: int,
-        expected: nar.NarDigest | None,
-    ) -> nar.NarDigest:
-        """The digest of the NAR file at `source` (or these bytes); UploadError as _verify_nar."""
-        try:
-            if compression == "none":  # the file is the NAR: its sha256 is the NarHash
-                digest = nar.plain_digest(source, file_sha, size)
-            else:
-                digest = nar.digest(source, compression)
-        except nar.NarError as error:
-            raise UploadError(400, f"nar/{name}: {error}") from None
-        if expected is not None and digest != expected:
-            raise UploadError(
-                400,
-                f"nar/{name}: holds NarHash {digest.nar_hash} NarSize {digest.nar_size}, "
-                f"not {expected.nar_hash} {expected.nar_size} as its narinfo says",
-            )
-        return digest
+        return arrived.digest(staged.path)
 
     def _publish_nar_durably(self, staged: _Staged, name: str, digest: nar.NarDigest, size: int) -> None:
         """fsync the NAR while its meta is written and fsync'ed, in two pool threads (the disk
@@ -676,6 +635,37 @@ class Store:
         target = self.root / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         self._write_small(target, data)
+
+
+@dataclass(frozen=True)
+class _ArrivedNar:
+    """What an upload's NAR must be, known once its body is in: its name, compression, file
+    sha256 and size, and the NarHash/NarSize its narinfo gives (a write-through), if any."""
+
+    name: str
+    compression: str
+    file_sha: bytes
+    size: int
+    expected: nar.NarDigest | None
+
+    def digest(self, source: Path | bytes) -> nar.NarDigest:
+        """The digest of the NAR file at `source` (or these bytes); UploadError when it is no
+        NAR or not the `expected` one."""
+        try:
+            if self.compression == "none":  # the file is the NAR: its sha256 is the NarHash
+                digest = nar.plain_digest(source, self.file_sha, self.size)
+            else:
+                digest = nar.digest(source, self.compression)
+        except nar.NarError as error:
+            raise UploadError(400, f"nar/{self.name}: {error}") from None
+        expected = self.expected
+        if expected is not None and digest != expected:
+            raise UploadError(
+                400,
+                f"nar/{self.name}: holds NarHash {digest.nar_hash} NarSize {digest.nar_size}, "
+                f"not {expected.nar_hash} {expected.nar_size} as its narinfo says",
+            )
+        return digest
 
 
 class _Staged:
