@@ -39,6 +39,36 @@ def require(condition: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
+SHARED_LAB_GROUP = "shared-lab"
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Work units for `pytest -n … --dist loadgroup` (setup.cfg), longest first.
+
+    Every test that uses the session's shared lab (`lab` below) is one unit, so its hosts boot
+    and the cache deploy converges once; every other module is a unit, so its module fixtures (a
+    lab of its own, a SeaweedFS, an OpenBao) start once. The shared lab goes first, then the
+    modules with lab tests, then the rest in collection order: a worker that finishes its long
+    unit takes the short ones left, and lab tests, which spend much of their time waiting on
+    hosts, leave the other worker the CPU. Without xdist the same order runs in one process.
+    """
+    groups = {}
+    for item in items:
+        definitions = getattr(item, "_fixtureinfo", None)
+        chain = definitions.name2fixturedefs.get("lab", ()) if definitions else ()
+        shared = bool(chain) and chain[-1].func.__module__ == __name__
+        groups[item] = SHARED_LAB_GROUP if shared else item.nodeid.split("::", 1)[0]
+        item.add_marker(pytest.mark.xdist_group(groups[item]))
+    has_lab_tests = {groups[item] for item in items if item.get_closest_marker("lab")}
+
+    def rank(item: pytest.Item) -> int:
+        group = groups[item]
+        return 0 if group == SHARED_LAB_GROUP else 1 if group in has_lab_tests else 2
+
+    items.sort(key=rank)  # stable: each group keeps its collection order
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("lab"):
         missing = missing_lab_prerequisites()

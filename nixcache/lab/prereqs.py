@@ -12,8 +12,10 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from nixcache.lab.errors import PrerequisiteError
+from nixcache.lab.lock import locked
 
 # tool -> Debian package that provides it
 TOOLS: dict[str, str] = {
@@ -26,6 +28,9 @@ TOOLS: dict[str, str] = {
 }
 
 APT_GET = "apt-get"
+# Two labs starting at once on a fresh machine (two shells, a test run's workers) would both run
+# apt-get, and the second would fail at once on dpkg's lock: one installs, the other waits here.
+INSTALL_LOCK = Path("/run/lock/nixcache-lab-packages.lock")
 
 
 def missing_tools(tools: Iterable[str] = TOOLS) -> list[str]:
@@ -102,9 +107,14 @@ def ensure(
         return []
     if shutil.which(APT_GET) is None:  # not Debian or Ubuntu: say what is needed, as check() does
         raise _missing_error(missing)
-    packages = packages_for(missing)
-    progress(f"lab: installing Debian packages {', '.join(packages)} (for {', '.join(missing)})")
-    install(packages)
+    waiting = f"lab: waiting for another lab's package install (lock {INSTALL_LOCK})"
+    with locked(INSTALL_LOCK, lambda: progress(waiting)):
+        missing = missing_tools(tools)  # what the install we waited for left to do
+        if not missing:
+            return []
+        packages = packages_for(missing)
+        progress(f"lab: installing Debian packages {', '.join(packages)} (for {', '.join(missing)})")
+        install(packages)
     still = missing_tools(tools)
     if still:
         raise _missing_error(still, f" even after installing {' '.join(packages)}")

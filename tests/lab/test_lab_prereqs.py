@@ -12,11 +12,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from nixcache.lab import PrerequisiteError, prereqs
+from nixcache.lab.lock import locked
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -64,6 +67,37 @@ def test_nothing_missing_installs_nothing(bare_path: Path, tmp_path: Path) -> No
     (bare_path / "debootstrap").write_text("#!/bin/sh\n")
     (bare_path / "debootstrap").chmod(0o755)
     assert prereqs.ensure(["debootstrap"], euid=0, progress=pytest.fail) == []
+    assert not log.exists()
+
+
+def test_a_lab_that_waited_for_another_labs_install_installs_nothing(
+    bare_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two labs starting together on a fresh machine: the second waits for the first's apt-get
+    (two at once would fail on dpkg's lock) and then finds nothing left to install."""
+    lock = tmp_path / "packages.lock"
+    monkeypatch.setattr(prereqs, "INSTALL_LOCK", lock)
+    log = tmp_path / "apt.log"
+    fake_apt(bare_path, log)
+    said: list[str] = []
+    first_holds = threading.Event()
+
+    def first_lab() -> None:
+        with locked(lock):
+            first_holds.set()
+            while not said:  # until the second lab is waiting
+                time.sleep(0.01)
+            (bare_path / "debootstrap").write_text("#!/bin/sh\n")
+            (bare_path / "debootstrap").chmod(0o755)
+
+    first = threading.Thread(target=first_lab)
+    first.start()
+    first_holds.wait(5)
+    try:
+        assert prereqs.ensure(["debootstrap"], euid=0, progress=said.append) == []
+    finally:
+        first.join(5)
+    assert said == [f"lab: waiting for another lab's package install (lock {lock})"]
     assert not log.exists()
 
 
