@@ -13,6 +13,16 @@ import pytest
 
 from nixcache.lab import prereqs
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pyinfra_cli (imported by pyinfra-testing and the inventory tests) calls gevent's
+    # monkey.patch_all() on import. In a pytest-xdist worker that must leave threading alone: the
+    # worker's main thread waits for its next test on a threading lock that execnet's own thread
+    # releases, and once gevent has patched threading that wait is a greenlet's in a hub that
+    # nothing wakes (LoopExit, an INTERNALERROR of the whole run). Everything else is patched.
+    from gevent import monkey
+
+    monkey.patch_thread = lambda *args, **kwargs: None
+
 
 def lab_required() -> bool:
     return os.environ.get("LAB_REQUIRED", "") not in ("", "0")
