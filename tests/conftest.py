@@ -13,16 +13,6 @@ import pytest
 
 from nixcache.lab import prereqs
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # pyinfra_cli (imported by pyinfra-testing and the inventory tests) calls gevent's
-    # monkey.patch_all() on import. In a pytest-xdist worker that must leave threading alone: the
-    # worker's main thread waits for its next test on a threading lock that execnet's own thread
-    # releases, and once gevent has patched threading that wait is a greenlet's in a hub that
-    # nothing wakes (LoopExit, an INTERNALERROR of the whole run). Everything else is patched.
-    from gevent import monkey
-
-    monkey.patch_thread = lambda *args, **kwargs: None
-
 
 def lab_required() -> bool:
     return os.environ.get("LAB_REQUIRED", "") not in ("", "0")
@@ -50,6 +40,55 @@ def require(condition: bool, reason: str) -> None:
 
 
 SHARED_LAB_GROUP = "shared-lab"
+
+
+class _NativeEvent:
+    """The part of threading.Event that pytest-xdist's worker uses, on the interpreter's own locks.
+
+    pyinfra_cli (imported by pyinfra-testing and the inventory tests) calls gevent's
+    monkey.patch_all() on import, as it does in a serial run. In an xdist worker the main thread
+    then waits for its next test in threading.Event.wait, whose lock gevent has replaced: a
+    greenlet's wait on a hub that nothing wakes, since execnet's reader thread sets the event
+    (LoopExit, an INTERNALERROR of the whole run). Between tests nothing else needs to run."""
+
+    def __init__(self) -> None:
+        from gevent.monkey import get_original
+
+        self._allocate = get_original("_thread", "allocate_lock")
+        self._mutex = self._allocate()
+        self._flag = False
+        self._waiters: list = []
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def set(self) -> None:
+        with self._mutex:
+            self._flag = True
+            for waiter in self._waiters:
+                waiter.release()
+            self._waiters.clear()
+
+    def clear(self) -> None:
+        with self._mutex:
+            self._flag = False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with self._mutex:
+            if self._flag:
+                return True
+            waiter = self._allocate()
+            waiter.acquire()
+            self._waiters.append(waiter)
+        return waiter.acquire(timeout=-1 if timeout is None else timeout)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    for plugin in session.config.pluginmanager.get_plugins():
+        queue = getattr(plugin, "torun", None)  # xdist.remote.WorkerInteractor's test queue
+        if queue is not None and hasattr(queue, "_has_items_event"):
+            with queue.lock():  # the queue sets or clears the new event as it is left
+                queue._has_items_event = _NativeEvent()
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups

@@ -12,14 +12,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from nixcache.lab import PrerequisiteError, prereqs
-from nixcache.lab.lock import locked
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -70,33 +67,44 @@ def test_nothing_missing_installs_nothing(bare_path: Path, tmp_path: Path) -> No
     assert not log.exists()
 
 
+# The first lab of test_a_lab_that_waited_…: takes the lock, says so, and once the second lab
+# has said it waits (the file argv[2] exists), "installs" debootstrap (argv[3]) and lets go.
+FIRST_LAB = """
+import os, sys, time
+from pathlib import Path
+from nixcache.lab.lock import locked
+with locked(Path(sys.argv[1])):
+    print("holding", flush=True)
+    deadline = time.monotonic() + 20
+    while not os.path.exists(sys.argv[2]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    Path(sys.argv[3]).write_text("#!/bin/sh\\n")
+    os.chmod(sys.argv[3], 0o755)
+"""
+
+
 def test_a_lab_that_waited_for_another_labs_install_installs_nothing(
     bare_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two labs starting together on a fresh machine: the second waits for the first's apt-get
-    (two at once would fail on dpkg's lock) and then finds nothing left to install."""
+    (two at once would fail on dpkg's lock) and then finds nothing left to install. The first is
+    another process, as it is on a machine (a flock blocks the whole of this one)."""
     lock = tmp_path / "packages.lock"
     monkeypatch.setattr(prereqs, "INSTALL_LOCK", lock)
     log = tmp_path / "apt.log"
     fake_apt(bare_path, log)
+    waiting = tmp_path / "second-lab-waits"
     said: list[str] = []
-    first_holds = threading.Event()
 
-    def first_lab() -> None:
-        with locked(lock):
-            first_holds.set()
-            while not said:  # until the second lab is waiting
-                time.sleep(0.01)
-            (bare_path / "debootstrap").write_text("#!/bin/sh\n")
-            (bare_path / "debootstrap").chmod(0o755)
+    def progress(message: str) -> None:
+        said.append(message)
+        waiting.touch()
 
-    first = threading.Thread(target=first_lab)
-    first.start()
-    first_holds.wait(5)
-    try:
-        assert prereqs.ensure(["debootstrap"], euid=0, progress=said.append) == []
-    finally:
-        first.join(5)
+    args = [sys.executable, "-c", FIRST_LAB, str(lock), str(waiting), str(bare_path / "debootstrap")]
+    with subprocess.Popen(args, stdout=subprocess.PIPE, text=True) as first:
+        assert first.stdout is not None and first.stdout.readline() == "holding\n"
+        assert prereqs.ensure(["debootstrap"], euid=0, progress=progress) == []
+    assert first.returncode == 0
     assert said == [f"lab: waiting for another lab's package install (lock {lock})"]
     assert not log.exists()
 
